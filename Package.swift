@@ -1,0 +1,51 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+// Layers (see docs/ARCHITECTURE.md): C shim -> syscalls -> rings (no syscalls) -> ... -> CLI.
+let package = Package(
+    name: "outboard",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "outboard", targets: ["outboard"]),
+        .library(name: "OutboardSystem", targets: ["OutboardSystem"]),
+        .library(name: "OutboardRings", targets: ["OutboardRings"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // Linux facts Swift cannot import directly: memfd, eventfd, pidfd, cmsg macros,
+        // ioctl numbers, volatile MMIO.
+        .target(name: "CLinux"),
+        // Every syscall Outboard makes, typed and throwing.
+        .target(
+            name: "OutboardSystem",
+            dependencies: ["CLinux", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        // Shared-memory queues. No syscalls, no classes, no allocation per descriptor.
+        .target(name: "OutboardRings"),
+        // The C reference queue the ring benchmark measures Outboard against: same layout,
+        // same algorithm, same work per descriptor.
+        .target(name: "CRefRing", cSettings: [.unsafeFlags(["-O2"])]),
+        // Ring workers (Swift and C) as separate processes, and the harness that runs them.
+        .target(
+            name: "OutboardBench",
+            dependencies: ["OutboardSystem", "OutboardRings", "CRefRing", "CLinux"]
+        ),
+        .executableTarget(
+            name: "outboard",
+            dependencies: [
+                "OutboardBench", "OutboardSystem",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux"]),
+        .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings"]),
+        // Cross-process tests: they spawn the `outboard` executable's worker processes.
+        .testTarget(
+            name: "OutboardBenchTests",
+            dependencies: ["OutboardBench", "OutboardSystem", "OutboardRings", "outboard"]
+        ),
+    ]
+)

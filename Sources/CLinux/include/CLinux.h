@@ -1,0 +1,120 @@
+// CLinux: the Linux facts Swift's Glibc module does not import.
+//
+// Functions are implemented in shim.c, which is compiled with _GNU_SOURCE; this header
+// only uses plain C types so that it does not depend on how the Glibc module was built.
+// Constants are exported as `static const` values because Swift does not import
+// function-like macros such as _IOW or CMSG_SPACE.
+#ifndef OUTBOARD_CLINUX_H
+#define OUTBOARD_CLINUX_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+
+// memfd_create(2) and file seals (fcntl(2), F_ADD_SEALS).
+int ob_memfd_create(const char *name, unsigned int flags);
+extern const unsigned int OB_MFD_CLOEXEC;
+extern const unsigned int OB_MFD_ALLOW_SEALING;
+extern const int OB_F_ADD_SEALS;
+extern const int OB_F_GET_SEALS;
+extern const int OB_F_SEAL_SEAL;
+extern const int OB_F_SEAL_SHRINK;
+extern const int OB_F_SEAL_GROW;
+extern const int OB_F_SEAL_WRITE;
+extern const int OB_F_SEAL_FUTURE_WRITE;
+int ob_fcntl_int(int fd, int cmd, int arg);
+
+// eventfd(2).
+int ob_eventfd(unsigned int initval, int flags);
+extern const int OB_EFD_CLOEXEC;
+extern const int OB_EFD_NONBLOCK;
+
+// pidfd_open(2) and pidfd_send_signal(2): raw syscalls, glibc 2.36 has no wrappers in
+// every header configuration.
+int ob_pidfd_open(pid_t pid, unsigned int flags);
+int ob_pidfd_send_signal(int pidfd, int sig);
+
+// sched_setaffinity(2) with a single CPU (the CPU_* macros are not importable).
+int ob_pin_to_cpu(int cpu);
+int ob_cpu_count(void);
+
+// Unix sockets.
+extern const int OB_SOCK_SEQPACKET;
+extern const int OB_SOCK_CLOEXEC;
+extern const int OB_MSG_CMSG_CLOEXEC;
+extern const int OB_MSG_TRUNC;
+extern const int OB_MSG_CTRUNC;
+extern const int OB_MSG_NOSIGNAL;
+extern const int OB_MSG_DONTWAIT;
+
+/// sendmsg(2) of one datagram carrying `nfds` descriptors in one SCM_RIGHTS message.
+ssize_t ob_send_with_fds(int sock, const void *buf, size_t len, const int *fds, size_t nfds, int flags);
+/// recvmsg(2) of one datagram; received descriptors are stored in `fds` (at most `maxfds`)
+/// and their count in `*nfds`; `*msgflags` receives msg_flags (MSG_TRUNC, MSG_CTRUNC).
+/// Descriptors of any SCM_RIGHTS payload beyond `maxfds` are closed here, so none leaks.
+ssize_t ob_recv_with_fds(int sock, void *buf, size_t len, int *fds, size_t maxfds, size_t *nfds,
+                         int *msgflags, int flags);
+/// getsockopt(SO_PEERCRED).
+int ob_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
+/// bind(2)/connect(2) with a sockaddr_un built here; path must fit sun_path (108 bytes).
+int ob_bind_unix(int sock, const char *path);
+int ob_connect_unix(int sock, const char *path);
+/// accept4(2) with SOCK_CLOEXEC.
+int ob_accept(int sock);
+
+// posix_spawn helpers.
+/// Spawns `path` with `argv`/`envp`. Before exec, in the child: each `from[i]` is dup2'ed
+/// to `to[i]` and every other descriptor >= `closefrom` is closed (glibc 2.34
+/// posix_spawn_file_actions_addclosefrom_np). Returns 0 or an errno value.
+int ob_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[],
+             const int *from, const int *to, size_t count, int closefrom);
+
+// Process CPU time, for CPU-per-operation figures.
+uint64_t ob_process_cpu_ns(void);
+uint64_t ob_thread_cpu_ns(void);
+uint64_t ob_monotonic_ns(void);
+
+// epoll(7): sys/epoll.h is not part of Swift's Glibc module.
+extern const uint32_t OB_EPOLLIN, OB_EPOLLOUT, OB_EPOLLERR, OB_EPOLLHUP, OB_EPOLLET;
+extern const int OB_EPOLL_CTL_ADD, OB_EPOLL_CTL_MOD, OB_EPOLL_CTL_DEL;
+int ob_epoll_create(void);
+int ob_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
+/// epoll_wait(2) into parallel arrays of events and tokens.
+int ob_epoll_wait(int epfd, uint32_t *events, uint64_t *tokens, int max, int timeout_ms);
+
+// prctl(PR_SET_PDEATHSIG) / PR_SET_NO_NEW_PRIVS.
+int ob_set_parent_death_signal(int sig);
+
+// Volatile MMIO accessors (used by VFIO drivers). On x86-64 an aligned load or store of
+// 1, 2, 4 or 8 bytes through a volatile pointer is a single access, not split or merged,
+// and the mapping is uncached (UC) for BARs, so no fence is needed for ordering among
+// MMIO accesses; ordering against normal (write-back) memory is the caller's business.
+static inline uint8_t ob_mmio_read8(const volatile void *a) { return *(const volatile uint8_t *)a; }
+static inline uint16_t ob_mmio_read16(const volatile void *a) { return *(const volatile uint16_t *)a; }
+static inline uint32_t ob_mmio_read32(const volatile void *a) { return *(const volatile uint32_t *)a; }
+static inline uint64_t ob_mmio_read64(const volatile void *a) { return *(const volatile uint64_t *)a; }
+static inline void ob_mmio_write8(volatile void *a, uint8_t v) { *(volatile uint8_t *)a = v; }
+static inline void ob_mmio_write16(volatile void *a, uint16_t v) { *(volatile uint16_t *)a = v; }
+static inline void ob_mmio_write32(volatile void *a, uint32_t v) { *(volatile uint32_t *)a = v; }
+static inline void ob_mmio_write64(volatile void *a, uint64_t v) { *(volatile uint64_t *)a = v; }
+
+/// Spin-wait hint (x86 PAUSE): tells the core this is a busy-wait loop, saving power and
+/// letting a sibling hyperthread run. Used by both the Swift and the C queue workers.
+static inline void ob_cpu_relax(void) { __builtin_ia32_pause(); }
+
+// VFIO ioctl numbers (linux/vfio.h), exported as constants for the VFIO transport.
+extern const unsigned long OB_VFIO_GET_API_VERSION;
+extern const unsigned long OB_VFIO_CHECK_EXTENSION;
+extern const unsigned long OB_VFIO_SET_IOMMU;
+extern const unsigned long OB_VFIO_GROUP_GET_STATUS;
+extern const unsigned long OB_VFIO_GROUP_SET_CONTAINER;
+extern const unsigned long OB_VFIO_GROUP_GET_DEVICE_FD;
+extern const unsigned long OB_VFIO_DEVICE_GET_INFO;
+extern const unsigned long OB_VFIO_DEVICE_GET_REGION_INFO;
+extern const unsigned long OB_VFIO_DEVICE_GET_IRQ_INFO;
+extern const unsigned long OB_VFIO_DEVICE_SET_IRQS;
+extern const unsigned long OB_VFIO_DEVICE_RESET;
+extern const unsigned long OB_VFIO_IOMMU_MAP_DMA;
+extern const unsigned long OB_VFIO_IOMMU_UNMAP_DMA;
+
+#endif

@@ -1,0 +1,59 @@
+// CRefRing: the C reference the ring benchmark measures Outboard's Swift queue against.
+//
+// Same shared-memory layout as OutboardRings (QueueLayout: tail @0, head @64,
+// consumer signal @128, 16-byte descriptors @192), same algorithm (free-running indices,
+// private index copies, peer index range checks, copy-then-validate descriptors, the
+// request-signal/double-check protocol), and the same work per descriptor as the Swift
+// worker in OutboardBench/RingWorker.swift. Written for the benchmark; it is a yardstick,
+// not a second implementation to use.
+#ifndef OUTBOARD_CREFRING_H
+#define OUTBOARD_CREFRING_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct ref_desc {
+    uint64_t offset;
+    uint32_t length;
+    uint32_t cookie;
+};
+
+enum { REF_MODE_BUSY = 0, REF_MODE_SLEEP = 1 };
+enum {
+    REF_OK = 0,
+    REF_QUEUE_ERROR = 3,
+    REF_VERIFY_ERROR = 4,
+    REF_STALLED = 5,
+    REF_SYSTEM_ERROR = 6,
+};
+
+struct ref_params {
+    int mode;
+    uint32_t batch;
+    uint64_t count;
+    uint32_t capacity;
+    uint32_t buffer_count;
+    uint32_t buffer_size;
+    uint32_t spin;
+    uint64_t deadline_ns;
+    size_t free_offset;
+    size_t active_offset;
+};
+
+struct ref_result {
+    int status;
+    uint64_t processed;
+    uint64_t doorbells;
+    uint64_t sleeps;
+};
+
+/// The client side: fills buffers, enqueues them on the active queue, takes them back
+/// from the free queue.
+void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_size, void *data,
+                      size_t data_size, int active_bell, int free_bell, struct ref_result *r);
+/// The server side: dequeues from the active queue, verifies each buffer, returns it on
+/// the free queue.
+void ref_run_consumer(const struct ref_params *p, void *queues, size_t queues_size, void *data,
+                      size_t data_size, int active_bell, int free_bell, struct ref_result *r);
+
+#endif

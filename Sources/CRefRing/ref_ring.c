@@ -1,0 +1,258 @@
+#define _GNU_SOURCE
+#include "CRefRing.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TAIL_OFF 0
+#define HEAD_OFF 64
+#define SIGNAL_OFF 128
+#define ENTRIES_OFF 192
+
+_Static_assert(sizeof(struct ref_desc) == 16, "descriptor is 16 bytes");
+_Static_assert(offsetof(struct ref_desc, length) == 8, "length at 8");
+_Static_assert(offsetof(struct ref_desc, cookie) == 12, "cookie at 12");
+
+struct words {
+    _Atomic uint32_t *tail, *head, *signal;
+    struct ref_desc *entries;
+};
+
+static struct words words_at(void *base) {
+    char *b = base;
+    return (struct words){ (_Atomic uint32_t *)(b + TAIL_OFF), (_Atomic uint32_t *)(b + HEAD_OFF),
+                           (_Atomic uint32_t *)(b + SIGNAL_OFF), (struct ref_desc *)(b + ENTRIES_OFF) };
+}
+
+struct producer {
+    struct words w;
+    uint32_t mask, capacity, tail, head_cache;
+    int error;
+};
+
+struct consumer {
+    struct words w;
+    uint32_t mask, capacity, head, tail_cache;
+    uint64_t region_size;
+    uint32_t max_len;
+    int error;
+};
+
+static inline void refresh_head(struct producer *p) {
+    uint32_t h = atomic_load_explicit(p->w.head, memory_order_acquire);
+    if ((uint32_t)(h - p->head_cache) > (uint32_t)(p->tail - p->head_cache)) { p->error = 1; return; }
+    p->head_cache = h;
+}
+
+static inline size_t enqueue(struct producer *p, const struct ref_desc *batch, size_t count) {
+    if (p->error) return 0;
+    uint32_t space = p->capacity - (p->tail - p->head_cache);
+    if (space < count) {
+        refresh_head(p);
+        if (p->error) return 0;
+        space = p->capacity - (p->tail - p->head_cache);
+    }
+    size_t n = space < count ? space : count;
+    uint32_t t = p->tail;
+    for (size_t i = 0; i < n; i++) { p->w.entries[t & p->mask] = batch[i]; t++; }
+    p->tail = t;
+    atomic_store_explicit(p->w.tail, t, memory_order_release);
+    return n;
+}
+
+static inline int consumer_wants_signal(struct producer *p) {
+    atomic_thread_fence(memory_order_seq_cst);
+    if (atomic_load_explicit(p->w.signal, memory_order_relaxed) == 0) return 0;
+    return atomic_exchange_explicit(p->w.signal, 0, memory_order_relaxed) != 0;
+}
+
+static inline void refresh_tail(struct consumer *c) {
+    uint32_t t = atomic_load_explicit(c->w.tail, memory_order_acquire);
+    uint32_t ahead = t - c->head;
+    if (ahead > c->capacity || ahead < (uint32_t)(c->tail_cache - c->head)) { c->error = 1; return; }
+    c->tail_cache = t;
+}
+
+static inline int admits(const struct consumer *c, const struct ref_desc *d) {
+    return d->length <= c->max_len && d->offset <= c->region_size && (uint64_t)d->length <= c->region_size - d->offset;
+}
+
+static inline size_t dequeue(struct consumer *c, struct ref_desc *out, size_t max) {
+    if (c->error) return 0;
+    uint32_t avail = c->tail_cache - c->head;
+    if (avail == 0) {
+        refresh_tail(c);
+        avail = c->tail_cache - c->head;
+        if (avail == 0) return 0;
+    }
+    size_t n = avail < max ? avail : max;
+    uint32_t h = c->head;
+    size_t i = 0;
+    while (i < n) {
+        struct ref_desc d = c->w.entries[h & c->mask];
+        if (!admits(c, &d)) { c->error = 1; break; }
+        out[i] = d;
+        h++;
+        i++;
+    }
+    if (i > 0) {
+        c->head = h;
+        atomic_store_explicit(c->w.head, h, memory_order_release);
+    }
+    return i;
+}
+
+static inline int is_empty(struct consumer *c) {
+    if (c->tail_cache != c->head) return 0;
+    refresh_tail(c);
+    return c->tail_cache == c->head;
+}
+
+static inline int prepare_to_sleep(struct consumer *c) {
+    if (c->error) return 0;
+    atomic_store_explicit(c->w.signal, 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_seq_cst);
+    if (is_empty(c) && !c->error) return 1;
+    atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
+    return 0;
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void ring(int fd, struct ref_result *r) {
+    uint64_t one = 1;
+    while (write(fd, &one, 8) < 0 && errno == EINTR) {}
+    r->doorbells++;
+}
+
+// Waits for work on `c`: returns 0 to retry, or a status to stop with.
+static int wait_for_work(const struct ref_params *p, struct consumer *c, int bell, uint64_t *idle,
+                         struct ref_result *r) {
+    if (c->error) return REF_QUEUE_ERROR;
+    if (p->mode == REF_MODE_BUSY) {
+        __builtin_ia32_pause();
+        if ((++*idle & 0xffff) == 0 && now_ns() > p->deadline_ns) return REF_STALLED;
+        return 0;
+    }
+    for (uint32_t i = 0; i < p->spin; i++) {
+        if (!is_empty(c)) return 0;
+        __builtin_ia32_pause();
+    }
+    if (prepare_to_sleep(c)) {
+        r->sleeps++;
+        struct pollfd pfd = { .fd = bell, .events = POLLIN };
+        int n = poll(&pfd, 1, 100);
+        if (n > 0) { uint64_t v; (void)!read(bell, &v, 8); }
+        atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
+        if (now_ns() > p->deadline_ns) return REF_STALLED;
+    }
+    return c->error ? REF_QUEUE_ERROR : 0;
+}
+
+static void init_endpoints(const struct ref_params *p, void *queues, size_t data_size,
+                           size_t produce_off, size_t consume_off, struct producer *prod,
+                           struct consumer *cons) {
+    char *q = queues;
+    memset(prod, 0, sizeof *prod);
+    memset(cons, 0, sizeof *cons);
+    prod->w = words_at(q + produce_off);
+    prod->capacity = p->capacity;
+    prod->mask = p->capacity - 1;
+    cons->w = words_at(q + consume_off);
+    cons->capacity = p->capacity;
+    cons->mask = p->capacity - 1;
+    cons->region_size = data_size;
+    cons->max_len = p->buffer_size;
+}
+
+void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_size, void *data,
+                      size_t data_size, int active_bell, int free_bell, struct ref_result *r) {
+    (void)queues_size;
+    struct producer active;
+    struct consumer freeq;
+    init_endpoints(p, queues, data_size, p->active_offset, p->free_offset, &active, &freeq);
+    memset(r, 0, sizeof *r);
+    struct ref_desc *stash = malloc(sizeof *stash * p->buffer_count);
+    struct ref_desc *out = malloc(sizeof *out * p->batch);
+    if (!stash || !out) { r->status = REF_SYSTEM_ERROR; free(stash); free(out); return; }
+    size_t stash_count = p->buffer_count;
+    for (size_t i = 0; i < stash_count; i++)
+        stash[i] = (struct ref_desc){ .offset = (uint64_t)i * p->buffer_size, .length = p->buffer_size };
+    uint64_t seq = 0, idle = 0;
+    char *d = data;
+    while (seq < p->count) {
+        if (stash_count == 0) {
+            size_t want = p->batch < p->buffer_count ? p->batch : p->buffer_count;
+            size_t n = dequeue(&freeq, stash, want);
+            if (n == 0) {
+                int st = wait_for_work(p, &freeq, free_bell, &idle, r);
+                if (st) { r->status = st; goto done; }
+                continue;
+            }
+            stash_count = n;
+        }
+        uint64_t left = p->count - seq;
+        size_t k = p->batch;
+        if (k > stash_count) k = stash_count;
+        if (k > left) k = (size_t)left;
+        for (size_t j = 0; j < k; j++) {
+            struct ref_desc b = stash[--stash_count];
+            uint64_t s = seq + j;
+            memcpy(d + b.offset, &s, 8);
+            b.cookie = (uint32_t)s;
+            b.length = p->buffer_size;
+            out[j] = b;
+        }
+        if (enqueue(&active, out, k) != k) { r->status = REF_QUEUE_ERROR; goto done; }
+        seq += k;
+        if (p->mode == REF_MODE_SLEEP && consumer_wants_signal(&active)) ring(active_bell, r);
+    }
+    r->status = REF_OK;
+done:
+    r->processed = seq;
+    free(stash);
+    free(out);
+}
+
+void ref_run_consumer(const struct ref_params *p, void *queues, size_t queues_size, void *data,
+                      size_t data_size, int active_bell, int free_bell, struct ref_result *r) {
+    (void)queues_size;
+    struct producer freeq;
+    struct consumer active;
+    init_endpoints(p, queues, data_size, p->free_offset, p->active_offset, &freeq, &active);
+    memset(r, 0, sizeof *r);
+    struct ref_desc *buf = malloc(sizeof *buf * p->batch);
+    if (!buf) { r->status = REF_SYSTEM_ERROR; return; }
+    uint64_t expected = 0, idle = 0;
+    const char *d = data;
+    while (expected < p->count) {
+        size_t n = dequeue(&active, buf, p->batch);
+        if (n == 0) {
+            int st = wait_for_work(p, &active, active_bell, &idle, r);
+            if (st) { r->status = st; goto done; }
+            continue;
+        }
+        for (size_t j = 0; j < n; j++) {
+            uint64_t v;
+            if (buf[j].length != p->buffer_size || buf[j].cookie != (uint32_t)expected) { r->status = REF_VERIFY_ERROR; goto done; }
+            memcpy(&v, d + buf[j].offset, 8);
+            if (v != expected) { r->status = REF_VERIFY_ERROR; goto done; }
+            expected++;
+        }
+        if (enqueue(&freeq, buf, n) != n) { r->status = REF_QUEUE_ERROR; goto done; }
+        if (p->mode == REF_MODE_SLEEP && consumer_wants_signal(&freeq)) ring(free_bell, r);
+    }
+    r->status = REF_OK;
+done:
+    r->processed = expected;
+    free(buf);
+}

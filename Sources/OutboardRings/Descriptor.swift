@@ -1,0 +1,52 @@
+/// An offset into a shared region. Regions are mapped at different addresses in each
+/// process, so shared memory carries offsets, never pointers (sDDF's `io_or_offset`).
+@frozen
+public struct RegionOffset: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+    @inlinable public init(_ value: Int) { rawValue = UInt64(value) }
+    @inlinable public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+    public var description: String { "0x" + String(rawValue, radix: 16) }
+}
+
+/// One queue entry: a buffer in a data region, by offset and length, and a cookie the
+/// producer chooses (a request id, a sequence number) that the consumer hands back.
+///
+/// Fixed layout, 16 bytes, as it sits in shared memory:
+/// `offset` at 0 (8 bytes), `length` at 8 (4), `cookie` at 12 (4). The C reference
+/// (`Sources/CRefRing`) uses the same layout; `DescriptorLayoutTests` pins it.
+@frozen
+public struct BufferDescriptor: Equatable, Sendable {
+    public var offset: RegionOffset
+    public var length: UInt32
+    public var cookie: UInt32
+
+    @inlinable
+    public init(offset: RegionOffset, length: UInt32, cookie: UInt32 = 0) {
+        self.offset = offset
+        self.length = length
+        self.cookie = cookie
+    }
+}
+
+/// What a consumer accepts from a producer: buffers inside the data region, no longer
+/// than `maxLength`. Both numbers come from the consumer's own (private) parameters.
+@frozen
+public struct DescriptorBounds: Equatable, Sendable {
+    public let regionSize: UInt64
+    public let maxLength: UInt32
+
+    @inlinable
+    public init(regionSize: Int, maxLength: UInt32 = .max) {
+        self.regionSize = UInt64(regionSize)
+        self.maxLength = maxLength
+    }
+
+    /// True when `[offset, offset + length)` lies inside the region (no overflow possible:
+    /// the subtraction happens only after `offset <= regionSize` is known).
+    @inlinable
+    public func admits(_ d: BufferDescriptor) -> Bool {
+        d.length <= maxLength && d.offset.rawValue <= regionSize
+            && UInt64(d.length) <= regionSize &- d.offset.rawValue
+    }
+}

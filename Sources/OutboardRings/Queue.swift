@@ -1,0 +1,261 @@
+import Synchronization
+
+// Single-producer/single-consumer queue endpoints over shared memory.
+//
+// Model: swift-system's IORing (indices as `Atomic<UInt32>` over mapped memory, the peer's
+// index loaded with acquire, our own stored with release and cached privately) and
+// sDDF's queues (free-running indices, consumer_signalled protocol).
+//
+// Trust: everything in the shared memory may be written at any moment by a hostile peer.
+// So (1) our own index lives in private memory and is only *published* to shared memory,
+// never read back; (2) the peer's index is range-checked against ours and the capacity
+// before it is used; (3) a descriptor is copied out of its slot once, and the copy is
+// validated and handed on, so the peer cannot change it after the check (no double fetch);
+// (4) the capacity and the data region's bounds come from our private parameters.
+// Violations put the endpoint into a sticky error state; nothing is read or written
+// outside the queue's slots, nothing traps, nothing loops on peer-controlled counts.
+
+@usableFromInline
+struct QueueWords {
+    @usableFromInline let tail: UnsafeMutablePointer<Atomic<UInt32>>
+    @usableFromInline let head: UnsafeMutablePointer<Atomic<UInt32>>
+    @usableFromInline let signal: UnsafeMutablePointer<Atomic<UInt32>>
+    @usableFromInline let entries: UnsafeMutablePointer<BufferDescriptor>
+
+    init(_ base: UnsafeMutableRawPointer) {
+        // SAFETY: the layout check in the endpoint initializers guarantees these lie inside
+        // the mapping; each word is 4-byte aligned (64-aligned base + multiple of 64), and
+        // Atomic<UInt32> has the size and alignment of UInt32.
+        tail = (base + QueueLayout.tailOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
+        head = (base + QueueLayout.headOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
+        signal = (base + QueueLayout.signalOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
+        entries = (base + QueueLayout.entriesOffset).assumingMemoryBound(to: BufferDescriptor.self)
+    }
+}
+
+/// The producing end of a queue: enqueues descriptors, and tells its owner when the
+/// consumer asked to be woken.
+///
+/// The endpoint does not own the memory: the mapping must outlive it.
+@frozen
+public struct QueueProducer: ~Copyable {
+    @usableFromInline let words: QueueWords
+    @usableFromInline let mask: UInt32
+    @usableFromInline let capacity: UInt32
+    /// Our index: the next slot to fill. Authoritative copy; shared memory only gets copies.
+    @usableFromInline var tail: UInt32 = 0
+    /// Last head read from the consumer, validated.
+    @usableFromInline var headCache: UInt32 = 0
+    /// Set once, never cleared.
+    @usableFromInline var _error: QueueError?
+    public var error: QueueError? { _error }
+
+    /// The producer of the queue at `offset` in `memory` (`size` bytes mapped).
+    /// Starts at index 0: the queue must be freshly initialized.
+    public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout) throws(QueueError) {
+        try layout.checkFits(size: size, at: offset)
+        words = QueueWords(memory + offset)
+        capacity = UInt32(layout.capacity)
+        mask = capacity - 1
+    }
+
+    /// Descriptors that can be enqueued now (refreshes the consumer's head).
+    @inlinable
+    public mutating func freeSlots() -> Int {
+        refreshHead()
+        return _error == nil ? Int(capacity &- (tail &- headCache)) : 0
+    }
+
+    /// Enqueues as many of `batch` as fit, in order, and publishes them with one release
+    /// store. Returns how many were enqueued (0 when full or in the error state).
+    @inlinable
+    public mutating func enqueue(_ batch: UnsafeBufferPointer<BufferDescriptor>) -> Int {
+        guard _error == nil else { return 0 }
+        var space = capacity &- (tail &- headCache)
+        if space < UInt32(truncatingIfNeeded: batch.count) {
+            refreshHead()
+            if _error != nil { return 0 }
+            space = capacity &- (tail &- headCache)
+        }
+        let n = min(Int(space), batch.count)
+        var t = tail
+        for i in 0..<n {
+            words.entries[Int(t & mask)] = batch[i]
+            t &+= 1
+        }
+        publish(t)
+        return n
+    }
+
+    /// Enqueues one descriptor; false when full or in the error state.
+    @inlinable
+    public mutating func enqueue(_ d: BufferDescriptor) -> Bool {
+        guard _error == nil else { return false }
+        if capacity &- (tail &- headCache) == 0 {
+            refreshHead()
+            if _error != nil || capacity &- (tail &- headCache) == 0 { return false }
+        }
+        words.entries[Int(tail & mask)] = d
+        publish(tail &+ 1)
+        return true
+    }
+
+    @inlinable
+    mutating func publish(_ t: UInt32) {
+        tail = t
+        // Release: the descriptors written above become visible before the new tail.
+        // Pairs with the acquiring load of `tail` in QueueConsumer.refreshTail().
+        words.tail.pointee.store(t, ordering: .releasing)
+    }
+
+    @inlinable
+    mutating func refreshHead() {
+        // Acquire: the consumer has finished copying the slots it released before we
+        // overwrite them. Pairs with the releasing store of `head` in QueueConsumer.dequeue.
+        let h = words.head.pointee.load(ordering: .acquiring)
+        // The consumer's head only moves forward, and never past our tail:
+        // headCache <= h <= tail (modulo 2^32).
+        guard h &- headCache <= tail &- headCache else {
+            _error = .peerIndexOutOfRange(peer: h, own: tail, capacity: Int(capacity))
+            return
+        }
+        headCache = h
+    }
+
+    /// Call after enqueueing: true when the consumer asked to be woken, in which case the
+    /// caller must ring the consumer's doorbell. Clears the request, so each request is
+    /// answered by one doorbell.
+    ///
+    /// The full fence orders our tail store before the load of the request flag; the
+    /// consumer's fence in `QueueConsumer.prepareToSleep()` orders its flag store before
+    /// its reload of tail. Of two processes that each store then load, at least one sees
+    /// the other's store (Dekker): either the consumer sees the new descriptors and does
+    /// not sleep, or we see its request and ring. Without the fences both can miss, and
+    /// the consumer sleeps on a non-empty queue: the lost wake-up.
+    @inlinable
+    public mutating func consumerWantsSignal() -> Bool {
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        // Pairs with the sequentially consistent fence in QueueConsumer.prepareToSleep().
+        guard words.signal.pointee.load(ordering: .relaxed) != 0 else { return false }
+        return words.signal.pointee.exchange(0, ordering: .relaxed) != 0
+    }
+}
+
+/// The consuming end of a queue: dequeues descriptors, validated against the data
+/// region's bounds, and asks for a doorbell before sleeping.
+///
+/// The endpoint does not own the memory: the mapping must outlive it.
+@frozen
+public struct QueueConsumer: ~Copyable {
+    @usableFromInline let words: QueueWords
+    @usableFromInline let mask: UInt32
+    @usableFromInline let capacity: UInt32
+    public let bounds: DescriptorBounds
+    /// Our index: the next slot to read. Authoritative copy.
+    @usableFromInline var head: UInt32 = 0
+    /// Last tail read from the producer, validated.
+    @usableFromInline var tailCache: UInt32 = 0
+    @usableFromInline var _error: QueueError?
+    /// Set once, never cleared.
+    public var error: QueueError? { _error }
+
+    /// The consumer of the queue at `offset` in `memory`; every descriptor it hands on
+    /// lies inside `bounds`. Starts at index 0: the queue must be freshly initialized.
+    public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout,
+                bounds: DescriptorBounds) throws(QueueError) {
+        try layout.checkFits(size: size, at: offset)
+        words = QueueWords(memory + offset)
+        capacity = UInt32(layout.capacity)
+        mask = capacity - 1
+        self.bounds = bounds
+    }
+
+    /// Copies up to `out.count` descriptors out of the queue, validating each copy, and
+    /// releases their slots with one store. Returns how many were dequeued. A descriptor
+    /// outside `bounds` stops the queue: the ones before it are returned, it stays unread.
+    @inlinable
+    public mutating func dequeue(into out: UnsafeMutableBufferPointer<BufferDescriptor>) -> Int {
+        guard _error == nil else { return 0 }
+        var available = tailCache &- head
+        if available == 0 {
+            refreshTail()
+            available = tailCache &- head
+            if available == 0 { return 0 }
+        }
+        let n = min(Int(available), out.count)
+        var h = head
+        var i = 0
+        while i < n {
+            // One copy out of shared memory; only the copy is checked and used.
+            let d = words.entries[Int(h & mask)]
+            guard bounds.admits(d) else {
+                _error = .descriptorOutOfBounds(d, bounds: bounds)
+                break
+            }
+            out[i] = d
+            h &+= 1
+            i += 1
+        }
+        if i > 0 {
+            head = h
+            // Release: our copies of the slots are complete before the producer may reuse
+            // them. Pairs with the acquiring load of `head` in QueueProducer.refreshHead().
+            words.head.pointee.store(h, ordering: .releasing)
+        }
+        return i
+    }
+
+    /// Dequeues one descriptor, or nil when empty or in the error state.
+    @inlinable
+    public mutating func dequeue() -> BufferDescriptor? {
+        var d = BufferDescriptor(offset: RegionOffset(rawValue: 0), length: 0)
+        let n = withUnsafeMutablePointer(to: &d) { dequeue(into: UnsafeMutableBufferPointer(start: $0, count: 1)) }
+        return n == 1 ? d : nil
+    }
+
+    /// True when nothing is waiting (refreshes the producer's tail if needed).
+    @inlinable
+    public mutating func isEmpty() -> Bool {
+        if tailCache != head { return false }
+        refreshTail()
+        return tailCache == head
+    }
+
+    @inlinable
+    mutating func refreshTail() {
+        // Acquire: the descriptors the producer wrote before publishing this tail are
+        // visible. Pairs with the releasing store of `tail` in QueueProducer.publish(_:).
+        let t = words.tail.pointee.load(ordering: .acquiring)
+        // The producer's tail only moves forward, and never more than `capacity` ahead of
+        // our head: tailCache - head <= t - head <= capacity (modulo 2^32).
+        let ahead = t &- head
+        guard ahead <= capacity, ahead >= tailCache &- head else {
+            _error = .peerIndexOutOfRange(peer: t, own: head, capacity: Int(capacity))
+            return
+        }
+        tailCache = t
+    }
+
+    /// Asks the producer for a doorbell and checks once more for work. Returns true when
+    /// the queue is still empty: the caller may now sleep on its doorbell, and the producer
+    /// will ring it after its next enqueue. Returns false when work arrived (the request is
+    /// withdrawn): dequeue instead of sleeping. See QueueProducer.consumerWantsSignal() for
+    /// the race this double check closes.
+    @inlinable
+    public mutating func prepareToSleep() -> Bool {
+        guard _error == nil else { return false }
+        words.signal.pointee.store(1, ordering: .relaxed)
+        // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
+        // our flag store is globally visible before we reload the producer's tail.
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        if isEmpty() && _error == nil { return true }
+        cancelSignal()
+        return false
+    }
+
+    /// Withdraws a request for a doorbell (after waking, or when work arrived).
+    @inlinable
+    public mutating func cancelSignal() {
+        words.signal.pointee.store(0, ordering: .relaxed)
+    }
+}

@@ -1,0 +1,106 @@
+/// Where a single-producer/single-consumer queue sits in shared memory.
+///
+/// ```
+/// +0    tail            UInt32, written by the producer only
+/// +64   head            UInt32, written by the consumer only
+/// +128  consumerSignal  UInt32, set by the consumer ("wake me"), cleared by the producer
+/// +192  entries         capacity x BufferDescriptor (16 bytes each)
+/// ```
+/// Each control word has its own 64-byte cache line, so the two sides never write the
+/// same line (no false sharing). Indices run freely over UInt32 and wrap; a slot is
+/// `index & (capacity - 1)`, so the capacity is a power of two.
+///
+/// The layout is derived only from `capacity`, which both sides take from their own
+/// private parameters (given by the manager over a trusted socket), never from the
+/// shared memory itself.
+@frozen
+public struct QueueLayout: Equatable, Sendable {
+    public static let tailOffset = 0
+    public static let headOffset = 64
+    public static let signalOffset = 128
+    public static let entriesOffset = 192
+    public static let alignment = 64
+    public static let maximumCapacity = 1 << 20
+
+    public let capacity: Int
+
+    /// Fails unless `capacity` is a power of two in 2...2^20.
+    public init(capacity: Int) throws(QueueError) {
+        guard capacity >= 2, capacity <= Self.maximumCapacity, capacity & (capacity - 1) == 0 else {
+            throw .invalidCapacity(capacity)
+        }
+        self.capacity = capacity
+    }
+
+    /// Bytes the queue occupies, a multiple of 64.
+    public var byteCount: Int {
+        let raw = Self.entriesOffset + capacity * MemoryLayout<BufferDescriptor>.stride
+        return (raw + Self.alignment - 1) & ~(Self.alignment - 1)
+    }
+
+    /// Zeroes the queue at `offset` in `memory`: both indices 0, no signal requested.
+    /// Only the creator does this, before any peer sees the region.
+    public func initialize(memory: UnsafeMutableRawPointer, size: Int, at offset: Int) throws(QueueError) {
+        try checkFits(size: size, at: offset)
+        (memory + offset).initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
+    }
+
+    func checkFits(size: Int, at offset: Int) throws(QueueError) {
+        guard offset >= 0, offset % Self.alignment == 0, offset <= size, byteCount <= size - offset else {
+            throw .doesNotFit(offset: offset, byteCount: byteCount, regionSize: size)
+        }
+    }
+}
+
+/// A free/active queue pair, as in sDDF: the client takes empty buffers from `free`,
+/// fills them and puts them on `active`; the server consumes `active` and returns the
+/// buffers on `free`. With no more buffers in circulation than `capacity`, neither queue
+/// can fill up, so a producer never waits for space, only a consumer for work.
+@frozen
+public struct QueuePairLayout: Equatable, Sendable {
+    public let queue: QueueLayout
+    public let freeOffset: Int
+    public let activeOffset: Int
+
+    public init(capacity: Int, at offset: Int = 0) throws(QueueError) {
+        queue = try QueueLayout(capacity: capacity)
+        freeOffset = offset
+        activeOffset = offset + queue.byteCount
+    }
+
+    /// End of the pair: where the next structure may start.
+    public var endOffset: Int { activeOffset + queue.byteCount }
+
+    public func initialize(memory: UnsafeMutableRawPointer, size: Int) throws(QueueError) {
+        try queue.initialize(memory: memory, size: size, at: freeOffset)
+        try queue.initialize(memory: memory, size: size, at: activeOffset)
+    }
+}
+
+/// Why a queue stopped. Once an endpoint has an error it stays in that state and moves
+/// nothing more: the owner reports it and tears the session down.
+public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The capacity is not a power of two in 2...2^20.
+    case invalidCapacity(Int)
+    /// The queue does not fit the region at that offset, or the offset is not 64-aligned.
+    case doesNotFit(offset: Int, byteCount: Int, regionSize: Int)
+    /// The index the peer published is impossible: the peer is broken or hostile, or the
+    /// shared memory was overwritten. `peer` is the value read, `own` our index.
+    case peerIndexOutOfRange(peer: UInt32, own: UInt32, capacity: Int)
+    /// A descriptor names memory outside the data region (or is longer than allowed).
+    /// It was not handed on; the descriptors before it were.
+    case descriptorOutOfBounds(BufferDescriptor, bounds: DescriptorBounds)
+
+    public var description: String {
+        switch self {
+        case .invalidCapacity(let c):
+            return "queue capacity \(c) is not a power of two in 2...\(QueueLayout.maximumCapacity)"
+        case .doesNotFit(let o, let n, let s):
+            return "queue of \(n) bytes at offset \(o) does not fit a region of \(s) bytes (or offset not 64-aligned)"
+        case .peerIndexOutOfRange(let p, let own, let c):
+            return "peer published index \(p), impossible with our index \(own) and capacity \(c): queue corrupted"
+        case .descriptorOutOfBounds(let d, let b):
+            return "descriptor offset \(d.offset) length \(d.length) outside region of \(b.regionSize) bytes (max length \(b.maxLength))"
+        }
+    }
+}

@@ -1,0 +1,100 @@
+import ArgumentParser
+import OutboardBench
+import OutboardSystem
+
+/// `outboard bench ring`: producer and consumer as two processes on two cores, through
+/// Outboard's Swift queue and through the C reference queue, alternately in the same run.
+struct RingBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ring",
+        abstract: "Shared-memory queue throughput: Outboard (Swift) against the C reference, same layout and algorithm."
+    )
+
+    @Flag(help: "One JSON object per line.")
+    var json = false
+
+    @Option(help: "Batch sizes, comma separated.")
+    var batches: String = "1,8,32,128"
+
+    @Option(help: "Modes, comma separated: busy (both poll), sleep (sleep on the doorbell when empty).")
+    var modes: String = "busy,sleep"
+
+    @Option(help: "Descriptors per run (default: 10M at batch 1, 20M otherwise).")
+    var count: UInt64?
+
+    @Option(help: "Runs per implementation and configuration; the median is reported.")
+    var repeats: Int = 3
+
+    @Option(help: "Queue capacity (and buffers in circulation).")
+    var capacity: Int = 512
+
+    @Option(help: "Polls of an empty queue before asking for a doorbell (sleep mode).")
+    var spin: Int = 2000
+
+    func run() throws {
+        let batchList = batches.split(separator: ",").compactMap { Int($0) }
+        let modeList = modes.split(separator: ",").compactMap { m in RingMode.allCases.first { "\($0)" == m } }
+        guard !batchList.isEmpty, !modeList.isEmpty else { throw ValidationError("no batch sizes or modes") }
+        let cpus = CPU.available
+        let (producerCPU, consumerCPU) = cpus >= 2 ? (0, 1) : (-1, -1)
+        let harness = RingHarness(executable: currentExecutable())
+        if !json {
+            print("Ring benchmark: producer on CPU \(producerCPU), consumer on CPU \(consumerCPU), capacity \(capacity), median of \(repeats)")
+            print("mode   batch   outboard Mdesc/s   C Mdesc/s   ratio   ns CPU/desc (outboard, C)   doorbells/desc (outboard, C)")
+        }
+        for mode in modeList {
+            for batch in batchList {
+                let n = count ?? (batch == 1 ? 10_000_000 : 20_000_000)
+                var rates: [RingImplementation: [Double]] = [:]
+                var cpu: [RingImplementation: [Double]] = [:]
+                var bells: [RingImplementation: [Double]] = [:]
+                for _ in 0..<max(repeats, 1) {
+                    for impl in RingImplementation.allCases {
+                        let p = RingParameters(role: .producer, implementation: impl, mode: mode, batch: batch,
+                                               count: n, capacity: capacity, spin: spin)
+                        let r = try harness.run(p, producerCPU: producerCPU, consumerCPU: consumerCPU,
+                                                watchdogMilliseconds: 180_000)
+                        guard r.succeeded else {
+                            throw ValidationError("\(impl) run failed (mode \(mode), batch \(batch)):\n\(r.summary)")
+                        }
+                        rates[impl, default: []].append(r.descriptorsPerSecond / 1e6)
+                        cpu[impl, default: []].append(r.cpuNanosecondsPerDescriptor)
+                        bells[impl, default: []].append(r.doorbellsPerDescriptor)
+                    }
+                }
+                let o = median(rates[.swift]!), c = median(rates[.c]!)
+                let oc = median(cpu[.swift]!), cc = median(cpu[.c]!)
+                let ob = median(bells[.swift]!), cb = median(bells[.c]!)
+                if json {
+                    print("""
+                    {"bench":"ring","mode":"\(mode)","batch":\(batch),"outboard_mdesc_per_s":\(fmt(o, 3)),"c_mdesc_per_s":\(fmt(c, 3)),\
+                    "ratio":\(fmt(o / c, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),\
+                    "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"count":\(n),"runs":\(repeats),\
+                    "capacity":\(capacity),"spin":\(spin),"cpus":\(cpus)}
+                    """)
+                } else {
+                    print("\(pad("\(mode)", 6)) \(pad("\(batch)", 6)) \(pad(fmt(o, 2), 18)) \(pad(fmt(c, 2), 11)) \(pad(fmt(o / c, 3), 7)) \(pad(fmt(oc, 1) + ", " + fmt(cc, 1), 27)) \(fmt(ob, 5)), \(fmt(cb, 5))")
+                }
+            }
+        }
+    }
+}
+
+func median(_ xs: [Double]) -> Double {
+    let s = xs.sorted()
+    return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
+}
+
+func fmt(_ x: Double, _ decimals: Int) -> String {
+    guard x.isFinite else { return "0" }
+    var scale = 1.0
+    for _ in 0..<decimals { scale *= 10 }
+    let v = (x * scale).rounded() / scale
+    var s = "\(v)"
+    if s.contains("e") { s = "\(Int64(v))" }
+    return s
+}
+
+func pad(_ s: String, _ width: Int) -> String {
+    s.count >= width ? s : String(repeating: " ", count: width - s.count) + s
+}
