@@ -246,7 +246,7 @@ struct SwiftRingLoop {
     @inline(__always)
     func waitForWork(_ q: inout QueueConsumer, _ bell: borrowing Doorbell, _ idle: inout UInt64,
                      _ r: inout RingWorkerResult) -> RingWorkerStatus? {
-        if q.error != nil { return .queueError }
+        if q.hasFailed { return .queueError }
         if params.mode == .busy {
             ob_cpu_relax()
             idle &+= 1
@@ -268,7 +268,7 @@ struct SwiftRingLoop {
             q.cancelSignal()
             if Clock.monotonicNanoseconds > deadline { return .stalled }
         }
-        return q.error != nil ? .queueError : nil
+        return q.hasFailed ? .queueError : nil
     }
 
     func ring(_ bell: borrowing Doorbell, _ r: inout RingWorkerResult) {

@@ -46,9 +46,19 @@ public struct QueueProducer: ~Copyable {
     @usableFromInline var tail: UInt32 = 0
     /// Last head read from the consumer, validated.
     @usableFromInline var headCache: UInt32 = 0
-    /// Set once, never cleared.
+    /// Hot-path flag; the details live in `_error`, written once on the cold path.
+    @usableFromInline var failed = false
     @usableFromInline var _error: QueueError?
+    /// Set once, never cleared.
     public var error: QueueError? { _error }
+    /// True once the endpoint is in its error state (cheap: no copy of the details).
+    @inlinable public var hasFailed: Bool { failed }
+
+    @usableFromInline @inline(never)
+    mutating func fail(_ e: QueueError) {
+        failed = true
+        _error = e
+    }
 
     /// The producer of the queue at `offset` in `memory` (`size` bytes mapped).
     /// Starts at index 0: the queue must be freshly initialized.
@@ -63,18 +73,18 @@ public struct QueueProducer: ~Copyable {
     @inlinable
     public mutating func freeSlots() -> Int {
         refreshHead()
-        return _error == nil ? Int(capacity &- (tail &- headCache)) : 0
+        return !failed ? Int(capacity &- (tail &- headCache)) : 0
     }
 
     /// Enqueues as many of `batch` as fit, in order, and publishes them with one release
     /// store. Returns how many were enqueued (0 when full or in the error state).
     @inlinable
     public mutating func enqueue(_ batch: UnsafeBufferPointer<BufferDescriptor>) -> Int {
-        guard _error == nil else { return 0 }
+        guard !failed else { return 0 }
         var space = capacity &- (tail &- headCache)
         if space < UInt32(truncatingIfNeeded: batch.count) {
             refreshHead()
-            if _error != nil { return 0 }
+            if failed { return 0 }
             space = capacity &- (tail &- headCache)
         }
         let n = min(Int(space), batch.count)
@@ -90,10 +100,10 @@ public struct QueueProducer: ~Copyable {
     /// Enqueues one descriptor; false when full or in the error state.
     @inlinable
     public mutating func enqueue(_ d: BufferDescriptor) -> Bool {
-        guard _error == nil else { return false }
+        guard !failed else { return false }
         if capacity &- (tail &- headCache) == 0 {
             refreshHead()
-            if _error != nil || capacity &- (tail &- headCache) == 0 { return false }
+            if failed || capacity &- (tail &- headCache) == 0 { return false }
         }
         words.entries[Int(tail & mask)] = d
         publish(tail &+ 1)
@@ -116,7 +126,7 @@ public struct QueueProducer: ~Copyable {
         // The consumer's head only moves forward, and never past our tail:
         // headCache <= h <= tail (modulo 2^32).
         guard h &- headCache <= tail &- headCache else {
-            _error = .peerIndexOutOfRange(peer: h, own: tail, capacity: Int(capacity))
+            fail(.peerIndexOutOfRange(peer: h, own: tail, capacity: Int(capacity)))
             return
         }
         headCache = h
@@ -155,9 +165,18 @@ public struct QueueConsumer: ~Copyable {
     @usableFromInline var head: UInt32 = 0
     /// Last tail read from the producer, validated.
     @usableFromInline var tailCache: UInt32 = 0
+    @usableFromInline var failed = false
     @usableFromInline var _error: QueueError?
     /// Set once, never cleared.
     public var error: QueueError? { _error }
+    /// True once the endpoint is in its error state (cheap: no copy of the details).
+    @inlinable public var hasFailed: Bool { failed }
+
+    @usableFromInline @inline(never)
+    mutating func fail(_ e: QueueError) {
+        failed = true
+        _error = e
+    }
 
     /// The consumer of the queue at `offset` in `memory`; every descriptor it hands on
     /// lies inside `bounds`. Starts at index 0: the queue must be freshly initialized.
@@ -175,7 +194,7 @@ public struct QueueConsumer: ~Copyable {
     /// outside `bounds` stops the queue: the ones before it are returned, it stays unread.
     @inlinable
     public mutating func dequeue(into out: UnsafeMutableBufferPointer<BufferDescriptor>) -> Int {
-        guard _error == nil else { return 0 }
+        guard !failed else { return 0 }
         var available = tailCache &- head
         if available == 0 {
             refreshTail()
@@ -189,7 +208,7 @@ public struct QueueConsumer: ~Copyable {
             // One copy out of shared memory; only the copy is checked and used.
             let d = words.entries[Int(h & mask)]
             guard bounds.admits(d) else {
-                _error = .descriptorOutOfBounds(d, bounds: bounds)
+                fail(.descriptorOutOfBounds(d, bounds: bounds))
                 break
             }
             out[i] = d
@@ -230,7 +249,7 @@ public struct QueueConsumer: ~Copyable {
         // our head: tailCache - head <= t - head <= capacity (modulo 2^32).
         let ahead = t &- head
         guard ahead <= capacity, ahead >= tailCache &- head else {
-            _error = .peerIndexOutOfRange(peer: t, own: head, capacity: Int(capacity))
+            fail(.peerIndexOutOfRange(peer: t, own: head, capacity: Int(capacity)))
             return
         }
         tailCache = t
@@ -243,12 +262,12 @@ public struct QueueConsumer: ~Copyable {
     /// the race this double check closes.
     @inlinable
     public mutating func prepareToSleep() -> Bool {
-        guard _error == nil else { return false }
+        guard !failed else { return false }
         words.signal.pointee.store(1, ordering: .relaxed)
         // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
         // our flag store is globally visible before we reload the producer's tail.
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        if isEmpty() && _error == nil { return true }
+        if isEmpty() && !failed { return true }
         cancelSignal()
         return false
     }

@@ -19,11 +19,11 @@ struct RingBench: ParsableCommand {
     @Option(help: "Modes, comma separated: busy (both poll), sleep (sleep on the doorbell when empty).")
     var modes: String = "busy,sleep"
 
-    @Option(help: "Descriptors per run (default: 10M at batch 1, 20M otherwise).")
+    @Option(help: "Descriptors per run (default: 3M at batch 1, 6M otherwise).")
     var count: UInt64?
 
-    @Option(help: "Runs per implementation and configuration; the median is reported.")
-    var repeats: Int = 3
+    @Option(help: "Runs per implementation and configuration; medians are reported, and the ratio is the median of adjacent-run ratios.")
+    var repeats: Int = 7
 
     @Option(help: "Queue capacity (and buffers in circulation).")
     var capacity: Int = 512
@@ -44,12 +44,18 @@ struct RingBench: ParsableCommand {
         }
         for mode in modeList {
             for batch in batchList {
-                let n = count ?? (batch == 1 ? 10_000_000 : 20_000_000)
+                let n = count ?? (batch == 1 ? 3_000_000 : 6_000_000)
                 var rates: [RingImplementation: [Double]] = [:]
                 var cpu: [RingImplementation: [Double]] = [:]
                 var bells: [RingImplementation: [Double]] = [:]
-                for _ in 0..<max(repeats, 1) {
-                    for impl in RingImplementation.allCases {
+                var ratios: [Double] = []
+                for i in 0..<max(repeats, 1) {
+                    // Alternate which goes first; pair the two adjacent runs. This machine's
+                    // vCPU placement drifts between runs, so a ratio of adjacent runs is far
+                    // steadier than a ratio of separate averages.
+                    let order: [RingImplementation] = i % 2 == 0 ? [.swift, .c] : [.c, .swift]
+                    var pairRate: [RingImplementation: Double] = [:]
+                    for impl in order {
                         let p = RingParameters(role: .producer, implementation: impl, mode: mode, batch: batch,
                                                count: n, capacity: capacity, spin: spin)
                         let r = try harness.run(p, producerCPU: producerCPU, consumerCPU: consumerCPU,
@@ -58,22 +64,25 @@ struct RingBench: ParsableCommand {
                             throw ValidationError("\(impl) run failed (mode \(mode), batch \(batch)):\n\(r.summary)")
                         }
                         rates[impl, default: []].append(r.descriptorsPerSecond / 1e6)
+                        pairRate[impl] = r.descriptorsPerSecond
                         cpu[impl, default: []].append(r.cpuNanosecondsPerDescriptor)
                         bells[impl, default: []].append(r.doorbellsPerDescriptor)
                     }
+                    ratios.append(pairRate[.swift]! / pairRate[.c]!)
                 }
+                let ratio = median(ratios)
                 let o = median(rates[.swift]!), c = median(rates[.c]!)
                 let oc = median(cpu[.swift]!), cc = median(cpu[.c]!)
                 let ob = median(bells[.swift]!), cb = median(bells[.c]!)
                 if json {
                     print("""
                     {"bench":"ring","mode":"\(mode)","batch":\(batch),"outboard_mdesc_per_s":\(fmt(o, 3)),"c_mdesc_per_s":\(fmt(c, 3)),\
-                    "ratio":\(fmt(o / c, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),\
-                    "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"count":\(n),"runs":\(repeats),\
+                    "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),\
+                    "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"ratio_min":\(fmt(ratios.min()!, 3)),"ratio_max":\(fmt(ratios.max()!, 3)),"count":\(n),"runs":\(repeats),\
                     "capacity":\(capacity),"spin":\(spin),"cpus":\(cpus)}
                     """)
                 } else {
-                    print("\(pad("\(mode)", 6)) \(pad("\(batch)", 6)) \(pad(fmt(o, 2), 18)) \(pad(fmt(c, 2), 11)) \(pad(fmt(o / c, 3), 7)) \(pad(fmt(oc, 1) + ", " + fmt(cc, 1), 27)) \(fmt(ob, 5)), \(fmt(cb, 5))")
+                    print("\(pad("\(mode)", 6)) \(pad("\(batch)", 6)) \(pad(fmt(o, 2), 18)) \(pad(fmt(c, 2), 11)) \(pad(fmt(ratio, 3), 7)) \(pad(fmt(oc, 1) + ", " + fmt(cc, 1), 27)) \(fmt(ob, 5)), \(fmt(cb, 5))")
                 }
             }
         }
