@@ -1,0 +1,191 @@
+import Testing
+@testable import OutboardRings
+
+/// A queue in private memory, both ends in this process: the deterministic half of the
+/// queue tests (the cross-process half is in OutboardBenchTests).
+struct TestQueue: ~Copyable {
+    let memory: UnsafeMutableRawPointer
+    let layout: QueueLayout
+    var producer: QueueProducer
+    var consumer: QueueConsumer
+
+    init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max) throws {
+        let l = try QueueLayout(capacity: capacity)
+        let m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
+        // Exactly sized and a fresh layout: these cannot fail.
+        try! l.initialize(memory: m, size: l.byteCount, at: 0)
+        let p = try! QueueProducer(memory: m, size: l.byteCount, at: 0, layout: l)
+        let c = try! QueueConsumer(memory: m, size: l.byteCount, at: 0, layout: l,
+                                   bounds: DescriptorBounds(regionSize: regionSize, maxLength: maxLength))
+        layout = l
+        memory = m
+        producer = p
+        consumer = c
+    }
+
+    deinit { memory.deallocate() }
+
+    func poke<T: FixedWidthInteger>(_ value: T, at offset: Int) {
+        memory.storeBytes(of: value, toByteOffset: offset, as: T.self)
+    }
+}
+
+func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
+    BufferDescriptor(offset: RegionOffset(i * 64), length: length, cookie: UInt32(truncatingIfNeeded: i))
+}
+
+@Suite struct QueueTests {
+    @Test func fifoAcrossManyWrapArounds() throws {
+        var q = try TestQueue(capacity: 8)
+        var next = 0, expected = 0
+        var out = [BufferDescriptor](repeating: desc(0), count: 5)
+        for round in 0..<10_000 {
+            let batch = (0..<(round % 7 + 1)).map { desc((next + $0) % 1000) }
+            let n = batch.withUnsafeBufferPointer { q.producer.enqueue($0) }
+            next += n
+            let m = out.withUnsafeMutableBufferPointer { q.consumer.dequeue(into: $0) }
+            for d in out.prefix(m) {
+                #expect(d == desc(expected % 1000))
+                expected += 1
+            }
+        }
+        while let d = q.consumer.dequeue() { #expect(d == desc(expected % 1000)); expected += 1 }
+        #expect(expected == next)
+        #expect(next > 30_000)  // indices wrapped the 8-slot ring thousands of times
+        do { let ok = q.producer.error == nil && q.consumer.error == nil; #expect(ok) }
+    }
+
+    @Test func enqueueStopsAtCapacityWithoutError() throws {
+        var q = try TestQueue(capacity: 4)
+        let batch = (0..<6).map { desc($0) }
+        do { let ok = batch.withUnsafeBufferPointer { q.producer.enqueue($0) } == 4; #expect(ok) }
+        do { let ok = !q.producer.enqueue(desc(9)); #expect(ok) }
+        do { let ok = q.producer.freeSlots() == 0; #expect(ok) }
+        do { let ok = q.consumer.dequeue() == desc(0); #expect(ok) }
+        do { let ok = q.producer.freeSlots() == 1; #expect(ok) }
+        do { let ok = q.producer.enqueue(desc(4)); #expect(ok) }
+        do { let ok = q.producer.error == nil; #expect(ok) }
+    }
+
+    @Test func unsignedIndexWrapAroundIsNotAnError() throws {
+        var q = try TestQueue(capacity: 4)
+        // Start both ends just below 2^32, as after a long uptime.
+        q.producer.tail = .max - 1; q.producer.headCache = .max - 1
+        q.consumer.head = .max - 1; q.consumer.tailCache = .max - 1
+        for i in 0..<20 {
+            do { let ok = q.producer.enqueue(desc(i)); #expect(ok) }
+            do { let ok = q.consumer.dequeue() == desc(i); #expect(ok) }
+        }
+        do { let ok = q.producer.error == nil && q.consumer.error == nil; #expect(ok) }
+    }
+
+    @Test func descriptorOutsideTheRegionStopsTheConsumer() throws {
+        var q = try TestQueue(capacity: 8, regionSize: 4096, maxLength: 1024)
+        let good = BufferDescriptor(offset: RegionOffset(4096 - 64), length: 64)
+        let past = BufferDescriptor(offset: RegionOffset(4096 - 63), length: 64)
+        let overflow = BufferDescriptor(offset: RegionOffset(rawValue: .max - 10), length: 64)
+        do { let ok = q.producer.enqueue(good); #expect(ok) }
+        do { let ok = q.producer.enqueue(past); #expect(ok) }
+        do { let ok = q.producer.enqueue(good); #expect(ok) }
+        var out = [BufferDescriptor](repeating: desc(0), count: 8)
+        do { let ok = out.withUnsafeMutableBufferPointer { q.consumer.dequeue(into: $0) } == 1; #expect(ok) }
+        #expect(out[0] == good)
+        do { let ok = q.consumer.error == .descriptorOutOfBounds(past, bounds: q.consumer.bounds); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == nil; #expect(ok) }  // sticky
+        var q2 = try TestQueue(capacity: 8, regionSize: 4096, maxLength: 1024)
+        do { let ok = q2.producer.enqueue(overflow); #expect(ok) }
+        do { let ok = q2.consumer.dequeue() == nil; #expect(ok) }
+        do { let ok = q2.consumer.hasFailed; #expect(ok) }
+        var q3 = try TestQueue(capacity: 8, regionSize: 4096, maxLength: 1024)
+        do { let ok = q3.producer.enqueue(BufferDescriptor(offset: RegionOffset(0), length: 1025)); #expect(ok) }
+        do { let ok = q3.consumer.dequeue() == nil; #expect(ok) }
+        do { let ok = q3.consumer.hasFailed; #expect(ok) }
+    }
+
+    @Test func impossibleTailIsReportedNotFollowed() throws {
+        var q = try TestQueue(capacity: 8)
+        q.poke(UInt32(9), at: QueueLayout.tailOffset)  // 9 > capacity ahead of head 0
+        do { let ok = q.consumer.dequeue() == nil; #expect(ok) }
+        do { let ok = q.consumer.error == .peerIndexOutOfRange(peer: 9, own: 0, capacity: 8); #expect(ok) }
+        var q2 = try TestQueue(capacity: 8)
+        do { let ok = q2.producer.enqueue(desc(1)); #expect(ok) }
+        do { let ok = q2.producer.enqueue(desc(2)); #expect(ok) }
+        do { let ok = q2.consumer.dequeue() == desc(1); #expect(ok) }
+        q2.poke(UInt32(1), at: QueueLayout.tailOffset)  // tail moved backwards behind what we saw
+        do { let ok = q2.consumer.dequeue() == desc(2); #expect(ok) }  // already known to be published: fine
+        do { let ok = q2.consumer.dequeue() == nil; #expect(ok) }
+        do { let ok = q2.consumer.hasFailed; #expect(ok) }
+    }
+
+    @Test func impossibleHeadIsReportedNotFollowed() throws {
+        var q = try TestQueue(capacity: 4)
+        for i in 0..<4 { let ok = q.producer.enqueue(desc(i)); #expect(ok) }
+        q.poke(UInt32(7), at: QueueLayout.headOffset)  // consumer "consumed" more than was produced
+        do { let ok = !q.producer.enqueue(desc(5)); #expect(ok) }
+        do { let ok = q.producer.error == .peerIndexOutOfRange(peer: 7, own: 4, capacity: 4); #expect(ok) }
+        do { let ok = q.producer.freeSlots() == 0; #expect(ok) }
+    }
+
+    @Test func ourOwnIndexInSharedMemoryIsNeverReadBack() throws {
+        var q = try TestQueue(capacity: 8)
+        do { let ok = q.producer.enqueue(desc(0)); #expect(ok) }
+        q.poke(UInt32(12345), at: QueueLayout.headOffset)  // the consumer's own published head
+        do { let ok = q.consumer.dequeue() == desc(0); #expect(ok) }  // consumer uses its private head
+        do { let ok = q.consumer.error == nil; #expect(ok) }
+    }
+
+    @Test func signalProtocol() throws {
+        var q = try TestQueue(capacity: 8)
+        // Nobody asked: no doorbell.
+        do { let ok = q.producer.enqueue(desc(0)); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
+        // Work present: the consumer must not sleep and withdraws its request.
+        do { let ok = !q.consumer.prepareToSleep(); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == desc(0); #expect(ok) }
+        // Empty: the consumer may sleep; the next enqueue asks for exactly one doorbell.
+        do { let ok = q.consumer.prepareToSleep(); #expect(ok) }
+        do { let ok = q.producer.enqueue(desc(1)); #expect(ok) }
+        do { let ok = q.producer.consumerWantsSignal(); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == desc(1); #expect(ok) }
+        // A request withdrawn after waking is not answered.
+        do { let ok = q.consumer.prepareToSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+        do { let ok = q.producer.enqueue(desc(2)); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
+    }
+
+    /// Random garbage written between operations, as by a hostile peer: the endpoints
+    /// either keep working or stop with an error; every descriptor handed on is in bounds,
+    /// and nothing outside the queue's bytes is touched (the queue is allocated exactly,
+    /// and the test runs under the same checks as the rest of the suite).
+    @Test func randomCorruptionNeverEscapesTheBounds() throws {
+        var rng = SystemRandomNumberGenerator()
+        var failures = 0
+        for _ in 0..<2_000 {
+            var q = try TestQueue(capacity: 16, regionSize: 1 << 16, maxLength: 4096)
+            var out = [BufferDescriptor](repeating: desc(0), count: 16)
+            for step in 0..<50 {
+                let batch = (0..<Int.random(in: 1...8, using: &rng)).map { _ in
+                    BufferDescriptor(offset: RegionOffset(Int.random(in: 0..<(1 << 16) - 4096, using: &rng)),
+                                     length: UInt32.random(in: 0...4096, using: &rng))
+                }
+                _ = batch.withUnsafeBufferPointer { q.producer.enqueue($0) }
+                if step % 5 == 0 {
+                    let where_ = [QueueLayout.tailOffset, QueueLayout.headOffset, QueueLayout.signalOffset,
+                                  QueueLayout.entriesOffset + 16 * Int.random(in: 0..<16, using: &rng),
+                                  QueueLayout.entriesOffset + 16 * Int.random(in: 0..<16, using: &rng) + 8]
+                        .randomElement(using: &rng)!
+                    q.poke(UInt32.random(in: 0...UInt32.max, using: &rng), at: where_)
+                }
+                let n = out.withUnsafeMutableBufferPointer { q.consumer.dequeue(into: $0) }
+                let bounds = q.consumer.bounds
+                for d in out.prefix(n) { #expect(bounds.admits(d)) }
+                _ = q.producer.consumerWantsSignal()
+            }
+            if q.consumer.hasFailed || q.producer.hasFailed { failures += 1 }
+        }
+        #expect(failures > 100)  // the corruption is detected, not silently absorbed
+    }
+}

@@ -1,0 +1,182 @@
+import CLinux
+import OutboardSystem
+import SystemPackage
+import Testing
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+func openDescriptorCount() -> Int {
+    guard let d = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(d) }
+    var n = 0
+    while readdir(d) != nil { n += 1 }
+    return n
+}
+
+@Suite struct SharedRegionTests {
+    @Test func sizeIsRoundedAndSealed() throws {
+        let r = try SharedRegion(name: "t", size: 100)
+        #expect(r.size == SharedRegion.pageSize)
+        let seals = try r.seals
+        #expect(seals & OB_F_SEAL_GROW != 0 && seals & OB_F_SEAL_SHRINK != 0)
+        // Sealed: nobody can resize it under a mapping.
+        #expect(ftruncate(r.fd.raw.rawValue, 0) == -1 && errno == EPERM)
+        #expect(ftruncate(r.fd.raw.rawValue, off_t(1 << 20)) == -1 && errno == EPERM)
+    }
+
+    @Test func twoMappingsShareTheBytes() throws {
+        let r = try SharedRegion(name: "t", size: 8192)
+        let a = try r.map(.readWrite)
+        let b = try r.map(.readOnly)
+        a.base.storeBytes(of: 0xdead_beef_cafe, toByteOffset: 4096, as: UInt64.self)
+        #expect(b.base.load(fromByteOffset: 4096, as: UInt64.self) == 0xdead_beef_cafe)
+    }
+
+    @Test func futureWriteSealLeavesOnlyReadOnlyMappings() throws {
+        let r = try SharedRegion(name: "table", size: 4096)
+        let writer = try r.map(.readWrite)
+        try r.sealFutureWrites()
+        #expect(throws: Errno.notPermitted) { _ = try r.map(.readWrite) }
+        let reader = try r.map(.readOnly)
+        writer.base.storeBytes(of: 7, as: UInt32.self)  // the existing writer still works
+        #expect(reader.base.load(as: UInt32.self) == 7)
+    }
+
+    @Test func unsealedOrShortRegionsFromPeersAreRefused() throws {
+        let raw = ob_memfd_create("unsealed", OB_MFD_CLOEXEC | OB_MFD_ALLOW_SEALING)
+        #expect(raw >= 0)
+        #expect(ftruncate(raw, 4096) == 0)
+        #expect(throws: Errno.invalidArgument) {
+            _ = try SharedRegion(adopting: OwnedFD(adopting: raw), minimumSize: 4096)
+        }
+        let sealed = try SharedRegion(name: "small", size: 4096)
+        #expect(throws: Errno.invalidArgument) {
+            _ = try SharedRegion(adopting: try sealed.fd.duplicate(), minimumSize: 8192)
+        }
+        let ok = try SharedRegion(adopting: try sealed.fd.duplicate(), minimumSize: 4096)
+        #expect(ok.size == 4096)
+    }
+}
+
+@Suite struct DoorbellTests {
+    @Test func ringsAccumulateAndOneDrainTakesThemAll() throws {
+        let d = try Doorbell()
+        #expect(try d.drain() == 0)
+        try d.ring()
+        try d.ring()
+        #expect(try d.drain() == 2)
+        #expect(try d.drain() == 0)
+    }
+
+    @Test func waitTimesOutThenWakes() throws {
+        let d = try Doorbell()
+        #expect(try d.wait(timeoutMilliseconds: 10) == false)
+        try d.ring()
+        #expect(try d.wait(timeoutMilliseconds: 10_000) == true)
+        #expect(try d.drain() == 0)
+    }
+
+    @Test func epollSeesADoorbell() throws {
+        let e = try Epoll()
+        let a = try Doorbell()
+        let b = try Doorbell()
+        try e.add(a.fd.raw, events: .readable, token: 1)
+        try e.add(b.fd.raw, events: .readable, token: 2)
+        #expect(try e.wait(timeoutMilliseconds: 0).isEmpty)
+        try b.ring()
+        let events = try e.wait(timeoutMilliseconds: 1000)
+        #expect(events.map(\.token) == [2])
+        #expect(events.first?.events.contains(.readable) == true)
+        try e.remove(b.fd.raw)
+        #expect(try e.wait(timeoutMilliseconds: 0).isEmpty)
+    }
+}
+
+@Suite struct UnixSocketTests {
+    @Test func regionsAndDoorbellsTravelWithAMessage() throws {
+        let pair = try UnixSocket.pair()
+        let region = try SharedRegion(name: "passed", size: 4096)
+        let bell = try Doorbell()
+        try pair.first.send([1, 2, 3], descriptors: [region.fd.raw, bell.fd.raw])
+        var m = try pair.second.receive(maxBytes: 64, maxDescriptors: 2)
+        #expect(m.bytes == [1, 2, 3])
+        #expect(m.descriptors.count == 2)
+        let theirRegion = try SharedRegion(adopting: m.descriptors.take(0)!, minimumSize: 4096)
+        let theirBell = Doorbell(adopting: m.descriptors.take(1)!)
+        var takenTwice = false
+        if m.descriptors.take(1) != nil { takenTwice = true }
+        #expect(!takenTwice)  // a descriptor is taken once only
+        let mine = try region.map(.readWrite)
+        let theirs = try theirRegion.map(.readWrite)
+        theirs.base.storeBytes(of: 42, as: UInt64.self)
+        #expect(mine.base.load(as: UInt64.self) == 42)
+        try theirBell.ring()
+        #expect(try bell.drain() == 1)
+    }
+
+    @Test func oversizedMessagesAndTooManyDescriptorsAreErrorsThatLeakNothing() throws {
+        let pair = try UnixSocket.pair()
+        let bell = try Doorbell()
+        let before = openDescriptorCount()
+        try pair.first.send([UInt8](repeating: 7, count: 100))
+        #expect(throws: SocketError.messageTooLarge(limit: 10)) { _ = try pair.second.receive(maxBytes: 10) }
+        try pair.first.send([1], descriptors: [bell.fd.raw, bell.fd.raw, bell.fd.raw])
+        #expect(throws: SocketError.tooManyDescriptors(limit: 1)) {
+            _ = try pair.second.receive(maxBytes: 10, maxDescriptors: 1)
+        }
+        try pair.first.send([1], descriptors: [bell.fd.raw, bell.fd.raw])
+        do {
+            let unclaimed = try pair.second.receive(maxBytes: 10, maxDescriptors: 4)
+            #expect(unclaimed.descriptors.count == 2)
+        }  // dropped without taking: closed
+        #expect(openDescriptorCount() == before)
+        // The connection is still usable after a refused message.
+        try pair.first.send([9])
+        #expect(try pair.second.receive(maxBytes: 10).bytes == [9])
+    }
+
+    @Test func closedPeerIsReported() throws {
+        let pair = try UnixSocket.pair()
+        let survivor = pair.second
+        _ = consume pair.first
+        #expect(throws: SocketError.closed) { _ = try survivor.receive(maxBytes: 10) }
+    }
+
+    @Test func listenerAcceptsAndKnowsThePeer() throws {
+        let path = "/tmp/outboard-test-\(getpid()).sock"
+        let listener = try UnixListener(path: path)
+        let client = try UnixSocket.connect(path: path)
+        let server = try listener.accept()
+        let cred = try server.peerCredentials()
+        #expect(cred.pid == getpid() && cred.uid == getuid() && cred.gid == getgid())
+        try client.send([5])
+        #expect(try server.receive(maxBytes: 4).bytes == [5])
+    }
+}
+
+@Suite struct ChildProcessTests {
+    @Test func exitStatusAndSignalsArrive() throws {
+        var a = try ChildProcess(executable: "/bin/sh", arguments: ["-c", "exit 3"])
+        #expect(try a.wait(timeoutMilliseconds: 10_000) == .exited(3))
+        var b = try ChildProcess(executable: "/bin/sleep", arguments: ["30"])
+        #expect(try b.wait(timeoutMilliseconds: 50) == nil)
+        try b.signal(SIGKILL)
+        #expect(try b.wait(timeoutMilliseconds: 10_000) == .signalled(SIGKILL))
+    }
+
+    @Test func onlyGrantedDescriptorsAreInherited() throws {
+        let bell = try Doorbell()
+        let leak = try Doorbell()  // not granted: must not be visible in the child
+        _ = leak
+        // The child checks its descriptors are exactly 0-2, the granted 3, and the one `ls`
+        // opens to read /proc/self/fd; then it rings the doorbell it was given as fd 3.
+        var c = try ChildProcess(
+            executable: "/bin/sh",
+            arguments: ["-c", "test \"$(ls /proc/self/fd | tr '\\n' ' ')\" = '0 1 2 3 4 ' && printf '\\1\\0\\0\\0\\0\\0\\0\\0' >&3"],
+            descriptors: [(bell.fd.raw, 3)])
+        #expect(try c.wait(timeoutMilliseconds: 10_000) == .exited(0))
+        #expect(try bell.drain() == 1)
+    }
+}
