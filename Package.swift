@@ -45,7 +45,7 @@ let package = Package(
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(
             name: "OutboardBenchTests",
-            dependencies: ["OutboardBench", "OutboardSystem", "OutboardRings", "outboard"]
+            dependencies: ["OutboardBench", "OutboardSystem", "OutboardRings"]
         ),
     ]
 )

@@ -60,10 +60,13 @@ public struct QueueProducer: ~Copyable {
         _error = e
     }
 
-    /// The producer of the queue at `offset` in `memory` (`size` bytes mapped).
-    /// Starts at index 0: the queue must be freshly initialized.
-    public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout) throws(QueueError) {
+    /// The producer of the queue at `offset` in `memory` (`size` bytes mapped), starting at
+    /// `startIndex`, the index the queue was initialized with (QueueLayout.initialize).
+    public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout,
+                startIndex: UInt32 = 0) throws(QueueError) {
         try layout.checkFits(size: size, at: offset)
+        tail = startIndex
+        headCache = startIndex
         words = QueueWords(memory + offset)
         capacity = UInt32(layout.capacity)
         mask = capacity - 1
@@ -179,10 +182,12 @@ public struct QueueConsumer: ~Copyable {
     }
 
     /// The consumer of the queue at `offset` in `memory`; every descriptor it hands on
-    /// lies inside `bounds`. Starts at index 0: the queue must be freshly initialized.
+    /// lies inside `bounds`. Starts at `startIndex`, the index the queue was initialized with.
     public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout,
-                bounds: DescriptorBounds) throws(QueueError) {
+                bounds: DescriptorBounds, startIndex: UInt32 = 0) throws(QueueError) {
         try layout.checkFits(size: size, at: offset)
+        head = startIndex
+        tailCache = startIndex
         words = QueueWords(memory + offset)
         capacity = UInt32(layout.capacity)
         mask = capacity - 1

@@ -38,11 +38,15 @@ public struct QueueLayout: Equatable, Sendable {
         return (raw + Self.alignment - 1) & ~(Self.alignment - 1)
     }
 
-    /// Zeroes the queue at `offset` in `memory`: both indices 0, no signal requested.
-    /// Only the creator does this, before any peer sees the region.
-    public func initialize(memory: UnsafeMutableRawPointer, size: Int, at offset: Int) throws(QueueError) {
+    /// Resets the queue at `offset` in `memory`: empty, both indices at `startIndex`, no
+    /// signal requested. Only the creator does this, before any peer sees the region; the
+    /// endpoints are then created with the same `startIndex`.
+    public func initialize(memory: UnsafeMutableRawPointer, size: Int, at offset: Int,
+                           startIndex: UInt32 = 0) throws(QueueError) {
         try checkFits(size: size, at: offset)
         (memory + offset).initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
+        (memory + offset + Self.tailOffset).storeBytes(of: startIndex, as: UInt32.self)
+        (memory + offset + Self.headOffset).storeBytes(of: startIndex, as: UInt32.self)
     }
 
     func checkFits(size: Int, at offset: Int) throws(QueueError) {

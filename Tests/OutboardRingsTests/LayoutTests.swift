@@ -1,6 +1,6 @@
 import Synchronization
 import Testing
-@testable import OutboardRings
+import OutboardRings
 
 /// Every struct that lives in shared memory has its layout pinned here; the C reference
 /// (CRefRing) pins the same numbers with _Static_assert.

@@ -1,5 +1,5 @@
 import Testing
-@testable import OutboardRings
+import OutboardRings
 
 /// A queue in private memory, both ends in this process: the deterministic half of the
 /// queue tests (the cross-process half is in OutboardBenchTests).
@@ -9,14 +9,15 @@ struct TestQueue: ~Copyable {
     var producer: QueueProducer
     var consumer: QueueConsumer
 
-    init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max) throws {
+    init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max, startIndex: UInt32 = 0) throws {
         let l = try QueueLayout(capacity: capacity)
         let m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
         // Exactly sized and a fresh layout: these cannot fail.
-        try! l.initialize(memory: m, size: l.byteCount, at: 0)
-        let p = try! QueueProducer(memory: m, size: l.byteCount, at: 0, layout: l)
+        try! l.initialize(memory: m, size: l.byteCount, at: 0, startIndex: startIndex)
+        let p = try! QueueProducer(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex)
         let c = try! QueueConsumer(memory: m, size: l.byteCount, at: 0, layout: l,
-                                   bounds: DescriptorBounds(regionSize: regionSize, maxLength: maxLength))
+                                   bounds: DescriptorBounds(regionSize: regionSize, maxLength: maxLength),
+                                   startIndex: startIndex)
         layout = l
         memory = m
         producer = p
@@ -68,10 +69,8 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
     }
 
     @Test func unsignedIndexWrapAroundIsNotAnError() throws {
-        var q = try TestQueue(capacity: 4)
         // Start both ends just below 2^32, as after a long uptime.
-        q.producer.tail = .max - 1; q.producer.headCache = .max - 1
-        q.consumer.head = .max - 1; q.consumer.tailCache = .max - 1
+        var q = try TestQueue(capacity: 4, startIndex: .max - 1)
         for i in 0..<20 {
             do { let ok = q.producer.enqueue(desc(i)); #expect(ok) }
             do { let ok = q.consumer.dequeue() == desc(i); #expect(ok) }

@@ -7,11 +7,18 @@ import Testing
 import Glibc
 #endif
 
-func openDescriptorCount() -> Int {
+/// How many of this process's descriptors refer to the memfd called `name` (tests run in
+/// parallel, so counting all descriptors would race with other tests).
+func descriptorsReferring(toMemfd name: String) -> Int {
     guard let d = opendir("/proc/self/fd") else { return -1 }
     defer { closedir(d) }
     var n = 0
-    while readdir(d) != nil { n += 1 }
+    while let e = readdir(d) {
+        let fd = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+        var buf = [CChar](repeating: 0, count: 512)
+        let len = readlink("/proc/self/fd/\(fd)", &buf, 511)
+        if len > 0, String(cString: buf).hasPrefix("/memfd:\(name) ") { n += 1 }
+    }
     return n
 }
 
@@ -118,20 +125,22 @@ func openDescriptorCount() -> Int {
 
     @Test func oversizedMessagesAndTooManyDescriptorsAreErrorsThatLeakNothing() throws {
         let pair = try UnixSocket.pair()
-        let bell = try Doorbell()
-        let before = openDescriptorCount()
+        let name = "leakcheck-\(getpid())"
+        let region = try SharedRegion(name: name, size: 4096)
+        let fd = region.fd.raw
+        #expect(descriptorsReferring(toMemfd: name) == 1)
         try pair.first.send([UInt8](repeating: 7, count: 100))
         #expect(throws: SocketError.messageTooLarge(limit: 10)) { _ = try pair.second.receive(maxBytes: 10) }
-        try pair.first.send([1], descriptors: [bell.fd.raw, bell.fd.raw, bell.fd.raw])
+        try pair.first.send([1], descriptors: [fd, fd, fd])
         #expect(throws: SocketError.tooManyDescriptors(limit: 1)) {
             _ = try pair.second.receive(maxBytes: 10, maxDescriptors: 1)
         }
-        try pair.first.send([1], descriptors: [bell.fd.raw, bell.fd.raw])
+        try pair.first.send([1], descriptors: [fd, fd])
         do {
             let unclaimed = try pair.second.receive(maxBytes: 10, maxDescriptors: 4)
             #expect(unclaimed.descriptors.count == 2)
         }  // dropped without taking: closed
-        #expect(openDescriptorCount() == before)
+        #expect(descriptorsReferring(toMemfd: name) == 1)
         // The connection is still usable after a refused message.
         try pair.first.send([9])
         #expect(try pair.second.receive(maxBytes: 10).bytes == [9])

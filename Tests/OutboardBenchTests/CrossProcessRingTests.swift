@@ -1,0 +1,99 @@
+import Foundation
+import OutboardBench
+import OutboardRings
+import OutboardSystem
+import Testing
+
+/// The `outboard` executable of the same build, whose `_ring-worker` subcommand runs one
+/// side of a queue. Tests run it as separate processes: real shared memory between real
+/// address spaces, regions and doorbells passed with SCM_RIGHTS.
+func outboardExecutable() throws -> String {
+    if let path = ProcessInfo.processInfo.environment["OUTBOARD_EXECUTABLE"] { return path }
+    let testBinary = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+    // .build/<triple>/<config>/outboardPackageTests.xctest -> .build/<triple>/<config>/outboard
+    var dir = testBinary.deletingLastPathComponent()
+    for _ in 0..<3 {
+        let candidate = dir.appendingPathComponent("outboard").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    throw RingWorkerFailure.setup("outboard executable not found next to \(testBinary.path); build it first or set OUTBOARD_EXECUTABLE")
+}
+
+let cpus = CPU.available >= 2 ? (0, 1) : (-1, -1)
+
+@Suite(.serialized) struct CrossProcessRingTests {
+    /// 10^8 descriptors between two processes, both polling: no loss, duplication or
+    /// reordering (the consumer checks every descriptor's sequence number and the number
+    /// written into its buffer, and the producer every buffer it gets back).
+    @Test func hundredMillionDescriptorsBusyPolling() throws {
+        let h = RingHarness(executable: try outboardExecutable())
+        let p = RingParameters(role: .producer, implementation: .swift, mode: .busy, batch: 32,
+                               count: 100_000_000, capacity: 512, timeoutMilliseconds: 240_000)
+        let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 300_000)
+        #expect(r.succeeded, "\(r.summary)")
+        #expect(r.results[.consumer]?.processed == 100_000_000)
+    }
+
+    /// 10^8 descriptors with both sides sleeping on their doorbell whenever their queue is
+    /// empty (no spinning first), so the request-signal protocol runs on every lull. A lost
+    /// wake-up would leave a side asleep on a non-empty queue: the run would then only
+    /// finish through the 100 ms timeout of each wait, far more slowly, and a watchdog
+    /// fails the test instead of hanging CI. The timeout-driven wake-ups are counted by
+    /// the workers and must be a tiny fraction of the sleeps.
+    @Test func hundredMillionDescriptorsSleepingOnTheDoorbell() throws {
+        let h = RingHarness(executable: try outboardExecutable())
+        let p = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 32,
+                               count: 100_000_000, capacity: 4096, spin: 0, timeoutMilliseconds: 240_000)
+        let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 300_000)
+        #expect(r.succeeded, "\(r.summary)")
+        let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
+        let rings = (r.results[.producer]?.doorbells ?? 0) + (r.results[.consumer]?.doorbells ?? 0)
+        #expect(sleeps > 1000, "the sleeping path must actually run: \(r.summary)")
+        #expect(rings > 1000, "\(r.summary)")
+    }
+
+    /// A third process writes random values into both queues' indices and descriptors
+    /// while producer and consumer run. The endpoints must notice and report their error
+    /// state; no worker may crash (the mappings sit between guard pages, so any access out
+    /// of bounds would kill it with SIGSEGV) or hang (the watchdog would fire).
+    @Test(arguments: [RingMode.busy, .sleep])
+    func hostileWriterIsDetectedAndNothingOutOfBoundsIsTouched(mode: RingMode) throws {
+        let h = RingHarness(executable: try outboardExecutable())
+        let p = RingParameters(role: .producer, implementation: .swift, mode: mode, batch: 8,
+                               count: 10_000_000_000, capacity: 512, spin: 100, timeoutMilliseconds: 20_000,
+                               seed: mode == .busy ? 0x1234_5678 : 0x9abc_def0)
+        let r = try h.run(p, hostile: true, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 60_000)
+        #expect(!r.watchdogFired, "\(r.summary)")
+        let statuses = [RingRole.producer, .consumer].compactMap { r.results[$0]?.status }
+        #expect(statuses.contains(.queueError), "the corruption must be reported as a queue error: \(r.summary)")
+        for role in [RingRole.producer, .consumer] where !r.killedByHarness.contains(role) {
+            guard case .exited = r.exits[role] else {
+                Issue.record("\(role) did not exit by itself: \(r.summary)")
+                continue
+            }
+        }
+        #expect((r.results[.hostile]?.processed ?? 0) > 0 || r.killedByHarness.contains(.hostile))
+    }
+
+    /// The C reference does the same verified work: a benchmark against it compares like
+    /// with like.
+    @Test(arguments: [RingMode.busy, .sleep])
+    func cReferenceMovesAndVerifiesTheSameWay(mode: RingMode) throws {
+        let h = RingHarness(executable: try outboardExecutable())
+        let p = RingParameters(role: .producer, implementation: .c, mode: mode, batch: 8,
+                               count: 2_000_000, capacity: 512, spin: 0)
+        let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 120_000)
+        #expect(r.succeeded, "\(r.summary)")
+        if mode == .sleep { #expect((r.results[.consumer]?.sleeps ?? 0) > 0, "\(r.summary)") }
+    }
+
+    /// A worker given parameters it cannot run refuses them with a clear reason.
+    @Test func badParametersAreRefused() throws {
+        let h = RingHarness(executable: try outboardExecutable())
+        let p = RingParameters(role: .producer, implementation: .swift, mode: .busy, batch: 1000,
+                               count: 10, capacity: 512)
+        #expect(p.problem != nil)
+        #expect(throws: RingWorkerFailure.self) { _ = try h.run(p) }
+    }
+}
