@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what Outboard needs on a fresh Debian 12 machine and builds it (release).
+# Idempotent: installs only what is missing. Later device work adds its peers here
+# (qemu-storage-daemon, dpdk, ...), so the README's commands keep working unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the build, tests and benchmarks use.
+PACKAGES=(gcc libc6-dev linux-libc-dev)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! command -v swift >/dev/null; then
+  for d in /opt/swift/usr/bin /usr/share/swift/usr/bin; do
+    [ -x "$d/swift" ] && export PATH="$d:$PATH" && break
+  done
+fi
+command -v swift >/dev/null || { echo "setup: the Swift 6 toolchain is required (swift not on PATH)" >&2; exit 1; }
+
+swift build -c release
