@@ -41,6 +41,12 @@ public struct RingRun: Sendable {
         return Double(cpu) / Double(parameters.count)
     }
 
+    /// Times producer or consumer went to sleep on its doorbell, per descriptor.
+    public var sleepsPerDescriptor: Double {
+        let n = [RingRole.producer, .consumer].compactMap { results[$0]?.sleeps }.reduce(0, +)
+        return Double(n) / Double(parameters.count)
+    }
+
     public var doorbellsPerDescriptor: Double {
         let rings = [RingRole.producer, .consumer].compactMap { results[$0]?.doorbells }.reduce(0, +)
         return Double(rings) / Double(parameters.count)

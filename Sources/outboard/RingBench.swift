@@ -48,6 +48,7 @@ struct RingBench: ParsableCommand {
                 var rates: [RingImplementation: [Double]] = [:]
                 var cpu: [RingImplementation: [Double]] = [:]
                 var bells: [RingImplementation: [Double]] = [:]
+                var sleeps: [RingImplementation: [Double]] = [:]
                 var ratios: [Double] = []
                 for i in 0..<max(repeats, 1) {
                     // Alternate which goes first; pair the two adjacent runs. This machine's
@@ -67,6 +68,7 @@ struct RingBench: ParsableCommand {
                         pairRate[impl] = r.descriptorsPerSecond
                         cpu[impl, default: []].append(r.cpuNanosecondsPerDescriptor)
                         bells[impl, default: []].append(r.doorbellsPerDescriptor)
+                        sleeps[impl, default: []].append(r.sleepsPerDescriptor)
                     }
                     ratios.append(pairRate[.swift]! / pairRate[.c]!)
                 }
@@ -74,10 +76,11 @@ struct RingBench: ParsableCommand {
                 let o = median(rates[.swift]!), c = median(rates[.c]!)
                 let oc = median(cpu[.swift]!), cc = median(cpu[.c]!)
                 let ob = median(bells[.swift]!), cb = median(bells[.c]!)
+                let os = median(sleeps[.swift]!)
                 if json {
                     print("""
                     {"bench":"ring","mode":"\(mode)","batch":\(batch),"outboard_mdesc_per_s":\(fmt(o, 3)),"c_mdesc_per_s":\(fmt(c, 3)),\
-                    "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),\
+                    "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),"sleeps_per_desc":\(fmt(os, 6)),\
                     "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"ratio_min":\(fmt(ratios.min()!, 3)),"ratio_max":\(fmt(ratios.max()!, 3)),"count":\(n),"runs":\(repeats),\
                     "capacity":\(capacity),"spin":\(spin),"cpus":\(cpus)}
                     """)
@@ -94,14 +97,17 @@ func median(_ xs: [Double]) -> Double {
     return s.count % 2 == 1 ? s[s.count / 2] : (s[s.count / 2 - 1] + s[s.count / 2]) / 2
 }
 
+/// Fixed-point decimal without exponent notation (valid JSON; 3e-07 stays visible at
+/// enough decimals instead of collapsing to 0).
 func fmt(_ x: Double, _ decimals: Int) -> String {
     guard x.isFinite else { return "0" }
-    var scale = 1.0
+    var scale: Int64 = 1
     for _ in 0..<decimals { scale *= 10 }
-    let v = (x * scale).rounded() / scale
-    var s = "\(v)"
-    if s.contains("e") { s = "\(Int64(v))" }
-    return s
+    let scaled = Int64((abs(x) * Double(scale)).rounded())
+    let whole = scaled / scale, frac = scaled % scale
+    var f = String(frac)
+    f = String(repeating: "0", count: decimals - f.count) + f
+    return (x < 0 && scaled != 0 ? "-" : "") + "\(whole)" + (decimals > 0 ? "." + f : "")
 }
 
 func pad(_ s: String, _ width: Int) -> String {
