@@ -27,7 +27,7 @@ let package = Package(
         .target(name: "OutboardRings"),
         // The C reference queue the ring benchmark measures Outboard against: same layout,
         // same algorithm, same work per descriptor.
-        .target(name: "CRefRing", cSettings: [.unsafeFlags(["-O2"])]),
+        .target(name: "CRefRing"),
         // Ring workers (Swift and C) as separate processes, and the harness that runs them.
         .target(
             name: "OutboardBench",

@@ -39,7 +39,7 @@ struct consumer {
     struct words w;
     uint32_t mask, capacity, head, tail_cache;
     uint64_t region_size;
-    uint32_t max_len;
+    uint32_t min_len, max_len;
     int error;
 };
 
@@ -79,7 +79,8 @@ static inline void refresh_tail(struct consumer *c) {
 }
 
 static inline int admits(const struct consumer *c, const struct ref_desc *d) {
-    return d->length <= c->max_len && d->offset <= c->region_size && (uint64_t)d->length <= c->region_size - d->offset;
+    return d->length >= c->min_len && d->length <= c->max_len && d->offset <= c->region_size &&
+           (uint64_t)d->length <= c->region_size - d->offset;
 }
 
 static inline size_t dequeue(struct consumer *c, struct ref_desc *out, size_t max) {
@@ -159,8 +160,8 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
 }
 
 static void init_endpoints(const struct ref_params *p, void *queues, size_t data_size,
-                           size_t produce_off, size_t consume_off, struct producer *prod,
-                           struct consumer *cons) {
+                           size_t produce_off, size_t consume_off, uint32_t min_len,
+                           struct producer *prod, struct consumer *cons) {
     char *q = queues;
     memset(prod, 0, sizeof *prod);
     memset(cons, 0, sizeof *cons);
@@ -171,6 +172,7 @@ static void init_endpoints(const struct ref_params *p, void *queues, size_t data
     cons->capacity = p->capacity;
     cons->mask = p->capacity - 1;
     cons->region_size = data_size;
+    cons->min_len = min_len;
     cons->max_len = p->buffer_size;
 }
 
@@ -179,7 +181,8 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
     (void)queues_size;
     struct producer active;
     struct consumer freeq;
-    init_endpoints(p, queues, data_size, p->active_offset, p->free_offset, &active, &freeq);
+    // Free buffers get buffer_size bytes written into them: refuse shorter ones.
+    init_endpoints(p, queues, data_size, p->active_offset, p->free_offset, p->buffer_size, &active, &freeq);
     memset(r, 0, sizeof *r);
     struct ref_desc *stash = malloc(sizeof *stash * p->buffer_count);
     struct ref_desc *out = malloc(sizeof *out * p->batch);
@@ -228,7 +231,7 @@ void ref_run_consumer(const struct ref_params *p, void *queues, size_t queues_si
     (void)queues_size;
     struct producer freeq;
     struct consumer active;
-    init_endpoints(p, queues, data_size, p->free_offset, p->active_offset, &freeq, &active);
+    init_endpoints(p, queues, data_size, p->free_offset, p->active_offset, 0, &freeq, &active);
     memset(r, 0, sizeof *r);
     struct ref_desc *buf = malloc(sizeof *buf * p->batch);
     if (!buf) { r->status = REF_SYSTEM_ERROR; return; }

@@ -144,7 +144,10 @@ struct SwiftRingLoop {
 
     func produce(_ queues: borrowing SharedMapping, _ data: borrowing SharedMapping,
                  _ activeBell: borrowing Doorbell, _ freeBell: borrowing Doorbell, _ r: inout RingWorkerResult) throws(QueueError) {
-        let bounds = DescriptorBounds(regionSize: data.size, maxLength: UInt32(params.bufferSize))
+        // Buffers coming back on the free queue get `bufferSize` bytes written into them,
+        // so anything shorter is refused (see DescriptorBounds).
+        let bounds = DescriptorBounds(regionSize: data.size, minLength: UInt32(params.bufferSize),
+                                      maxLength: UInt32(params.bufferSize))
         var active = try QueueProducer(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue)
         var freeQ = try QueueConsumer(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue, bounds: bounds)
         let bufferCount = params.bufferCount, batch = params.batch, count = params.count
@@ -179,7 +182,7 @@ struct SwiftRingLoop {
                 var b = stash[stashCount]
                 let s = seq &+ UInt64(j)
                 // SAFETY: b came from our own stash or through freeQ, whose bounds checked
-                // offset + length <= data.size; length == bufferSize >= 8 is ours.
+                // offset + length <= data.size and length >= bufferSize >= 8.
                 (base + Int(b.offset.rawValue)).storeBytes(of: s, as: UInt64.self)
                 b.cookie = UInt32(truncatingIfNeeded: s)
                 b.length = bufferSize

@@ -29,24 +29,34 @@ public struct BufferDescriptor: Equatable, Sendable {
     }
 }
 
-/// What a consumer accepts from a producer: buffers inside the data region, no longer
-/// than `maxLength`. Both numbers come from the consumer's own (private) parameters.
+/// What a consumer accepts from a producer: buffers inside the data region, with a length
+/// in `minLength...maxLength`. All numbers come from the consumer's own (private)
+/// parameters.
+///
+/// `minLength` matters whenever the receiver then touches the buffer by its own idea of
+/// the size rather than by the descriptor's length: a client that writes a header into
+/// every free buffer it gets back must refuse a buffer shorter than that header, or a
+/// hostile server could hand it `{offset: regionSize, length: 0}` and make it write past
+/// the region.
 @frozen
 public struct DescriptorBounds: Equatable, Sendable {
     public let regionSize: UInt64
+    public let minLength: UInt32
     public let maxLength: UInt32
 
     @inlinable
-    public init(regionSize: Int, maxLength: UInt32 = .max) {
+    public init(regionSize: Int, minLength: UInt32 = 0, maxLength: UInt32 = .max) {
         self.regionSize = UInt64(regionSize)
+        self.minLength = minLength
         self.maxLength = maxLength
     }
 
-    /// True when `[offset, offset + length)` lies inside the region (no overflow possible:
-    /// the subtraction happens only after `offset <= regionSize` is known).
+    /// True when `[offset, offset + length)` lies inside the region and the length is
+    /// allowed (no overflow possible: the subtraction happens only after
+    /// `offset <= regionSize` is known).
     @inlinable
     public func admits(_ d: BufferDescriptor) -> Bool {
-        d.length <= maxLength && d.offset.rawValue <= regionSize
+        d.length >= minLength && d.length <= maxLength && d.offset.rawValue <= regionSize
             && UInt64(d.length) <= regionSize &- d.offset.rawValue
     }
 }

@@ -91,7 +91,7 @@ public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The index the peer published is impossible: the peer is broken or hostile, or the
     /// shared memory was overwritten. `peer` is the value read, `own` our index.
     case peerIndexOutOfRange(peer: UInt32, own: UInt32, capacity: Int)
-    /// A descriptor names memory outside the data region (or is longer than allowed).
+    /// A descriptor names memory outside the data region, or its length is not allowed.
     /// It was not handed on; the descriptors before it were.
     case descriptorOutOfBounds(BufferDescriptor, bounds: DescriptorBounds)
 
@@ -104,7 +104,7 @@ public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
         case .peerIndexOutOfRange(let p, let own, let c):
             return "peer published index \(p), impossible with our index \(own) and capacity \(c): queue corrupted"
         case .descriptorOutOfBounds(let d, let b):
-            return "descriptor offset \(d.offset) length \(d.length) outside region of \(b.regionSize) bytes (max length \(b.maxLength))"
+            return "descriptor offset \(d.offset) length \(d.length) outside region of \(b.regionSize) bytes or length outside \(b.minLength)...\(b.maxLength)"
         }
     }
 }

@@ -2,6 +2,10 @@ import ArgumentParser
 import OutboardBench
 import OutboardSystem
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// `outboard bench ring`: producer and consumer as two processes on two cores, through
 /// Outboard's Swift queue and through the C reference queue, alternately in the same run.
 struct RingBench: ParsableCommand {
@@ -32,6 +36,9 @@ struct RingBench: ParsableCommand {
     var spin: Int = 2000
 
     func run() throws {
+        #if DEBUG
+        FileHandleStderr.write("warning: debug build; both queues run unoptimized and the figures mean little. Use -c release.\n")
+        #endif
         let batchList = batches.split(separator: ",").compactMap { Int($0) }
         let modeList = modes.split(separator: ",").compactMap { m in RingMode.allCases.first { "\($0)" == m } }
         guard !batchList.isEmpty, !modeList.isEmpty else { throw ValidationError("no batch sizes or modes") }
@@ -112,4 +119,11 @@ func fmt(_ x: Double, _ decimals: Int) -> String {
 
 func pad(_ s: String, _ width: Int) -> String {
     s.count >= width ? s : String(repeating: " ", count: width - s.count) + s
+}
+
+enum FileHandleStderr {
+    static func write(_ s: String) {
+        var bytes = Array(s.utf8)
+        _ = Glibc.write(2, &bytes, bytes.count)
+    }
 }

@@ -101,6 +101,21 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
         do { let ok = q3.consumer.hasFailed; #expect(ok) }
     }
 
+    /// A buffer the receiver will write `minLength` bytes into cannot sit at the very end
+    /// of the region with a short length.
+    @Test func shortBuffersAreRefusedWhenAMinimumIsSet() throws {
+        var q = try TestQueue(capacity: 8, regionSize: 4096, maxLength: 2048)
+        let atEnd = BufferDescriptor(offset: RegionOffset(4096), length: 0)
+        do { let ok = q.producer.enqueue(atEnd); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == atEnd; #expect(ok) }  // no minimum: an empty buffer is fine
+        let strict = DescriptorBounds(regionSize: 4096, minLength: 2048, maxLength: 2048)
+        #expect(!strict.admits(atEnd))
+        #expect(!strict.admits(BufferDescriptor(offset: RegionOffset(4090), length: 6)))
+        #expect(!strict.admits(BufferDescriptor(offset: RegionOffset(0), length: 2047)))
+        #expect(strict.admits(BufferDescriptor(offset: RegionOffset(2048), length: 2048)))
+        #expect(!strict.admits(BufferDescriptor(offset: RegionOffset(2049), length: 2048)))
+    }
+
     @Test func impossibleTailIsReportedNotFollowed() throws {
         var q = try TestQueue(capacity: 8)
         q.poke(UInt32(9), at: QueueLayout.tailOffset)  // 9 > capacity ahead of head 0
