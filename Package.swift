@@ -1,7 +1,7 @@
 // swift-tools-version:6.1
 import PackageDescription
 
-// Layers (see docs/ARCHITECTURE.md): C shim -> syscalls -> rings (no syscalls) -> ... -> CLI.
+// Layers (the team DESIGN.md; queues in docs/rings.md): C shim -> syscalls -> rings (no syscalls) -> ... -> CLI.
 let package = Package(
     name: "outboard",
     platforms: [.macOS(.v15)],
