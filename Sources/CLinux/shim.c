@@ -13,7 +13,6 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
@@ -170,10 +169,8 @@ static uint64_t clock_ns(clockid_t id) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 uint64_t ob_process_cpu_ns(void) { return clock_ns(CLOCK_PROCESS_CPUTIME_ID); }
-uint64_t ob_thread_cpu_ns(void) { return clock_ns(CLOCK_THREAD_CPUTIME_ID); }
 uint64_t ob_monotonic_ns(void) { return clock_ns(CLOCK_MONOTONIC); }
 
-int ob_set_parent_death_signal(int sig) { return prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0); }
 
 const uint32_t OB_EPOLLIN = EPOLLIN, OB_EPOLLOUT = EPOLLOUT, OB_EPOLLERR = EPOLLERR,
                OB_EPOLLHUP = EPOLLHUP, OB_EPOLLET = EPOLLET;

@@ -15,6 +15,22 @@ import Synchronization
 // Violations put the endpoint into a sticky error state; nothing is read or written
 // outside the queue's slots, nothing traps, nothing loops on peer-controlled counts.
 
+/// An endpoint's sticky error state: a one-byte flag for the hot path, and the details,
+/// written once on the cold path.
+@usableFromInline
+struct QueueFailure {
+    @usableFromInline var failed = false
+    @usableFromInline var error: QueueError?
+
+    @usableFromInline init() {}
+
+    @usableFromInline @inline(never)
+    mutating func record(_ e: QueueError) {
+        failed = true
+        error = e
+    }
+}
+
 @usableFromInline
 struct QueueWords {
     @usableFromInline let tail: UnsafeMutablePointer<Atomic<UInt32>>
@@ -46,19 +62,11 @@ public struct QueueProducer: ~Copyable {
     @usableFromInline var tail: UInt32 = 0
     /// Last head read from the consumer, validated.
     @usableFromInline var headCache: UInt32 = 0
-    /// Hot-path flag; the details live in `_error`, written once on the cold path.
-    @usableFromInline var failed = false
-    @usableFromInline var _error: QueueError?
+    @usableFromInline var failure = QueueFailure()
     /// Set once, never cleared.
-    public var error: QueueError? { _error }
+    public var error: QueueError? { failure.error }
     /// True once the endpoint is in its error state (cheap: no copy of the details).
-    @inlinable public var hasFailed: Bool { failed }
-
-    @usableFromInline @inline(never)
-    mutating func fail(_ e: QueueError) {
-        failed = true
-        _error = e
-    }
+    @inlinable public var hasFailed: Bool { failure.failed }
 
     /// The producer of the queue at `offset` in `memory` (`size` bytes mapped), starting at
     /// `startIndex`, the index the queue was initialized with (QueueLayout.initialize).
@@ -76,18 +84,18 @@ public struct QueueProducer: ~Copyable {
     @inlinable
     public mutating func freeSlots() -> Int {
         refreshHead()
-        return !failed ? Int(capacity &- (tail &- headCache)) : 0
+        return !failure.failed ? Int(capacity &- (tail &- headCache)) : 0
     }
 
     /// Enqueues as many of `batch` as fit, in order, and publishes them with one release
     /// store. Returns how many were enqueued (0 when full or in the error state).
     @inlinable
     public mutating func enqueue(_ batch: UnsafeBufferPointer<BufferDescriptor>) -> Int {
-        guard !failed else { return 0 }
+        guard !failure.failed else { return 0 }
         var space = capacity &- (tail &- headCache)
         if space < UInt32(truncatingIfNeeded: batch.count) {
             refreshHead()
-            if failed { return 0 }
+            if failure.failed { return 0 }
             space = capacity &- (tail &- headCache)
         }
         let n = min(Int(space), batch.count)
@@ -103,10 +111,10 @@ public struct QueueProducer: ~Copyable {
     /// Enqueues one descriptor; false when full or in the error state.
     @inlinable
     public mutating func enqueue(_ d: BufferDescriptor) -> Bool {
-        guard !failed else { return false }
+        guard !failure.failed else { return false }
         if capacity &- (tail &- headCache) == 0 {
             refreshHead()
-            if failed || capacity &- (tail &- headCache) == 0 { return false }
+            if failure.failed || capacity &- (tail &- headCache) == 0 { return false }
         }
         words.entries[Int(tail & mask)] = d
         publish(tail &+ 1)
@@ -129,7 +137,7 @@ public struct QueueProducer: ~Copyable {
         // The consumer's head only moves forward, and never past our tail:
         // headCache <= h <= tail (modulo 2^32).
         guard h &- headCache <= tail &- headCache else {
-            fail(.peerIndexOutOfRange(peer: h, own: tail, capacity: Int(capacity)))
+            failure.record(.peerIndexOutOfRange(peer: h, own: tail, capacity: Int(capacity)))
             return
         }
         headCache = h
@@ -168,18 +176,11 @@ public struct QueueConsumer: ~Copyable {
     @usableFromInline var head: UInt32 = 0
     /// Last tail read from the producer, validated.
     @usableFromInline var tailCache: UInt32 = 0
-    @usableFromInline var failed = false
-    @usableFromInline var _error: QueueError?
+    @usableFromInline var failure = QueueFailure()
     /// Set once, never cleared.
-    public var error: QueueError? { _error }
+    public var error: QueueError? { failure.error }
     /// True once the endpoint is in its error state (cheap: no copy of the details).
-    @inlinable public var hasFailed: Bool { failed }
-
-    @usableFromInline @inline(never)
-    mutating func fail(_ e: QueueError) {
-        failed = true
-        _error = e
-    }
+    @inlinable public var hasFailed: Bool { failure.failed }
 
     /// The consumer of the queue at `offset` in `memory`; every descriptor it hands on
     /// lies inside `bounds`. Starts at `startIndex`, the index the queue was initialized with.
@@ -199,7 +200,7 @@ public struct QueueConsumer: ~Copyable {
     /// outside `bounds` stops the queue: the ones before it are returned, it stays unread.
     @inlinable
     public mutating func dequeue(into out: UnsafeMutableBufferPointer<BufferDescriptor>) -> Int {
-        guard !failed else { return 0 }
+        guard !failure.failed else { return 0 }
         var available = tailCache &- head
         if available == 0 {
             refreshTail()
@@ -213,7 +214,7 @@ public struct QueueConsumer: ~Copyable {
             // One copy out of shared memory; only the copy is checked and used.
             let d = words.entries[Int(h & mask)]
             guard bounds.admits(d) else {
-                fail(.descriptorOutOfBounds(d, bounds: bounds))
+                failure.record(.descriptorOutOfBounds(d, bounds: bounds))
                 break
             }
             out[i] = d
@@ -254,7 +255,7 @@ public struct QueueConsumer: ~Copyable {
         // our head: tailCache - head <= t - head <= capacity (modulo 2^32).
         let ahead = t &- head
         guard ahead <= capacity, ahead >= tailCache &- head else {
-            fail(.peerIndexOutOfRange(peer: t, own: head, capacity: Int(capacity)))
+            failure.record(.peerIndexOutOfRange(peer: t, own: head, capacity: Int(capacity)))
             return
         }
         tailCache = t
@@ -267,12 +268,12 @@ public struct QueueConsumer: ~Copyable {
     /// the race this double check closes.
     @inlinable
     public mutating func prepareToSleep() -> Bool {
-        guard !failed else { return false }
+        guard !failure.failed else { return false }
         words.signal.pointee.store(1, ordering: .relaxed)
         // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
         // our flag store is globally visible before we reload the producer's tail.
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        if isEmpty() && !failed { return true }
+        if isEmpty() && !failure.failed { return true }
         cancelSignal()
         return false
     }

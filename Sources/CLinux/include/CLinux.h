@@ -71,7 +71,6 @@ int ob_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[
 
 // Process CPU time, for CPU-per-operation figures.
 uint64_t ob_process_cpu_ns(void);
-uint64_t ob_thread_cpu_ns(void);
 uint64_t ob_monotonic_ns(void);
 
 // epoll(7): sys/epoll.h is not part of Swift's Glibc module.
@@ -82,8 +81,6 @@ int ob_epoll_ctl(int epfd, int op, int fd, uint32_t events, uint64_t token);
 /// epoll_wait(2) into parallel arrays of events and tokens.
 int ob_epoll_wait(int epfd, uint32_t *events, uint64_t *tokens, int max, int timeout_ms);
 
-// prctl(PR_SET_PDEATHSIG) / PR_SET_NO_NEW_PRIVS.
-int ob_set_parent_death_signal(int sig);
 
 // Volatile MMIO accessors (used by VFIO drivers). On x86-64 an aligned load or store of
 // 1, 2, 4 or 8 bytes through a volatile pointer is a single access, not split or merged,
