@@ -9,10 +9,13 @@ let package = Package(
         .executable(name: "outboard", targets: ["outboard"]),
         .library(name: "OutboardSystem", targets: ["OutboardSystem"]),
         .library(name: "OutboardRings", targets: ["OutboardRings"]),
+        .library(name: "OutboardSession", targets: ["OutboardSession"]),
+        .library(name: "Outboard", targets: ["Outboard"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         // Linux facts Swift cannot import directly: memfd, eventfd, pidfd, cmsg macros,
@@ -25,6 +28,24 @@ let package = Package(
         ),
         // Shared-memory queues. No syscalls, no classes, no allocation per descriptor.
         .target(name: "OutboardRings"),
+        // Session protocol: control messages, block queues, translation table, shared pages,
+        // the serving end of a session.
+        .target(name: "OutboardSession", dependencies: ["OutboardRings", "OutboardSystem"]),
+        // Drivers: the processes the manager spawns and sandboxes.
+        .target(
+            name: "Drivers",
+            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux",
+                           .product(name: "Logging", package: "swift-log")]
+        ),
+        // The manager: config, control socket, sessions, translation tables, supervision.
+        .target(
+            name: "Manager",
+            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux",
+                           .product(name: "Logging", package: "swift-log")]
+        ),
+        // The client library applications import: block sessions, reissue after a driver
+        // restart, and a block partitioner (a virtualizer: client and server at once).
+        .target(name: "Outboard", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
         // The C reference queue the ring benchmark measures Outboard against: same layout,
         // same algorithm, same work per descriptor.
         .target(name: "CRefRing"),
@@ -36,12 +57,19 @@ let package = Package(
         .executableTarget(
             name: "outboard",
             dependencies: [
-                "OutboardBench", "OutboardSystem",
+                "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers",
+                .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings"]),
+        .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
+        // End to end: a manager process, sandboxed drivers, clients, faults.
+        .testTarget(
+            name: "ManagerTests",
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings"]
+        ),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(
             name: "OutboardBenchTests",

@@ -16,6 +16,20 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <grp.h>
+#include <stdlib.h>
+#include <linux/audit.h>
+#include <linux/bpf.h>
+#include <linux/capability.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 
 const unsigned int OB_MFD_CLOEXEC = MFD_CLOEXEC;
 const unsigned int OB_MFD_ALLOW_SEALING = MFD_ALLOW_SEALING;
@@ -158,7 +172,22 @@ int ob_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[
     for (size_t i = 0; i < count && rc == 0; i++)
         rc = posix_spawn_file_actions_adddup2(&fa, from[i], to[i]);
     if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&fa, closefrom);
-    if (rc == 0) rc = posix_spawn(pid, path, &fa, NULL, argv, envp);
+    /* The child starts with no blocked signals and every signal at its default action,
+       whatever the parent (a test runner, a shell) had set: a manager started from a
+       process that blocks SIGTERM must still stop on SIGTERM. */
+    posix_spawnattr_t attr;
+    int arc = posix_spawnattr_init(&attr);
+    if (rc == 0 && arc == 0) {
+        sigset_t none, all;
+        sigemptyset(&none);
+        sigfillset(&all);
+        rc = posix_spawnattr_setsigmask(&attr, &none);
+        if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+        if (rc == 0) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    }
+    if (rc == 0) rc = arc;
+    if (rc == 0) rc = posix_spawn(pid, path, &fa, &attr, argv, envp);
+    if (arc == 0) posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
     return rc;
 }
@@ -189,3 +218,253 @@ int ob_epoll_wait(int epfd, uint32_t *events, uint64_t *tokens, int max, int tim
 }
 
 int ob_accept(int sock) { return accept4(sock, NULL, NULL, SOCK_CLOEXEC); }
+
+
+// ---------------------------------------------------------------------------------------
+// Driver sandbox.
+
+int ob_thread_count(void) {
+    // /proc/self/status has a "Threads:\t<n>" line; read it without stdio.
+    int fd = open("/proc/self/status", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char buf[4096];
+    size_t len = 0;
+    for (;;) {
+        ssize_t n = read(fd, buf + len, sizeof buf - 1 - len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) { int e = errno; close(fd); errno = e; return -1; }
+        if (n == 0) break;
+        len += (size_t)n;
+        if (len == sizeof buf - 1) break;
+    }
+    close(fd);
+    buf[len] = 0;
+    const char *p = strstr(buf, "\nThreads:");
+    if (p == NULL) { errno = ENODATA; return -1; }
+    return (int)strtol(p + 9, NULL, 10);
+}
+
+const int OB_CLONE_NEWNS = CLONE_NEWNS, OB_CLONE_NEWNET = CLONE_NEWNET, OB_CLONE_NEWIPC = CLONE_NEWIPC;
+const unsigned long OB_MS_RDONLY = MS_RDONLY, OB_MS_NOSUID = MS_NOSUID, OB_MS_NODEV = MS_NODEV,
+                    OB_MS_NOEXEC = MS_NOEXEC, OB_MS_REMOUNT = MS_REMOUNT, OB_MS_BIND = MS_BIND,
+                    OB_MS_REC = MS_REC, OB_MS_PRIVATE = MS_PRIVATE;
+const int OB_MNT_DETACH = MNT_DETACH;
+
+int ob_unshare(int flags) { return unshare(flags); }
+int ob_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+             const char *data) {
+    return mount(source, target, fstype, flags, data);
+}
+int ob_umount2(const char *target, int flags) { return umount2(target, flags); }
+int ob_pivot_root(const char *new_root, const char *put_old) {
+    return (int)syscall(SYS_pivot_root, new_root, put_old);
+}
+
+const int OB_RLIMIT_NOFILE = RLIMIT_NOFILE, OB_RLIMIT_FSIZE = RLIMIT_FSIZE,
+          OB_RLIMIT_CORE = RLIMIT_CORE, OB_RLIMIT_NPROC = RLIMIT_NPROC;
+int ob_setrlimit(int resource, uint64_t value) {
+    struct rlimit r = { .rlim_cur = (rlim_t)value, .rlim_max = (rlim_t)value };
+    return setrlimit((__rlimit_resource_t)resource, &r);
+}
+int ob_getrlimit(int resource, uint64_t *soft, uint64_t *hard) {
+    struct rlimit r;
+    if (getrlimit((__rlimit_resource_t)resource, &r) != 0) return -1;
+    *soft = r.rlim_cur; *hard = r.rlim_max;
+    return 0;
+}
+
+int ob_drop_supplementary_groups(void) { return setgroups(0, NULL); }
+int ob_supplementary_group_count(void) { return getgroups(0, NULL); }
+int ob_setresgid(gid_t gid) { return setresgid(gid, gid, gid); }
+int ob_setresuid(uid_t uid) { return setresuid(uid, uid, uid); }
+int ob_getresuid(uid_t *r, uid_t *e, uid_t *s) { return getresuid(r, e, s); }
+int ob_getresgid(gid_t *r, gid_t *e, gid_t *s) { return getresgid(r, e, s); }
+
+int ob_has_any_capability(void) {
+    struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capget, &hdr, data) != 0) return -1;
+    for (int i = 0; i < _LINUX_CAPABILITY_U32S_3; i++)
+        if (data[i].effective | data[i].permitted | data[i].inheritable) return 1;
+    // The ambient set is always a subset of permitted ∩ inheritable, so it is empty too.
+    return 0;
+}
+
+int ob_set_no_new_privs(void) { return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); }
+int ob_get_no_new_privs(void) { return prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0); }
+int ob_set_dumpable(int dumpable) { return prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0); }
+
+// THE SANDBOX ALLOW-LIST (x86-64). What a driver may do once sandboxed: compute, use the
+// memory and descriptors it was given, wait for events, and exit. Everything else,
+// including every way to name a file, make a socket, start a process or change a
+// namespace, fails with EPERM. Syscalls with argument checks (kill, tkill, tgkill, fcntl)
+// are handled separately in ob_seccomp_install and must not be added here.
+static const int ob_allowed[] = {
+    // I/O on descriptors the driver already holds.
+    SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64, SYS_close,
+    SYS_lseek, SYS_fstat,
+    SYS_newfstatat,  // glibc 2.33+ implements fstat() with it (AT_EMPTY_PATH); stdio's first write calls it
+    // Memory.
+    SYS_mmap, SYS_munmap, SYS_mprotect, SYS_madvise, SYS_mremap, SYS_brk,
+    // Waiting: futexes, epoll, poll.
+    SYS_futex, SYS_epoll_wait, SYS_epoll_pwait, SYS_epoll_pwait2, SYS_epoll_ctl, SYS_poll, SYS_ppoll,
+    // Messages on sockets the driver was given (SCM_RIGHTS, doorbells, vhost-user).
+    SYS_recvmsg, SYS_sendmsg, SYS_recvfrom, SYS_sendto,
+    // Time, randomness.
+    SYS_clock_gettime, SYS_clock_getres, SYS_clock_nanosleep, SYS_nanosleep, SYS_gettimeofday,
+    SYS_getrandom,
+    // Exit, signals delivered to this process (abort(), raise()).
+    SYS_exit, SYS_exit_group, SYS_rt_sigreturn, SYS_rt_sigprocmask, SYS_rt_sigaction,
+    SYS_sigaltstack, SYS_restart_syscall,
+    // Who am I.
+    SYS_getpid, SYS_gettid, SYS_getppid, SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid,
+    // Scheduling and glibc/runtime thread housekeeping.
+    SYS_sched_yield, SYS_sched_getaffinity, SYS_set_robust_list, SYS_rseq, SYS_membarrier,
+};
+
+const int *ob_sandbox_allowed_syscalls(size_t *count) {
+    *count = sizeof ob_allowed / sizeof ob_allowed[0];
+    return ob_allowed;
+}
+
+// fcntl commands a sandboxed driver may use. F_SETOWN/F_SETOWN_EX/F_SETSIG are left out on
+// purpose: with O_ASYNC they would make the kernel send SIGIO to another process of the
+// same uid (another driver), which is exactly what the kill restriction forbids. F_DUPFD
+// is left out as dup is: the descriptor table does not grow.
+static const uint32_t ob_fcntl_allowed[] = { F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GET_SEALS };
+
+const size_t OB_SECCOMP_MAX_EXTRA = 512;
+
+#define OB_RET_EPERM (SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA))
+#define OB_ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
+#define OB_ARG_HI(i) (offsetof(struct seccomp_data, args) + 8 * (i) + 4)
+
+// Emits: if nr == `nr`, allow only when argument `arg` (64 bits, upper half zero) is one of
+// `values`, else EPERM. The accumulator still holds nr when the block is skipped.
+static size_t emit_arg_restricted(struct sock_filter *f, size_t n, int nr, int arg,
+                                  const uint32_t *values, size_t count) {
+    // Body: ld hi; jeq 0 ?: deny; ld lo; jeq v_i ? allow (count of them); ret deny; ret allow.
+    size_t body = 3 + count + 2;
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)nr, 0, (uint8_t)body);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, OB_ARG_HI(arg));
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0, 0, (uint8_t)(count + 1));
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, OB_ARG_LO(arg));
+    for (size_t i = 0; i < count; i++)
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, values[i], (uint8_t)(count - i), 0);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, OB_RET_EPERM);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    return n;
+}
+
+static int is_arg_restricted(int nr) {
+    return nr == SYS_kill || nr == SYS_tkill || nr == SYS_tgkill || nr == SYS_fcntl;
+}
+
+int ob_seccomp_extra_is_valid(int nr) {
+    return nr >= 0 && nr < __X32_SYSCALL_BIT && !is_arg_restricted(nr);
+}
+
+int ob_seccomp_install(const int *extra, size_t nextra, pid_t self) {
+    if (nextra > OB_SECCOMP_MAX_EXTRA || self <= 0) { errno = EINVAL; return -1; }
+    for (size_t i = 0; i < nextra; i++)
+        if (!ob_seccomp_extra_is_valid(extra[i])) { errno = EINVAL; return -1; }
+    size_t nbase = sizeof ob_allowed / sizeof ob_allowed[0];
+    size_t nfcntl = sizeof ob_fcntl_allowed / sizeof ob_fcntl_allowed[0];
+    size_t cap = 6 + 3 * (5 + 1 + 2) + (5 + nfcntl + 2) + 2 * (nbase + nextra) + 1;
+    struct sock_filter *f = calloc(cap, sizeof *f);
+    if (f == NULL) { errno = ENOMEM; return -1; }
+    size_t n = 0;
+    // Native x86-64 only: i386 (int 0x80) and x32 syscalls have other numbers and would
+    // bypass the list, so they kill the process outright.
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch));
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr));
+    f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JGE | BPF_K, __X32_SYSCALL_BIT, 0, 1);
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS);
+    // Signals only to this very process: kill(self, ...), tkill(self, ...) (the main
+    // thread's tid is the pid), tgkill(self, tid, ...) (the kernel checks tid is ours).
+    uint32_t me = (uint32_t)self;
+    n = emit_arg_restricted(f, n, SYS_kill, 0, &me, 1);
+    n = emit_arg_restricted(f, n, SYS_tkill, 0, &me, 1);
+    n = emit_arg_restricted(f, n, SYS_tgkill, 0, &me, 1);
+    n = emit_arg_restricted(f, n, SYS_fcntl, 1, ob_fcntl_allowed, nfcntl);
+    for (size_t i = 0; i < nbase + nextra; i++) {
+        int nr = i < nbase ? ob_allowed[i] : extra[i - nbase];
+        f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)nr, 0, 1);
+        f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW);
+    }
+    f[n++] = (struct sock_filter)BPF_STMT(BPF_RET | BPF_K, OB_RET_EPERM);
+    struct sock_fprog prog = { .len = (unsigned short)n, .filter = f };
+    int rc = prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0);
+    int e = errno;
+    free(f);
+    errno = e;
+    return rc;
+}
+
+int ob_probe_execve(const char *path) {
+    char *const argv[] = { (char *)path, NULL };
+    char *const envp[] = { NULL };
+    return execve(path, argv, envp);
+}
+
+int ob_probe_ptrace_attach(pid_t pid) {
+    if (syscall(SYS_ptrace, PTRACE_ATTACH, pid, 0, 0) != 0) return -1;
+    int st;
+    waitpid(pid, &st, __WALL);
+    syscall(SYS_ptrace, PTRACE_DETACH, pid, 0, 0);
+    return 0;
+}
+
+int ob_probe_clone(void) {
+    long r = syscall(SYS_clone, (unsigned long)SIGCHLD, 0, 0, 0, 0);
+    if (r == 0) _exit(0);
+    if (r < 0) return -1;
+    waitpid((pid_t)r, NULL, 0);
+    return 0;
+}
+
+int ob_probe_clone3(void) {
+    // struct clone_args, version 0 (64 bytes); linux/sched.h clashes with sched.h.
+    struct { uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls; } args;
+    memset(&args, 0, sizeof args);
+    args.exit_signal = SIGCHLD;
+    long r = syscall(SYS_clone3, &args, sizeof args);
+    if (r == 0) _exit(0);
+    if (r < 0) return -1;
+    waitpid((pid_t)r, NULL, 0);
+    return 0;
+}
+
+int ob_probe_process_vm_readv_self(void) {
+    uint64_t source = 42, target = 0;
+    struct iovec local = { .iov_base = &target, .iov_len = sizeof target };
+    struct iovec remote = { .iov_base = &source, .iov_len = sizeof source };
+    return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) < 0 ? -1 : 0;
+}
+
+int ob_probe_ioctl_fionread(int fd) {
+    int n = 0;
+    return ioctl(fd, FIONREAD, &n);
+}
+
+int ob_probe_prctl_get_dumpable(void) { return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) < 0 ? -1 : 0; }
+
+int ob_probe_bpf(void) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.map_type = BPF_MAP_TYPE_ARRAY;
+    attr.key_size = 4;
+    attr.value_size = 4;
+    attr.max_entries = 1;
+    long fd = syscall(SYS_bpf, BPF_MAP_CREATE, &attr, sizeof attr);
+    if (fd < 0) return -1;
+    close((int)fd);
+    return 0;
+}
+
+int ob_probe_setns(void) { return setns(-1, 0); }
+
+long ob_probe_x32_getpid(void) { return syscall(__X32_SYSCALL_BIT | SYS_getpid); }

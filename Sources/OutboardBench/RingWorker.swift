@@ -148,8 +148,8 @@ struct SwiftRingLoop {
         // so anything shorter is refused (see DescriptorBounds).
         let bounds = DescriptorBounds(regionSize: data.size, minLength: UInt32(params.bufferSize),
                                       maxLength: UInt32(params.bufferSize))
-        var active = try QueueProducer(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue)
-        var freeQ = try QueueConsumer(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue, bounds: bounds)
+        var active = try QueueProducer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue)
+        var freeQ = try QueueConsumer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue, bounds: bounds)
         let bufferCount = params.bufferCount, batch = params.batch, count = params.count
         let bufferSize = UInt32(params.bufferSize)
         let stash = UnsafeMutableBufferPointer<BufferDescriptor>.allocate(capacity: bufferCount)
@@ -202,8 +202,8 @@ struct SwiftRingLoop {
     func consume(_ queues: borrowing SharedMapping, _ data: borrowing SharedMapping,
                  _ activeBell: borrowing Doorbell, _ freeBell: borrowing Doorbell, _ r: inout RingWorkerResult) throws(QueueError) {
         let bounds = DescriptorBounds(regionSize: data.size, maxLength: UInt32(params.bufferSize))
-        var freeQ = try QueueProducer(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue)
-        var active = try QueueConsumer(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue, bounds: bounds)
+        var freeQ = try QueueProducer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue)
+        var active = try QueueConsumer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue, bounds: bounds)
         let batch = params.batch, count = params.count
         let bufferSize = UInt32(params.bufferSize)
         let buf = UnsafeMutableBufferPointer<BufferDescriptor>.allocate(capacity: batch)
@@ -247,7 +247,7 @@ struct SwiftRingLoop {
     /// Nothing to consume: poll (busy mode), or poll `spin` times and then sleep on the
     /// doorbell after asking for it (sleep mode). Returns a status to stop with, or nil.
     @inline(__always)
-    func waitForWork(_ q: inout QueueConsumer, _ bell: borrowing Doorbell, _ idle: inout UInt64,
+    func waitForWork(_ q: inout QueueConsumer<BufferDescriptor>, _ bell: borrowing Doorbell, _ idle: inout UInt64,
                      _ r: inout RingWorkerResult) -> RingWorkerStatus? {
         if q.hasFailed { return .queueError }
         if params.mode == .busy {

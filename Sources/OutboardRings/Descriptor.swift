@@ -9,6 +9,18 @@ public struct RegionOffset: RawRepresentable, Hashable, Comparable, Sendable, Cu
     public var description: String { "0x" + String(rawValue, radix: 16) }
 }
 
+/// What a queue carries: a fixed-layout value (no references, no padding that matters),
+/// copied whole into and out of shared memory, and the rule a consumer checks every
+/// copy against before handing it on. The rule's parameters (`Bounds`) come from the
+/// consumer's private state, never from shared memory.
+public protocol QueueEntry: BitwiseCopyable, Sendable {
+    associatedtype Bounds: Sendable
+    /// True when `entry` may be handed on by a consumer working within `bounds`.
+    static func admits(_ entry: Self, within bounds: Bounds) -> Bool
+    /// The error recorded when `admits` said no (cold path).
+    static func rejection(_ entry: Self, within bounds: Bounds) -> QueueError
+}
+
 /// One queue entry: a buffer in a data region, by offset and length, and a cookie the
 /// producer chooses (a request id, a sequence number) that the consumer hands back.
 ///
@@ -16,7 +28,14 @@ public struct RegionOffset: RawRepresentable, Hashable, Comparable, Sendable, Cu
 /// `offset` at 0 (8 bytes), `length` at 8 (4), `cookie` at 12 (4). The C reference
 /// (`Sources/CRefRing`) uses the same layout; `DescriptorLayoutTests` pins it.
 @frozen
-public struct BufferDescriptor: Equatable, Sendable {
+public struct BufferDescriptor: Equatable, QueueEntry {
+    public typealias Bounds = DescriptorBounds
+    @inlinable
+    public static func admits(_ entry: Self, within bounds: DescriptorBounds) -> Bool { bounds.admits(entry) }
+    public static func rejection(_ entry: Self, within bounds: DescriptorBounds) -> QueueError {
+        .descriptorOutOfBounds(entry, bounds: bounds)
+    }
+
     public var offset: RegionOffset
     public var length: UInt32
     public var cookie: UInt32

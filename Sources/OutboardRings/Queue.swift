@@ -32,11 +32,11 @@ struct QueueFailure {
 }
 
 @usableFromInline
-struct QueueWords {
+struct QueueWords<Entry: QueueEntry> {
     @usableFromInline let tail: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let head: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let signal: UnsafeMutablePointer<Atomic<UInt32>>
-    @usableFromInline let entries: UnsafeMutablePointer<BufferDescriptor>
+    @usableFromInline let entries: UnsafeMutablePointer<Entry>
 
     init(_ base: UnsafeMutableRawPointer) {
         // SAFETY: the layout check in the endpoint initializers guarantees these lie inside
@@ -45,7 +45,7 @@ struct QueueWords {
         tail = (base + QueueLayout.tailOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         head = (base + QueueLayout.headOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         signal = (base + QueueLayout.signalOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
-        entries = (base + QueueLayout.entriesOffset).assumingMemoryBound(to: BufferDescriptor.self)
+        entries = (base + QueueLayout.entriesOffset).assumingMemoryBound(to: Entry.self)
     }
 }
 
@@ -54,8 +54,8 @@ struct QueueWords {
 ///
 /// The endpoint does not own the memory: the mapping must outlive it.
 @frozen
-public struct QueueProducer: ~Copyable {
-    @usableFromInline let words: QueueWords
+public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
+    @usableFromInline let words: QueueWords<Entry>
     @usableFromInline let mask: UInt32
     @usableFromInline let capacity: UInt32
     /// Our index: the next slot to fill. Authoritative copy; shared memory only gets copies.
@@ -72,7 +72,7 @@ public struct QueueProducer: ~Copyable {
     /// `startIndex`, the index the queue was initialized with (QueueLayout.initialize).
     public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout,
                 startIndex: UInt32 = 0) throws(QueueError) {
-        try layout.checkFits(size: size, at: offset)
+        try layout.checkFits(size: size, at: offset, entry: Entry.self)
         tail = startIndex
         headCache = startIndex
         words = QueueWords(memory + offset)
@@ -90,7 +90,7 @@ public struct QueueProducer: ~Copyable {
     /// Enqueues as many of `batch` as fit, in order, and publishes them with one release
     /// store. Returns how many were enqueued (0 when full or in the error state).
     @inlinable
-    public mutating func enqueue(_ batch: UnsafeBufferPointer<BufferDescriptor>) -> Int {
+    public mutating func enqueue(_ batch: UnsafeBufferPointer<Entry>) -> Int {
         guard !failure.failed else { return 0 }
         var space = capacity &- (tail &- headCache)
         if space < UInt32(truncatingIfNeeded: batch.count) {
@@ -110,7 +110,7 @@ public struct QueueProducer: ~Copyable {
 
     /// Enqueues one descriptor; false when full or in the error state.
     @inlinable
-    public mutating func enqueue(_ d: BufferDescriptor) -> Bool {
+    public mutating func enqueue(_ d: Entry) -> Bool {
         guard !failure.failed else { return false }
         if capacity &- (tail &- headCache) == 0 {
             refreshHead()
@@ -167,11 +167,11 @@ public struct QueueProducer: ~Copyable {
 ///
 /// The endpoint does not own the memory: the mapping must outlive it.
 @frozen
-public struct QueueConsumer: ~Copyable {
-    @usableFromInline let words: QueueWords
+public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
+    @usableFromInline let words: QueueWords<Entry>
     @usableFromInline let mask: UInt32
     @usableFromInline let capacity: UInt32
-    public let bounds: DescriptorBounds
+    public let bounds: Entry.Bounds
     /// Our index: the next slot to read. Authoritative copy.
     @usableFromInline var head: UInt32 = 0
     /// Last tail read from the producer, validated.
@@ -185,8 +185,8 @@ public struct QueueConsumer: ~Copyable {
     /// The consumer of the queue at `offset` in `memory`; every descriptor it hands on
     /// lies inside `bounds`. Starts at `startIndex`, the index the queue was initialized with.
     public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout,
-                bounds: DescriptorBounds, startIndex: UInt32 = 0) throws(QueueError) {
-        try layout.checkFits(size: size, at: offset)
+                bounds: Entry.Bounds, startIndex: UInt32 = 0) throws(QueueError) {
+        try layout.checkFits(size: size, at: offset, entry: Entry.self)
         head = startIndex
         tailCache = startIndex
         words = QueueWords(memory + offset)
@@ -199,7 +199,7 @@ public struct QueueConsumer: ~Copyable {
     /// releases their slots with one store. Returns how many were dequeued. A descriptor
     /// outside `bounds` stops the queue: the ones before it are returned, it stays unread.
     @inlinable
-    public mutating func dequeue(into out: UnsafeMutableBufferPointer<BufferDescriptor>) -> Int {
+    public mutating func dequeue(into out: UnsafeMutableBufferPointer<Entry>) -> Int {
         guard !failure.failed else { return 0 }
         var available = tailCache &- head
         if available == 0 {
@@ -213,8 +213,8 @@ public struct QueueConsumer: ~Copyable {
         while i < n {
             // One copy out of shared memory; only the copy is checked and used.
             let d = words.entries[Int(h & mask)]
-            guard bounds.admits(d) else {
-                failure.record(.descriptorOutOfBounds(d, bounds: bounds))
+            guard Entry.admits(d, within: bounds) else {
+                failure.record(Entry.rejection(d, within: bounds))
                 break
             }
             out[i] = d
@@ -232,10 +232,12 @@ public struct QueueConsumer: ~Copyable {
 
     /// Dequeues one descriptor, or nil when empty or in the error state.
     @inlinable
-    public mutating func dequeue() -> BufferDescriptor? {
-        var d = BufferDescriptor(offset: RegionOffset(rawValue: 0), length: 0)
-        let n = withUnsafeMutablePointer(to: &d) { dequeue(into: UnsafeMutableBufferPointer(start: $0, count: 1)) }
-        return n == 1 ? d : nil
+    public mutating func dequeue() -> Entry? {
+        // SAFETY: Entry is BitwiseCopyable, so the uninitialized slot is valid storage; it
+        // is only read back after dequeue(into:) has written it.
+        return withUnsafeTemporaryAllocation(of: Entry.self, capacity: 1) { buf in
+            dequeue(into: buf) == 1 ? buf[0] : nil
+        }
     }
 
     /// True when nothing is waiting (refreshes the producer's tail if needed).

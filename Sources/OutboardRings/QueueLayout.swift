@@ -4,7 +4,7 @@
 /// +0    tail            UInt32, written by the producer only
 /// +64   head            UInt32, written by the consumer only
 /// +128  consumerSignal  UInt32, set by the consumer ("wake me"), cleared by the producer
-/// +192  entries         capacity x BufferDescriptor (16 bytes each)
+/// +192  entries         capacity x entry (BufferDescriptor: 16 bytes; other QueueEntry types: their stride)
 /// ```
 /// Each control word has its own 64-byte cache line, so the two sides never write the
 /// same line (no false sharing). Indices run freely over UInt32 and wrap; a slot is
@@ -23,18 +23,26 @@ public struct QueueLayout: Equatable, Sendable {
     public static let maximumCapacity = 1 << 20
 
     public let capacity: Int
+    /// Bytes per entry: the stride of the entry type the endpoints are created with.
+    public let entryStride: Int
 
     /// Fails unless `capacity` is a power of two in 2...2^20.
-    public init(capacity: Int) throws(QueueError) {
+    public init<Entry: QueueEntry>(capacity: Int, entry: Entry.Type) throws(QueueError) {
         guard capacity >= 2, capacity <= Self.maximumCapacity, capacity & (capacity - 1) == 0 else {
             throw .invalidCapacity(capacity)
         }
         self.capacity = capacity
+        self.entryStride = MemoryLayout<Entry>.stride
+    }
+
+    /// A queue of `BufferDescriptor`s.
+    public init(capacity: Int) throws(QueueError) {
+        try self.init(capacity: capacity, entry: BufferDescriptor.self)
     }
 
     /// Bytes the queue occupies, a multiple of 64.
     public var byteCount: Int {
-        let raw = Self.entriesOffset + capacity * MemoryLayout<BufferDescriptor>.stride
+        let raw = Self.entriesOffset + capacity * entryStride
         return (raw + Self.alignment - 1) & ~(Self.alignment - 1)
     }
 
@@ -47,6 +55,13 @@ public struct QueueLayout: Equatable, Sendable {
         (memory + offset).initializeMemory(as: UInt8.self, repeating: 0, count: byteCount)
         (memory + offset + Self.tailOffset).storeBytes(of: startIndex, as: UInt32.self)
         (memory + offset + Self.headOffset).storeBytes(of: startIndex, as: UInt32.self)
+    }
+
+    func checkFits<Entry: QueueEntry>(size: Int, at offset: Int, entry: Entry.Type) throws(QueueError) {
+        guard MemoryLayout<Entry>.stride == entryStride, MemoryLayout<Entry>.alignment <= Self.alignment else {
+            throw .entryTypeMismatch(layoutStride: entryStride, entryStride: MemoryLayout<Entry>.stride)
+        }
+        try checkFits(size: size, at: offset)
     }
 
     func checkFits(size: Int, at offset: Int) throws(QueueError) {
@@ -67,7 +82,11 @@ public struct QueuePairLayout: Equatable, Sendable {
     public let activeOffset: Int
 
     public init(capacity: Int, at offset: Int = 0) throws(QueueError) {
-        queue = try QueueLayout(capacity: capacity)
+        try self.init(capacity: capacity, entry: BufferDescriptor.self, at: offset)
+    }
+
+    public init<Entry: QueueEntry>(capacity: Int, entry: Entry.Type, at offset: Int = 0) throws(QueueError) {
+        queue = try QueueLayout(capacity: capacity, entry: entry)
         freeOffset = offset
         activeOffset = offset + queue.byteCount
     }
@@ -94,6 +113,10 @@ public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
     /// A descriptor names memory outside the data region, or its length is not allowed.
     /// It was not handed on; the descriptors before it were.
     case descriptorOutOfBounds(BufferDescriptor, bounds: DescriptorBounds)
+    /// An entry of another type failed its check; `reason` says which.
+    case entryRejected(String)
+    /// The endpoint's entry type does not match the layout's entry stride.
+    case entryTypeMismatch(layoutStride: Int, entryStride: Int)
 
     public var description: String {
         switch self {
@@ -105,6 +128,10 @@ public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
             return "peer published index \(p), impossible with our index \(own) and capacity \(c): queue corrupted"
         case .descriptorOutOfBounds(let d, let b):
             return "descriptor offset \(d.offset) length \(d.length) outside region of \(b.regionSize) bytes or length outside \(b.minLength)...\(b.maxLength)"
+        case .entryRejected(let reason):
+            return "queue entry rejected: \(reason)"
+        case .entryTypeMismatch(let l, let e):
+            return "queue laid out for \(l)-byte entries, endpoint uses \(e)-byte entries"
         }
     }
 }

@@ -33,6 +33,7 @@ public struct ReceivedDescriptors: ~Copyable, Sendable {
 }
 
 /// One received datagram.
+@frozen
 public struct ReceivedMessage: ~Copyable, Sendable {
     /// Payload bytes (at most the buffer size asked for).
     public var bytes: [UInt8]
@@ -154,5 +155,14 @@ public struct UnixListener: ~Copyable, Sendable {
     public func accept() throws(Errno) -> UnixSocket {
         let raw = fd.raw.rawValue
         return UnixSocket(adopting: OwnedFD(adopting: try sys { ob_accept(raw) }))
+    }
+}
+
+extension UnixSocket {
+    /// Waits until a message (or the peer's close) can be read, at most
+    /// `timeoutMilliseconds` (negative: no limit). Returns false on timeout. poll(2).
+    public func waitReadable(timeoutMilliseconds: Int) throws(Errno) -> Bool {
+        var pfd = pollfd(fd: fd.raw.rawValue, events: Int16(POLLIN), revents: 0)
+        return try sys { poll(&pfd, 1, CInt(clamping: timeoutMilliseconds)) } > 0
     }
 }

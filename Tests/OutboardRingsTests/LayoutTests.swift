@@ -47,9 +47,9 @@ import OutboardRings
         let l = try QueueLayout(capacity: 8)
         let mem = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
         defer { mem.deallocate() }
-        #expect(throws: QueueError.self) { try QueueProducer(memory: mem, size: 4096, at: 4096 - 64, layout: l) }
-        #expect(throws: QueueError.self) { try QueueProducer(memory: mem, size: 4096, at: 32, layout: l) }
-        #expect(throws: QueueError.self) { try QueueProducer(memory: mem, size: 4096, at: -64, layout: l) }
-        _ = try QueueProducer(memory: mem, size: 4096, at: 4096 - l.byteCount, layout: l)
+        #expect(throws: QueueError.self) { try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 4096 - 64, layout: l) }
+        #expect(throws: QueueError.self) { try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 32, layout: l) }
+        #expect(throws: QueueError.self) { try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: -64, layout: l) }
+        _ = try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 4096 - l.byteCount, layout: l)
     }
 }

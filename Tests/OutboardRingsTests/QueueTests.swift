@@ -6,16 +6,16 @@ import OutboardRings
 struct TestQueue: ~Copyable {
     let memory: UnsafeMutableRawPointer
     let layout: QueueLayout
-    var producer: QueueProducer
-    var consumer: QueueConsumer
+    var producer: QueueProducer<BufferDescriptor>
+    var consumer: QueueConsumer<BufferDescriptor>
 
     init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max, startIndex: UInt32 = 0) throws {
         let l = try QueueLayout(capacity: capacity)
         let m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
         // Exactly sized and a fresh layout: these cannot fail.
         try! l.initialize(memory: m, size: l.byteCount, at: 0, startIndex: startIndex)
-        let p = try! QueueProducer(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex)
-        let c = try! QueueConsumer(memory: m, size: l.byteCount, at: 0, layout: l,
+        let p = try! QueueProducer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex)
+        let c = try! QueueConsumer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l,
                                    bounds: DescriptorBounds(regionSize: regionSize, maxLength: maxLength),
                                    startIndex: startIndex)
         layout = l

@@ -114,4 +114,83 @@ extern const unsigned long OB_VFIO_DEVICE_RESET;
 extern const unsigned long OB_VFIO_IOMMU_MAP_DMA;
 extern const unsigned long OB_VFIO_IOMMU_UNMAP_DMA;
 
+// Driver sandbox (OutboardSystem/Sandbox.swift): namespaces, a private read-only root,
+// rlimits, identity, no_new_privs, and a seccomp BPF filter written here (no libseccomp).
+// Every int-returning call returns 0 (or a count) on success, -1 with errno on failure.
+
+/// Number of threads of the calling process (from /proc/self/stat), or -1 with errno.
+int ob_thread_count(void);
+
+// unshare(2) and mount(2) family.
+extern const int OB_CLONE_NEWNS, OB_CLONE_NEWNET, OB_CLONE_NEWIPC;
+extern const unsigned long OB_MS_RDONLY, OB_MS_NOSUID, OB_MS_NODEV, OB_MS_NOEXEC, OB_MS_REMOUNT,
+                           OB_MS_BIND, OB_MS_REC, OB_MS_PRIVATE;
+extern const int OB_MNT_DETACH;
+int ob_unshare(int flags);
+int ob_mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+             const char *data);
+int ob_umount2(const char *target, int flags);
+/// pivot_root(2) (no glibc wrapper).
+int ob_pivot_root(const char *new_root, const char *put_old);
+
+// Resource limits: setrlimit(2) with soft = hard = value (RLIM_INFINITY for UINT64_MAX).
+extern const int OB_RLIMIT_NOFILE, OB_RLIMIT_FSIZE, OB_RLIMIT_CORE, OB_RLIMIT_NPROC;
+int ob_setrlimit(int resource, uint64_t value);
+/// getrlimit(2): both values, for verification.
+int ob_getrlimit(int resource, uint64_t *soft, uint64_t *hard);
+
+// Identity.
+/// setgroups(0, NULL): no supplementary groups.
+int ob_drop_supplementary_groups(void);
+/// getgroups(0, NULL): the number of supplementary groups.
+int ob_supplementary_group_count(void);
+int ob_setresgid(gid_t gid);
+int ob_setresuid(uid_t uid);
+int ob_getresuid(uid_t *r, uid_t *e, uid_t *s);
+int ob_getresgid(gid_t *r, gid_t *e, gid_t *s);
+/// capget(2): 1 if any capability is in the effective, permitted or inheritable set of the
+/// calling thread, or in its ambient set; 0 if all are empty; -1 with errno.
+int ob_has_any_capability(void);
+
+// prctl(2).
+int ob_set_no_new_privs(void);
+int ob_get_no_new_privs(void);
+int ob_set_dumpable(int dumpable);
+
+/// The sandbox's base seccomp allow-list (syscall numbers; x86-64). `*count` receives the
+/// number of entries. kill, tkill and tgkill are not in it: the filter allows them only
+/// when they target the calling process itself (see ob_seccomp_install).
+const int *ob_sandbox_allowed_syscalls(size_t *count);
+/// Largest number of extra syscalls ob_seccomp_install accepts.
+extern const size_t OB_SECCOMP_MAX_EXTRA;
+/// 1 if `nr` may be given as an extra syscall: a native x86-64 number (0 ..< 0x40000000)
+/// that is not one of the argument-checked kill, tkill, tgkill, fcntl. 0 otherwise.
+int ob_seccomp_extra_is_valid(int nr);
+/// Installs the sandbox's seccomp filter on the calling thread (prctl(PR_SET_SECCOMP,
+/// SECCOMP_MODE_FILTER)); no_new_privs must already be set. The filter:
+/// - kills the process for any architecture other than x86-64 and for x32 syscalls;
+/// - allows the base list and `extra` (count `nextra`);
+/// - allows kill(pid, ...), tkill(tid, ...) and tgkill(tgid, ...) only when that first
+///   argument is exactly `self` (upper 32 bits zero), so abort()/raise() keep working but
+///   no other process can be signalled;
+/// - makes every other syscall fail with EPERM.
+/// Returns -1 with errno EINVAL for a syscall number out of range or too many extras.
+int ob_seccomp_install(const int *extra, size_t nextra, pid_t self);
+
+// Single syscalls used by Sandbox.probe() to show that they are refused. Each returns the
+// syscall's result (-1 with errno on failure). On success they undo what they did
+// (a forked child exits at once and is reaped; an attached tracee is detached).
+int ob_probe_execve(const char *path);
+int ob_probe_ptrace_attach(pid_t pid);
+int ob_probe_clone(void);
+int ob_probe_clone3(void);
+int ob_probe_process_vm_readv_self(void);
+int ob_probe_ioctl_fionread(int fd);
+int ob_probe_prctl_get_dumpable(void);
+int ob_probe_bpf(void);
+int ob_probe_setns(void);
+/// getpid through the x32 ABI (syscall number | __X32_SYSCALL_BIT): the sandbox's filter
+/// kills the process (SIGSYS) for it.
+long ob_probe_x32_getpid(void);
+
 #endif

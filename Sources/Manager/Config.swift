@@ -1,0 +1,264 @@
+import FoundationEssentials
+
+/// The manager's configuration, read from a JSON file (see `examples/outboard.json`).
+/// Keys are snake_case. Everything has a default except the devices.
+public struct ManagerConfig: Codable, Sendable {
+    /// Where clients connect (Unix SEQPACKET).
+    public var controlSocket: String = "/run/outboard/control.sock"
+    /// The unprivileged user and group drivers run as.
+    public var driverUser: String = "nobody"
+    public var driverGroup: String? = nil
+    /// Peers with these uids may read status and inject faults.
+    public var adminUids: [UInt32] = [0]
+    /// How long the manager guarantees a registered region stays mapped; renewed while the
+    /// session lives.
+    public var leaseMs: UInt32 = 2000
+    /// The driver beats at least this often...
+    public var heartbeatIntervalMs: UInt32 = 50
+    /// ...and is declared hung when it has not for this long.
+    public var heartbeatDeadlineMs: UInt32 = 500
+    public var restart: RestartPolicy = RestartPolicy()
+    public var sandbox: SandboxConfig = SandboxConfig()
+    public var devices: [DeviceConfig]
+
+    public struct RestartPolicy: Codable, Sendable {
+        /// First restart delay; doubles with each consecutive failure.
+        public var backoffInitialMs: UInt32 = 10
+        public var backoffMaxMs: UInt32 = 2000
+        /// Consecutive failures (without a healthy run in between) before the device is
+        /// marked failed.
+        public var crashLoopLimit: UInt32 = 5
+        /// A driver that has reported ready and then served I/O, or stayed up this long,
+        /// is healthy again: its failure count starts over.
+        public var healthyAfterMs: UInt32 = 1000
+        public init() {}
+    }
+
+    public struct SandboxConfig: Codable, Sendable {
+        /// New mount (empty root), network and IPC namespaces.
+        public var namespaces: Bool = true
+        public var maxOpenFiles: UInt64 = 64
+        public init() {}
+    }
+
+    public struct DeviceConfig: Codable, Sendable {
+        public var name: String
+        /// Which driver serves it: "memblock" (the test block driver, manager-owned memory).
+        public var driver: String
+        /// Size of the device in MiB (memblock).
+        public var sizeMib: UInt64 = 64
+        public var access: [AccessRule] = []
+        public var limits: Limits = Limits()
+        /// Emulated device latency per request (memblock), microseconds.
+        public var latencyUs: UInt32 = 0
+        /// The driver tries to escape its sandbox at start and reports what it saw
+        /// (shown in `outboard status`).
+        public var probeSandbox: Bool = false
+        /// Test knob: the driver exits right after start (a crash loop).
+        public var testExitAtStart: Bool = false
+    }
+
+    /// Who may open a device. A rule matches a client's uid or gid (SO_PEERCRED); the first
+    /// matching rule decides. No match: denied.
+    public struct AccessRule: Codable, Sendable {
+        public var uid: UInt32? = nil
+        public var gid: UInt32? = nil
+        /// "rw" or "ro".
+        public var mode: String
+    }
+
+    public struct Limits: Codable, Sendable {
+        /// Largest data region one session may register.
+        public var maxSessionBytes: UInt64 = 64 << 20
+        /// Registered bytes over all sessions of the device.
+        public var maxDeviceBytes: UInt64 = 256 << 20
+        public var maxSessions: UInt32 = 16
+        public var maxQueueDepth: UInt32 = 256
+        public var maxTransferBytes: UInt32 = 1 << 20
+    }
+
+    public static func load(path: String) throws -> ManagerConfig {
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
+            throw ConfigError("cannot read \(path): \(error)")
+        }
+        return try parse(data, source: path)
+    }
+
+    public static func parse(_ data: Data, source: String = "config") throws -> ManagerConfig {
+        let decoder = JSONDecoder()
+        decoder.keyDecodingStrategy = .convertFromSnakeCase
+        let config: ManagerConfig
+        do { config = try decoder.decode(ManagerConfig.self, from: data) } catch {
+            throw ConfigError("\(source): \(Self.explain(error))")
+        }
+        try config.validate(source: source)
+        return config
+    }
+
+    static func explain(_ error: Error) -> String {
+        switch error {
+        case DecodingError.keyNotFound(let key, let ctx):
+            return "missing key '\(key.stringValue)' at \(ctx.codingPath.map(\.stringValue).joined(separator: "."))"
+        case DecodingError.typeMismatch(_, let ctx), DecodingError.valueNotFound(_, let ctx),
+             DecodingError.dataCorrupted(let ctx):
+            return "\(ctx.debugDescription) at '\(ctx.codingPath.map(\.stringValue).joined(separator: "."))'"
+        default:
+            return "\(error)"
+        }
+    }
+
+    func validate(source: String) throws {
+        func fail(_ s: String) -> ConfigError { ConfigError("\(source): \(s)") }
+        guard !devices.isEmpty else { throw fail("no devices") }
+        guard leaseMs >= 10 else { throw fail("lease_ms must be at least 10") }
+        guard heartbeatIntervalMs >= 1, heartbeatDeadlineMs >= 2 * heartbeatIntervalMs else {
+            throw fail("heartbeat_deadline_ms must be at least twice heartbeat_interval_ms")
+        }
+        guard restart.crashLoopLimit >= 1 else { throw fail("restart.crash_loop_limit must be at least 1") }
+        var names = Set<String>()
+        for d in devices {
+            guard !d.name.isEmpty, d.name.utf8.count <= 64,
+                  d.name.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" }) else {
+                throw fail("device name '\(d.name)': 1-64 letters, digits, '-' or '_'")
+            }
+            guard names.insert(d.name).inserted else { throw fail("device '\(d.name)' appears twice") }
+            guard d.driver == "memblock" else { throw fail("device '\(d.name)': unknown driver '\(d.driver)' (known: memblock)") }
+            guard d.sizeMib >= 1, d.sizeMib <= 16384 else { throw fail("device '\(d.name)': size_mib must be in 1...16384") }
+            for r in d.access {
+                guard r.mode == "rw" || r.mode == "ro" else { throw fail("device '\(d.name)': access mode '\(r.mode)' (use rw or ro)") }
+                guard (r.uid == nil) != (r.gid == nil) else { throw fail("device '\(d.name)': each access rule names a uid or a gid") }
+            }
+            let l = d.limits
+            guard l.maxSessions >= 1, l.maxSessions <= 64 else { throw fail("device '\(d.name)': limits.max_sessions must be in 1...64") }
+            guard l.maxQueueDepth >= 2, l.maxQueueDepth <= 4096, l.maxQueueDepth.nonzeroBitCount == 1 else {
+                throw fail("device '\(d.name)': limits.max_queue_depth must be a power of two in 2...4096")
+            }
+            guard l.maxTransferBytes >= 512, l.maxTransferBytes % 512 == 0 else {
+                throw fail("device '\(d.name)': limits.max_transfer_bytes must be a multiple of 512")
+            }
+        }
+    }
+}
+
+public struct ConfigError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ s: String) { description = s }
+}
+
+// Synthesized Decodable would demand every key; these take defaults for missing keys and
+// refuse unknown ones (a typo in a config should be an error, not a silent default).
+
+struct AnyKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}
+
+extension Decoder {
+    func rejectUnknownKeys(_ known: [String]) throws {
+        let c = try container(keyedBy: AnyKey.self)
+        for k in c.allKeys where !known.contains(k.stringValue) {
+            throw DecodingError.dataCorrupted(.init(codingPath: codingPath + [k], debugDescription: "unknown key"))
+        }
+    }
+}
+
+extension KeyedDecodingContainer {
+    func value<T: Decodable>(_ key: Key, _ fallback: T) throws -> T { try decodeIfPresent(T.self, forKey: key) ?? fallback }
+}
+
+extension ManagerConfig {
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case controlSocket, driverUser, driverGroup, adminUids, leaseMs, heartbeatIntervalMs, heartbeatDeadlineMs
+        case restart, sandbox, devices
+    }
+    public init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = ManagerConfig(devices: [])
+        controlSocket = try c.value(.controlSocket, d.controlSocket)
+        driverUser = try c.value(.driverUser, d.driverUser)
+        driverGroup = try c.decodeIfPresent(String.self, forKey: .driverGroup)
+        adminUids = try c.value(.adminUids, d.adminUids)
+        leaseMs = try c.value(.leaseMs, d.leaseMs)
+        heartbeatIntervalMs = try c.value(.heartbeatIntervalMs, d.heartbeatIntervalMs)
+        heartbeatDeadlineMs = try c.value(.heartbeatDeadlineMs, d.heartbeatDeadlineMs)
+        restart = try c.value(.restart, d.restart)
+        sandbox = try c.value(.sandbox, d.sandbox)
+        devices = try c.decode([DeviceConfig].self, forKey: .devices)
+    }
+    public init(devices: [DeviceConfig]) { self.devices = devices }
+}
+
+extension ManagerConfig.RestartPolicy {
+    enum CodingKeys: String, CodingKey, CaseIterable { case backoffInitialMs, backoffMaxMs, crashLoopLimit, healthyAfterMs }
+    public init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = Self()
+        backoffInitialMs = try c.value(.backoffInitialMs, d.backoffInitialMs)
+        backoffMaxMs = try c.value(.backoffMaxMs, d.backoffMaxMs)
+        crashLoopLimit = try c.value(.crashLoopLimit, d.crashLoopLimit)
+        healthyAfterMs = try c.value(.healthyAfterMs, d.healthyAfterMs)
+    }
+}
+
+extension ManagerConfig.SandboxConfig {
+    enum CodingKeys: String, CodingKey, CaseIterable { case namespaces, maxOpenFiles }
+    public init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = Self()
+        namespaces = try c.value(.namespaces, d.namespaces)
+        maxOpenFiles = try c.value(.maxOpenFiles, d.maxOpenFiles)
+    }
+}
+
+extension ManagerConfig.DeviceConfig {
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case name, driver, sizeMib, access, limits, latencyUs, probeSandbox, testExitAtStart
+    }
+    public init(name: String, driver: String) { self.name = name; self.driver = driver }
+    public init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        driver = try c.decode(String.self, forKey: .driver)
+        let d = Self(name: name, driver: driver)
+        sizeMib = try c.value(.sizeMib, d.sizeMib)
+        access = try c.value(.access, d.access)
+        limits = try c.value(.limits, d.limits)
+        latencyUs = try c.value(.latencyUs, d.latencyUs)
+        probeSandbox = try c.value(.probeSandbox, d.probeSandbox)
+        testExitAtStart = try c.value(.testExitAtStart, d.testExitAtStart)
+    }
+}
+
+extension ManagerConfig.AccessRule {
+    enum CodingKeys: String, CodingKey, CaseIterable { case uid, gid, mode }
+    public init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        uid = try c.decodeIfPresent(UInt32.self, forKey: .uid)
+        gid = try c.decodeIfPresent(UInt32.self, forKey: .gid)
+        mode = try c.decode(String.self, forKey: .mode)
+    }
+}
+
+extension ManagerConfig.Limits {
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case maxSessionBytes, maxDeviceBytes, maxSessions, maxQueueDepth, maxTransferBytes
+    }
+    public init(from decoder: Decoder) throws {
+        try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = Self()
+        maxSessionBytes = try c.value(.maxSessionBytes, d.maxSessionBytes)
+        maxDeviceBytes = try c.value(.maxDeviceBytes, d.maxDeviceBytes)
+        maxSessions = try c.value(.maxSessions, d.maxSessions)
+        maxQueueDepth = try c.value(.maxQueueDepth, d.maxQueueDepth)
+        maxTransferBytes = try c.value(.maxTransferBytes, d.maxTransferBytes)
+    }
+}

@@ -1,0 +1,585 @@
+import CLinux
+import Logging
+import OutboardRings
+import OutboardSession
+import OutboardSystem
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The manager (`outboard run`): the one privileged process. It owns the devices' memory,
+/// every session's regions and doorbells and the translation tables; it spawns one
+/// sandboxed driver per device, authenticates clients, creates and revokes sessions, and
+/// restarts drivers that crash or hang. It is never on the data path.
+///
+/// Single-threaded: one epoll loop over the control socket, the client connections, the
+/// drivers' sockets and pidfds and a shutdown doorbell, with a short tick for heartbeats,
+/// leases, revocations and restart backoff. The control plane may allocate; the data path
+/// (client <-> driver queues) never comes through here.
+public final class Manager {
+    let config: ManagerConfig
+    let logger: Logger
+    let executable: String
+    let driverUID: UInt32
+    let driverGID: UInt32
+    let epoll: Epoll
+    let listener: UnixListener
+    let shutdownBell: Doorbell
+    var devices: [DeviceState] = []
+    var connections: [UInt64: Connection] = [:]
+    var nextConnection: UInt64 = 1
+    var nextSession: UInt64 = 1
+    var stopping = false
+    static let tickMs = 10
+
+    enum Token {
+        static let listener: UInt64 = 1 << 48
+        static let shutdown: UInt64 = 2 << 48
+        static let connection: UInt64 = 3 << 48
+        static let driverSocket: UInt64 = 4 << 48
+        static let driverExit: UInt64 = 5 << 48
+        static let mask: UInt64 = (1 << 48) - 1
+    }
+
+    /// `executable`: the `outboard` binary to start drivers from (`outboard _driver`).
+    public init(config: ManagerConfig, executable: String, logger: Logger) throws {
+        self.config = config
+        self.logger = logger
+        self.executable = executable
+        (driverUID, driverGID) = try Self.resolveUser(config.driverUser, group: config.driverGroup)
+        epoll = try Epoll()
+        let dir = config.controlSocket.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        if !dir.isEmpty { mkdir(dir, 0o755) }
+        if let probe = try? UnixSocket.connect(path: config.controlSocket) {
+            _ = probe
+            throw ConfigError("another manager is already listening on \(config.controlSocket)")
+        }
+        listener = try UnixListener(path: config.controlSocket)
+        // Clients of any uid may connect; the policy decides what they get.
+        chmod(config.controlSocket, 0o666)
+        shutdownBell = try Doorbell()
+        try epoll.add(listener.fd.raw, events: .readable, token: Token.listener)
+        try epoll.add(shutdownBell.fd.raw, events: .readable, token: Token.shutdown)
+        for (i, d) in config.devices.enumerated() {
+            devices.append(try DeviceState(index: i, config: d, leaseMs: config.leaseMs))
+        }
+    }
+
+    /// Serves until SIGINT or SIGTERM, then shuts down cleanly: clients are told, drivers
+    /// stopped, the socket removed.
+    public func run() throws {
+        installShutdownSignals(shutdownBell.fd.raw.rawValue)
+        logger.info("manager listening", metadata: ["socket": "\(config.controlSocket)", "devices": "\(devices.map(\.name))",
+                                                   "driver_uid": "\(driverUID)", "driver_gid": "\(driverGID)"])
+        for d in devices { spawnDriver(d) }
+        while !stopping {
+            let events = try epoll.wait(maxEvents: 64, timeoutMilliseconds: Self.tickMs)
+            for e in events { handle(e) }
+            tick()
+        }
+        shutdown()
+    }
+
+    static func resolveUser(_ user: String, group: String?) throws -> (UInt32, UInt32) {
+        guard let pw = getpwnam(user) else { throw ConfigError("driver_user '\(user)' does not exist") }
+        var gid = pw.pointee.pw_gid
+        if let group {
+            guard let gr = getgrnam(group) else { throw ConfigError("driver_group '\(group)' does not exist") }
+            gid = gr.pointee.gr_gid
+        }
+        let uid = pw.pointee.pw_uid
+        guard uid != 0, gid != 0 else { throw ConfigError("drivers must not run as root (driver_user '\(user)')") }
+        return (uid, gid)
+    }
+
+    // MARK: events
+
+    func handle(_ e: Epoll.Event) {
+        let kind = e.token & ~Token.mask, id = e.token & Token.mask
+        switch kind {
+        case Token.listener: acceptClients()
+        case Token.shutdown:
+            logger.info("shutdown requested")
+            stopping = true
+        case Token.connection: if let c = connections[id] { connectionReadable(c) }
+        case Token.driverSocket: driverReadable(devices[Int(id)])
+        case Token.driverExit: driverExited(devices[Int(id)])
+        default: logger.error("unknown epoll token \(e.token)")
+        }
+    }
+
+    func acceptClients() {
+        do {
+            let s = try listener.accept()
+            let creds = try s.peerCredentials()
+            let id = nextConnection
+            nextConnection += 1
+            try epoll.add(s.fd.raw, events: .readable, token: Token.connection | id)
+            connections[id] = Connection(id: id, socket: s, credentials: creds)
+            logger.debug("client connected", metadata: ["pid": "\(creds.pid)", "uid": "\(creds.uid)", "connection": "\(id)"])
+        } catch {
+            logger.warning("accept failed: \(error)")
+        }
+    }
+
+    func connectionReadable(_ c: Connection) {
+        while connections[c.id] != nil {
+            let d: ControlDelivery
+            do {
+                d = try c.socket.receiveControl(nonBlocking: true)
+            } catch .socket(.system(.wouldBlock)) {
+                return
+            } catch .socket(.closed) {
+                closeConnection(c, reason: "client closed the connection")
+                return
+            } catch {
+                // Malformed, oversized, wrong descriptors: this connection ends, nobody else
+                // notices. The client is told why if it still listens.
+                let reason = error.description
+                logger.warning("closing connection: \(reason)", metadata: c.metadata)
+                try? c.socket.send(.failure(.malformed, reason))
+                closeConnection(c, reason: "malformed message: \(reason)")
+                return
+            }
+            switch d.message {
+            case .openBlock(let m): openSession(c, m)
+            case .statusRequest: sendStatus(c)
+            case .injectFault(let device, let fault): injectFault(c, device: device, fault: fault)
+            default:
+                let reason = "\(d.message.type) is not a client request"
+                logger.warning("closing connection: \(reason)", metadata: c.metadata)
+                try? c.socket.send(.failure(.malformed, reason))
+                closeConnection(c, reason: reason)
+            }
+        }
+    }
+
+    func refuse(_ c: Connection, _ code: ErrorCode, _ message: String) {
+        logger.notice("refused: \(message)", metadata: c.metadata)
+        try? c.socket.send(.failure(code, message))
+    }
+
+    func closeConnection(_ c: Connection, reason: String) {
+        guard connections.removeValue(forKey: c.id) != nil else { return }
+        try? epoll.remove(c.socket.fd.raw)
+        if let sid = c.sessionID {
+            for d in devices {
+                if let s = d.sessions[sid] { beginRevocation(d, s, reason: reason) }
+            }
+        }
+        logger.debug("connection closed: \(reason)", metadata: c.metadata)
+    }
+
+    // MARK: sessions
+
+    func openSession(_ c: Connection, _ m: OpenBlock) {
+        guard c.sessionID == nil else { return refuse(c, .invalidArgument, "this connection already has a session") }
+        guard let d = devices.first(where: { $0.name == m.device }) else {
+            return refuse(c, .unknownDevice, "no device named '\(m.device)'")
+        }
+        // Policy: the first rule that matches the peer's uid or gid decides.
+        let creds = c.credentials
+        guard let rule = d.config.access.first(where: { $0.uid == creds.uid || $0.gid == creds.gid }) else {
+            return refuse(c, .permissionDenied, "uid \(creds.uid) gid \(creds.gid) may not open device '\(d.name)'")
+        }
+        if m.writable && rule.mode != "rw" {
+            return refuse(c, .permissionDenied, "uid \(creds.uid) may open device '\(d.name)' read-only only")
+        }
+        if case .failed = d.state {
+            return refuse(c, .deviceFailed, "device '\(d.name)' has failed: \(d.lastFailure ?? "driver crash loop")")
+        }
+        let limits = d.config.limits
+        guard m.queueDepth >= 2, m.queueDepth <= limits.maxQueueDepth, m.queueDepth.nonzeroBitCount == 1 else {
+            return refuse(c, .invalidArgument, "queue depth \(m.queueDepth) must be a power of two in 2...\(limits.maxQueueDepth)")
+        }
+        guard m.dataBytes > 0 else { return refuse(c, .invalidArgument, "data region size must be positive") }
+        let dataBytes = UInt64(SharedRegion.roundToPage(Int(min(m.dataBytes, UInt64(Int.max / 2)))))
+        guard dataBytes <= limits.maxSessionBytes else {
+            return refuse(c, .limitExceeded, "session data region of \(m.dataBytes) bytes exceeds the per-session limit of \(limits.maxSessionBytes) bytes on '\(d.name)'")
+        }
+        guard d.registeredBytes + dataBytes <= limits.maxDeviceBytes else {
+            return refuse(c, .limitExceeded, "registering \(dataBytes) more bytes would exceed the device limit of \(limits.maxDeviceBytes) bytes on '\(d.name)' (\(d.registeredBytes) registered)")
+        }
+        guard d.sessions.count < Int(limits.maxSessions), let slot = d.tableSlots.firstIndex(of: nil) else {
+            return refuse(c, .limitExceeded, "device '\(d.name)' has its maximum of \(limits.maxSessions) sessions")
+        }
+        // All checks passed: only now is anything allocated.
+        let session: Session
+        do {
+            session = try Session(id: nextSession, device: d, connection: c.id, credentials: creds, writable: m.writable,
+                                  queueDepth: m.queueDepth, dataBytes: dataBytes, tableIndex: slot,
+                                  ioAddress: d.allocateIOAddress(dataBytes), generation: d.generation)
+        } catch {
+            return refuse(c, .internalError, "cannot create session regions: \(error)")
+        }
+        nextSession += 1
+        let now = Clock.monotonicNanoseconds
+        session.leaseEnd = now + UInt64(config.leaseMs) * 1_000_000
+        d.tableSlots[slot] = session.id
+        d.registeredBytes += dataBytes
+        d.table.write(slot, session.translationEntry(state: .active))
+        d.sessions[session.id] = session
+        c.sessionID = session.id
+        let opened = BlockOpened(sessionID: session.id, generation: d.generation, queueDepth: m.queueDepth, writable: m.writable,
+                                 blockSize: UInt32(blockSectorSize), blockCount: d.blockCount, dataBytes: dataBytes,
+                                 maxTransfer: limits.maxTransferBytes)
+        do {
+            try c.socket.send(.blockOpened(opened), descriptors: [session.header.fd.raw, session.queues.fd.raw, session.data.fd.raw,
+                                                                 session.requestBell.fd.raw, session.completionBell.fd.raw])
+        } catch {
+            logger.warning("cannot send session to client: \(error)", metadata: c.metadata)
+            closeConnection(c, reason: "send failed")
+            return
+        }
+        logger.info("session opened", metadata: c.metadata.merging(["session": "\(session.id)", "device": "\(d.name)",
+                                                                     "writable": "\(m.writable)", "data_bytes": "\(dataBytes)"]) { a, _ in a })
+        if let drv = d.driver, drv.ready { attach(d, drv, session) }
+    }
+
+    func attach(_ d: DeviceState, _ drv: DriverProcess, _ s: Session) {
+        let a = Attach(sessionID: s.id, tableIndex: UInt32(s.tableIndex), queueDepth: s.queueDepth, writable: s.writable,
+                       dataBytes: s.dataBytes)
+        do {
+            try drv.socket.send(.attach(a), descriptors: [s.queues.fd.raw, s.data.fd.raw, s.requestBell.fd.raw, s.completionBell.fd.raw])
+            s.attachSent = true
+        } catch {
+            logger.warning("cannot attach session \(s.id) to driver of \(d.name): \(error)")
+        }
+    }
+
+    /// The session's client is gone (or broke the protocol): stop renewing its lease and
+    /// mark its translation revoking. The entry is freed once the driver's in-use mark for
+    /// it is clear, or its lease has run out, whichever is first (see `tick`).
+    func beginRevocation(_ d: DeviceState, _ s: Session, reason: String) {
+        guard s.revokingSince == nil else { return }
+        s.revokingSince = Clock.monotonicNanoseconds
+        s.publish(generation: d.generation, state: .closed)
+        d.table.write(s.tableIndex, s.translationEntry(state: .revoking))
+        logger.info("revoking session", metadata: ["session": "\(s.id)", "device": "\(d.name)", "reason": "\(reason)"])
+        if d.driver == nil || !(d.driver!.ready) || !s.attachSent {
+            finishRevocation(d, s, how: .noDriver)
+        } else {
+            checkRevocation(d, s, now: s.revokingSince!)
+        }
+    }
+
+    func checkRevocation(_ d: DeviceState, _ s: Session, now: UInt64) {
+        guard s.revokingSince != nil else { return }
+        if let drv = d.driver, drv.page.isInUse(s.tableIndex) {
+            if now >= s.leaseEnd { finishRevocation(d, s, how: .leaseExpired) }
+        } else {
+            finishRevocation(d, s, how: .idle)
+        }
+    }
+
+    enum RevocationPath { case idle, leaseExpired, noDriver }
+
+    func finishRevocation(_ d: DeviceState, _ s: Session, how: RevocationPath) {
+        d.table.write(s.tableIndex, TranslationTable.Entry(state: .free, sessionID: 0, ioAddress: 0, length: 0, leaseEnd: 0, writable: false))
+        d.tableSlots[s.tableIndex] = nil
+        d.registeredBytes -= s.dataBytes
+        d.sessions.removeValue(forKey: s.id)
+        switch how {
+        case .idle: d.revokedIdle += 1
+        case .leaseExpired: d.revokedAtLeaseEnd += 1
+        case .noDriver: d.revokedIdle += 1
+        }
+        if let drv = d.driver, s.attachSent { try? drv.socket.send(.detach(sessionID: s.id)) }
+        if let c = connections[s.connection] {
+            // The session ended on the manager's side (protocol error, device failure):
+            // the client's connection goes with it.
+            try? epoll.remove(c.socket.fd.raw)
+            connections.removeValue(forKey: c.id)
+        }
+        logger.info("session revoked", metadata: ["session": "\(s.id)", "device": "\(d.name)", "path": "\(how)"])
+        // The manager's fds close with `s`; the memory lives on only in mappings that
+        // still exist (the driver unmaps on detach).
+    }
+
+    // MARK: drivers
+
+    func spawnDriver(_ d: DeviceState) {
+        d.state = .starting
+        do {
+            let drv = try DriverProcess(device: d, executable: executable, uid: driverUID, gid: driverGID,
+                                        sandbox: config.sandbox, logger: logger)
+            let start = DriverStart(device: d.name, generation: d.generation, blockSize: UInt32(blockSectorSize),
+                                    blockCount: d.blockCount, maxTransfer: d.config.limits.maxTransferBytes,
+                                    tableCapacity: UInt32(d.tableSlots.count), heartbeatIntervalMs: config.heartbeatIntervalMs,
+                                    latencyMicroseconds: d.config.latencyUs)
+            try drv.socket.send(.driverStart(start), descriptors: [drv.pageRegion.fd.raw, d.tableRegion.fd.raw, d.memory.fd.raw])
+            try epoll.add(drv.socket.fd.raw, events: .readable, token: Token.driverSocket | UInt64(d.index))
+            try epoll.add(drv.child.pidfd.raw, events: .readable, token: Token.driverExit | UInt64(d.index))
+            d.driver = drv
+            logger.info("driver started", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)"])
+        } catch {
+            logger.error("cannot start driver for \(d.name): \(error)")
+            d.lastFailure = "cannot start driver: \(error)"
+            driverFailed(d, reason: d.lastFailure!)
+        }
+    }
+
+    func driverReadable(_ d: DeviceState) {
+        guard let drv = d.driver else { return }
+        while d.driver === drv {
+            let m: ControlDelivery
+            do {
+                m = try drv.socket.receiveControl(nonBlocking: true)
+            } catch .socket(.system(.wouldBlock)) {
+                return
+            } catch .socket(.closed), .socket(.system(.connectionReset)) {
+                // Exiting, most likely: the pidfd will say how. If it lingers, it is killed.
+                try? epoll.remove(drv.socket.fd.raw)
+                drv.socketClosedAt = Clock.monotonicNanoseconds
+                return
+            } catch {
+                // The driver sent garbage: it is broken or hostile. Kill it; its exit (seen
+                // on the pidfd) does the rest.
+                stopDriver(d, drv, reason: "driver socket: \(error)")
+                return
+            }
+            switch m.message {
+            case .driverReady(let pid, let probes):
+                guard pid == drv.child.pid, !drv.ready else { stopDriver(d, drv, reason: "bad ready message"); return }
+                drv.ready = true
+                drv.readyAt = Clock.monotonicNanoseconds
+                d.state = .running
+                d.probes = probes
+                logger.info("driver ready", metadata: ["device": "\(d.name)", "pid": "\(pid)", "generation": "\(d.generation)",
+                                                       "sessions": "\(d.sessions.count)"])
+                if !probes.isEmpty { logger.info("driver sandbox probes: \(probes.joined(separator: ", "))") }
+                for s in d.sessions.values.sorted(by: { $0.id < $1.id }) where s.revokingSince == nil { attach(d, drv, s) }
+            case .attached(let id):
+                if let s = d.sessions[id], s.revokingSince == nil {
+                    s.publish(generation: d.generation, state: .serving)
+                }
+            case .detached:
+                break
+            case .sessionError(let id, let reason):
+                if let s = d.sessions[id] {
+                    logger.warning("driver dropped session \(id): \(reason)", metadata: ["device": "\(d.name)"])
+                    if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: reason)) }
+                    s.attachSent = false  // the driver no longer holds it
+                    beginRevocation(d, s, reason: "driver: \(reason)")
+                }
+            default:
+                stopDriver(d, drv, reason: "unexpected \(m.message.type) from driver")
+                return
+            }
+        }
+    }
+
+    func stopDriver(_ d: DeviceState, _ drv: DriverProcess, reason: String) {
+        if drv.killReason == nil { drv.killReason = reason }
+        try? epoll.remove(drv.socket.fd.raw)
+        try? drv.child.signal(SIGKILL)
+    }
+
+    func driverExited(_ d: DeviceState) {
+        guard let drv = d.driver else { return }
+        let status = (try? drv.child.wait(timeoutMilliseconds: 0)) ?? nil
+        guard let status else { return }
+        try? epoll.remove(drv.socket.fd.raw)
+        try? epoll.remove(drv.child.pidfd.raw)
+        d.driver = nil
+        let reason = drv.killReason.map { "\($0) (\(status))" } ?? "\(status)"
+        if stopping { return }
+        logger.error("driver died", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)",
+                                               "reason": "\(reason)"])
+        if drv.healthy { d.consecutiveFailures = 0 }
+        driverFailed(d, reason: reason)
+    }
+
+    /// A driver is gone. Its sessions get fresh queues (a dead driver may have left them
+    /// in any state) under the next generation; clients are told and will reissue what
+    /// they have not seen complete. Then a restart after backoff, or, after too many
+    /// failures in a row, the device is failed and its clients get an error.
+    func driverFailed(_ d: DeviceState, reason: String) {
+        d.lastFailure = reason
+        d.consecutiveFailures += 1
+        d.failures += 1
+        d.generation += 1
+        d.table.setGeneration(d.generation)
+        for s in d.sessions.values.sorted(by: { $0.id < $1.id }) {
+            s.attachSent = false
+            if s.revokingSince != nil {
+                // No driver, nothing in flight: the revocation can complete.
+                finishRevocation(d, s, how: .idle)
+            }
+        }
+        let limit = config.restart.crashLoopLimit
+        if d.consecutiveFailures > Int(limit) {
+            d.state = .failed
+            let why = "device '\(d.name)' failed: its driver failed \(d.consecutiveFailures) times in a row (last: \(reason))"
+            logger.critical("\(why)")
+            for s in d.sessions.values.sorted(by: { $0.id < $1.id }) {
+                s.publish(generation: d.generation, state: .failed)
+                if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: why)) }
+                s.completionBell.ringIgnoringErrors()
+                finishRevocation(d, s, how: .noDriver)
+            }
+            return
+        }
+        for s in d.sessions.values.sorted(by: { $0.id < $1.id }) { replaceQueues(d, s) }
+        let backoff = min(UInt64(config.restart.backoffInitialMs) << UInt64(min(d.consecutiveFailures - 1, 20)),
+                          UInt64(config.restart.backoffMaxMs))
+        d.state = .backoff(until: Clock.monotonicNanoseconds + backoff * 1_000_000)
+        d.restarts += 1
+        logger.info("restarting driver", metadata: ["device": "\(d.name)", "in_ms": "\(backoff)", "generation": "\(d.generation)",
+                                                     "consecutive_failures": "\(d.consecutiveFailures)"])
+    }
+
+    func replaceQueues(_ d: DeviceState, _ s: Session) {
+        do {
+            try s.replaceQueues()
+        } catch {
+            logger.error("cannot create new queues for session \(s.id): \(error)")
+            if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: "manager could not renew the session: \(error)")) }
+            beginRevocation(d, s, reason: "queue renewal failed")
+            return
+        }
+        if let c = connections[s.connection] {
+            // Message first, then the generation: a client that sees the new generation
+            // finds the new queues already waiting on its socket.
+            do {
+                try c.socket.send(.queuesReplaced(generation: d.generation), descriptors: [s.queues.fd.raw])
+            } catch {
+                logger.warning("cannot send new queues to client: \(error)", metadata: c.metadata)
+            }
+        }
+        s.publish(generation: d.generation, state: .recovering)
+        s.completionBell.ringIgnoringErrors()
+    }
+
+    // MARK: tick: heartbeats, health, restarts, leases, revocations
+
+    func tick() {
+        let now = Clock.monotonicNanoseconds
+        let lease = UInt64(config.leaseMs) * 1_000_000
+        for d in devices {
+            if case .backoff(let until) = d.state, now >= until { spawnDriver(d) }
+            if let drv = d.driver, drv.killReason == nil, let closed = drv.socketClosedAt, now > closed + 500_000_000 {
+                stopDriver(d, drv, reason: "closed its control socket but did not exit")
+            }
+            if let drv = d.driver, drv.killReason == nil {
+                let beat = drv.page.heartbeat
+                if beat != drv.lastBeat {
+                    drv.lastBeat = beat
+                    drv.lastBeatAt = now
+                }
+                // Before it is ready the driver is still starting (exec, sandbox, mapping):
+                // allow it longer.
+                let deadline = UInt64(config.heartbeatDeadlineMs) * 1_000_000 * (drv.ready ? 1 : 10)
+                let silent = now > drv.lastBeatAt ? now - drv.lastBeatAt : 0
+                if silent > deadline {
+                    logger.error("driver hung: no heartbeat", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)",
+                                                                         "silent_ms": "\(silent / 1_000_000)"])
+                    stopDriver(d, drv, reason: "hung: no heartbeat for \(silent / 1_000_000) ms")
+                }
+                let up = now > drv.readyAt ? now - drv.readyAt : 0
+                if drv.ready && !drv.healthy &&
+                    (drv.page.completed > 0 || up > UInt64(config.restart.healthyAfterMs) * 1_000_000) {
+                    drv.healthy = true
+                    d.consecutiveFailures = 0
+                }
+            }
+            for s in d.sessions.values {
+                if s.revokingSince != nil {
+                    checkRevocation(d, s, now: now)
+                } else if s.leaseEnd &- now < lease / 2 || now > s.leaseEnd {
+                    // Renew at half time: the driver never sees a live session's lease lapse.
+                    s.leaseEnd = now + lease
+                    d.table.write(s.tableIndex, s.translationEntry(state: .active))
+                }
+            }
+        }
+    }
+
+    // MARK: admin
+
+    func isAdmin(_ c: Connection) -> Bool { config.adminUids.contains(c.credentials.uid) }
+
+    func sendStatus(_ c: Connection) {
+        guard isAdmin(c) else { return refuse(c, .permissionDenied, "uid \(c.credentials.uid) may not read status") }
+        let json = StatusReport(manager: self).json()
+        do { try c.socket.send(.statusReport(json)) } catch { logger.warning("cannot send status: \(error)") }
+    }
+
+    func injectFault(_ c: Connection, device: String, fault: FaultKind) {
+        guard isAdmin(c) else { return refuse(c, .permissionDenied, "uid \(c.credentials.uid) may not inject faults") }
+        guard let d = devices.first(where: { $0.name == device }) else { return refuse(c, .unknownDevice, "no device named '\(device)'") }
+        guard let drv = d.driver, drv.ready, drv.killReason == nil else {
+            return refuse(c, .busy, "device '\(device)' has no running driver (state \(d.state))")
+        }
+        logger.notice("injecting fault", metadata: ["device": "\(device)", "fault": "\(fault)", "pid": "\(drv.child.pid)"])
+        switch fault {
+        case .kill: try? drv.child.signal(SIGKILL)
+        case .segfault: try? drv.child.signal(SIGSEGV)
+        case .hang: try? drv.child.signal(SIGSTOP)
+        case .abort: d.table.requestAbort(generation: d.generation)
+        }
+        try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid))
+    }
+
+    // MARK: shutdown
+
+    func shutdown() {
+        logger.info("shutting down")
+        for d in devices {
+            for s in d.sessions.values {
+                s.publish(generation: d.generation, state: .failed)
+                if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: "manager shutting down")) }
+                s.completionBell.ringIgnoringErrors()
+            }
+            if let drv = d.driver {
+                try? drv.child.signal(SIGTERM)
+                if (try? drv.child.wait(timeoutMilliseconds: 1000)) == nil {
+                    try? drv.child.signal(SIGKILL)
+                    _ = try? drv.child.wait()
+                }
+                d.driver = nil
+            }
+            d.sessions.removeAll()
+        }
+        connections.removeAll()
+        logger.info("stopped")
+    }
+}
+
+/// One client connection; at most one session.
+final class Connection {
+    let id: UInt64
+    let socket: UnixSocket
+    let credentials: PeerCredentials
+    var sessionID: UInt64?
+
+    init(id: UInt64, socket: consuming UnixSocket, credentials: PeerCredentials) {
+        self.id = id
+        self.socket = socket
+        self.credentials = credentials
+    }
+
+    var metadata: Logger.Metadata {
+        ["connection": "\(id)", "pid": "\(credentials.pid)", "uid": "\(credentials.uid)"]
+    }
+}
+
+extension Doorbell {
+    func ringIgnoringErrors() { try? ring() }
+}
+
+// SIGINT/SIGTERM ring an eventfd the loop polls (write(2) is async-signal-safe).
+nonisolated(unsafe) var shutdownSignalFD: CInt = -1
+
+func installShutdownSignals(_ fd: CInt) {
+    shutdownSignalFD = fd
+    let handler: @convention(c) (CInt) -> Void = { _ in
+        var one: UInt64 = 1
+        _ = write(shutdownSignalFD, &one, 8)
+    }
+    signal(SIGINT, handler)
+    signal(SIGTERM, handler)
+    signal(SIGPIPE, SIG_IGN)
+}

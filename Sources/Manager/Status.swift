@@ -1,0 +1,87 @@
+import FoundationEssentials
+import OutboardSession
+import OutboardSystem
+
+/// What `outboard status` shows: the manager's view of devices, drivers and sessions.
+public struct StatusReport: Codable, Sendable {
+    public struct Device: Codable, Sendable {
+        public var name: String
+        public var driver: String
+        public var state: String
+        public var pid: Int32?
+        public var generation: UInt64
+        public var restarts: Int
+        public var failures: Int
+        public var consecutiveFailures: Int
+        public var lastFailure: String?
+        public var registeredBytes: UInt64
+        public var maxDeviceBytes: UInt64
+        public var revokedIdle: Int
+        public var revokedAtLeaseEnd: Int
+        public var requestsCompleted: UInt64?
+        public var sandboxProbes: [String]
+    }
+    public struct Session: Codable, Sendable {
+        public var id: UInt64
+        public var device: String
+        public var clientPid: Int32
+        public var clientUid: UInt32
+        public var writable: Bool
+        public var state: String
+        public var registeredBytes: UInt64
+        public var queueDepth: UInt32
+        public var ioAddress: UInt64
+        public var leaseExpiresInMs: Int64
+        public var revoking: Bool
+        /// The driver's advisory in-use mark for the session's region.
+        public var inUse: Bool
+    }
+    public var socket: String
+    public var managerPid: Int32
+    public var devices: [Device]
+    public var sessions: [Session]
+
+    init(manager m: Manager) {
+        let now = Clock.monotonicNanoseconds
+        socket = m.config.controlSocket
+        managerPid = getpid()
+        devices = m.devices.map { d in
+            Device(name: d.name, driver: d.config.driver, state: d.state.description, pid: d.driver?.child.pid,
+                   generation: d.generation, restarts: d.restarts, failures: d.failures,
+                   consecutiveFailures: d.consecutiveFailures, lastFailure: d.lastFailure,
+                   registeredBytes: d.registeredBytes, maxDeviceBytes: d.config.limits.maxDeviceBytes,
+                   revokedIdle: d.revokedIdle, revokedAtLeaseEnd: d.revokedAtLeaseEnd,
+                   requestsCompleted: d.driver?.page.completed, sandboxProbes: d.probes)
+        }
+        sessions = m.devices.flatMap { d in
+            d.sessions.values.sorted { $0.id < $1.id }.map { s in
+                Session(id: s.id, device: d.name, clientPid: s.credentials.pid, clientUid: s.credentials.uid,
+                        writable: s.writable, state: s.revokingSince != nil ? "revoking" : s.state.description,
+                        registeredBytes: s.dataBytes, queueDepth: s.queueDepth, ioAddress: s.ioAddress,
+                        leaseExpiresInMs: (Int64(bitPattern: s.leaseEnd) - Int64(bitPattern: now)) / 1_000_000,
+                        revoking: s.revokingSince != nil, inUse: d.driver?.page.isInUse(s.tableIndex) ?? false)
+            }
+        }
+    }
+
+    public static let encoder: JSONEncoder = {
+        let e = JSONEncoder()
+        e.keyEncodingStrategy = .convertToSnakeCase
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }()
+
+    public func json() -> String {
+        (try? String(decoding: Self.encoder.encode(self), as: UTF8.self)) ?? "{}"
+    }
+
+    public static func decode(_ json: String) throws -> StatusReport {
+        let d = JSONDecoder()
+        d.keyDecodingStrategy = .convertFromSnakeCase
+        return try d.decode(StatusReport.self, from: Data(json.utf8))
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif

@@ -1,0 +1,391 @@
+import OutboardRings
+import OutboardSession
+import OutboardSystem
+import SystemPackage
+
+/// Why a block session call failed.
+public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// The manager (or virtualizer) refused the request.
+    case refused(ErrorCode, String)
+    /// The session ended: the device failed, the manager went away or shut down.
+    case failed(String)
+    /// A peer broke the protocol.
+    case protocolError(String)
+    /// A request this session cannot express (outside the data region, misaligned).
+    case invalidRequest(String)
+    case system(Errno)
+
+    public var description: String {
+        switch self {
+        case .refused(let code, let m): return "refused (\(code)): \(m)"
+        case .failed(let m): return "session failed: \(m)"
+        case .protocolError(let m): return "protocol error: \(m)"
+        case .invalidRequest(let m): return "invalid request: \(m)"
+        case .system(let e): return "system error: \(e)"
+        }
+    }
+}
+
+/// A finished request, with what was asked.
+public struct BlockResult: Sendable, Equatable {
+    public var tag: UInt32
+    /// nil: the driver returned a status this library does not know (treat as an error).
+    public var status: BlockStatus?
+    public var op: BlockOp
+    public var sector: UInt64
+    public var offset: UInt64
+    public var length: UInt32
+    /// The caller's value from `submit`.
+    public var userData: UInt64
+    /// Driver generation that completed it.
+    public var generation: UInt64
+    public init(tag: UInt32, status: BlockStatus?, op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32,
+                userData: UInt64, generation: UInt64) {
+        self.tag = tag; self.status = status; self.op = op; self.sector = sector; self.offset = offset
+        self.length = length; self.userData = userData; self.generation = generation
+    }
+}
+
+/// A client's block session: the `Outboard` library's block API.
+///
+/// Buffers live in the session's data region (`buffer`), registered with the device once;
+/// requests name them by offset. Submitting and completing are shared-memory operations:
+/// no system call unless the driver asked for a doorbell, or the client sleeps.
+///
+/// Recovery: the session header carries the driver generation. When it changes, the
+/// driver was restarted and the manager has sent fresh queues; the session switches to
+/// them and reissues, in submission order, every request it has not seen complete (block
+/// reads and writes are idempotent). Callers see a pause, not an error. If the device
+/// fails for good, calls throw `.failed` instead of hanging.
+public struct BlockSession: ~Copyable {
+    public let info: BlockOpened
+    let control: UnixSocket
+    let headerMapping: SharedMapping
+    let header: SessionHeaderPage
+    var queueMapping: SharedMapping
+    let dataMapping: SharedMapping
+    let requestBell: Doorbell
+    let completionBell: Doorbell
+    let epoll: Epoll
+    var requests: QueueProducer<BlockRequest>
+    var completions: QueueConsumer<BlockCompletion>
+    /// Driver generation of the queues in use.
+    public private(set) var generation: UInt64
+    /// How many times the session moved to a restarted driver.
+    public private(set) var recoveries = 0
+    /// Requests reissued after restarts.
+    public private(set) var reissued = 0
+
+    let depth: Int
+    let inflight: UnsafeMutablePointer<BlockRequest>
+    let inflightSeq: UnsafeMutablePointer<UInt64>  // 0: tag free
+    let inflightUser: UnsafeMutablePointer<UInt64>
+    let freeTags: UnsafeMutablePointer<UInt32>
+    var freeCount: Int
+    var nextSeq: UInt64 = 1
+    let scratch: UnsafeMutableBufferPointer<BlockCompletion>
+    let order: UnsafeMutablePointer<UInt32>
+
+    /// Connects to the manager (or a virtualizer) at `socketPath` and opens a session on
+    /// `device`, with a data region of `dataBytes` and at most `queueDepth` requests in
+    /// flight (a power of two).
+    public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int,
+                            queueDepth: Int = 32) throws(BlockSessionError) -> BlockSession {
+        let socket: UnixSocket
+        do { socket = try UnixSocket.connect(path: socketPath) } catch {
+            throw .failed("cannot connect to \(socketPath): \(error)")
+        }
+        do {
+            try socket.send(.openBlock(OpenBlock(device: device, writable: writable, dataBytes: UInt64(max(dataBytes, 0)),
+                                                 queueDepth: UInt32(clamping: queueDepth))))
+        } catch {
+            throw .system(error)
+        }
+        var reply: ControlDelivery
+        do { reply = try socket.receiveControl() } catch { throw .protocolError("no answer to open: \(error)") }
+        switch reply.message {
+        case .blockOpened(let info):
+            return try BlockSession(info: info, control: socket, &reply)
+        case .failure(let code, let message):
+            throw .refused(code, message)
+        default:
+            throw .protocolError("unexpected \(reply.message.type) in answer to open")
+        }
+    }
+
+    init(info: BlockOpened, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(BlockSessionError) {
+        // The server's numbers are checked before anything is sized by them.
+        guard info.queueDepth >= 2, info.queueDepth <= 4096, info.queueDepth.nonzeroBitCount == 1,
+              info.dataBytes > 0, info.dataBytes <= UInt64(Int.max / 2), info.blockSize == UInt32(blockSectorSize),
+              info.maxTransfer >= UInt32(blockSectorSize) else {
+            throw .protocolError("session parameters out of range: \(info)")
+        }
+        let layout: BlockQueueLayout
+        do { layout = try BlockQueueLayout(queueDepth: Int(info.queueDepth)) } catch { throw .protocolError("\(error)") }
+        // Noncopyable members are built as locals on one straight path, then stored.
+        let hm = try Self.map(d.take(0), minimumSize: SessionHeaderPage.byteCount, .readOnly)
+        let qm = try Self.map(d.take(1), minimumSize: layout.byteCount, .readWrite)
+        let dm = try Self.map(d.take(2), minimumSize: Int(info.dataBytes), .readWrite)
+        let rb = Doorbell(adopting: d.take(3))
+        let cb = Doorbell(adopting: d.take(4))
+        let ep = try Self.epoll(cb, control)
+        let rq = try Self.requestQueue(qm, layout)
+        let cq = try Self.completionQueue(qm, layout, depth: info.queueDepth)
+        headerMapping = hm
+        queueMapping = qm
+        dataMapping = dm
+        requestBell = rb
+        completionBell = cb
+        epoll = ep
+        requests = rq
+        completions = cq
+        self.info = info
+        self.control = control
+        header = SessionHeaderPage(headerMapping.base)
+        generation = info.generation
+        depth = Int(info.queueDepth)
+        inflight = .allocate(capacity: depth)
+        inflightSeq = .allocate(capacity: depth)
+        inflightSeq.initialize(repeating: 0, count: depth)
+        inflightUser = .allocate(capacity: depth)
+        freeTags = .allocate(capacity: depth)
+        for i in 0..<depth { freeTags[i] = UInt32(depth - 1 - i) }
+        freeCount = depth
+        scratch = .allocate(capacity: depth)
+        order = .allocate(capacity: depth)
+    }
+
+    static func map(_ fd: consuming OwnedFD, minimumSize: Int, _ access: SharedMapping.Access) throws(BlockSessionError) -> SharedMapping {
+        do { return try SharedRegion(adopting: fd, minimumSize: minimumSize).map(access) } catch { throw .system(error) }
+    }
+
+    static func epoll(_ bell: borrowing Doorbell, _ control: borrowing UnixSocket) throws(BlockSessionError) -> Epoll {
+        do {
+            let e = try Epoll()
+            try e.add(bell.fd.raw, events: .readable, token: 1)
+            try e.add(control.fd.raw, events: .readable, token: 2)
+            return e
+        } catch {
+            throw .system(error)
+        }
+    }
+
+    static func requestQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout) throws(BlockSessionError) -> QueueProducer<BlockRequest> {
+        do {
+            return try QueueProducer<BlockRequest>(memory: m.base, size: m.size, at: layout.requestOffset, layout: layout.requests)
+        } catch {
+            throw .protocolError("\(error)")
+        }
+    }
+
+    static func completionQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout, depth: UInt32) throws(BlockSessionError)
+        -> QueueConsumer<BlockCompletion> {
+        do {
+            return try QueueConsumer<BlockCompletion>(memory: m.base, size: m.size, at: layout.completionOffset,
+                                                      layout: layout.completions, bounds: depth)
+        } catch {
+            throw .protocolError("\(error)")
+        }
+    }
+
+    deinit {
+        inflight.deallocate()
+        inflightSeq.deallocate()
+        inflightUser.deallocate()
+        freeTags.deallocate()
+        scratch.deallocate()
+        order.deallocate()
+    }
+
+    /// The session's data region: put write data here, find read data here, by offset.
+    public var buffer: UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(start: dataMapping.base, count: dataMapping.size)
+    }
+
+    public var inFlight: Int { depth - freeCount }
+    public var queueDepth: Int { depth }
+
+    /// Submits one request on the buffer at `offset`. Returns the tag, or nil when
+    /// `queueDepth` requests are already in flight.
+    public mutating func submit(_ op: BlockOp, sector: UInt64, offset: Int, length: Int,
+                                userData: UInt64 = 0) throws(BlockSessionError) -> UInt32? {
+        try checkGeneration()
+        guard freeCount > 0 else { return nil }
+        if op != .flush {
+            guard length > 0, length % blockSectorSize == 0, length <= Int(info.maxTransfer),
+                  offset >= 0, offset <= dataMapping.size, length <= dataMapping.size - offset else {
+                throw .invalidRequest("\(op) of \(length) bytes at buffer offset \(offset): outside the \(dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
+            }
+        }
+        freeCount -= 1
+        let tag = freeTags[freeCount]
+        let r = BlockRequest(tag: tag, op: op, sector: sector, offset: UInt64(offset), length: UInt32(op == .flush ? 0 : length))
+        inflight[Int(tag)] = r
+        inflightSeq[Int(tag)] = nextSeq
+        inflightUser[Int(tag)] = userData
+        nextSeq &+= 1
+        // Never more than `depth` in flight: the queue has room.
+        _ = requests.enqueue(r)
+        if requests.consumerWantsSignal() { try? requestBell.ring() }
+        return tag
+    }
+
+    /// Collects finished requests without blocking. Returns how many were written to `out`.
+    public mutating func poll(into out: UnsafeMutableBufferPointer<BlockResult>) throws(BlockSessionError) -> Int {
+        try checkGeneration()
+        let want = min(out.count, depth)
+        guard want > 0 else { return 0 }
+        let n = completions.dequeue(into: UnsafeMutableBufferPointer(rebasing: scratch[0..<want]))
+        if n == 0, let e = completions.error {
+            // A broken completion queue: if the driver died meanwhile, recovery replaces it.
+            try checkGeneration()
+            if completions.hasFailed { throw .protocolError("completion queue: \(e)") }
+        }
+        var k = 0
+        for i in 0..<n {
+            let c = scratch[i]
+            let tag = Int(c.tag)
+            guard inflightSeq[tag] != 0 else { continue }  // not in flight: a stray completion, ignored
+            let r = inflight[tag]
+            out[k] = BlockResult(tag: c.tag, status: BlockStatus(rawValue: c.status), op: BlockOp(rawValue: r.op) ?? .flush,
+                                 sector: r.sector, offset: r.offset, length: r.length, userData: inflightUser[tag],
+                                 generation: c.generation)
+            inflightSeq[tag] = 0
+            freeTags[freeCount] = c.tag
+            freeCount += 1
+            k += 1
+        }
+        return k
+    }
+
+    /// As `poll`, but sleeps up to `timeoutMilliseconds` when nothing has finished.
+    public mutating func wait(into out: UnsafeMutableBufferPointer<BlockResult>,
+                              timeoutMilliseconds: Int) throws(BlockSessionError) -> Int {
+        let n = try poll(into: out)
+        if n > 0 || inFlight == 0 { return n }
+        if completions.prepareToSleep() {
+            let events: [Epoll.Event]
+            do { events = try epoll.wait(maxEvents: 4, timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
+            completions.cancelSignal()
+            for e in events {
+                if e.token == 1 { _ = try? completionBell.drain() }
+                if e.token == 2 { try checkControl() }
+            }
+        } else {
+            completions.cancelSignal()
+        }
+        return try poll(into: out)
+    }
+
+    /// Blocks until every request in flight has finished, handing each to `body`.
+    public mutating func drain(_ body: (BlockResult) throws(BlockSessionError) -> Void) throws(BlockSessionError) {
+        let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: depth)
+        defer { out.deallocate() }
+        while inFlight > 0 {
+            let n = try wait(into: out, timeoutMilliseconds: 1000)
+            for i in 0..<n { try body(out[i]) }
+        }
+    }
+
+    // MARK: recovery
+
+    @inline(__always)
+    mutating func checkGeneration() throws(BlockSessionError) {
+        let g = header.generation
+        // Only forward: new queues may be adopted from the socket (checkControl) just
+        // before the manager publishes their generation.
+        if g > generation { try recover(to: g) }
+        if header.state == .failed { try failFromControl() }
+    }
+
+    /// Something arrived on the control socket while we slept: the manager went away, or
+    /// told us the session failed. (New queues are taken by `recover`, on a generation change.)
+    mutating func checkControl() throws(BlockSessionError) {
+        if header.generation > generation || header.state == .failed { return }
+        do {
+            guard try control.waitReadable(timeoutMilliseconds: 0) else { return }
+        } catch {
+            throw .system(error)
+        }
+        // Only sessionFailed or a close can be pending while the generation is unchanged
+        // (new queues always come with a new generation, which is checked first). If the
+        // message is new queues whose generation is not yet published, leave it.
+        var d: ControlDelivery
+        do { d = try control.receiveControl(nonBlocking: true) } catch .socket(.system(.wouldBlock)) { return } catch {
+            throw .failed("manager connection: \(error)")
+        }
+        switch d.message {
+        case .sessionFailed(let reason): throw .failed(reason)
+        case .queuesReplaced(let g):
+            try adoptQueues(&d, generation: g)
+        default: throw .protocolError("unexpected \(d.message.type) from manager")
+        }
+    }
+
+    mutating func failFromControl() throws(BlockSessionError) {
+        while true {
+            var d: ControlDelivery
+            do {
+                guard try control.waitReadable(timeoutMilliseconds: 1000) else { throw BlockSessionError.failed("device failed") }
+                d = try control.receiveControl()
+            } catch let e as BlockSessionError {
+                throw e
+            } catch {
+                throw .failed("device failed (\(error))")
+            }
+            if case .sessionFailed(let reason) = d.message { throw .failed(reason) }
+            _ = d.descriptors.count
+        }
+    }
+
+    /// Moves to the queues of generation `target` and reissues what is in flight.
+    mutating func recover(to target: UInt64) throws(BlockSessionError) {
+        while generation < target {
+            var d: ControlDelivery
+            do {
+                guard try control.waitReadable(timeoutMilliseconds: 5000) else {
+                    throw BlockSessionError.protocolError("generation \(target) published without new queues")
+                }
+                d = try control.receiveControl()
+            } catch let e as BlockSessionError {
+                throw e
+            } catch {
+                throw .failed("manager connection: \(error)")
+            }
+            switch d.message {
+            case .queuesReplaced(let g):
+                try adoptQueues(&d, generation: g)
+            case .sessionFailed(let reason):
+                throw .failed(reason)
+            default:
+                throw .protocolError("unexpected \(d.message.type) during recovery")
+            }
+        }
+    }
+
+    mutating func adoptQueues(_ d: inout ControlDelivery, generation g: UInt64) throws(BlockSessionError) {
+        guard g > generation else { return }  // stale: its fd is closed with `d`
+        let layout: BlockQueueLayout
+        do { layout = try BlockQueueLayout(queueDepth: depth) } catch { throw .protocolError("\(error)") }
+        let m = try Self.map(d.take(0), minimumSize: layout.byteCount, .readWrite)
+        let rq = try Self.requestQueue(m, layout)
+        let cq = try Self.completionQueue(m, layout, depth: UInt32(depth))
+        requests = rq
+        completions = cq
+        queueMapping = m
+        generation = g
+        recoveries += 1
+        // Reissue in submission order.
+        var n = 0
+        for t in 0..<depth where inflightSeq[t] != 0 {
+            order[n] = UInt32(t)
+            n += 1
+        }
+        let seq = inflightSeq
+        var pending = UnsafeMutableBufferPointer(start: order, count: n)
+        pending.sort { seq[Int($0)] < seq[Int($1)] }
+        for i in 0..<n { _ = requests.enqueue(inflight[Int(order[i])]) }
+        reissued += n
+        if n > 0 { try? requestBell.ring() }
+    }
+}

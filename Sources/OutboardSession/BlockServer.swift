@@ -1,0 +1,95 @@
+import OutboardRings
+import OutboardSystem
+import SystemPackage
+
+/// The serving end of one block session: what a driver (or a virtualizer serving its own
+/// clients) holds per session. It maps the session's queues and data region and owns the
+/// doorbells; requests come out copied and tag-checked, completions go back in batches,
+/// and the client's doorbell is rung only when the client asked for it.
+public struct BlockServerEndpoint: ~Copyable {
+    public let sessionID: UInt64
+    public let tableIndex: Int
+    public let writable: Bool
+    public let queueDepth: Int
+    public let queues: SharedMapping
+    public let data: SharedMapping
+    public let requestBell: Doorbell
+    public let completionBell: Doorbell
+    public var requests: QueueConsumer<BlockRequest>
+    public var completions: QueueProducer<BlockCompletion>
+
+    /// Sets up from an Attach (or the equivalent parameters) and its four descriptors:
+    /// queues, data, request doorbell, completion doorbell. Sizes come from `attach`, and
+    /// the regions must carry the size seals and be at least that large.
+    public init(_ attach: Attach, queues queuesFD: consuming OwnedFD, data dataFD: consuming OwnedFD,
+                requestBell: consuming OwnedFD, completionBell: consuming OwnedFD) throws(SessionSetupError) {
+        // Every descriptor is taken over first (a noncopyable value must be consumed on
+        // every path alike); the checks follow.
+        let depthOK = attach.queueDepth.nonzeroBitCount == 1 && attach.queueDepth >= 2 && attach.queueDepth <= 4096
+        let layout = depthOK ? try? BlockQueueLayout(queueDepth: Int(attach.queueDepth)) : nil
+        let dataOK = attach.dataBytes > 0 && attach.dataBytes <= UInt64(Int.max / 2)
+        let qm = try Self.map(queuesFD, minimumSize: layout?.byteCount ?? 1)
+        let dm = try Self.map(dataFD, minimumSize: dataOK ? Int(attach.dataBytes) : 1)
+        let rb = Doorbell(adopting: requestBell)
+        let cb = Doorbell(adopting: completionBell)
+        guard let layout else { throw .invalid("queue depth \(attach.queueDepth) is not a power of two in 2...4096") }
+        guard dataOK else { throw .invalid("data size \(attach.dataBytes)") }
+        let rq: QueueConsumer<BlockRequest>, cq: QueueProducer<BlockCompletion>
+        do {
+            rq = try QueueConsumer<BlockRequest>(memory: qm.base, size: qm.size, at: layout.requestOffset,
+                                                 layout: layout.requests, bounds: attach.queueDepth)
+        } catch {
+            throw .queue(error)
+        }
+        do {
+            cq = try QueueProducer<BlockCompletion>(memory: qm.base, size: qm.size, at: layout.completionOffset,
+                                                    layout: layout.completions)
+        } catch {
+            throw .queue(error)
+        }
+        requests = rq
+        completions = cq
+        self.requestBell = rb
+        self.completionBell = cb
+        sessionID = attach.sessionID
+        tableIndex = Int(attach.tableIndex)
+        writable = attach.writable
+        queueDepth = Int(attach.queueDepth)
+        queues = qm
+        data = dm
+    }
+
+    static func map(_ fd: consuming OwnedFD, minimumSize: Int) throws(SessionSetupError) -> SharedMapping {
+        do {
+            return try SharedRegion(adopting: fd, minimumSize: minimumSize).map(.readWrite)
+        } catch {
+            throw .system(error)
+        }
+    }
+
+    /// Publishes `batch` and rings the client if it is waiting. Completions never overflow
+    /// (at most `queueDepth` requests are in flight), so a short enqueue means the client
+    /// broke the protocol or the queue failed: the caller reports the session.
+    public mutating func complete(_ batch: UnsafeBufferPointer<BlockCompletion>) -> Bool {
+        let n = completions.enqueue(batch)
+        if n > 0, completions.consumerWantsSignal() { try? completionBell.ring() }
+        return n == batch.count
+    }
+
+    /// Why the session cannot be served any more, if so.
+    public var failure: QueueError? { requests.error ?? completions.error }
+}
+
+public enum SessionSetupError: Error, Equatable, Sendable, CustomStringConvertible {
+    case invalid(String)
+    case queue(QueueError)
+    case system(Errno)
+
+    public var description: String {
+        switch self {
+        case .invalid(let s): return "invalid session parameters: \(s)"
+        case .queue(let q): return q.description
+        case .system(let e): return "cannot map session regions: \(e)"
+        }
+    }
+}

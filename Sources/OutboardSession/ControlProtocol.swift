@@ -1,0 +1,338 @@
+/// The control protocol: messages between clients, the manager and drivers over Unix
+/// SEQPACKET sockets, one message per datagram.
+///
+/// ```
+/// header (16 bytes, little-endian)
+///   +0  magic    UInt32  "OBC1"
+///   +4  version  UInt16  ControlProtocol.version
+///   +6  type     UInt16  MessageType
+///   +8  length   UInt32  payload bytes that follow the header
+///   +12 reserved UInt32  zero
+/// payload: the message's fields in order (see `encode`)
+/// ```
+/// Every message is decoded from a private copy of the datagram, checked field by field,
+/// and must consume its payload exactly. Descriptors (SCM_RIGHTS) travel with the
+/// messages that need them; the number is fixed per type and checked by the receiver.
+public enum ControlProtocol {
+    public static let magic: UInt32 = 0x3143_424F  // "OBC1" little-endian
+    public static let version: UInt16 = 1
+    public static let headerSize = 16
+    /// Limit for every message except status reports.
+    public static let maxMessageBytes = 4096
+    /// Limit for a status report (JSON), manager to client.
+    public static let maxReportBytes = 1 << 20
+    /// Most descriptors any message carries.
+    public static let maxDescriptors = 8
+    /// Longest device name.
+    public static let maxNameBytes = 64
+    /// Longest free-text reason.
+    public static let maxReasonBytes = 1024
+}
+
+public enum MessageType: UInt16, Sendable, CaseIterable {
+    // client -> manager
+    case openBlock = 1
+    case statusRequest = 2
+    case injectFault = 3
+    // manager -> client
+    case blockOpened = 16
+    case queuesReplaced = 17
+    case sessionFailed = 18
+    case failure = 19
+    case statusReport = 20
+    case faultInjected = 21
+    // manager -> driver
+    case driverStart = 32
+    case attach = 33
+    case detach = 34
+    // driver -> manager
+    case driverReady = 48
+    case attached = 49
+    case detached = 50
+    case sessionError = 51
+
+    /// Descriptors a message of this type carries.
+    public var descriptorCount: Int {
+        switch self {
+        case .blockOpened: return BlockOpened.descriptorCount
+        case .queuesReplaced: return 1
+        case .driverStart: return DriverStart.descriptorCount
+        case .attach: return Attach.descriptorCount
+        default: return 0
+        }
+    }
+}
+
+/// Error codes a manager returns to a client.
+public enum ErrorCode: UInt16, Sendable, CaseIterable, CustomStringConvertible {
+    case malformed = 1
+    case unknownDevice = 2
+    case permissionDenied = 3
+    case limitExceeded = 4
+    case deviceFailed = 5
+    case invalidArgument = 6
+    case busy = 7
+    case internalError = 8
+
+    public var description: String {
+        switch self {
+        case .malformed: return "malformed request"
+        case .unknownDevice: return "unknown device"
+        case .permissionDenied: return "permission denied"
+        case .limitExceeded: return "limit exceeded"
+        case .deviceFailed: return "device failed"
+        case .invalidArgument: return "invalid argument"
+        case .busy: return "busy"
+        case .internalError: return "internal error"
+        }
+    }
+}
+
+/// Faults the manager can inject into a driver (for `outboard faults` and tests).
+public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    case kill = 1      // SIGKILL
+    case segfault = 2  // SIGSEGV
+    case hang = 3      // SIGSTOP: only the heartbeat deadline finds it
+    case abort = 4     // abort() inside request handling
+
+    public var description: String {
+        switch self {
+        case .kill: return "kill"
+        case .segfault: return "segv"
+        case .hang: return "hang"
+        case .abort: return "abort"
+        }
+    }
+}
+
+/// A client asks for a block session on a device.
+public struct OpenBlock: Equatable, Sendable {
+    public var device: String
+    public var writable: Bool
+    /// Size of the data region the client wants for its buffers.
+    public var dataBytes: UInt64
+    /// Requests in flight at most; a power of two.
+    public var queueDepth: UInt32
+    public init(device: String, writable: Bool, dataBytes: UInt64, queueDepth: UInt32) {
+        self.device = device; self.writable = writable; self.dataBytes = dataBytes; self.queueDepth = queueDepth
+    }
+}
+
+/// The manager's answer to OpenBlock. Descriptors, in order: session header (map
+/// read-only), queues, data, request doorbell, completion doorbell.
+public struct BlockOpened: Equatable, Sendable {
+    public static let descriptorCount = 5
+    public var sessionID: UInt64
+    public var generation: UInt64
+    public var queueDepth: UInt32
+    public var writable: Bool
+    public var blockSize: UInt32
+    public var blockCount: UInt64
+    public var dataBytes: UInt64
+    public var maxTransfer: UInt32
+    public init(sessionID: UInt64, generation: UInt64, queueDepth: UInt32, writable: Bool, blockSize: UInt32,
+                blockCount: UInt64, dataBytes: UInt64, maxTransfer: UInt32) {
+        self.sessionID = sessionID; self.generation = generation; self.queueDepth = queueDepth
+        self.writable = writable; self.blockSize = blockSize; self.blockCount = blockCount
+        self.dataBytes = dataBytes; self.maxTransfer = maxTransfer
+    }
+}
+
+/// First message to a new driver process. Descriptors: driver page (read-write),
+/// translation table (read-only), device memory (read-write; memory-backed devices only,
+/// otherwise a placeholder region).
+public struct DriverStart: Equatable, Sendable {
+    public static let descriptorCount = 3
+    public var device: String
+    public var generation: UInt64
+    public var blockSize: UInt32
+    public var blockCount: UInt64
+    public var maxTransfer: UInt32
+    public var tableCapacity: UInt32
+    public var heartbeatIntervalMs: UInt32
+    /// Emulated device latency per request, microseconds (0: none).
+    public var latencyMicroseconds: UInt32
+    public init(device: String, generation: UInt64, blockSize: UInt32, blockCount: UInt64, maxTransfer: UInt32,
+                tableCapacity: UInt32, heartbeatIntervalMs: UInt32, latencyMicroseconds: UInt32) {
+        self.device = device; self.generation = generation; self.blockSize = blockSize; self.blockCount = blockCount
+        self.maxTransfer = maxTransfer; self.tableCapacity = tableCapacity
+        self.heartbeatIntervalMs = heartbeatIntervalMs; self.latencyMicroseconds = latencyMicroseconds
+    }
+}
+
+/// A session handed to a driver. Descriptors: queues, data, request doorbell,
+/// completion doorbell.
+public struct Attach: Equatable, Sendable {
+    public static let descriptorCount = 4
+    public var sessionID: UInt64
+    /// The session's data region entry in the translation table.
+    public var tableIndex: UInt32
+    public var queueDepth: UInt32
+    public var writable: Bool
+    public var dataBytes: UInt64
+    public init(sessionID: UInt64, tableIndex: UInt32, queueDepth: UInt32, writable: Bool, dataBytes: UInt64) {
+        self.sessionID = sessionID; self.tableIndex = tableIndex; self.queueDepth = queueDepth
+        self.writable = writable; self.dataBytes = dataBytes
+    }
+}
+
+public enum ControlMessage: Equatable, Sendable {
+    case openBlock(OpenBlock)
+    case statusRequest
+    case injectFault(device: String, fault: FaultKind)
+    case blockOpened(BlockOpened)
+    case queuesReplaced(generation: UInt64)
+    case sessionFailed(reason: String)
+    case failure(ErrorCode, String)
+    case statusReport(String)
+    case faultInjected(generation: UInt64, pid: Int32)
+    case driverStart(DriverStart)
+    case attach(Attach)
+    case detach(sessionID: UInt64)
+    /// The driver is sandboxed and running. `probes`: sandbox self-test results, one
+    /// "name errno" string per attempted escape (empty unless asked for).
+    case driverReady(pid: Int32, probes: [String])
+    case attached(sessionID: UInt64)
+    case detached(sessionID: UInt64)
+    /// The driver stopped serving a session because its client broke the queue protocol.
+    case sessionError(sessionID: UInt64, reason: String)
+
+    public var type: MessageType {
+        switch self {
+        case .openBlock: return .openBlock
+        case .statusRequest: return .statusRequest
+        case .injectFault: return .injectFault
+        case .blockOpened: return .blockOpened
+        case .queuesReplaced: return .queuesReplaced
+        case .sessionFailed: return .sessionFailed
+        case .failure: return .failure
+        case .statusReport: return .statusReport
+        case .faultInjected: return .faultInjected
+        case .driverStart: return .driverStart
+        case .attach: return .attach
+        case .detach: return .detach
+        case .driverReady: return .driverReady
+        case .attached: return .attached
+        case .detached: return .detached
+        case .sessionError: return .sessionError
+        }
+    }
+
+    public func encode() -> [UInt8] {
+        var w = WireWriter()
+        w.u32(ControlProtocol.magic)
+        w.u16(ControlProtocol.version)
+        w.u16(type.rawValue)
+        w.u32(0)  // length, patched below
+        w.u32(0)
+        switch self {
+        case .openBlock(let m):
+            w.string(m.device); w.bool(m.writable); w.u64(m.dataBytes); w.u32(m.queueDepth)
+        case .statusRequest:
+            break
+        case .injectFault(let device, let fault):
+            w.string(device); w.u8(fault.rawValue)
+        case .blockOpened(let m):
+            w.u64(m.sessionID); w.u64(m.generation); w.u32(m.queueDepth); w.bool(m.writable)
+            w.u32(m.blockSize); w.u64(m.blockCount); w.u64(m.dataBytes); w.u32(m.maxTransfer)
+        case .queuesReplaced(let g):
+            w.u64(g)
+        case .sessionFailed(let reason):
+            w.string(reason)
+        case .failure(let code, let message):
+            w.u16(code.rawValue); w.string(message)
+        case .statusReport(let json):
+            w.string(json)
+        case .faultInjected(let g, let pid):
+            w.u64(g); w.i32(pid)
+        case .driverStart(let m):
+            w.string(m.device); w.u64(m.generation); w.u32(m.blockSize); w.u64(m.blockCount)
+            w.u32(m.maxTransfer); w.u32(m.tableCapacity); w.u32(m.heartbeatIntervalMs); w.u32(m.latencyMicroseconds)
+        case .attach(let m):
+            w.u64(m.sessionID); w.u32(m.tableIndex); w.u32(m.queueDepth); w.bool(m.writable); w.u64(m.dataBytes)
+        case .detach(let id), .attached(let id), .detached(let id):
+            w.u64(id)
+        case .driverReady(let pid, let probes):
+            w.i32(pid); w.u32(UInt32(probes.count)); for p in probes { w.string(p) }
+        case .sessionError(let id, let reason):
+            w.u64(id); w.string(reason)
+        }
+        w.patchU32(at: 8, UInt32(w.bytes.count - ControlProtocol.headerSize))
+        return w.bytes
+    }
+
+    /// Decodes one datagram. `limit` is the receiver's size limit for this message; the
+    /// socket layer has already refused anything longer than the buffer.
+    public static func decode(_ bytes: [UInt8], limit: Int = ControlProtocol.maxMessageBytes) throws(ControlError) -> ControlMessage {
+        guard bytes.count <= limit else { throw .tooLarge(size: bytes.count, limit: limit) }
+        var r = WireReader(bytes)
+        guard try r.u32("magic") == ControlProtocol.magic else { throw .malformed("bad magic") }
+        let version = try r.u16("version")
+        guard version == ControlProtocol.version else { throw .unsupportedVersion(version) }
+        let rawType = try r.u16("type")
+        guard let type = MessageType(rawValue: rawType) else { throw .unknownType(rawType) }
+        let length = Int(try r.u32("length"))
+        guard try r.u32("reserved") == 0 else { throw .malformed("reserved header word not zero") }
+        guard length == r.remaining else {
+            throw .malformed("header says \(length) payload bytes, datagram has \(r.remaining)")
+        }
+        let name = ControlProtocol.maxNameBytes, reasonLimit = ControlProtocol.maxReasonBytes
+        let m: ControlMessage
+        switch type {
+        case .openBlock:
+            m = .openBlock(OpenBlock(device: try r.string("device", maxBytes: name), writable: try r.bool("writable"),
+                                     dataBytes: try r.u64("dataBytes"), queueDepth: try r.u32("queueDepth")))
+        case .statusRequest:
+            m = .statusRequest
+        case .injectFault:
+            let device = try r.string("device", maxBytes: name)
+            let raw = try r.u8("fault")
+            guard let fault = FaultKind(rawValue: raw) else { throw .malformed("fault: unknown kind \(raw)") }
+            m = .injectFault(device: device, fault: fault)
+        case .blockOpened:
+            m = .blockOpened(BlockOpened(
+                sessionID: try r.u64("sessionID"), generation: try r.u64("generation"), queueDepth: try r.u32("queueDepth"),
+                writable: try r.bool("writable"), blockSize: try r.u32("blockSize"), blockCount: try r.u64("blockCount"),
+                dataBytes: try r.u64("dataBytes"), maxTransfer: try r.u32("maxTransfer")))
+        case .queuesReplaced:
+            m = .queuesReplaced(generation: try r.u64("generation"))
+        case .sessionFailed:
+            m = .sessionFailed(reason: try r.string("reason", maxBytes: reasonLimit))
+        case .failure:
+            let raw = try r.u16("code")
+            guard let code = ErrorCode(rawValue: raw) else { throw .malformed("code: unknown error code \(raw)") }
+            m = .failure(code, try r.string("message", maxBytes: reasonLimit))
+        case .statusReport:
+            m = .statusReport(try r.string("report", maxBytes: ControlProtocol.maxReportBytes, allowControl: true))
+        case .faultInjected:
+            m = .faultInjected(generation: try r.u64("generation"), pid: try r.i32("pid"))
+        case .driverStart:
+            m = .driverStart(DriverStart(
+                device: try r.string("device", maxBytes: name), generation: try r.u64("generation"),
+                blockSize: try r.u32("blockSize"), blockCount: try r.u64("blockCount"), maxTransfer: try r.u32("maxTransfer"),
+                tableCapacity: try r.u32("tableCapacity"), heartbeatIntervalMs: try r.u32("heartbeatIntervalMs"),
+                latencyMicroseconds: try r.u32("latencyMicroseconds")))
+        case .attach:
+            m = .attach(Attach(sessionID: try r.u64("sessionID"), tableIndex: try r.u32("tableIndex"),
+                               queueDepth: try r.u32("queueDepth"), writable: try r.bool("writable"),
+                               dataBytes: try r.u64("dataBytes")))
+        case .detach:
+            m = .detach(sessionID: try r.u64("sessionID"))
+        case .attached:
+            m = .attached(sessionID: try r.u64("sessionID"))
+        case .detached:
+            m = .detached(sessionID: try r.u64("sessionID"))
+        case .driverReady:
+            let pid = try r.i32("pid")
+            let n = try r.u32("probe count")
+            guard n <= 64 else { throw .malformed("probe count \(n), limit 64") }
+            var probes: [String] = []
+            for _ in 0..<n { probes.append(try r.string("probe", maxBytes: 128)) }
+            m = .driverReady(pid: pid, probes: probes)
+        case .sessionError:
+            m = .sessionError(sessionID: try r.u64("sessionID"), reason: try r.string("reason", maxBytes: reasonLimit))
+        }
+        try r.finish(String(describing: type))
+        return m
+    }
+}

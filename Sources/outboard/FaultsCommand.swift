@@ -1,0 +1,178 @@
+import ArgumentParser
+import FoundationEssentials
+import Manager
+import Outboard
+import OutboardSession
+import OutboardSystem
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `outboard faults`: a verified random read/write workload through a session while the
+/// driver is killed, crashed, hung and made to abort, again and again.
+struct FaultsCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "faults",
+        abstract: "Inject driver faults under a verified read/write workload and report recovery.",
+        discussion: """
+            Connects to the manager of --config (starting one for the run if none is listening), \
+            opens a session on --device, keeps --depth requests in flight, and injects --faults \
+            faults in turn: SIGKILL, SIGSEGV, a hang (SIGSTOP, found by the heartbeat) and an \
+            abort() inside request handling. After each fault it waits until a request completes \
+            under the new driver generation (the recovery time), then runs --ops-between more \
+            operations. Every read is checked against the last acknowledged write.
+            """
+    )
+
+    @Option(help: "The manager's configuration file.")
+    var config: String
+
+    @Option(help: "The device to run on.")
+    var device: String
+
+    @Option(help: "Number of faults to inject.")
+    var faults: Int = 20
+
+    @Option(help: "Operations between faults (after recovery).")
+    var opsBetween: Int = 200
+
+    @Option(help: "Requests in flight.")
+    var depth: Int = 16
+
+    @Option(help: "4 KiB blocks of the device the workload uses.")
+    var blocks: Int = 2048
+
+    @Option(help: "Seconds to wait for one recovery before giving up.")
+    var recoveryTimeout: Int = 30
+
+    @Option(help: "Random seed.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    func run() throws {
+        let cfg = try ManagerConfig.load(path: config)
+        var manager: ChildProcess? = nil
+        if (try? UnixSocket.connect(path: cfg.controlSocket)) == nil {
+            manager = try startManager(cfg)
+        }
+        defer {
+            if manager != nil {
+                try? manager!.signal(SIGTERM)
+                _ = try? manager!.wait(timeoutMilliseconds: 5000)
+            }
+        }
+        let admin = try AdminConnection(socketPath: cfg.controlSocket)
+        let session = try BlockSession.open(socketPath: cfg.controlSocket, device: device, writable: true,
+                                            dataBytes: depth * VerifiedWorkload.blockBytes, queueDepth: depth)
+        var w = VerifiedWorkload(session: session, blocks: blocks, seed: seed)
+        // Every block written once, so that earlier contents of the device do not matter.
+        try w.prepare()
+        try w.run(operations: opsBetween)
+        let kinds = FaultKind.allCases
+        var recovered = 0, injected = 0
+        var recoveryMs: [Double] = []
+        var failure: String? = nil
+        for i in 0..<faults {
+            let kind = kinds[i % kinds.count]
+            let t0 = Clock.monotonicNanoseconds
+            let hit: (generation: UInt64, pid: Int32)
+            do { hit = try admin.injectFault(device: device, kind) } catch {
+                failure = "injecting fault \(i + 1) (\(kind)): \(error)"
+                break
+            }
+            injected += 1
+            let deadline = t0 + UInt64(recoveryTimeout) * 1_000_000_000
+            var timedOut = false
+            do {
+                try w.run { w in
+                    if w.lastCompletionGeneration > hit.generation { return true }
+                    if Clock.monotonicNanoseconds > deadline { timedOut = true; return true }
+                    return false
+                }
+            } catch {
+                failure = "after fault \(i + 1) (\(kind)): \(error)"
+                break
+            }
+            if timedOut {
+                failure = "fault \(i + 1) (\(kind)): no recovery within \(recoveryTimeout) s"
+                break
+            }
+            recovered += 1
+            recoveryMs.append(Double(Clock.monotonicNanoseconds - t0) / 1e6)
+            if !json && (i + 1) % 20 == 0 {
+                print("faults: \(i + 1)/\(faults) injected, \(recovered) recovered, \(w.ops) ops, \(w.verifyErrors) verify errors")
+            }
+            do { try w.run(operations: opsBetween) } catch {
+                failure = "after fault \(i + 1) (\(kind)): \(error)"
+                break
+            }
+        }
+        if failure == nil {
+            do { try w.finish() } catch { failure = "finishing: \(error)" }
+        }
+        let sorted = recoveryMs.sorted()
+        func percentile(_ p: Double) -> Double {
+            guard !sorted.isEmpty else { return 0 }
+            let idx = min(sorted.count - 1, Int((p * Double(sorted.count)).rounded(.up)) - 1)
+            return sorted[max(0, idx)]
+        }
+        let report = FaultReport(
+            device: device, faultsInjected: injected, recovered: recovered, ops: w.ops, reads: w.reads, writes: w.writes,
+            verifyErrors: w.verifyErrors, clientErrors: w.clientErrors, reissued: w.session.reissued,
+            recoveryMsP50: percentile(0.5), recoveryMsP99: percentile(0.99), recoveryMsMax: sorted.last ?? 0,
+            firstError: w.firstError, failure: failure)
+        if json {
+            let e = JSONEncoder()
+            e.keyEncodingStrategy = .convertToSnakeCase
+            e.outputFormatting = [.sortedKeys]
+            print(String(decoding: try e.encode(report), as: UTF8.self))
+        } else {
+            print("""
+                device \(device): \(injected) faults injected, \(recovered) recovered
+                ops \(w.ops) (\(w.reads) reads, \(w.writes) writes), \(w.session.reissued) reissued after restarts
+                verify errors \(w.verifyErrors), client errors \(w.clientErrors)
+                recovery ms: p50 \(fmt(report.recoveryMsP50)), p99 \(fmt(report.recoveryMsP99)), max \(fmt(report.recoveryMsMax))
+                """)
+            if let e = w.firstError { print("first error: \(e)") }
+            if let failure { print("stopped: \(failure)") }
+        }
+        if failure != nil || recovered != injected || w.verifyErrors > 0 || w.clientErrors > 0 {
+            throw ExitCode(1)
+        }
+    }
+
+    func fmt(_ v: Double) -> String { String(Int((v * 10).rounded())) .dropLast().description + "." + String(Int((v * 10).rounded()) % 10) }
+
+    func startManager(_ cfg: ManagerConfig) throws -> ChildProcess {
+        var child = try ChildProcess(executable: currentExecutable(),
+                                     arguments: ["run", "--config", config, "--log-level", "warning"])
+        let deadline = Clock.monotonicNanoseconds + 20_000_000_000
+        while Clock.monotonicNanoseconds < deadline {
+            if (try? UnixSocket.connect(path: cfg.controlSocket)) != nil { return child }
+            if let status = try child.wait(timeoutMilliseconds: 20) {
+                throw ValidationError("the manager exited at start: \(status)")
+            }
+        }
+        throw ValidationError("the manager did not open \(cfg.controlSocket) within 20 s")
+    }
+}
+
+struct FaultReport: Codable {
+    var device: String
+    var faultsInjected: Int
+    var recovered: Int
+    var ops: Int
+    var reads: Int
+    var writes: Int
+    var verifyErrors: Int
+    var clientErrors: Int
+    var reissued: Int
+    var recoveryMsP50: Double
+    var recoveryMsP99: Double
+    var recoveryMsMax: Double
+    var firstError: String?
+    var failure: String?
+}

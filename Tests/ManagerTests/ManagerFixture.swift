@@ -1,0 +1,148 @@
+import Foundation
+import Outboard
+import OutboardSession
+import OutboardSystem
+import Testing
+
+/// The `outboard` executable of this build (next to the test bundle) or $OUTBOARD_EXECUTABLE.
+func outboardBinary() throws -> String {
+    if let path = ProcessInfo.processInfo.environment["OUTBOARD_EXECUTABLE"] { return path }
+    var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
+    for _ in 0..<3 {
+        let candidate = dir.appendingPathComponent("outboard").path
+        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        dir = dir.deletingLastPathComponent()
+    }
+    throw FixtureError("outboard executable not found next to the test binary; build it first or set OUTBOARD_EXECUTABLE")
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    let description: String
+    init(_ s: String) { description = s }
+}
+
+/// A real manager process (`outboard run`) with a config of the test's making, its
+/// drivers sandboxed as in production. Stopped (SIGTERM, then SIGKILL) when dropped.
+final class ManagerFixture {
+    let directory: String
+    let socketPath: String
+    let configPath: String
+    var process: ChildProcess?
+
+    /// `devices`: the JSON of the "devices" array. `extra`: more top-level keys.
+    init(devices: String, extra: String = "") throws {
+        directory = NSTemporaryDirectory() + "outboard-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        socketPath = directory + "/control.sock"
+        configPath = directory + "/outboard.json"
+        let config = """
+            {
+              "control_socket": "\(socketPath)",
+              "driver_user": "nobody",
+              "lease_ms": 1000,
+              "heartbeat_interval_ms": 20,
+              "heartbeat_deadline_ms": 300,
+              \(extra.isEmpty ? "" : extra + ",")
+              "devices": \(devices)
+            }
+            """
+        try config.write(toFile: configPath, atomically: true, encoding: .utf8)
+        var child = try ChildProcess(executable: try outboardBinary(),
+                                     arguments: ["run", "--config", configPath, "--log-level", "warning"])
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if (try? UnixSocket.connect(path: socketPath)) != nil { break }
+            if let status = try child.wait(timeoutMilliseconds: 20) {
+                throw FixtureError("manager exited at start: \(status)")
+            }
+        }
+        process = consume child
+        // Wait until every driver reported ready (or the device failed).
+        while Date() < deadline {
+            let s = try status()
+            if s.allSatisfy({ $0.state == "running" || $0.state == "failed" }) { return }
+            usleep(10_000)
+        }
+        throw FixtureError("drivers not ready within 20 s")
+    }
+
+    deinit {
+        if process != nil {
+            try? process!.signal(SIGTERM)
+            if (try? process!.wait(timeoutMilliseconds: 5000)) == nil {
+                try? process!.signal(SIGKILL)
+            }
+        }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    func admin() throws -> AdminConnection { try AdminConnection(socketPath: socketPath) }
+
+    /// The status report, parsed.
+    func report() throws -> [String: Any] {
+        let json = try admin().status()
+        return try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [String: Any]
+    }
+
+    struct DeviceStatus {
+        var name: String
+        var state: String
+        var generation: Int
+        var restarts: Int
+        var failures: Int
+        var lastFailure: String?
+        var revokedIdle: Int
+        var revokedAtLeaseEnd: Int
+        var registeredBytes: Int
+        var probes: [String]
+        var pid: Int?
+    }
+
+    func status() throws -> [DeviceStatus] {
+        let r = try report()
+        return (r["devices"] as! [[String: Any]]).map { d in
+            DeviceStatus(name: d["name"] as! String, state: d["state"] as! String, generation: d["generation"] as! Int,
+                         restarts: d["restarts"] as! Int, failures: d["failures"] as! Int, lastFailure: d["last_failure"] as? String,
+                         revokedIdle: d["revoked_idle"] as! Int, revokedAtLeaseEnd: d["revoked_at_lease_end"] as! Int,
+                         registeredBytes: d["registered_bytes"] as! Int, probes: d["sandbox_probes"] as! [String],
+                         pid: d["pid"] as? Int)
+        }
+    }
+
+    func device(_ name: String) throws -> DeviceStatus {
+        guard let d = try status().first(where: { $0.name == name }) else { throw FixtureError("no device \(name)") }
+        return d
+    }
+
+    func sessions() throws -> [[String: Any]] { try report()["sessions"] as! [[String: Any]] }
+
+    /// Polls `condition` until it holds or `seconds` pass (state, not timing, is asserted).
+    func waitFor(_ what: String, seconds: Double = 20, _ condition: () throws -> Bool) throws {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if try condition() { return }
+            usleep(10_000)
+        }
+        throw FixtureError("timed out waiting for \(what)")
+    }
+
+    func open(_ device: String, writable: Bool = true, dataBytes: Int = 16 * 4096, depth: Int = 16) throws(BlockSessionError) -> BlockSession {
+        try BlockSession.open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes, queueDepth: depth)
+    }
+}
+
+/// A device entry for the fixture's config.
+func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"uid": 0, "mode": "rw"}]"#,
+               limits: String = "{}", extra: String = "") -> String {
+    """
+    {"name": "\(name)", "driver": "memblock", "size_mib": \(sizeMib), "access": \(access), "limits": \(limits)\(extra.isEmpty ? "" : ", " + extra)}
+    """
+}
+
+/// Runs one request and waits for it.
+func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int = 4096) throws(BlockSessionError) -> BlockStatus? {
+    guard try s.submit(op, sector: sector, offset: offset, length: length) != nil else { throw .invalidRequest("queue full") }
+    var result: BlockStatus?? = nil
+    try s.drain { r in result = r.status }
+    return result ?? nil
+}

@@ -1,0 +1,290 @@
+import Foundation
+import Outboard
+import OutboardSession
+import OutboardSystem
+import Testing
+
+/// End to end: a real manager process, sandboxed driver processes, clients in this process.
+@Suite(.serialized) struct ManagerTests {
+    /// The driver tries to open a file, create a socket, exec a program, ptrace and signal
+    /// other processes (and more, see Sandbox.probe); every attempt fails. It then still
+    /// serves verified I/O.
+    @Test func sandboxedDriverRefusesEscapesAndServesIO() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0", extra: #""probe_sandbox": true"#))]")
+        let d = try m.device("m0")
+        let probes = Dictionary(uniqueKeysWithValues: d.probes.map { p -> (String, Int32) in
+            let parts = p.split(separator: " ")
+            return (String(parts[0]), Int32(parts[1])!)
+        })
+        for name in ["open-etc-passwd", "socket-inet-stream", "execve-bin-true", "ptrace-attach-parent", "kill-parent", "clone-fork"] {
+            #expect(probes[name] != nil, "probe \(name) missing from \(d.probes)")
+        }
+        for (name, err) in probes {
+            #expect(err == EPERM || err == EACCES, "sandbox probe \(name) got errno \(err): the attempt was not refused")
+        }
+        var w = VerifiedWorkload(session: try m.open("m0"), blocks: 512, seed: 7)
+        try w.prepare()
+        try w.run(operations: 3000)
+        #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
+    }
+
+    /// Policy by SO_PEERCRED: no matching rule, or a read-only rule, refuses with a clear
+    /// error and allocates nothing; a read-only session cannot write.
+    @Test func policyDeniesAndLimitsAccess() throws {
+        let m = try ManagerFixture(devices: """
+            [\(memDevice("locked", access: #"[{"uid": 4242, "mode": "rw"}]"#)),
+             \(memDevice("shared", access: #"[{"uid": 4242, "mode": "rw"}, {"uid": 0, "mode": "ro"}]"#))]
+            """)
+        do { _ = try m.open("locked"); Issue.record("opened a device the policy denies") } catch {
+            guard case .refused(.permissionDenied, let message) = error else { Issue.record("wrong error \(error)"); return }
+            #expect(message.contains("uid 0"))
+        }
+        do { _ = try m.open("shared", writable: true); Issue.record("opened read-write against a read-only rule") } catch {
+            guard case .refused(.permissionDenied, _) = error else { Issue.record("wrong error \(error)"); return }
+        }
+        do { _ = try m.open("nonexistent"); Issue.record("opened a device that does not exist") } catch {
+            guard case .refused(.unknownDevice, _) = error else { Issue.record("wrong error \(error)"); return }
+        }
+        #expect(try m.device("locked").registeredBytes == 0)
+        #expect(try m.sessions().isEmpty)
+
+        var s = try m.open("shared", writable: false)
+        do { let st = try io(&s, .read, sector: 0); #expect(st == .ok) }
+        do { let st = try io(&s, .write, sector: 0); #expect(st == .readOnly) }
+        // Requests outside the device are refused per request; the session goes on.
+        do { let st = try io(&s, .read, sector: UInt64(16 << 20) / 512); #expect(st == .invalid) }
+        do { let st = try io(&s, .read, sector: 8); #expect(st == .ok) }
+    }
+
+    /// Limits on registered bytes, per session and per device, are clear errors; freeing a
+    /// session frees its share.
+    @Test func limitsOnRegisteredBytes() throws {
+        let m = try ManagerFixture(devices: """
+            [\(memDevice("m0", limits: #"{"max_session_bytes": 65536, "max_device_bytes": 131072, "max_sessions": 4}"#))]
+            """)
+        do { _ = try m.open("m0", dataBytes: 65536 + 4096); Issue.record("session limit not enforced") } catch {
+            guard case .refused(.limitExceeded, let message) = error else { Issue.record("wrong error \(error)"); return }
+            #expect(message.contains("per-session"))
+        }
+        var a: BlockSession? = try m.open("m0", dataBytes: 65536)
+        let b = try m.open("m0", dataBytes: 65536)
+        do { _ = try m.open("m0", dataBytes: 4096); Issue.record("device limit not enforced") } catch {
+            guard case .refused(.limitExceeded, let message) = error else { Issue.record("wrong error \(error)"); return }
+            #expect(message.contains("device limit"))
+        }
+        #expect(try m.device("m0").registeredBytes == 131072)
+        a = nil
+        try m.waitFor("the closed session's bytes to be released") { try m.device("m0").registeredBytes == 65536 }
+        let c = try m.open("m0", dataBytes: 4096)
+        _ = (a == nil, b.info.sessionID, c.info.sessionID)
+    }
+
+    /// Revocation with I/O in flight: a session closed while the driver holds its region in
+    /// use stays "revoking" until the lease runs out (the request takes 3 s, the lease is
+    /// 1 s); an idle session is revoked at once.
+    @Test func revocationWaitsForInUseOrLeaseExpiry() throws {
+        let m = try ManagerFixture(devices: """
+            [\(memDevice("slow", extra: #""latency_us": 3000000"#)), \(memDevice("fast"))]
+            """)
+        var s: BlockSession? = try m.open("slow")
+        _ = try s!.submit(.read, sector: 0, offset: 0, length: 4096)
+        try m.waitFor("the driver to mark the region in use") {
+            try m.sessions().first?["in_use"] as? Bool == true
+        }
+        s = nil  // the client goes away with its request in flight
+        let during = try m.sessions()
+        #expect(during.count == 1 && during[0]["revoking"] as? Bool == true,
+                "the region was revoked while the driver had it in use: \(during)")
+        try m.waitFor("revocation at lease expiry") { try m.sessions().isEmpty }
+        #expect(try m.device("slow").revokedAtLeaseEnd == 1)
+        #expect(try m.device("slow").revokedIdle == 0)
+
+        var f: BlockSession? = try m.open("fast")
+        do { let st = try io(&f!, .write, sector: 0); #expect(st == .ok) }
+        f = nil
+        try m.waitFor("idle revocation") { try m.device("fast").revokedIdle == 1 }
+        #expect(try m.device("fast").revokedAtLeaseEnd == 0)
+        #expect(try m.device("slow").state == "running")
+    }
+
+    /// Continuous verified I/O while the driver is killed, crashed, made to abort: every
+    /// fault is recovered, nothing acknowledged is lost, no request fails.
+    @Test func driverKilledDuringContinuousIO() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        let admin = try m.admin()
+        var w = VerifiedWorkload(session: try m.open("m0"), blocks: 1024, seed: 11)
+        try w.prepare()
+        for fault in [FaultKind.kill, .segfault, .abort, .kill] {
+            let hit = try admin.injectFault(device: "m0", fault)
+            try w.run { $0.lastCompletionGeneration > hit.generation }
+            try w.run(operations: 300)
+        }
+        try w.finish()
+        #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.session.recoveries == 4)
+        let d = try m.device("m0")
+        #expect(d.restarts == 4)
+        #expect(d.generation == 5)
+        #expect(d.state == "running")
+    }
+
+    /// A stopped driver still exists, so only the heartbeat can tell: it is found, killed
+    /// and replaced, and the I/O it held is reissued.
+    @Test func hungDriverIsReplaced() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        var w = VerifiedWorkload(session: try m.open("m0"), blocks: 256, seed: 3)
+        try w.prepare()
+        let hit = try m.admin().injectFault(device: "m0", .hang)
+        try w.run { $0.lastCompletionGeneration > hit.generation }
+        try w.run(operations: 500)
+        #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.clientErrors == 0)
+        let d = try m.device("m0")
+        #expect(d.lastFailure?.contains("hung") == true, "last failure: \(d.lastFailure ?? "none")")
+        #expect(d.pid != nil && Int32(d.pid!) != hit.pid)
+    }
+
+    /// A driver that keeps dying before it is healthy: after the crash-loop limit the
+    /// device is failed, its clients get an error instead of hanging, and new opens are
+    /// refused.
+    @Test func crashLoopFailsTheDevice() throws {
+        let m = try ManagerFixture(
+            devices: "[\(memDevice("m0")), \(memDevice("dead", extra: #""test_exit_at_start": true"#))]",
+            extra: #""restart": {"backoff_initial_ms": 5, "crash_loop_limit": 3, "healthy_after_ms": 600000}"#)
+        try m.waitFor("the crash-looping device to be failed") { try m.device("dead").state == "failed" }
+        #expect(try m.device("dead").failures == 4)
+        do { _ = try m.open("dead"); Issue.record("opened a failed device") } catch {
+            guard case .refused(.deviceFailed, _) = error else { Issue.record("wrong error \(error)"); return }
+        }
+        // A session on a device whose driver then crash-loops: kill it before it ever
+        // becomes healthy (no I/O, healthy_after_ms far away), past the limit.
+        var s = try m.open("m0")
+        let admin = try m.admin()
+        for _ in 0..<4 {
+            try m.waitFor("the driver to be running") { try m.device("m0").state == "running" }
+            _ = try admin.injectFault(device: "m0", .kill)
+            try m.waitFor("the driver to die") { try m.device("m0").state != "running" }
+        }
+        try m.waitFor("device failed") { try m.device("m0").state == "failed" }
+        do {
+            _ = try io(&s, .read, sector: 0)
+            Issue.record("I/O on a failed device did not fail")
+        } catch {
+            guard case .failed(let reason) = error else { Issue.record("wrong error \(error)"); return }
+            #expect(reason.contains("failed"))
+        }
+    }
+
+    /// Malformed, oversized, truncated, unknown and misdirected control messages close that
+    /// connection with a reason; a session on another connection keeps working, and the
+    /// manager keeps accepting.
+    @Test func malformedControlMessagesAffectOnlyTheirConnection() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        var good = try m.open("m0")
+        do { let st = try io(&good, .write, sector: 8); #expect(st == .ok) }
+
+        var valid = ControlMessage.openBlock(OpenBlock(device: "m0", writable: true, dataBytes: 4096, queueDepth: 8)).encode()
+        var cases: [(String, [UInt8])] = []
+        cases.append(("garbage", Array("hello manager".utf8)))
+        cases.append(("oversized", [UInt8](repeating: 0x41, count: ControlProtocol.maxMessageBytes + 1)))
+        cases.append(("truncated", Array(valid.dropLast(3))))
+        var badMagic = valid; badMagic[0] ^= 0xFF; cases.append(("bad magic", badMagic))
+        var badVersion = valid; badVersion[4] = 99; cases.append(("bad version", badVersion))
+        var unknownType = valid; unknownType[6] = 0xEE; cases.append(("unknown type", unknownType))
+        var badLength = valid; badLength[8] &+= 1; cases.append(("length mismatch", badLength))
+        valid[16] = 0xFF; valid[17] = 0xFF  // device name length 65535
+        cases.append(("huge string length", valid))
+        cases.append(("driver message from a client", ControlMessage.detach(sessionID: 1).encode()))
+        for (name, bytes) in cases {
+            let s = try UnixSocket.connect(path: m.socketPath)
+            try s.send(bytes)
+            #expect(try s.waitReadable(timeoutMilliseconds: 5000), "\(name): no answer")
+            var answer: ControlMessage? = nil
+            do { answer = try s.receiveControl().message } catch {}
+            if let answer {
+                guard case .failure(.malformed, _) = answer else {
+                    Issue.record("\(name): answered \(answer)")
+                    continue
+                }
+            }
+            // ...and the connection is closed.
+            var closed = false
+            do { _ = try s.receiveControl() } catch .socket(.closed) { closed = true } catch {}
+            #expect(closed, "\(name): connection left open")
+        }
+        // A message with descriptors it should not carry.
+        do {
+            let s = try UnixSocket.connect(path: m.socketPath)
+            let bell = try Doorbell()
+            try s.send(ControlMessage.statusRequest.encode(), descriptors: [bell.fd.raw])
+            let reply = try s.receiveControl()
+            guard case .failure(.malformed, let reason) = reply.message else { Issue.record("fd case answered \(reply.message)"); return }
+            #expect(reason.contains("descriptors"))
+        }
+        do { let st = try io(&good, .read, sector: 8); #expect(st == .ok) }
+        var another = try m.open("m0")
+        do { let st = try io(&another, .read, sector: 8); #expect(st == .ok) }
+        #expect(try m.device("m0").state == "running")
+    }
+
+    /// Chaining: a partitioner holds one session to the driver and serves a session per
+    /// partition; each client sees its own device from sector 0 and cannot leave it.
+    @Test func partitionerChainsSessions() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0", sizeMib: 16))]")
+        let upstream = try m.open("m0", dataBytes: 32 * 65536, depth: 32)
+        let half = UInt64(8 << 20) / 512
+        let path = m.directory + "/partitions.sock"
+        let box = PartitionerBox(try BlockPartitioner(
+            upstream: upstream,
+            partitions: [.init(name: "p0", firstSector: 0, sectorCount: half), .init(name: "p1", firstSector: half, sectorCount: half)],
+            socketPath: path))
+        let thread = Thread { box.run() }
+        thread.start()
+        defer { box.stop() }
+
+        var a = VerifiedWorkload(session: try BlockSession.open(socketPath: path, device: "p0", writable: true, dataBytes: 16 * 4096, queueDepth: 16),
+                                 blocks: 2048, seed: 1)
+        var b = VerifiedWorkload(session: try BlockSession.open(socketPath: path, device: "p1", writable: true, dataBytes: 16 * 4096, queueDepth: 16),
+                                 blocks: 2048, seed: 2)
+        #expect(a.session.info.blockCount == half)
+        try a.prepare()
+        try b.prepare()
+        try a.run(operations: 2000)
+        try b.run(operations: 2000)
+        // Both wrote their block 0 (version >= 1): the partitions do not overlap, so a's
+        // reads never saw b's data (a block header names its block and version).
+        try a.run(operations: 1000)
+        #expect(a.verifyErrors == 0 && b.verifyErrors == 0, "\(a.firstError ?? "") \(b.firstError ?? "")")
+        #expect(a.clientErrors == 0 && b.clientErrors == 0, "\(a.firstError ?? "") \(b.firstError ?? "")")
+        // Outside the partition: refused per request.
+        var s = try BlockSession.open(socketPath: path, device: "p0", writable: true, dataBytes: 4096, queueDepth: 2)
+        do { let st = try io(&s, .read, sector: half); #expect(st == .invalid) }
+        do { let st = try io(&s, .read, sector: half - 8); #expect(st == .ok) }
+        // A driver restart under the partitioner is invisible to its clients.
+        let hit = try m.admin().injectFault(device: "m0", .kill)
+        try a.run { $0.lastCompletionGeneration > hit.generation }
+        try a.run(operations: 500)
+        #expect(a.verifyErrors == 0 && a.clientErrors == 0, "\(a.firstError ?? "")")
+        #expect(box.error == nil, "\(box.error.map { "\($0)" } ?? "")")
+    }
+}
+
+/// Runs a partitioner on its own thread.
+final class PartitionerBox: @unchecked Sendable {
+    let partitioner: BlockPartitioner
+    let lock = NSLock()
+    var stopped = false
+    var error: BlockSessionError?
+    init(_ p: BlockPartitioner) { partitioner = p }
+    func run() {
+        while !lock.withLock({ stopped }) {
+            do { try partitioner.serve(milliseconds: 50) } catch {
+                lock.withLock { self.error = error }
+                return
+            }
+        }
+    }
+    func stop() { lock.withLock { stopped = true } }
+}

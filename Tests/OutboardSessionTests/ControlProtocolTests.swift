@@ -1,0 +1,175 @@
+import OutboardRings
+import OutboardSession
+import Testing
+
+/// Deterministic generator (SplitMix64), so a failing case can be replayed from its seed.
+struct Generator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+    mutating func below(_ n: Int) -> Int { Int(next() % UInt64(max(n, 1))) }
+    mutating func string(max: Int) -> String {
+        let alphabet = Array("abcdefghijklmnopqrstuvwxyz0123456789-_é日")
+        return String((0..<below(max + 1)).map { _ in alphabet[below(alphabet.count)] })
+    }
+
+    /// A random valid message of every type.
+    mutating func message() -> ControlMessage {
+        switch below(16) {
+        case 0: return .openBlock(OpenBlock(device: string(max: 20), writable: next() & 1 == 0, dataBytes: next(), queueDepth: UInt32(truncatingIfNeeded: next())))
+        case 1: return .statusRequest
+        case 2: return .injectFault(device: string(max: 20), fault: FaultKind.allCases[below(4)])
+        case 3: return .blockOpened(BlockOpened(sessionID: next(), generation: next(), queueDepth: 16, writable: true, blockSize: 512,
+                                                blockCount: next(), dataBytes: next(), maxTransfer: 1 << 20))
+        case 4: return .queuesReplaced(generation: next())
+        case 5: return .sessionFailed(reason: string(max: 100))
+        case 6: return .failure(ErrorCode.allCases[below(ErrorCode.allCases.count)], string(max: 100))
+        case 7: return .statusReport("{\"devices\": [\n]}" + string(max: 300))
+        case 8: return .faultInjected(generation: next(), pid: Int32(truncatingIfNeeded: next()))
+        case 9: return .driverStart(DriverStart(device: string(max: 30), generation: next(), blockSize: 512, blockCount: next(),
+                                                maxTransfer: 4096, tableCapacity: 16, heartbeatIntervalMs: 20, latencyMicroseconds: 0))
+        case 10: return .attach(Attach(sessionID: next(), tableIndex: 3, queueDepth: 32, writable: false, dataBytes: next()))
+        case 11: return .detach(sessionID: next())
+        case 12: return .driverReady(pid: 42, probes: (0..<below(10)).map { _ in string(max: 30) })
+        case 13: return .attached(sessionID: next())
+        case 14: return .detached(sessionID: next())
+        default: return .sessionError(sessionID: next(), reason: string(max: 200))
+        }
+    }
+}
+
+@Suite struct ControlProtocolTests {
+    /// Every valid message decodes to itself.
+    @Test func roundTrip() throws {
+        var g = Generator(state: 1)
+        for _ in 0..<20_000 {
+            let m = g.message()
+            let decoded = try ControlMessage.decode(m.encode(), limit: ControlProtocol.maxReportBytes)
+            #expect(decoded == m)
+        }
+    }
+
+    /// Property: for any bytes, decode either returns a message whose encoding is exactly
+    /// those bytes, or throws. It never traps, never reads out of bounds, never accepts
+    /// trailing or missing bytes. Inputs: random bytes, and valid messages mutated by bit
+    /// flips, truncation, extension, and length/count fields set to extremes.
+    @Test func decoderFuzz() {
+        var g = Generator(state: 0xF0CC)
+        var accepted = 0, rejected = 0
+        for i in 0..<300_000 {
+            var bytes: [UInt8]
+            if i % 5 == 0 {
+                bytes = (0..<g.below(64)).map { _ in UInt8(truncatingIfNeeded: g.next()) }
+                if g.below(2) == 0 && bytes.count >= 8 {  // a valid header in front of garbage
+                    bytes.replaceSubrange(0..<4, with: [0x4F, 0x42, 0x43, 0x31])
+                    bytes[4] = 1; bytes[5] = 0
+                }
+            } else {
+                bytes = g.message().encode()
+                switch g.below(6) {
+                case 0:
+                    for _ in 0...g.below(3) { let k = g.below(bytes.count); bytes[k] ^= UInt8(1 << g.below(8)) }
+                case 1:
+                    bytes.removeLast(min(bytes.count, 1 + g.below(8)))
+                case 2:
+                    bytes.append(contentsOf: (0...g.below(8)).map { _ in UInt8(truncatingIfNeeded: g.next()) })
+                case 3:
+                    // A length or count field (any 4-byte word past the header) set to an extreme.
+                    if bytes.count >= 20 {
+                        let k = 16 + g.below(bytes.count - 19)
+                        let v: UInt32 = [0, 1, 0x7FFF_FFFF, 0xFFFF_FFFF, 4096, 65][g.below(6)]
+                        withUnsafeBytes(of: v.littleEndian) { for j in 0..<4 { bytes[k + j] = $0[j] } }
+                    }
+                case 4:
+                    bytes[8] = UInt8(truncatingIfNeeded: g.next())  // payload length
+                default:
+                    let k = g.below(bytes.count)
+                    bytes[k] = UInt8(truncatingIfNeeded: g.next())
+                }
+            }
+            do {
+                let m = try ControlMessage.decode(bytes, limit: ControlProtocol.maxReportBytes)
+                // Accepted: it must be exactly a valid message (canonical encoding).
+                #expect(m.encode() == bytes, "accepted non-canonical bytes \(bytes)")
+                accepted += 1
+            } catch {
+                rejected += 1
+            }
+        }
+        #expect(rejected > 100_000)
+        #expect(accepted > 1_000)  // mutations that happen to stay valid (e.g. inside a name)
+    }
+
+    @Test func limitsAreEnforced() {
+        let big = ControlMessage.statusReport(String(repeating: "x", count: 5000)).encode()
+        #expect(throws: ControlError.tooLarge(size: big.count, limit: ControlProtocol.maxMessageBytes)) {
+            try ControlMessage.decode(big)
+        }
+        let longName = ControlMessage.openBlock(OpenBlock(device: String(repeating: "d", count: 65), writable: true, dataBytes: 1, queueDepth: 2)).encode()
+        #expect(throws: ControlError.self) { try ControlMessage.decode(longName) }
+        let control = ControlMessage.sessionFailed(reason: "line\nbreak").encode()
+        #expect(throws: ControlError.self) { try ControlMessage.decode(control) }
+        var badBool = ControlMessage.attach(Attach(sessionID: 1, tableIndex: 0, queueDepth: 2, writable: true, dataBytes: 1)).encode()
+        badBool[16 + 16] = 2
+        #expect(throws: ControlError.self) { try ControlMessage.decode(badBool) }
+    }
+}
+
+@Suite struct SharedLayoutTests {
+    @Test func blockEntryLayouts() {
+        #expect(MemoryLayout<BlockRequest>.size == 32 && MemoryLayout<BlockRequest>.stride == 32)
+        #expect(MemoryLayout<BlockRequest>.offset(of: \.sector) == 8)
+        #expect(MemoryLayout<BlockRequest>.offset(of: \.offset) == 16)
+        #expect(MemoryLayout<BlockRequest>.offset(of: \.length) == 24)
+        #expect(MemoryLayout<BlockCompletion>.size == 16)
+        #expect(MemoryLayout<BlockCompletion>.offset(of: \.generation) == 8)
+    }
+
+    /// The driver's translation check: only the session's own active entry, only inside it,
+    /// only while the lease runs, only in the allowed direction.
+    @Test func translationTable() {
+        let capacity = 4
+        let mem = UnsafeMutableRawPointer.allocate(byteCount: TranslationTable.byteCount(capacity: capacity), alignment: 64)
+        defer { mem.deallocate() }
+        let t = TranslationTable(mem, capacity: capacity)
+        t.format(generation: 3)
+        #expect(t.generation == 3)
+        let e = TranslationTable.Entry(state: .active, sessionID: 9, ioAddress: 1 << 32, length: 8192, leaseEnd: 1000, writable: true)
+        t.write(2, e)
+        let r = t.read(2)
+        #expect(r == e)
+        #expect(t.read(4) == nil && t.read(-1) == nil)
+        #expect(r?.translate(sessionID: 9, offset: 4096, length: 4096, write: true, now: 999) == (1 << 32) + 4096)
+        #expect(r?.translate(sessionID: 9, offset: 4096, length: 4097, write: true, now: 999) == nil)  // past the end
+        #expect(r?.translate(sessionID: 9, offset: .max, length: 2, write: false, now: 999) == nil)  // overflow
+        #expect(r?.translate(sessionID: 8, offset: 0, length: 1, write: false, now: 999) == nil)  // another session's
+        #expect(r?.translate(sessionID: 9, offset: 0, length: 1, write: false, now: 1000) == nil)  // lease over
+        var ro = e; ro.writable = false; t.write(1, ro)
+        #expect(t.read(1)?.translate(sessionID: 9, offset: 0, length: 1, write: true, now: 0) == nil)
+        var revoking = e; revoking.state = .revoking; t.write(0, revoking)
+        #expect(t.read(0)?.translate(sessionID: 9, offset: 0, length: 1, write: false, now: 0) == nil)
+        // A corrupt state word reads as no entry.
+        (mem + TranslationTable.headerSize + 3 * TranslationTable.entrySize + 4).storeBytes(of: UInt32(77), as: UInt32.self)
+        #expect(t.read(3) == nil)
+    }
+
+    @Test func inUseMarks() {
+        let mem = UnsafeMutableRawPointer.allocate(byteCount: DriverPage.byteCount(tableCapacity: 8), alignment: 64)
+        defer { mem.deallocate() }
+        mem.initializeMemory(as: UInt8.self, repeating: 0, count: DriverPage.byteCount(tableCapacity: 8))
+        let p = DriverPage(mem, tableCapacity: 8)
+        p.markInUse(5)
+        #expect(p.isInUse(5) && !p.isInUse(4))
+        p.clearInUse(5)
+        #expect(!p.isInUse(5))
+        p.markInUse(8)  // out of range: ignored, not written
+        #expect(!p.isInUse(8))
+        p.beat(); p.beat()
+        #expect(p.heartbeat == 2)
+    }
+}
