@@ -74,6 +74,7 @@ struct FaultsCommand: ParsableCommand {
         let kinds = FaultKind.allCases
         var recovered = 0, injected = 0
         var recoveryMs: [Double] = []
+        var byKind: [String: [Double]] = [:]
         var failure: String? = nil
         for i in 0..<faults {
             let kind = kinds[i % kinds.count]
@@ -101,7 +102,9 @@ struct FaultsCommand: ParsableCommand {
                 break
             }
             recovered += 1
-            recoveryMs.append(Double(Clock.monotonicNanoseconds - t0) / 1e6)
+            let ms = Double(Clock.monotonicNanoseconds - t0) / 1e6
+            recoveryMs.append(ms)
+            byKind[kind.description, default: []].append(ms)
             if !json && (i + 1) % 20 == 0 {
                 print("faults: \(i + 1)/\(faults) injected, \(recovered) recovered, \(w.ops) ops, \(w.verifyErrors) verify errors")
             }
@@ -113,8 +116,8 @@ struct FaultsCommand: ParsableCommand {
         if failure == nil {
             do { try w.finish() } catch { failure = "finishing: \(error)" }
         }
-        let sorted = recoveryMs.sorted()
-        func percentile(_ p: Double) -> Double {
+        func percentile(_ p: Double, _ values: [Double]) -> Double {
+            let sorted = values.sorted()
             guard !sorted.isEmpty else { return 0 }
             let idx = min(sorted.count - 1, Int((p * Double(sorted.count)).rounded(.up)) - 1)
             return sorted[max(0, idx)]
@@ -122,7 +125,9 @@ struct FaultsCommand: ParsableCommand {
         let report = FaultReport(
             device: device, faultsInjected: injected, recovered: recovered, ops: w.ops, reads: w.reads, writes: w.writes,
             verifyErrors: w.verifyErrors, clientErrors: w.clientErrors, reissued: w.session.reissued,
-            recoveryMsP50: percentile(0.5), recoveryMsP99: percentile(0.99), recoveryMsMax: sorted.last ?? 0,
+            recoveryMsP50: percentile(0.5, recoveryMs), recoveryMsP99: percentile(0.99, recoveryMs),
+            recoveryMsMax: recoveryMs.max() ?? 0,
+            recoveryMsP50ByFault: byKind.mapValues { percentile(0.5, $0) },
             firstError: w.firstError, failure: failure)
         if json {
             let e = JSONEncoder()
@@ -135,6 +140,7 @@ struct FaultsCommand: ParsableCommand {
                 ops \(w.ops) (\(w.reads) reads, \(w.writes) writes), \(w.session.reissued) reissued after restarts
                 verify errors \(w.verifyErrors), client errors \(w.clientErrors)
                 recovery ms: p50 \(fmt(report.recoveryMsP50)), p99 \(fmt(report.recoveryMsP99)), max \(fmt(report.recoveryMsMax))
+                recovery ms, median by fault: \(report.recoveryMsP50ByFault.sorted { $0.key < $1.key }.map { "\($0.key) \(fmt($0.value))" }.joined(separator: ", "))
                 """)
             if let e = w.firstError { print("first error: \(e)") }
             if let failure { print("stopped: \(failure)") }
@@ -144,7 +150,10 @@ struct FaultsCommand: ParsableCommand {
         }
     }
 
-    func fmt(_ v: Double) -> String { String(Int((v * 10).rounded())) .dropLast().description + "." + String(Int((v * 10).rounded()) % 10) }
+    func fmt(_ v: Double) -> String {
+        let tenths = Int((v * 10).rounded())
+        return "\(tenths / 10).\(tenths % 10)"
+    }
 
     func startManager(_ cfg: ManagerConfig) throws -> ChildProcess {
         var child = try ChildProcess(executable: currentExecutable(),
@@ -173,6 +182,8 @@ struct FaultReport: Codable {
     var recoveryMsP50: Double
     var recoveryMsP99: Double
     var recoveryMsMax: Double
+    /// Median recovery per fault kind (kill, segv, hang, abort).
+    var recoveryMsP50ByFault: [String: Double]
     var firstError: String?
     var failure: String?
 }
