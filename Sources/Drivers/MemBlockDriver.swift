@@ -34,6 +34,7 @@ public struct MemBlockDriver: ~Copyable {
     let requestBuffer: UnsafeMutableBufferPointer<BlockRequest>
     let completionBuffer: UnsafeMutableBufferPointer<BlockCompletion>
     var exitRequested = false
+    var events = EpollEvents(capacity: 64)
 
     /// Receives DriverStart from the manager, maps the driver page, the translation table
     /// (read-only) and the device, and reports ready with the sandbox probe results.
@@ -127,13 +128,14 @@ public struct MemBlockDriver: ~Copyable {
     }
 
     mutating func pollManager(timeoutMs: Int) throws(DriverError) {
-        let events: [Epoll.Event]
-        do { events = try epoll.wait(maxEvents: 64, timeoutMilliseconds: timeoutMs) } catch { throw .fatal("epoll: \(error)") }
-        for e in events {
-            if e.token == 0 {
+        let n: Int
+        do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMs) } catch { throw .fatal("epoll: \(error)") }
+        for k in 0..<n {
+            let token = events.token(k)
+            if token == 0 {
                 try handleManagerMessages()
             } else {
-                let i = Int(e.token - 1)
+                let i = Int(token - 1)
                 if i < Self.maxSessions, occupied[i] { _ = try? slots[i].requestBell.drain() }
             }
         }
@@ -205,11 +207,9 @@ public struct MemBlockDriver: ~Copyable {
         // revoking before it reads our mark, so either it sees the mark and waits, or we
         // see the revocation here.
         page.markInUse(index)
-        let entry = table.read(index)
-        let now = Clock.monotonicNanoseconds
         for k in 0..<n {
             let r = requestBuffer[k]
-            let status = handle(r, slot: i, entry: entry, now: now)
+            let status = handle(r, slot: i)
             completionBuffer[k] = BlockCompletion(tag: r.tag, status: status, generation: config.generation)
         }
         page.clearInUse(index)
@@ -220,7 +220,22 @@ public struct MemBlockDriver: ~Copyable {
         return n
     }
 
-    func handle(_ r: BlockRequest, slot i: Int, entry: TranslationTable.Entry?, now: UInt64) -> BlockStatus {
+    /// A transfer starts only with at least this much lease left (a 1 MiB copy takes well
+    /// under a millisecond); the manager adds a grace period of its own.
+    static let leaseMargin: UInt64 = 20_000_000
+
+    /// The entry, read consistently: the manager rewrites entries rarely and briefly, so a
+    /// busy seqlock means it was preempted mid-write; yield and retry rather than report a
+    /// live region as revoked.
+    func readEntry(_ index: Int) -> TranslationTable.Entry? {
+        for _ in 0..<1000 {
+            if let e = table.read(index) { return e }
+            sched_yield()
+        }
+        return nil
+    }
+
+    func handle(_ r: BlockRequest, slot i: Int) -> BlockStatus {
         if table.abortGeneration == config.generation {
             // Fault injection: die inside request handling, as a driver bug would.
             abort()
@@ -233,12 +248,17 @@ public struct MemBlockDriver: ~Copyable {
             return .invalid
         }
         if op == .write && !slots[i].writable { return .readOnly }
+        // The device's own time first; the translation is checked after it, right before
+        // the transfer, so a lease that ends meanwhile is seen.
+        if config.latencyMicroseconds > 0 { emulateLatency() }
         // Translate (session region, offset) to an IO address: the device writes into the
         // client's buffer on a read.
-        guard let entry else { return .revoked }
+        guard let entry = readEntry(slots[i].tableIndex) else { return .revoked }
+        let now = Clock.monotonicNanoseconds
         guard let io = entry.translate(sessionID: slots[i].sessionID, offset: r.offset, length: UInt64(r.length),
-                                       write: op == .read, now: now) else {
-            return entry.state == .active && entry.sessionID == slots[i].sessionID && now < entry.leaseEnd ? .invalid : .revoked
+                                       write: op == .read, now: now &+ Self.leaseMargin) else {
+            return entry.state == .active && entry.sessionID == slots[i].sessionID && now &+ Self.leaseMargin < entry.leaseEnd
+                ? .invalid : .revoked
         }
         // "DMA": the IO address resolves to our mapping of that region. Check against the
         // mapping as well as the table: the table is the manager's, the mapping is real.
@@ -246,7 +266,6 @@ public struct MemBlockDriver: ~Copyable {
         guard regionOffset <= UInt64(slots[i].data.size), UInt64(r.length) <= UInt64(slots[i].data.size) - regionOffset else {
             return .invalid
         }
-        if config.latencyMicroseconds > 0 { emulateLatency() }
         let buffer = slots[i].data.base + Int(regionOffset)
         let disk = device.base + Int(r.sector * sector)
         if op == .read {

@@ -32,6 +32,7 @@ public final class Manager {
     var nextConnection: UInt64 = 1
     var nextSession: UInt64 = 1
     var stopping = false
+    var listenerPausedUntil: UInt64?
     static let tickMs = 10
 
     enum Token {
@@ -110,22 +111,45 @@ public final class Manager {
         }
     }
 
+    /// Connections at most, over all clients, and per client uid: an unprivileged user
+    /// cannot exhaust the manager's descriptors (and with them, driver restarts).
+    static let maxConnections = 512
+    static let maxConnectionsPerUID = 64
+    /// Messages handled per connection per wake-up: one chatty peer cannot starve the tick.
+    static let messageBudget = 16
+    /// Completions after which a restarted driver counts as healthy (see tick).
+    static let healthyCompletions: UInt64 = 64
+    /// Past a lease's end, before a region still marked in use is freed.
+    static let leaseGrace: UInt64 = 100_000_000
+
     func acceptClients() {
         do {
             let s = try listener.accept()
             let creds = try s.peerCredentials()
+            let fromUID = connections.values.reduce(0) { $0 + ($1.credentials.uid == creds.uid ? 1 : 0) }
+            guard connections.count < Self.maxConnections, fromUID < Self.maxConnectionsPerUID else {
+                logger.warning("connection refused: too many connections", metadata: ["uid": "\(creds.uid)", "pid": "\(creds.pid)"])
+                try? s.send(.failure(.limitExceeded, "too many connections"), nonBlocking: true)
+                return
+            }
             let id = nextConnection
             nextConnection += 1
             try epoll.add(s.fd.raw, events: .readable, token: Token.connection | id)
             connections[id] = Connection(id: id, socket: s, credentials: creds)
             logger.debug("client connected", metadata: ["pid": "\(creds.pid)", "uid": "\(creds.uid)", "connection": "\(id)"])
         } catch {
-            logger.warning("accept failed: \(error)")
+            // Out of descriptors, most likely: stop listening for a moment instead of
+            // spinning on a listener that stays readable.
+            logger.warning("accept failed: \(error); pausing the listener for 100 ms")
+            try? epoll.remove(listener.fd.raw)
+            listenerPausedUntil = Clock.monotonicNanoseconds + 100_000_000
         }
     }
 
     func connectionReadable(_ c: Connection) {
-        while connections[c.id] != nil {
+        var budget = Self.messageBudget
+        while connections[c.id] != nil && budget > 0 {
+            budget -= 1
             let d: ControlDelivery
             do {
                 d = try c.socket.receiveControl(nonBlocking: true)
@@ -139,7 +163,7 @@ public final class Manager {
                 // notices. The client is told why if it still listens.
                 let reason = error.description
                 logger.warning("closing connection: \(reason)", metadata: c.metadata)
-                try? c.socket.send(.failure(.malformed, reason))
+                try? c.socket.send(.failure(.malformed, reason), nonBlocking: true)
                 closeConnection(c, reason: "malformed message: \(reason)")
                 return
             }
@@ -150,7 +174,7 @@ public final class Manager {
             default:
                 let reason = "\(d.message.type) is not a client request"
                 logger.warning("closing connection: \(reason)", metadata: c.metadata)
-                try? c.socket.send(.failure(.malformed, reason))
+                try? c.socket.send(.failure(.malformed, reason), nonBlocking: true)
                 closeConnection(c, reason: reason)
             }
         }
@@ -158,7 +182,9 @@ public final class Manager {
 
     func refuse(_ c: Connection, _ code: ErrorCode, _ message: String) {
         logger.notice("refused: \(message)", metadata: c.metadata)
-        try? c.socket.send(.failure(code, message))
+        do { try c.socket.send(.failure(code, message), nonBlocking: true) } catch {
+            closeConnection(c, reason: "client not reading its answers")
+        }
     }
 
     func closeConnection(_ c: Connection, reason: String) {
@@ -227,7 +253,7 @@ public final class Manager {
                                  maxTransfer: limits.maxTransferBytes)
         do {
             try c.socket.send(.blockOpened(opened), descriptors: [session.header.fd.raw, session.queues.fd.raw, session.data.fd.raw,
-                                                                 session.requestBell.fd.raw, session.completionBell.fd.raw])
+                                                                 session.requestBell.fd.raw, session.completionBell.fd.raw], nonBlocking: true)
         } catch {
             logger.warning("cannot send session to client: \(error)", metadata: c.metadata)
             closeConnection(c, reason: "send failed")
@@ -242,10 +268,12 @@ public final class Manager {
         let a = Attach(sessionID: s.id, tableIndex: UInt32(s.tableIndex), queueDepth: s.queueDepth, writable: s.writable,
                        dataBytes: s.dataBytes)
         do {
-            try drv.socket.send(.attach(a), descriptors: [s.queues.fd.raw, s.data.fd.raw, s.requestBell.fd.raw, s.completionBell.fd.raw])
+            try drv.socket.send(.attach(a), descriptors: [s.queues.fd.raw, s.data.fd.raw, s.requestBell.fd.raw, s.completionBell.fd.raw], nonBlocking: true)
             s.attachSent = true
         } catch {
+            // The driver is not reading its socket: it is stuck or hostile.
             logger.warning("cannot attach session \(s.id) to driver of \(d.name): \(error)")
+            stopDriver(d, drv, reason: "not reading its control socket")
         }
     }
 
@@ -268,7 +296,9 @@ public final class Manager {
     func checkRevocation(_ d: DeviceState, _ s: Session, now: UInt64) {
         guard s.revokingSince != nil else { return }
         if let drv = d.driver, drv.page.isInUse(s.tableIndex) {
-            if now >= s.leaseEnd { finishRevocation(d, s, how: .leaseExpired) }
+            // The driver checks the lease right before each transfer, with a margin; the
+            // grace covers a driver descheduled between its check and its copy.
+            if now >= s.leaseEnd + Self.leaseGrace { finishRevocation(d, s, how: .leaseExpired) }
         } else {
             finishRevocation(d, s, how: .idle)
         }
@@ -286,7 +316,7 @@ public final class Manager {
         case .leaseExpired: d.revokedAtLeaseEnd += 1
         case .noDriver: d.revokedIdle += 1
         }
-        if let drv = d.driver, s.attachSent { try? drv.socket.send(.detach(sessionID: s.id)) }
+        if let drv = d.driver, s.attachSent { try? drv.socket.send(.detach(sessionID: s.id), nonBlocking: true) }
         if let c = connections[s.connection] {
             // The session ended on the manager's side (protocol error, device failure):
             // the client's connection goes with it.
@@ -309,21 +339,25 @@ public final class Manager {
                                     blockCount: d.blockCount, maxTransfer: d.config.limits.maxTransferBytes,
                                     tableCapacity: UInt32(d.tableSlots.count), heartbeatIntervalMs: config.heartbeatIntervalMs,
                                     latencyMicroseconds: d.config.latencyUs)
-            try drv.socket.send(.driverStart(start), descriptors: [drv.pageRegion.fd.raw, d.tableRegion.fd.raw, d.memory.fd.raw])
+            try drv.socket.send(.driverStart(start), descriptors: [drv.pageRegion.fd.raw, d.tableRegion.fd.raw, d.memory.fd.raw], nonBlocking: true)
             try epoll.add(drv.socket.fd.raw, events: .readable, token: Token.driverSocket | UInt64(d.index))
             try epoll.add(drv.child.pidfd.raw, events: .readable, token: Token.driverExit | UInt64(d.index))
             d.driver = drv
             logger.info("driver started", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)"])
         } catch {
-            logger.error("cannot start driver for \(d.name): \(error)")
+            // The manager's own failure (out of descriptors or memory), not the driver's:
+            // it does not count toward the crash loop. Try again later.
+            logger.error("cannot start driver for \(d.name): \(error); retrying in \(config.restart.backoffMaxMs) ms")
             d.lastFailure = "cannot start driver: \(error)"
-            driverFailed(d, reason: d.lastFailure!)
+            d.state = .backoff(until: Clock.monotonicNanoseconds + UInt64(config.restart.backoffMaxMs) * 1_000_000)
         }
     }
 
     func driverReadable(_ d: DeviceState) {
         guard let drv = d.driver else { return }
-        while d.driver === drv {
+        var budget = Self.messageBudget
+        while d.driver === drv && budget > 0 {
+            budget -= 1
             let m: ControlDelivery
             do {
                 m = try drv.socket.receiveControl(nonBlocking: true)
@@ -360,7 +394,7 @@ public final class Manager {
             case .sessionError(let id, let reason):
                 if let s = d.sessions[id] {
                     logger.warning("driver dropped session \(id): \(reason)", metadata: ["device": "\(d.name)"])
-                    if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: reason)) }
+                    if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: reason), nonBlocking: true) }
                     s.attachSent = false  // the driver no longer holds it
                     beginRevocation(d, s, reason: "driver: \(reason)")
                 }
@@ -416,7 +450,7 @@ public final class Manager {
             logger.critical("\(why)")
             for s in d.sessions.values.sorted(by: { $0.id < $1.id }) {
                 s.publish(generation: d.generation, state: .failed)
-                if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: why)) }
+                if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: why), nonBlocking: true) }
                 s.completionBell.ringIgnoringErrors()
                 finishRevocation(d, s, how: .noDriver)
             }
@@ -436,7 +470,7 @@ public final class Manager {
             try s.replaceQueues()
         } catch {
             logger.error("cannot create new queues for session \(s.id): \(error)")
-            if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: "manager could not renew the session: \(error)")) }
+            if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: "manager could not renew the session: \(error)"), nonBlocking: true) }
             beginRevocation(d, s, reason: "queue renewal failed")
             return
         }
@@ -444,9 +478,12 @@ public final class Manager {
             // Message first, then the generation: a client that sees the new generation
             // finds the new queues already waiting on its socket.
             do {
-                try c.socket.send(.queuesReplaced(generation: d.generation), descriptors: [s.queues.fd.raw])
+                try c.socket.send(.queuesReplaced(generation: d.generation), descriptors: [s.queues.fd.raw], nonBlocking: true)
             } catch {
+                // A client that does not read its control socket cannot follow a restart.
                 logger.warning("cannot send new queues to client: \(error)", metadata: c.metadata)
+                closeConnection(c, reason: "client not reading its control socket")
+                return
             }
         }
         s.publish(generation: d.generation, state: .recovering)
@@ -458,6 +495,10 @@ public final class Manager {
     func tick() {
         let now = Clock.monotonicNanoseconds
         let lease = UInt64(config.leaseMs) * 1_000_000
+        if let until = listenerPausedUntil, now >= until {
+            listenerPausedUntil = nil
+            try? epoll.add(listener.fd.raw, events: .readable, token: Token.listener)
+        }
         for d in devices {
             if case .backoff(let until) = d.state, now >= until { spawnDriver(d) }
             if let drv = d.driver, drv.killReason == nil, let closed = drv.socketClosedAt, now > closed + 500_000_000 {
@@ -473,14 +514,20 @@ public final class Manager {
                 // allow it longer.
                 let deadline = UInt64(config.heartbeatDeadlineMs) * 1_000_000 * (drv.ready ? 1 : 10)
                 let silent = now > drv.lastBeatAt ? now - drv.lastBeatAt : 0
-                if silent > deadline {
+                let starting = now > drv.startedAt ? now - drv.startedAt : 0
+                if !drv.ready && starting > UInt64(config.heartbeatDeadlineMs) * 1_000_000 * 10 {
+                    stopDriver(d, drv, reason: "not ready \(starting / 1_000_000) ms after start")
+                } else if silent > deadline {
                     logger.error("driver hung: no heartbeat", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)",
                                                                          "silent_ms": "\(silent / 1_000_000)"])
                     stopDriver(d, drv, reason: "hung: no heartbeat for \(silent / 1_000_000) ms")
                 }
                 let up = now > drv.readyAt ? now - drv.readyAt : 0
+                // Healthy: up for healthy_after_ms, or through a real amount of work. Not one
+                // completion: a request that kills every driver is reissued first after each
+                // restart, and other sessions' first completions must not hide that loop.
                 if drv.ready && !drv.healthy &&
-                    (drv.page.completed > 0 || up > UInt64(config.restart.healthyAfterMs) * 1_000_000) {
+                    (drv.page.completed >= Self.healthyCompletions || up > UInt64(config.restart.healthyAfterMs) * 1_000_000) {
                     drv.healthy = true
                     d.consecutiveFailures = 0
                 }
@@ -504,7 +551,7 @@ public final class Manager {
     func sendStatus(_ c: Connection) {
         guard isAdmin(c) else { return refuse(c, .permissionDenied, "uid \(c.credentials.uid) may not read status") }
         let json = StatusReport(manager: self).json()
-        do { try c.socket.send(.statusReport(json)) } catch { logger.warning("cannot send status: \(error)") }
+        do { try c.socket.send(.statusReport(json), nonBlocking: true) } catch { logger.warning("cannot send status: \(error)") }
     }
 
     func injectFault(_ c: Connection, device: String, fault: FaultKind) {
@@ -520,7 +567,7 @@ public final class Manager {
         case .hang: try? drv.child.signal(SIGSTOP)
         case .abort: d.table.requestAbort(generation: d.generation)
         }
-        try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid))
+        try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid), nonBlocking: true)
     }
 
     // MARK: shutdown
@@ -530,7 +577,7 @@ public final class Manager {
         for d in devices {
             for s in d.sessions.values {
                 s.publish(generation: d.generation, state: .failed)
-                if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: "manager shutting down")) }
+                if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: "manager shutting down"), nonBlocking: true) }
                 s.completionBell.ringIgnoringErrors()
             }
             if let drv = d.driver {

@@ -42,6 +42,9 @@ public final class BlockPartitioner {
     /// Upstream bounce slots: one per upstream tag, `slotBytes` each.
     let slotBytes: Int
     var freeSlots: [Int]
+    /// What each upstream slot carries, recorded after validation: the completion is routed
+    /// and copied by this record, never by anything the client can change later.
+    var slotOwner: [(client: UInt64, tag: UInt32, offset: Int, length: Int)]
     let results: UnsafeMutableBufferPointer<BlockResult>
     let requests: UnsafeMutableBufferPointer<BlockRequest>
     /// Client requests waiting for an upstream slot.
@@ -56,6 +59,7 @@ public final class BlockPartitioner {
         slotBytes = upstream.buffer.count / depth / blockSectorSize * blockSectorSize
         guard slotBytes >= blockSectorSize else { throw .invalidRequest("upstream data region too small for \(depth) slots") }
         freeSlots = Array(0..<depth)
+        slotOwner = Array(repeating: (0, 0, 0, 0), count: depth)
         results = .allocate(capacity: depth)
         requests = .allocate(capacity: 32)
         do {
@@ -108,7 +112,9 @@ public final class BlockPartitioner {
         }
         let d: ControlDelivery
         do {
-            guard try s.waitReadable(timeoutMilliseconds: 1000) else { return }
+            // Bounded wait for the open request (the loop serves nobody meanwhile; a
+            // non-blocking handshake state is left for a production partitioner).
+            guard try s.waitReadable(timeoutMilliseconds: 100) else { return }
             d = try s.receiveControl()
         } catch {
             try? s.send(.failure(.malformed, "\(error)"))
@@ -161,7 +167,17 @@ public final class BlockPartitioner {
             if c.endpoint.failure != nil { drop(id) }
             return 0
         }
-        for i in 0..<n { waiting.append((id, requests[i])) }
+        for i in 0..<n {
+            let r = requests[i]
+            // A tag already in flight means the client broke the protocol (and would make
+            // us route two completions by one tag): the session ends.
+            guard !c.inFlight[Int(r.tag)] else {
+                drop(id)
+                return i
+            }
+            c.inFlight[Int(r.tag)] = true
+            waiting.append((id, r))
+        }
         return n
     }
 
@@ -171,36 +187,47 @@ public final class BlockPartitioner {
         while !waiting.isEmpty, let slot = freeSlots.last {
             let (id, r) = waiting.removeFirst()
             guard let c = clients[id] else { continue }
-            if let status = c.check(r, maxBytes: slotBytes) {
+            if let status = c.check(r, maxBytes: min(slotBytes, Int(upstream.info.maxTransfer))) {
                 c.complete(BlockCompletion(tag: r.tag, status: status, generation: upstream.generation))
                 continue
             }
+            // Checked: op known; for reads and writes the range lies in the partition and
+            // the buffer in the client's region.
             let op = BlockOp(rawValue: r.op)!
+            let length = op == .flush ? 0 : Int(r.length)
+            let offset = op == .flush ? 0 : Int(r.offset)
             if op == .write {
-                (upstream.buffer.baseAddress! + slot * slotBytes).copyMemory(from: c.endpoint.data.base + Int(r.offset), byteCount: Int(r.length))
+                (upstream.buffer.baseAddress! + slot * slotBytes).copyMemory(from: c.endpoint.data.base + offset, byteCount: length)
             }
-            let user = UInt64(slot) | UInt64(r.tag) << 16 | id << 32
-            guard try upstream.submit(op, sector: r.sector + c.partition.firstSector, offset: slot * slotBytes,
-                                      length: op == .flush ? 0 : Int(r.length), userData: user) != nil else {
+            let sector = op == .flush ? 0 : r.sector + c.partition.firstSector
+            let user = UInt64(slot) | id << 32
+            let tag: UInt32?
+            do {
+                tag = try upstream.submit(op, sector: sector, offset: slot * slotBytes, length: length, userData: user)
+            } catch .invalidRequest {
+                c.complete(BlockCompletion(tag: r.tag, status: .invalid, generation: upstream.generation))
+                continue
+            }
+            guard tag != nil else {
                 waiting.insert((id, r), at: 0)
                 break
             }
+            slotOwner[slot] = (id, r.tag, offset, length)
             freeSlots.removeLast()
             work += 1
         }
         let n = try upstream.poll(into: results)
         for i in 0..<n {
             let res = results[i]
-            let slot = Int(res.userData & 0xFFFF), tag = UInt32((res.userData >> 16) & 0xFFFF), id = res.userData >> 32
+            let slot = Int(res.userData & 0xFFFF)
+            let owner = slotOwner[slot]
             freeSlots.append(slot)
-            guard let c = clients[id] else { continue }
+            guard owner.client == res.userData >> 32, let c = clients[owner.client] else { continue }
             if res.op == .read && res.status == .ok {
-                if let target = c.pendingOffset(tag: tag) {
-                    (c.endpoint.data.base + Int(target)).copyMemory(from: upstream.buffer.baseAddress! + slot * slotBytes,
-                                                                    byteCount: Int(res.length))
-                }
+                (c.endpoint.data.base + owner.offset).copyMemory(from: upstream.buffer.baseAddress! + slot * slotBytes,
+                                                                 byteCount: owner.length)
             }
-            c.complete(BlockCompletion(tag: tag, status: res.status ?? .ioError, generation: res.generation))
+            c.complete(BlockCompletion(tag: owner.tag, status: res.status ?? .ioError, generation: res.generation))
         }
         return work + n
     }
@@ -218,8 +245,8 @@ final class PartitionClient {
     let data: SharedRegion
     var endpoint: BlockServerEndpoint
     let opened: BlockOpened
-    /// Buffer offset of each tag's request (for copying read data back).
-    var offsets: [UInt64]
+    /// Tags the client has in flight here (a tag reused while in flight ends the session).
+    var inFlight: [Bool]
 
     init(id: UInt64, socket: consuming UnixSocket, partition: BlockPartitioner.Partition, request m: OpenBlock,
          upstream: BlockOpened) throws {
@@ -243,13 +270,12 @@ final class PartitionClient {
         opened = BlockOpened(sessionID: id, generation: 1, queueDepth: m.queueDepth, writable: m.writable,
                              blockSize: UInt32(blockSectorSize), blockCount: partition.sectorCount, dataBytes: UInt64(data.size),
                              maxTransfer: upstream.maxTransfer)
-        offsets = Array(repeating: 0, count: Int(m.queueDepth))
+        inFlight = Array(repeating: false, count: Int(m.queueDepth))
     }
 
     /// nil when `r` may go upstream; otherwise the status to complete it with.
     func check(_ r: BlockRequest, maxBytes: Int) -> BlockStatus? {
         guard let op = BlockOp(rawValue: r.op) else { return .unsupported }
-        offsets[Int(r.tag)] = r.offset
         if op == .flush { return nil }
         if op == .write && !opened.writable { return .readOnly }
         let sectors = UInt64(r.length) / UInt64(blockSectorSize)
@@ -261,9 +287,8 @@ final class PartitionClient {
         return nil
     }
 
-    func pendingOffset(tag: UInt32) -> UInt64? { Int(tag) < offsets.count ? offsets[Int(tag)] : nil }
-
     func complete(_ c: BlockCompletion) {
+        inFlight[Int(c.tag)] = false
         withUnsafePointer(to: c) { p in
             _ = endpoint.complete(UnsafeBufferPointer(start: p, count: 1))
         }

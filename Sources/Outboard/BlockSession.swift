@@ -75,6 +75,7 @@ public struct BlockSession: ~Copyable {
     public private(set) var recoveries = 0
     /// Requests reissued after restarts.
     public private(set) var reissued = 0
+    var events = EpollEvents(capacity: 4)
 
     let depth: Int
     let inflight: UnsafeMutablePointer<BlockRequest>
@@ -264,12 +265,13 @@ public struct BlockSession: ~Copyable {
         let n = try poll(into: out)
         if n > 0 || inFlight == 0 { return n }
         if completions.prepareToSleep() {
-            let events: [Epoll.Event]
-            do { events = try epoll.wait(maxEvents: 4, timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
+            let n: Int
+            do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
             completions.cancelSignal()
-            for e in events {
-                if e.token == 1 { _ = try? completionBell.drain() }
-                if e.token == 2 { try checkControl() }
+            for k in 0..<n {
+                let token = events.token(k)
+                if token == 1 { _ = try? completionBell.drain() }
+                if token == 2 { try checkControl() }
             }
         } else {
             completions.cancelSignal()
@@ -295,13 +297,14 @@ public struct BlockSession: ~Copyable {
         // Only forward: new queues may be adopted from the socket (checkControl) just
         // before the manager publishes their generation.
         if g > generation { try recover(to: g) }
-        if header.state == .failed { try failFromControl() }
+        // Failed (device) or closed (the manager ended the session): terminal.
+        if let st = header.state, st == .failed || st == .closed { try failFromControl() }
     }
 
     /// Something arrived on the control socket while we slept: the manager went away, or
     /// told us the session failed. (New queues are taken by `recover`, on a generation change.)
     mutating func checkControl() throws(BlockSessionError) {
-        if header.generation > generation || header.state == .failed { return }
+        if header.generation > generation || header.state == .failed || header.state == .closed { return }
         do {
             guard try control.waitReadable(timeoutMilliseconds: 0) else { return }
         } catch {
@@ -353,6 +356,8 @@ public struct BlockSession: ~Copyable {
                 throw .failed("manager connection: \(error)")
             }
             switch d.message {
+            case .queuesReplaced(let g) where g < target:
+                continue  // superseded: the driver died again; its fd is closed with `d`
             case .queuesReplaced(let g):
                 try adoptQueues(&d, generation: g)
             case .sessionFailed(let reason):

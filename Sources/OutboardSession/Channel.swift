@@ -31,9 +31,9 @@ public struct ControlDelivery: ~Copyable, Sendable {
 }
 
 extension UnixSocket {
-    public func send(_ message: ControlMessage, descriptors: [FileDescriptor] = []) throws(Errno) {
+    public func send(_ message: ControlMessage, descriptors: [FileDescriptor] = [], nonBlocking: Bool = false) throws(Errno) {
         precondition(descriptors.count == message.type.descriptorCount, "\(message.type) carries \(message.type.descriptorCount) descriptors")
-        try send(message.encode(), descriptors: descriptors)
+        try send(message.encode(), descriptors: descriptors, nonBlocking: nonBlocking)
     }
 
     /// Receives and validates one message. `limit`: the largest message accepted.

@@ -90,6 +90,6 @@ public struct DriverPage: @unchecked Sendable {
     public func isInUse(_ index: Int) -> Bool {
         guard index >= 0, index < tableCapacity else { return false }
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        return inUseWord(index).pointee.load(ordering: .relaxed) != 0
+        return inUseWord(index).pointee.load(ordering: .acquiring) != 0
     }
 }

@@ -63,3 +63,40 @@ public struct Epoll: ~Copyable, Sendable {
         return (0..<Int(n)).map { Event(token: tokens[$0], events: Events(rawValue: events[$0])) }
     }
 }
+
+/// Space for the results of `Epoll.wait(into:)`, allocated once, so that waiting on the
+/// data path allocates nothing.
+public struct EpollEvents: ~Copyable {
+    let events: UnsafeMutablePointer<UInt32>
+    let tokens: UnsafeMutablePointer<UInt64>
+    public let capacity: Int
+    /// Events the last wait returned.
+    public internal(set) var count = 0
+
+    public init(capacity: Int) {
+        self.capacity = min(max(capacity, 1), 64)
+        events = .allocate(capacity: self.capacity)
+        tokens = .allocate(capacity: self.capacity)
+    }
+
+    deinit {
+        events.deallocate()
+        tokens.deallocate()
+    }
+
+    public func token(_ i: Int) -> UInt64 { tokens[i] }
+    public func events(_ i: Int) -> Epoll.Events { Epoll.Events(rawValue: events[i]) }
+}
+
+extension Epoll {
+    /// As `wait(maxEvents:timeoutMilliseconds:)`, into preallocated space. Returns the
+    /// number of events (0: the timeout passed).
+    @discardableResult
+    public func wait(into out: inout EpollEvents, timeoutMilliseconds: Int) throws(Errno) -> Int {
+        let raw = fd.raw.rawValue
+        let events = out.events, tokens = out.tokens, capacity = CInt(out.capacity)
+        let n = try sys { ob_epoll_wait(raw, events, tokens, capacity, CInt(clamping: timeoutMilliseconds)) }
+        out.count = Int(n)
+        return Int(n)
+    }
+}

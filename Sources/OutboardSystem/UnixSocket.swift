@@ -84,11 +84,14 @@ public struct UnixSocket: ~Copyable, Sendable {
 
     /// Sends one message with `descriptors` attached (sendmsg(2), SCM_RIGHTS). The
     /// descriptors stay owned by the caller; the peer receives its own duplicates.
-    public func send(_ bytes: [UInt8], descriptors: [FileDescriptor] = []) throws(Errno) {
+    /// `nonBlocking`: fail with `.wouldBlock` instead of waiting when the peer's receive
+    /// queue is full (a server must not let one slow peer stall it).
+    public func send(_ bytes: [UInt8], descriptors: [FileDescriptor] = [], nonBlocking: Bool = false) throws(Errno) {
         let raw = fd.raw.rawValue
         let fds = descriptors.map(\.rawValue)
+        let flags = nonBlocking ? OB_MSG_DONTWAIT : 0
         let sent = try sys {
-            bytes.withUnsafeBytes { buf in ob_send_with_fds(raw, buf.baseAddress, buf.count, fds, fds.count, 0) }
+            bytes.withUnsafeBytes { buf in ob_send_with_fds(raw, buf.baseAddress, buf.count, fds, fds.count, flags) }
         }
         guard sent == bytes.count else { throw Errno.messageTooLong }
     }

@@ -1,5 +1,6 @@
 import Foundation
 import Outboard
+import OutboardRings
 import OutboardSession
 import OutboardSystem
 import Testing
@@ -123,10 +124,12 @@ import Testing
         try w.finish()
         #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
         #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
-        #expect(w.session.recoveries == 4)
+        // At least the four injected faults (a false hang detection on a loaded machine
+        // would add one; it must be recovered from just the same).
+        #expect(w.session.recoveries >= 4)
         let d = try m.device("m0")
-        #expect(d.restarts == 4)
-        #expect(d.generation == 5)
+        #expect(d.restarts >= 4)
+        #expect(d.generation >= 5)
         #expect(d.state == "running")
     }
 
@@ -164,8 +167,8 @@ import Testing
         let admin = try m.admin()
         for _ in 0..<4 {
             try m.waitFor("the driver to be running") { try m.device("m0").state == "running" }
-            _ = try admin.injectFault(device: "m0", .kill)
-            try m.waitFor("the driver to die") { try m.device("m0").state != "running" }
+            let hit = try admin.injectFault(device: "m0", .kill)
+            try m.waitFor("the driver to die") { try m.device("m0").generation > Int(hit.generation) }
         }
         try m.waitFor("device failed") { try m.device("m0").state == "failed" }
         do {
@@ -211,7 +214,9 @@ import Testing
             }
             // ...and the connection is closed.
             var closed = false
-            do { _ = try s.receiveControl() } catch .socket(.closed) { closed = true } catch {}
+            if try s.waitReadable(timeoutMilliseconds: 5000) {
+                do { _ = try s.receiveControl() } catch .socket(.closed) { closed = true } catch {}
+            }
             #expect(closed, "\(name): connection left open")
         }
         // A message with descriptors it should not carry.
@@ -267,6 +272,30 @@ import Testing
         try a.run { $0.lastCompletionGeneration > hit.generation }
         try a.run(operations: 500)
         #expect(a.verifyErrors == 0 && a.clientErrors == 0, "\(a.firstError ?? "")")
+        // A client that reuses a tag still in flight loses its session; the others go on.
+        // (A raw client: the library would never do this.)
+        do {
+            let sock = try UnixSocket.connect(path: path)
+            try sock.send(.openBlock(OpenBlock(device: "p1", writable: true, dataBytes: 8192, queueDepth: 2)))
+            var d = try sock.receiveControl()
+            guard case .blockOpened = d.message else { Issue.record("open refused: \(d.message)"); return }
+            let layout = try BlockQueueLayout(queueDepth: 2)
+            let queues = try SharedRegion(adopting: d.take(1), minimumSize: layout.byteCount).map(.readWrite)
+            let bell = Doorbell(adopting: d.take(3))
+            var producer = try QueueProducer<BlockRequest>(memory: queues.base, size: queues.size, at: layout.requestOffset,
+                                                           layout: layout.requests)
+            let r = BlockRequest(tag: 0, op: .read, sector: 0, offset: 0, length: 512)
+            #expect(producer.enqueue(r) && producer.enqueue(r))
+            try bell.ring()
+            var closed = false
+            if try sock.waitReadable(timeoutMilliseconds: 5000) {
+                do { _ = try sock.receiveControl() } catch .socket(.closed) { closed = true } catch {}
+            }
+            #expect(closed, "a client reusing an in-flight tag kept its session")
+        }
+        try a.run(operations: 200)
+        #expect(a.verifyErrors == 0 && a.clientErrors == 0, "\(a.firstError ?? "")")
+        box.stop()
         #expect(box.error == nil, "\(box.error.map { "\($0)" } ?? "")")
     }
 }
@@ -275,16 +304,26 @@ import Testing
 final class PartitionerBox: @unchecked Sendable {
     let partitioner: BlockPartitioner
     let lock = NSLock()
+    let done = DispatchSemaphore(value: 0)
     var stopped = false
-    var error: BlockSessionError?
+    var failure: BlockSessionError?
     init(_ p: BlockPartitioner) { partitioner = p }
     func run() {
+        defer { done.signal() }
         while !lock.withLock({ stopped }) {
             do { try partitioner.serve(milliseconds: 50) } catch {
-                lock.withLock { self.error = error }
+                lock.withLock { failure = error }
                 return
             }
         }
     }
-    func stop() { lock.withLock { stopped = true } }
+    var error: BlockSessionError? { lock.withLock { failure } }
+    /// Stops the loop and waits for the thread to leave it (once).
+    func stop() {
+        let first = lock.withLock { () -> Bool in
+            defer { stopped = true }
+            return !stopped
+        }
+        if first { done.wait() }
+    }
 }

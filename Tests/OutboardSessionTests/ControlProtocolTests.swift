@@ -159,16 +159,18 @@ struct Generator {
     }
 
     @Test func inUseMarks() {
-        let mem = UnsafeMutableRawPointer.allocate(byteCount: DriverPage.byteCount(tableCapacity: 8), alignment: 64)
+        let size = DriverPage.byteCount(tableCapacity: 8)
+        let mem = UnsafeMutableRawPointer.allocate(byteCount: size + 64, alignment: 64)
         defer { mem.deallocate() }
-        mem.initializeMemory(as: UInt8.self, repeating: 0, count: DriverPage.byteCount(tableCapacity: 8))
+        mem.initializeMemory(as: UInt8.self, repeating: 0, count: size + 64)
         let p = DriverPage(mem, tableCapacity: 8)
         p.markInUse(5)
         #expect(p.isInUse(5) && !p.isInUse(4))
         p.clearInUse(5)
         #expect(!p.isInUse(5))
-        p.markInUse(8)  // out of range: ignored, not written
-        #expect(!p.isInUse(8))
+        p.markInUse(8)  // out of range: ignored, nothing written past the page
+        #expect((0..<64).allSatisfy { mem.load(fromByteOffset: size + $0, as: UInt8.self) == 0 })
+        #expect((0..<8).allSatisfy { !p.isInUse($0) })
         p.beat(); p.beat()
         #expect(p.heartbeat == 2)
     }
