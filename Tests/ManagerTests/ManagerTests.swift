@@ -234,6 +234,25 @@ import Testing
         #expect(try m.device("m0").state == "running")
     }
 
+    /// A client that floods the manager and never reads its answers cannot stall it: the
+    /// manager's sends do not block, the flooder loses its connection, others are served.
+    @Test func floodingClientDoesNotStallTheManager() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        var good = try m.open("m0")
+        let flood = try UnixSocket.connect(path: m.socketPath)
+        let request = ControlMessage.openBlock(OpenBlock(device: "nonexistent", writable: true, dataBytes: 4096, queueDepth: 2)).encode()
+        var sent = 0
+        for _ in 0..<5000 {
+            do { try flood.send(request, nonBlocking: true); sent += 1 } catch { break }
+        }
+        #expect(sent > 100)
+        do { let st = try io(&good, .write, sector: 16); #expect(st == .ok) }
+        let status = try m.device("m0")
+        #expect(status.state == "running")
+        var another = try m.open("m0")
+        do { let st = try io(&another, .read, sector: 16); #expect(st == .ok) }
+    }
+
     /// Chaining: a partitioner holds one session to the driver and serves a session per
     /// partition; each client sees its own device from sector 0 and cannot leave it.
     @Test func partitionerChainsSessions() throws {
