@@ -62,18 +62,20 @@ let package = Package(
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux"]),
+        // Shared by the test targets that run the `outboard` executable.
+        .target(name: "OutboardTestSupport", path: "Tests/OutboardTestSupport"),
+        .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings"]),
         .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
         // End to end: a manager process, sandboxed drivers, clients, faults.
         .testTarget(
             name: "ManagerTests",
-            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings"]
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
         ),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(
             name: "OutboardBenchTests",
-            dependencies: ["OutboardBench", "OutboardSystem", "OutboardRings"]
+            dependencies: ["OutboardBench", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
         ),
     ]
 )

@@ -49,7 +49,16 @@ public final class Manager {
         self.config = config
         self.logger = logger
         self.executable = executable
-        (driverUID, driverGID) = try Self.resolveUser(config.driverUser, group: config.driverGroup)
+        // The sandbox's own lookup (getpwnam_r), which also refuses uid or gid 0.
+        let identity: SandboxPolicy
+        do { identity = try SandboxPolicy.resolve(user: config.driverUser, group: config.driverGroup) } catch {
+            throw ConfigError("driver_user/driver_group: \(error)")
+        }
+        guard identity.uid != 0, identity.gid != 0 else {
+            throw ConfigError("drivers must not run as root (driver_user '\(config.driverUser)')")
+        }
+        driverUID = identity.uid
+        driverGID = identity.gid
         epoll = try Epoll()
         let dir = config.controlSocket.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
         if !dir.isEmpty { mkdir(dir, 0o755) }
@@ -64,7 +73,7 @@ public final class Manager {
         try epoll.add(listener.fd.raw, events: .readable, token: Token.listener)
         try epoll.add(shutdownBell.fd.raw, events: .readable, token: Token.shutdown)
         for (i, d) in config.devices.enumerated() {
-            devices.append(try DeviceState(index: i, config: d, leaseMs: config.leaseMs))
+            devices.append(try DeviceState(index: i, config: d))
         }
     }
 
@@ -81,18 +90,6 @@ public final class Manager {
             tick()
         }
         shutdown()
-    }
-
-    static func resolveUser(_ user: String, group: String?) throws -> (UInt32, UInt32) {
-        guard let pw = getpwnam(user) else { throw ConfigError("driver_user '\(user)' does not exist") }
-        var gid = pw.pointee.pw_gid
-        if let group {
-            guard let gr = getgrnam(group) else { throw ConfigError("driver_group '\(group)' does not exist") }
-            gid = gr.pointee.gr_gid
-        }
-        let uid = pw.pointee.pw_uid
-        guard uid != 0, gid != 0 else { throw ConfigError("drivers must not run as root (driver_user '\(user)')") }
-        return (uid, gid)
     }
 
     // MARK: events

@@ -48,7 +48,7 @@ final class DeviceState {
     var name: String { config.name }
     var blockCount: UInt64 { config.sizeMib << 20 / UInt64(blockSectorSize) }
 
-    init(index: Int, config: ManagerConfig.DeviceConfig, leaseMs: UInt32) throws {
+    init(index: Int, config: ManagerConfig.DeviceConfig) throws {
         self.index = index
         self.config = config
         memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: Int(config.sizeMib << 20))
@@ -134,8 +134,6 @@ final class Session {
     var leaseEnd: UInt64 = 0
     var attachSent = false
     var revokingSince: UInt64?
-    var state: SessionState = .recovering
-    let openedAt = Clock.monotonicNanoseconds
 
     init(id: UInt64, device: DeviceState, connection: UInt64, credentials: PeerCredentials, writable: Bool,
          queueDepth: UInt32, dataBytes: UInt64, tableIndex: Int, ioAddress: UInt64, generation: UInt64) throws {
@@ -174,7 +172,6 @@ final class Session {
     }
 
     func publish(generation: UInt64, state: SessionState) {
-        self.state = state
         headerPage.publish(generation: generation, state: state)
     }
 

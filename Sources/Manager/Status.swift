@@ -56,7 +56,7 @@ public struct StatusReport: Codable, Sendable {
         sessions = m.devices.flatMap { d in
             d.sessions.values.sorted { $0.id < $1.id }.map { s in
                 Session(id: s.id, device: d.name, clientPid: s.credentials.pid, clientUid: s.credentials.uid,
-                        writable: s.writable, state: s.revokingSince != nil ? "revoking" : s.state.description,
+                        writable: s.writable, state: s.revokingSince != nil ? "revoking" : s.headerPage.state?.description ?? "unknown",
                         registeredBytes: s.dataBytes, queueDepth: s.queueDepth, ioAddress: s.ioAddress,
                         leaseExpiresInMs: (Int64(bitPattern: s.leaseEnd) - Int64(bitPattern: now)) / 1_000_000,
                         revoking: s.revokingSince != nil, inUse: d.driver?.page.isInUse(s.tableIndex) ?? false)

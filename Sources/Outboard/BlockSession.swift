@@ -336,8 +336,9 @@ public struct BlockSession: ~Copyable {
             } catch {
                 throw .failed("device failed (\(error))")
             }
+            // Anything else (queues of a generation that will not serve) is dropped with
+            // its descriptors.
             if case .sessionFailed(let reason) = d.message { throw .failed(reason) }
-            _ = d.descriptors.count
         }
     }
 

@@ -60,17 +60,8 @@ public struct VerifiedWorkload: ~Copyable {
     public mutating func prepare() throws(BlockSessionError) {
         var block = 0
         while block < blocks || session.inFlight > 0 {
-            while block < blocks, let slot = freeSlots.popLast() {
-                let version = acked[block] &+ 1
-                Self.fill(session.buffer.baseAddress! + slot * Self.blockBytes, block: block, version: version)
-                let user = UInt64(slot) | UInt64(block) << 16 | UInt64(version) << 40
-                let sector = UInt64(block * (Self.blockBytes / blockSectorSize))
-                guard try session.submit(.write, sector: sector, offset: slot * Self.blockBytes, length: Self.blockBytes,
-                                         userData: user) != nil else {
-                    freeSlots.append(slot)
-                    break
-                }
-                busy[block] = true
+            while block < blocks, !freeSlots.isEmpty {
+                guard try submit(block: block, write: true) else { break }
                 block += 1
             }
             let n = try session.wait(into: results, timeoutMilliseconds: 100)
@@ -109,23 +100,26 @@ public struct VerifiedWorkload: ~Copyable {
             attempts += 1
             let block = Int(next() % UInt64(blocks))
             if busy[block] { continue }
-            let slot = freeSlots.removeLast()
-            let offset = slot * Self.blockBytes
-            let sector = UInt64(block * (Self.blockBytes / blockSectorSize))
-            let write = next() & 1 == 0
-            var version: UInt32 = 0
-            if write {
-                version = acked[block] &+ 1
-                Self.fill(session.buffer.baseAddress! + offset, block: block, version: version)
-            }
-            let user = UInt64(slot) | UInt64(block) << 16 | UInt64(version) << 40
-            guard try session.submit(write ? .write : .read, sector: sector, offset: offset, length: Self.blockBytes,
-                                     userData: user) != nil else {
-                freeSlots.append(slot)
-                return
-            }
-            busy[block] = true
+            guard try submit(block: block, write: next() & 1 == 0) else { return }
         }
+    }
+
+    /// Reads or writes (the next version of) `block` through a free buffer slot. False
+    /// when the session has no room.
+    mutating func submit(block: Int, write: Bool) throws(BlockSessionError) -> Bool {
+        let slot = freeSlots.removeLast()
+        let offset = slot * Self.blockBytes
+        let version = write ? acked[block] &+ 1 : 0
+        if write { Self.fill(session.buffer.baseAddress! + offset, block: block, version: version) }
+        let user = UInt64(slot) | UInt64(block) << 16 | UInt64(version) << 40
+        let sector = UInt64(block * (Self.blockBytes / blockSectorSize))
+        guard try session.submit(write ? .write : .read, sector: sector, offset: offset, length: Self.blockBytes,
+                                 userData: user) != nil else {
+            freeSlots.append(slot)
+            return false
+        }
+        busy[block] = true
+        return true
     }
 
     mutating func complete(_ r: BlockResult) {

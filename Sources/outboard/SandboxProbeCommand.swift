@@ -98,9 +98,4 @@ struct SandboxProbeCommand: ParsableCommand {
         let ok = p.load(fromByteOffset: 128, as: UInt32.self) == 0x5a5a_5a5a
         return munmap(p, 4096) == 0 && ok
     }
-
-    private func writeStderr(_ s: String) {
-        var bytes = Array(s.utf8)
-        _ = Glibc.write(2, &bytes, bytes.count)
-    }
 }

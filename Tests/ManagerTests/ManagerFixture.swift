@@ -2,19 +2,8 @@ import Foundation
 import Outboard
 import OutboardSession
 import OutboardSystem
+import OutboardTestSupport
 import Testing
-
-/// The `outboard` executable of this build (next to the test bundle) or $OUTBOARD_EXECUTABLE.
-func outboardBinary() throws -> String {
-    if let path = ProcessInfo.processInfo.environment["OUTBOARD_EXECUTABLE"] { return path }
-    var dir = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().deletingLastPathComponent()
-    for _ in 0..<3 {
-        let candidate = dir.appendingPathComponent("outboard").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    throw FixtureError("outboard executable not found next to the test binary; build it first or set OUTBOARD_EXECUTABLE")
-}
 
 struct FixtureError: Error, CustomStringConvertible {
     let description: String
@@ -47,7 +36,7 @@ final class ManagerFixture {
             }
             """
         try config.write(toFile: configPath, atomically: true, encoding: .utf8)
-        var child = try ChildProcess(executable: try outboardBinary(),
+        var child = try ChildProcess(executable: try outboardExecutable(),
                                      arguments: ["run", "--config", configPath, "--log-level", "warning"])
         let deadline = Date().addingTimeInterval(20)
         while Date() < deadline {

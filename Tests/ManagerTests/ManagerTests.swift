@@ -78,7 +78,8 @@ import Testing
         a = nil
         try m.waitFor("the closed session's bytes to be released") { try m.device("m0").registeredBytes == 65536 }
         let c = try m.open("m0", dataBytes: 4096)
-        _ = (a == nil, b.info.sessionID, c.info.sessionID)
+        #expect(c.info.dataBytes == 4096 && b.info.dataBytes == 65536)
+        #expect(try m.device("m0").registeredBytes == 65536 + 4096)
     }
 
     /// Revocation with I/O in flight: a session closed while the driver holds its region in

@@ -2,23 +2,8 @@ import Foundation
 import OutboardBench
 import OutboardRings
 import OutboardSystem
+import OutboardTestSupport
 import Testing
-
-/// The `outboard` executable of the same build, whose `_ring-worker` subcommand runs one
-/// side of a queue. Tests run it as separate processes: real shared memory between real
-/// address spaces, regions and doorbells passed with SCM_RIGHTS.
-func outboardExecutable() throws -> String {
-    if let path = ProcessInfo.processInfo.environment["OUTBOARD_EXECUTABLE"] { return path }
-    let testBinary = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-    // .build/<triple>/<config>/outboardPackageTests.xctest -> .build/<triple>/<config>/outboard
-    var dir = testBinary.deletingLastPathComponent()
-    for _ in 0..<3 {
-        let candidate = dir.appendingPathComponent("outboard").path
-        if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-        dir = dir.deletingLastPathComponent()
-    }
-    throw RingWorkerFailure.setup("outboard executable not found next to \(testBinary.path); build it first or set OUTBOARD_EXECUTABLE")
-}
 
 let cpus = CPU.available >= 2 ? (0, 1) : (-1, -1)
 

@@ -1,5 +1,6 @@
 import OutboardSystem
 import SystemPackage
+import OutboardTestSupport
 import Testing
 
 #if canImport(Glibc)
@@ -181,7 +182,7 @@ private struct ProbeRun: CustomStringConvertible {
 
 /// Runs `outboard` with `arguments`, its stdout and stderr on pipes, for at most 60 s.
 private func runProbe(_ arguments: [String]) throws -> ProbeRun {
-    let exe = try sandboxOutboardExecutable()
+    let exe = try outboardExecutable()
     // Close-on-exec at once (pipe2 is not in the Glibc module; every spawn in this package
     // also closes all descriptors it does not grant, so the gap cannot leak a write end).
     var out: [CInt] = [-1, -1], err: [CInt] = [-1, -1]
@@ -217,33 +218,6 @@ private func runProbe(_ arguments: [String]) throws -> ProbeRun {
     return ProbeRun(status: open[0] || open[1] ? nil : status,
                     output: String(decoding: collected[0], as: UTF8.self),
                     errors: String(decoding: collected[1], as: UTF8.self))
-}
-
-/// The `outboard` executable of this build: $OUTBOARD_EXECUTABLE, or the build folder the
-/// test bundle sits in (.build/<triple>/<config>/outboardPackageTests.xctest ->
-/// .build/<triple>/<config>/outboard), as CrossProcessRingTests finds it.
-private func sandboxOutboardExecutable() throws -> String {
-    if let env = getenv("OUTBOARD_EXECUTABLE") { return String(cString: env) }
-    var buf = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-    guard n > 0 else { throw Errno(rawValue: errno) }
-    var dir = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    for _ in 0..<4 {
-        guard let slash = dir.lastIndex(of: "/") else { break }
-        dir = String(dir[..<slash])
-        let candidate = dir + "/outboard"
-        var st = stat()
-        if stat(candidate, &st) == 0, st.st_mode & S_IFMT == S_IFREG, access(candidate, X_OK) == 0 {
-            return candidate
-        }
-    }
-    throw ExecutableNotFound()
-}
-
-private struct ExecutableNotFound: Error, CustomStringConvertible {
-    var description: String {
-        "outboard executable not found next to the test bundle; build it first or set OUTBOARD_EXECUTABLE"
-    }
 }
 
 /// A `sleep` running as nobody (setpriv(1) from util-linux), or nil if setpriv is missing.
