@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Installs what Outboard needs on a fresh Debian 12 machine and builds it (release).
-# Idempotent: installs only what is missing. Later device work adds its peers here
-# (qemu-storage-daemon, dpdk, ...), so the README's commands keep working unchanged.
+# Idempotent: installs only what is missing. Device peers the tests and the demo talk to
+# come from here too, so the README's commands work on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the build, tests and benchmarks use.
-PACKAGES=(gcc libc6-dev linux-libc-dev)
+# Debian packages the build, tests and benchmarks use:
+#   gcc, libc6-dev, linux-libc-dev  the C shim and the C references
+#   qemu-system-common              qemu-storage-daemon, the vhost-user-blk device
+#   fio                             the kernel's own path, for context in `bench blk`
+PACKAGES=(gcc libc6-dev linux-libc-dev qemu-system-common fio)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
