@@ -31,10 +31,17 @@ let package = Package(
         // Session protocol: control messages, block queues, translation table, shared pages,
         // the serving end of a session.
         .target(name: "OutboardSession", dependencies: ["OutboardRings", "OutboardSystem"]),
+        // Virtio 1.2 spec structures and the split virtqueue, driver side. No syscalls.
+        .target(name: "Virtio"),
+        // The vhost-user frontend (driver-role) transport over a connected Unix stream socket.
+        .target(
+            name: "VhostUser",
+            dependencies: ["OutboardSystem", "CLinux", .product(name: "SystemPackage", package: "swift-system")]
+        ),
         // Drivers: the processes the manager spawns and sandboxes.
         .target(
             name: "Drivers",
-            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux",
+            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux", "Virtio", "VhostUser",
                            .product(name: "Logging", package: "swift-log")]
         ),
         // The manager: config, control socket, sessions, translation tables, supervision.
@@ -49,10 +56,12 @@ let package = Package(
         // The C reference queue the ring benchmark measures Outboard against: same layout,
         // same algorithm, same work per descriptor.
         .target(name: "CRefRing"),
+        // The C reference for `bench blk`: a minimal single-process vhost-user-blk frontend.
+        .target(name: "CRefBlk"),
         // Ring workers (Swift and C) as separate processes, and the harness that runs them.
         .target(
             name: "OutboardBench",
-            dependencies: ["OutboardSystem", "OutboardRings", "CRefRing", "CLinux"]
+            dependencies: ["OutboardSystem", "OutboardRings", "CRefRing", "CRefBlk", "CLinux"]
         ),
         .executableTarget(
             name: "outboard",
@@ -66,6 +75,9 @@ let package = Package(
         .target(name: "OutboardTestSupport", path: "Tests/OutboardTestSupport"),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio"]),
+        // Against a real qemu-storage-daemon, and a hostile backend double.
+        .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
         // End to end: a manager process, sandboxed drivers, clients, faults.
         .testTarget(
