@@ -50,32 +50,16 @@ public struct MemBlockDriver: ~Copyable {
         let capacity = Int(cfg.tableCapacity)
         let deviceBytes = cfg.blockCount.multipliedReportingOverflow(by: UInt64(blockSectorSize))
         guard !deviceBytes.overflow, deviceBytes.partialValue <= UInt64(Int.max / 2) else { throw .setup("device size overflows") }
-        let pm = try map(start.take(0), DriverPage.byteCount(tableCapacity: capacity), .readWrite, "driver page")
-        let tm = try map(start.take(1), TranslationTable.byteCount(capacity: capacity), .readOnly, "translation table")
-        let dm = try map(start.take(2), Int(deviceBytes.partialValue), .readWrite, "device memory")
-        let ep = try makeEpoll(manager)
+        let pm = try mapRegion(start.take(0), DriverPage.byteCount(tableCapacity: capacity), .readWrite, "driver page")
+        let tm = try mapRegion(start.take(1), TranslationTable.byteCount(capacity: capacity), .readOnly, "translation table")
+        let dm = try mapRegion(start.take(2), Int(deviceBytes.partialValue), .readWrite, "device memory")
+        let ep = try makeDriverEpoll(manager)
         do {
             try manager.send(.driverReady(pid: getpid(), probes: probes))
         } catch {
             throw .setup("cannot report ready: \(error)")
         }
         return MemBlockDriver(manager: manager, config: cfg, pageMapping: pm, tableMapping: tm, device: dm, epoll: ep)
-    }
-
-    static func makeEpoll(_ manager: borrowing UnixSocket) throws(DriverError) -> Epoll {
-        do {
-            let ep = try Epoll()
-            try ep.add(manager.fd.raw, events: .readable, token: 0)
-            return ep
-        } catch {
-            throw .setup("epoll: \(error)")
-        }
-    }
-
-    static func map(_ fd: consuming OwnedFD, _ size: Int, _ access: SharedMapping.Access, _ what: String) throws(DriverError) -> SharedMapping {
-        do { return try SharedRegion(adopting: fd, minimumSize: size).map(access) } catch {
-            throw .setup("mapping the \(what): \(error)")
-        }
     }
 
     init(manager: consuming UnixSocket, config: DriverStart, pageMapping: consuming SharedMapping,
@@ -213,26 +197,13 @@ public struct MemBlockDriver: ~Copyable {
             completionBuffer[k] = BlockCompletion(tag: r.tag, status: status, generation: config.generation)
         }
         page.clearInUse(index)
+        let signals = slots[i].signalsSent
+        defer { page.add(.signals, slots[i].signalsSent &- signals) }
         if !slots[i].complete(UnsafeBufferPointer(rebasing: completionBuffer[0..<n])) {
             failSession(i, slots[i].failure?.description ?? "completion queue full: client exceeded its queue depth")
         }
         page.addCompleted(n)
         return n
-    }
-
-    /// A transfer starts only with at least this much lease left (a 1 MiB copy takes well
-    /// under a millisecond); the manager adds a grace period of its own.
-    static let leaseMargin: UInt64 = 20_000_000
-
-    /// The entry, read consistently: the manager rewrites entries rarely and briefly, so a
-    /// busy seqlock means it was preempted mid-write; yield and retry rather than report a
-    /// live region as revoked.
-    func readEntry(_ index: Int) -> TranslationTable.Entry? {
-        for _ in 0..<1000 {
-            if let e = table.read(index) { return e }
-            sched_yield()
-        }
-        return nil
     }
 
     func handle(_ r: BlockRequest, slot i: Int) -> BlockStatus {
@@ -253,11 +224,11 @@ public struct MemBlockDriver: ~Copyable {
         if config.latencyMicroseconds > 0 { emulateLatency() }
         // Translate (session region, offset) to an IO address: the device writes into the
         // client's buffer on a read.
-        guard let entry = readEntry(slots[i].tableIndex) else { return .revoked }
+        guard let entry = table.readPatiently(slots[i].tableIndex) else { return .revoked }
         let now = Clock.monotonicNanoseconds
         guard let io = entry.translate(sessionID: slots[i].sessionID, offset: r.offset, length: UInt64(r.length),
-                                       write: op == .read, now: now &+ Self.leaseMargin) else {
-            return entry.state == .active && entry.sessionID == slots[i].sessionID && now &+ Self.leaseMargin < entry.leaseEnd
+                                       write: op == .read, now: now &+ leaseMargin) else {
+            return entry.state == .active && entry.sessionID == slots[i].sessionID && now &+ leaseMargin < entry.leaseEnd
                 ? .invalid : .revoked
         }
         // "DMA": the IO address resolves to our mapping of that region. Check against the
@@ -293,16 +264,5 @@ public struct MemBlockDriver: ~Copyable {
         let id = slots[i].sessionID
         try? manager.send(.sessionError(sessionID: id, reason: reason))
         detach(id)
-    }
-}
-
-public enum DriverError: Error, CustomStringConvertible {
-    case setup(String)
-    case fatal(String)
-    public var description: String {
-        switch self {
-        case .setup(let s): return "driver setup failed: \(s)"
-        case .fatal(let s): return "driver failed: \(s)"
-        }
     }
 }

@@ -1,4 +1,5 @@
 import FoundationEssentials
+import OutboardSession
 
 /// The manager's configuration, read from a JSON file (see `examples/outboard.json`).
 /// Keys are snake_case. Everything has a default except the devices.
@@ -43,10 +44,23 @@ public struct ManagerConfig: Codable, Sendable {
 
     public struct DeviceConfig: Codable, Sendable {
         public var name: String
-        /// Which driver serves it: "memblock" (the test block driver, manager-owned memory).
+        /// Which driver serves it: "virtio-blk" (a vhost-user-blk device at `socket`) or
+        /// "memblock" (the test block driver on manager-owned memory).
         public var driver: String
-        /// Size of the device in MiB (memblock).
+        /// Size of the device in MiB (memblock; a virtio device reports its own).
         public var sizeMib: UInt64 = 64
+        /// virtio-blk: the device's vhost-user socket. The manager connects to it and hands
+        /// the connection to the sandboxed driver (again after every disconnection).
+        public var socket: String? = nil
+        /// virtio-blk: virtqueue size (a power of two, 8...1024).
+        public var queueSize: UInt32 = 256
+        /// virtio-blk: how the driver learns of completions: "interrupt" (one per
+        /// completion), "event-idx" (once per batch taken), "adaptive" (busy-poll while busy
+        /// and for `poll_us` after, event-idx otherwise), "poll" (busy-poll while busy).
+        public var notify: String = "adaptive"
+        public var pollUs: UInt32 = 50
+        /// virtio-blk: how often the manager retries connecting to an absent device.
+        public var reconnectMs: UInt32 = 50
         public var access: [AccessRule] = []
         public var limits: Limits = Limits()
         /// Emulated device latency per request (memblock), microseconds.
@@ -123,7 +137,23 @@ public struct ManagerConfig: Codable, Sendable {
                 throw fail("device name '\(d.name)': 1-64 letters, digits, '-' or '_'")
             }
             guard names.insert(d.name).inserted else { throw fail("device '\(d.name)' appears twice") }
-            guard d.driver == "memblock" else { throw fail("device '\(d.name)': unknown driver '\(d.driver)' (known: memblock)") }
+            guard d.driver == "memblock" || d.driver == "virtio-blk" else {
+                throw fail("device '\(d.name)': unknown driver '\(d.driver)' (known: virtio-blk, memblock)")
+            }
+            if d.driver == "virtio-blk" {
+                guard let path = d.socket, !path.isEmpty, path.utf8.count < 108 else {
+                    throw fail("device '\(d.name)': virtio-blk needs 'socket', the device's vhost-user socket path (under 108 bytes)")
+                }
+                guard d.queueSize >= 8, d.queueSize <= 1024, d.queueSize.nonzeroBitCount == 1 else {
+                    throw fail("device '\(d.name)': queue_size must be a power of two in 8...1024")
+                }
+                guard NotifyMode(name: d.notify) != nil else {
+                    throw fail("device '\(d.name)': notify '\(d.notify)' (use interrupt, event-idx, adaptive or poll)")
+                }
+                guard d.reconnectMs >= 1 else { throw fail("device '\(d.name)': reconnect_ms must be at least 1") }
+            } else if d.socket != nil {
+                throw fail("device '\(d.name)': 'socket' is for virtio-blk devices")
+            }
             guard d.sizeMib >= 1, d.sizeMib <= 16384 else { throw fail("device '\(d.name)': size_mib must be in 1...16384") }
             for r in d.access {
                 guard r.mode == "rw" || r.mode == "ro" else { throw fail("device '\(d.name)': access mode '\(r.mode)' (use rw or ro)") }
@@ -218,7 +248,8 @@ extension ManagerConfig.SandboxConfig {
 
 extension ManagerConfig.DeviceConfig {
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, driver, sizeMib, access, limits, latencyUs, probeSandbox, testExitAtStart
+        case name, driver, sizeMib, socket, queueSize, notify, pollUs, reconnectMs, access, limits, latencyUs, probeSandbox
+        case testExitAtStart
     }
     public init(name: String, driver: String) { self.name = name; self.driver = driver }
     public init(from decoder: Decoder) throws {
@@ -228,6 +259,11 @@ extension ManagerConfig.DeviceConfig {
         driver = try c.decode(String.self, forKey: .driver)
         let d = Self(name: name, driver: driver)
         sizeMib = try c.value(.sizeMib, d.sizeMib)
+        socket = try c.decodeIfPresent(String.self, forKey: .socket)
+        queueSize = try c.value(.queueSize, d.queueSize)
+        notify = try c.value(.notify, d.notify)
+        pollUs = try c.value(.pollUs, d.pollUs)
+        reconnectMs = try c.value(.reconnectMs, d.reconnectMs)
         access = try c.value(.access, d.access)
         limits = try c.value(.limits, d.limits)
         latencyUs = try c.value(.latencyUs, d.latencyUs)

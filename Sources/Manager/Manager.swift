@@ -213,6 +213,12 @@ public final class Manager {
         if case .failed = d.state {
             return refuse(c, .deviceFailed, "device '\(d.name)' has failed: \(d.lastFailure ?? "driver crash loop")")
         }
+        guard let blockCount = d.blockCount else {
+            return refuse(c, .busy, "device '\(d.name)' is not connected yet (\(d.lastDeviceError ?? "waiting for its driver to reach it"))")
+        }
+        if m.writable && d.deviceFlags.contains(.readOnly) {
+            return refuse(c, .permissionDenied, "device '\(d.name)' is read-only")
+        }
         let limits = d.config.limits
         guard m.queueDepth >= 2, m.queueDepth <= limits.maxQueueDepth, m.queueDepth.nonzeroBitCount == 1 else {
             return refuse(c, .invalidArgument, "queue depth \(m.queueDepth) must be a power of two in 2...\(limits.maxQueueDepth)")
@@ -246,8 +252,8 @@ public final class Manager {
         d.sessions[session.id] = session
         c.sessionID = session.id
         let opened = BlockOpened(sessionID: session.id, generation: d.generation, queueDepth: m.queueDepth, writable: m.writable,
-                                 blockSize: UInt32(blockSectorSize), blockCount: d.blockCount, dataBytes: dataBytes,
-                                 maxTransfer: limits.maxTransferBytes)
+                                 blockSize: UInt32(blockSectorSize), blockCount: blockCount, dataBytes: dataBytes,
+                                 maxTransfer: d.maxTransfer(limit: limits.maxTransferBytes), deviceFlags: d.deviceFlags)
         do {
             try c.socket.send(.blockOpened(opened), descriptors: [session.header.fd.raw, session.queues.fd.raw, session.data.fd.raw,
                                                                  session.requestBell.fd.raw, session.completionBell.fd.raw], nonBlocking: true)
@@ -333,13 +339,23 @@ public final class Manager {
             let drv = try DriverProcess(device: d, executable: executable, uid: driverUID, gid: driverGID,
                                         sandbox: config.sandbox, logger: logger)
             let start = DriverStart(device: d.name, generation: d.generation, blockSize: UInt32(blockSectorSize),
-                                    blockCount: d.blockCount, maxTransfer: d.config.limits.maxTransferBytes,
+                                    blockCount: d.blockCount ?? 0, maxTransfer: d.config.limits.maxTransferBytes,
                                     tableCapacity: UInt32(d.tableSlots.count), heartbeatIntervalMs: config.heartbeatIntervalMs,
-                                    latencyMicroseconds: d.config.latencyUs)
+                                    latencyMicroseconds: d.config.latencyUs, queueSize: d.config.queueSize,
+                                    notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive, pollMicroseconds: d.config.pollUs,
+                                    dmaIOAddress: DeviceState.dmaIOAddress)
             try drv.socket.send(.driverStart(start), descriptors: [drv.pageRegion.fd.raw, d.tableRegion.fd.raw, d.memory.fd.raw], nonBlocking: true)
             try epoll.add(drv.socket.fd.raw, events: .readable, token: Token.driverSocket | UInt64(d.index))
             try epoll.add(drv.child.pidfd.raw, events: .readable, token: Token.driverExit | UInt64(d.index))
             d.driver = drv
+            if d.isVirtio {
+                // The driver cannot connect to the device itself: the manager does, now and
+                // whenever the driver reports the connection lost.
+                d.deviceConnected = false
+                d.wantsConnection = true
+                d.connectRetryAt = 0
+                connectDevice(d)
+            }
             logger.info("driver started", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)"])
         } catch {
             // The manager's own failure (out of descriptors or memory), not the driver's:
@@ -388,6 +404,28 @@ public final class Manager {
                 }
             case .detached:
                 break
+            case .deviceInfo(let info):
+                guard d.isVirtio, info.blockCount > 0, info.blockCount <= UInt64(1) << 55, info.blockSize >= 512,
+                      info.blockSize <= 65536, info.blockSize.nonzeroBitCount == 1, info.maxTransfer >= UInt32(blockSectorSize) else {
+                    stopDriver(d, drv, reason: "bad device info \(info)")
+                    return
+                }
+                if let old = d.info, old.blockCount != info.blockCount {
+                    logger.warning("device size changed", metadata: ["device": "\(d.name)", "was": "\(old.blockCount)", "now": "\(info.blockCount)"])
+                }
+                d.info = info
+                d.deviceConnected = true
+                d.lastDeviceError = nil
+                logger.info("device connected", metadata: ["device": "\(d.name)", "sectors": "\(info.blockCount)",
+                                                           "block_size": "\(info.blockSize)", "flags": "\(info.flags)"])
+            case .deviceLost(let reason):
+                guard d.isVirtio else { stopDriver(d, drv, reason: "unexpected deviceLost"); return }
+                d.deviceConnected = false
+                d.deviceLosses += 1
+                d.lastDeviceError = reason
+                d.wantsConnection = true
+                logger.warning("device connection lost", metadata: ["device": "\(d.name)", "reason": "\(reason)"])
+                connectDevice(d)
             case .sessionError(let id, let reason):
                 if let s = d.sessions[id] {
                     logger.warning("driver dropped session \(id): \(reason)", metadata: ["device": "\(d.name)"])
@@ -399,6 +437,35 @@ public final class Manager {
                 stopDriver(d, drv, reason: "unexpected \(m.message.type) from driver")
                 return
             }
+        }
+    }
+
+    /// Connects to a virtio device's vhost-user socket and hands the connection to the
+    /// driver. The manager keeps no copy: when the driver dies, the device sees the
+    /// connection close and is free for the next driver. Retried from `tick` while the
+    /// device is absent.
+    func connectDevice(_ d: DeviceState) {
+        guard d.wantsConnection, let drv = d.driver, drv.killReason == nil, let path = d.config.socket else { return }
+        let now = Clock.monotonicNanoseconds
+        guard now >= d.connectRetryAt else { return }
+        d.connectAttempts += 1
+        let fd: OwnedFD
+        do {
+            fd = try UnixSocket.connectStream(path: path)
+        } catch {
+            let why = "cannot connect to \(path): \(error)"
+            if d.lastDeviceError != why { logger.warning("\(why); retrying every \(d.config.reconnectMs) ms", metadata: ["device": "\(d.name)"]) }
+            d.lastDeviceError = why
+            d.connectRetryAt = now + UInt64(d.config.reconnectMs) * 1_000_000
+            return
+        }
+        d.connectionsMade += 1
+        do {
+            try drv.socket.send(.deviceConnection(attempt: d.connectionsMade), descriptors: [fd.raw], nonBlocking: true)
+            d.wantsConnection = false
+        } catch {
+            logger.warning("cannot hand the device connection to the driver of \(d.name): \(error)")
+            stopDriver(d, drv, reason: "not reading its control socket")
         }
     }
 
@@ -415,6 +482,8 @@ public final class Manager {
         try? epoll.remove(drv.socket.fd.raw)
         try? epoll.remove(drv.child.pidfd.raw)
         d.driver = nil
+        d.deviceConnected = false
+        d.wantsConnection = false
         let reason = drv.killReason.map { "\($0) (\(status))" } ?? "\(status)"
         if stopping { return }
         logger.error("driver died", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)",
@@ -498,6 +567,7 @@ public final class Manager {
         }
         for d in devices {
             if case .backoff(let until) = d.state, now >= until { spawnDriver(d) }
+            if d.wantsConnection { connectDevice(d) }
             if let drv = d.driver, drv.killReason == nil, let closed = drv.socketClosedAt, now > closed + 500_000_000 {
                 stopDriver(d, drv, reason: "closed its control socket but did not exit")
             }

@@ -32,6 +32,17 @@ final class DeviceState {
     var revokedIdle = 0
     var revokedAtLeaseEnd = 0
     var probes: [String] = []
+    /// Virtio devices: what the driver found the device to be (nil until the first
+    /// negotiation), and the connection the manager keeps handing the driver.
+    var info: DeviceInfo?
+    var deviceConnected = false
+    /// The current driver wants a (new) device connection; retried at `connectRetryAt`.
+    var wantsConnection = false
+    var connectRetryAt: UInt64 = 0
+    var connectAttempts: UInt64 = 0
+    var connectionsMade: UInt64 = 0
+    var deviceLosses = 0
+    var lastDeviceError: String?
 
     enum State: CustomStringConvertible {
         case starting, running, backoff(until: UInt64), failed
@@ -46,12 +57,22 @@ final class DeviceState {
     }
 
     var name: String { config.name }
-    var blockCount: UInt64 { config.sizeMib << 20 / UInt64(blockSectorSize) }
+    var isVirtio: Bool { config.driver == "virtio-blk" }
+    /// The device as clients see it; nil while a virtio device has never been reached.
+    var blockCount: UInt64? { isVirtio ? info?.blockCount : config.sizeMib << 20 / UInt64(blockSectorSize) }
+    var deviceFlags: DeviceFlags { isVirtio ? info?.flags ?? [] : [.flush] }
+    func maxTransfer(limit: UInt32) -> UInt32 { min(limit, isVirtio ? info?.maxTransfer ?? limit : limit) }
+    /// Driver memory of virtio drivers (rings, request headers, status bytes), registered
+    /// with the device at `dmaIOAddress`; session regions get IO addresses from 4 GiB up.
+    static let virtioDMABytes = 1 << 20
+    static let dmaIOAddress: UInt64 = 1 << 20
 
     init(index: Int, config: ManagerConfig.DeviceConfig) throws {
         self.index = index
         self.config = config
-        memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: Int(config.sizeMib << 20))
+        // memblock: the device itself. virtio: the driver's DMA memory (rings, headers).
+        memory = try SharedRegion(name: "outboard-\(config.name)-memory",
+                                  size: config.driver == "virtio-blk" ? DeviceState.virtioDMABytes : Int(config.sizeMib << 20))
         let capacity = Int(config.limits.maxSessions)
         tableRegion = try SharedRegion(name: "outboard-\(config.name)-table", size: TranslationTable.byteCount(capacity: capacity))
         tableMapping = try tableRegion.map(.readWrite)

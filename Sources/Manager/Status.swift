@@ -20,6 +20,18 @@ public struct StatusReport: Codable, Sendable {
         public var revokedAtLeaseEnd: Int
         public var requestsCompleted: UInt64?
         public var sandboxProbes: [String]
+        /// Virtio devices: the device as negotiated, and the connection's history.
+        public var blockCount: UInt64?
+        public var deviceFlags: String?
+        public var deviceConnected: Bool?
+        public var deviceConnections: UInt64?
+        public var deviceLosses: Int?
+        public var lastDeviceError: String?
+        /// The current driver's counters: device notifications sent and received, client
+        /// doorbells rung.
+        public var deviceKicks: UInt64?
+        public var deviceInterrupts: UInt64?
+        public var clientSignals: UInt64?
     }
     public struct Session: Codable, Sendable {
         public var id: UInt64
@@ -51,7 +63,12 @@ public struct StatusReport: Codable, Sendable {
                    consecutiveFailures: d.consecutiveFailures, lastFailure: d.lastFailure,
                    registeredBytes: d.registeredBytes, maxDeviceBytes: d.config.limits.maxDeviceBytes,
                    revokedIdle: d.revokedIdle, revokedAtLeaseEnd: d.revokedAtLeaseEnd,
-                   requestsCompleted: d.driver?.page.completed, sandboxProbes: d.probes)
+                   requestsCompleted: d.driver?.page.completed, sandboxProbes: d.probes,
+                   blockCount: d.blockCount, deviceFlags: d.isVirtio ? d.info.map { "\($0.flags)" } : nil,
+                   deviceConnected: d.isVirtio ? d.deviceConnected : nil,
+                   deviceConnections: d.isVirtio ? d.connectionsMade : nil, deviceLosses: d.isVirtio ? d.deviceLosses : nil,
+                   lastDeviceError: d.lastDeviceError, deviceKicks: d.driver?.page.count(.kicks),
+                   deviceInterrupts: d.driver?.page.count(.interrupts), clientSignals: d.driver?.page.count(.signals))
         }
         sessions = m.devices.flatMap { d in
             d.sessions.values.sorted { $0.id < $1.id }.map { s in

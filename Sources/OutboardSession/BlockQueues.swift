@@ -5,6 +5,13 @@ public enum BlockOp: UInt8, Sendable {
     case read = 1
     case write = 2
     case flush = 3
+    /// The device may forget the range (`length` bytes from `sector`; no buffer).
+    case discard = 4
+    /// The range reads back as zeroes afterwards (no buffer).
+    case writeZeroes = 5
+
+    /// Whether the request moves data through the session's buffer.
+    @inlinable public var hasBuffer: Bool { self == .read || self == .write }
 }
 
 /// How a block request ended.

@@ -13,23 +13,35 @@ public struct BlockServerEndpoint: ~Copyable {
     public let queueDepth: Int
     public let queues: SharedMapping
     public let data: SharedMapping
+    /// The data region's descriptor, when asked to keep it (a virtio driver registers the
+    /// region in the device's memory table, again after every reconnection); else -1.
+    public let dataFD: CInt
+    let dataRegion: SharedRegion?
     public let requestBell: Doorbell
     public let completionBell: Doorbell
     public var requests: QueueConsumer<BlockRequest>
     public var completions: QueueProducer<BlockCompletion>
+    /// Completion doorbells rung for the client.
+    public private(set) var signalsSent: UInt64 = 0
 
     /// Sets up from an Attach (or the equivalent parameters) and its four descriptors:
     /// queues, data, request doorbell, completion doorbell. Sizes come from `attach`, and
     /// the regions must carry the size seals and be at least that large.
     public init(_ attach: Attach, queues queuesFD: consuming OwnedFD, data dataFD: consuming OwnedFD,
-                requestBell: consuming OwnedFD, completionBell: consuming OwnedFD) throws(SessionSetupError) {
+                requestBell: consuming OwnedFD, completionBell: consuming OwnedFD,
+                keepDataDescriptor: Bool = false) throws(SessionSetupError) {
         // Every descriptor is taken over first (a noncopyable value must be consumed on
         // every path alike); the checks follow.
         let depthOK = attach.queueDepth.nonzeroBitCount == 1 && attach.queueDepth >= 2 && attach.queueDepth <= 4096
         let layout = depthOK ? try? BlockQueueLayout(queueDepth: Int(attach.queueDepth)) : nil
         let dataOK = attach.dataBytes > 0 && attach.dataBytes <= UInt64(Int.max / 2)
         let qm = try Self.map(queuesFD, minimumSize: layout?.byteCount ?? 1)
-        let dm = try Self.map(dataFD, minimumSize: dataOK ? Int(attach.dataBytes) : 1)
+        let dataRegion = try Self.adopt(dataFD, minimumSize: dataOK ? Int(attach.dataBytes) : 1)
+        let dm: SharedMapping
+        do { dm = try dataRegion.map(.readWrite) } catch { throw .system(error) }
+        let rawData = keepDataDescriptor ? dataRegion.fd.raw.rawValue : -1
+        var kept: SharedRegion? = nil
+        if keepDataDescriptor { kept = consume dataRegion }
         let rb = Doorbell(adopting: requestBell)
         let cb = Doorbell(adopting: completionBell)
         guard let layout else { throw .invalid("queue depth \(attach.queueDepth) is not a power of two in 2...4096") }
@@ -57,6 +69,16 @@ public struct BlockServerEndpoint: ~Copyable {
         queueDepth = Int(attach.queueDepth)
         queues = qm
         data = dm
+        self.dataFD = rawData
+        self.dataRegion = kept
+    }
+
+    static func adopt(_ fd: consuming OwnedFD, minimumSize: Int) throws(SessionSetupError) -> SharedRegion {
+        do {
+            return try SharedRegion(adopting: fd, minimumSize: minimumSize)
+        } catch {
+            throw .system(error)
+        }
     }
 
     static func map(_ fd: consuming OwnedFD, minimumSize: Int) throws(SessionSetupError) -> SharedMapping {
@@ -72,7 +94,10 @@ public struct BlockServerEndpoint: ~Copyable {
     /// broke the protocol or the queue failed: the caller reports the session.
     public mutating func complete(_ batch: UnsafeBufferPointer<BlockCompletion>) -> Bool {
         let n = completions.enqueue(batch)
-        if n > 0, completions.consumerWantsSignal() { try? completionBell.ring() }
+        if n > 0, completions.consumerWantsSignal() {
+            try? completionBell.ring()
+            signalsSent &+= 1
+        }
         return n == batch.count
     }
 

@@ -45,11 +45,14 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     case driverStart = 32
     case attach = 33
     case detach = 34
+    case deviceConnection = 35
     // driver -> manager
     case driverReady = 48
     case attached = 49
     case detached = 50
     case sessionError = 51
+    case deviceInfo = 52
+    case deviceLost = 53
 
     /// Descriptors a message of this type carries.
     public var descriptorCount: Int {
@@ -58,6 +61,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
         case .queuesReplaced: return 1
         case .driverStart: return DriverStart.descriptorCount
         case .attach: return Attach.descriptorCount
+        case .deviceConnection: return 1
         default: return 0
         }
     }
@@ -130,11 +134,73 @@ public struct BlockOpened: Equatable, Sendable {
     public var blockCount: UInt64
     public var dataBytes: UInt64
     public var maxTransfer: UInt32
+    /// What the device can do beyond read and write.
+    public var deviceFlags: DeviceFlags
     public init(sessionID: UInt64, generation: UInt64, queueDepth: UInt32, writable: Bool, blockSize: UInt32,
-                blockCount: UInt64, dataBytes: UInt64, maxTransfer: UInt32) {
+                blockCount: UInt64, dataBytes: UInt64, maxTransfer: UInt32, deviceFlags: DeviceFlags = [.flush]) {
         self.sessionID = sessionID; self.generation = generation; self.queueDepth = queueDepth
         self.writable = writable; self.blockSize = blockSize; self.blockCount = blockCount
-        self.dataBytes = dataBytes; self.maxTransfer = maxTransfer
+        self.dataBytes = dataBytes; self.maxTransfer = maxTransfer; self.deviceFlags = deviceFlags
+    }
+}
+
+/// Capabilities of a block device, as its driver found them (virtio-blk feature bits).
+public struct DeviceFlags: OptionSet, Equatable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt32
+    public init(rawValue: UInt32) { self.rawValue = rawValue }
+    public static let flush = DeviceFlags(rawValue: 1 << 0)
+    public static let discard = DeviceFlags(rawValue: 1 << 1)
+    public static let writeZeroes = DeviceFlags(rawValue: 1 << 2)
+    public static let readOnly = DeviceFlags(rawValue: 1 << 3)
+    public static let known: DeviceFlags = [.flush, .discard, .writeZeroes, .readOnly]
+    public var description: String {
+        var names: [String] = []
+        if contains(.flush) { names.append("flush") }
+        if contains(.discard) { names.append("discard") }
+        if contains(.writeZeroes) { names.append("write-zeroes") }
+        if contains(.readOnly) { names.append("read-only") }
+        return names.isEmpty ? "none" : names.joined(separator: ",")
+    }
+}
+
+/// A block device as its driver found it (driver to manager, after every negotiation with
+/// the device). The manager sizes sessions by it.
+public struct DeviceInfo: Equatable, Sendable {
+    public var blockCount: UInt64
+    /// The device's preferred block size (a hint; addressing is in 512-byte sectors).
+    public var blockSize: UInt32
+    /// Largest single transfer the device takes.
+    public var maxTransfer: UInt32
+    public var flags: DeviceFlags
+    public init(blockCount: UInt64, blockSize: UInt32, maxTransfer: UInt32, flags: DeviceFlags) {
+        self.blockCount = blockCount; self.blockSize = blockSize; self.maxTransfer = maxTransfer; self.flags = flags
+    }
+}
+
+/// How a driver learns that the device finished requests.
+public enum NotifyMode: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    /// An interrupt (call eventfd) per completion.
+    case interrupt = 1
+    /// Event-index suppression: the device signals only when the driver asked, once per
+    /// batch the driver has taken.
+    case eventIndex = 2
+    /// Busy-poll while requests are in flight and for a short window after the last one,
+    /// event-index sleeping otherwise.
+    case adaptive = 3
+    /// Busy-poll whenever anything is in flight.
+    case poll = 4
+
+    public var description: String {
+        switch self {
+        case .interrupt: return "interrupt"
+        case .eventIndex: return "event-idx"
+        case .adaptive: return "adaptive"
+        case .poll: return "poll"
+        }
+    }
+    public init?(name: String) {
+        guard let m = NotifyMode.allCases.first(where: { $0.description == name }) else { return nil }
+        self = m
     }
 }
 
@@ -152,11 +218,22 @@ public struct DriverStart: Equatable, Sendable {
     public var heartbeatIntervalMs: UInt32
     /// Emulated device latency per request, microseconds (0: none).
     public var latencyMicroseconds: UInt32
+    /// Virtio drivers: virtqueue size, notification mode, busy-poll window.
+    public var queueSize: UInt32
+    public var notifyMode: NotifyMode
+    public var pollMicroseconds: UInt32
+    /// Virtio drivers: the IO address at which the driver registers its own memory (the
+    /// third descriptor: rings, request headers, status bytes) with the device. Session
+    /// regions get theirs from the translation table; the manager keeps the two apart.
+    public var dmaIOAddress: UInt64
     public init(device: String, generation: UInt64, blockSize: UInt32, blockCount: UInt64, maxTransfer: UInt32,
-                tableCapacity: UInt32, heartbeatIntervalMs: UInt32, latencyMicroseconds: UInt32) {
+                tableCapacity: UInt32, heartbeatIntervalMs: UInt32, latencyMicroseconds: UInt32,
+                queueSize: UInt32 = 0, notifyMode: NotifyMode = .eventIndex, pollMicroseconds: UInt32 = 0, dmaIOAddress: UInt64 = 0) {
         self.device = device; self.generation = generation; self.blockSize = blockSize; self.blockCount = blockCount
         self.maxTransfer = maxTransfer; self.tableCapacity = tableCapacity
         self.heartbeatIntervalMs = heartbeatIntervalMs; self.latencyMicroseconds = latencyMicroseconds
+        self.queueSize = queueSize; self.notifyMode = notifyMode; self.pollMicroseconds = pollMicroseconds
+        self.dmaIOAddress = dmaIOAddress
     }
 }
 
@@ -189,6 +266,9 @@ public enum ControlMessage: Equatable, Sendable {
     case driverStart(DriverStart)
     case attach(Attach)
     case detach(sessionID: UInt64)
+    /// A connection to the device (vhost-user socket) the manager opened for the driver,
+    /// which cannot open one itself. One descriptor. `attempt` counts connections made.
+    case deviceConnection(attempt: UInt64)
     /// The driver is sandboxed and running. `probes`: sandbox self-test results, one
     /// "name errno" string per attempted escape (empty unless asked for).
     case driverReady(pid: Int32, probes: [String])
@@ -196,6 +276,11 @@ public enum ControlMessage: Equatable, Sendable {
     case detached(sessionID: UInt64)
     /// The driver stopped serving a session because its client broke the queue protocol.
     case sessionError(sessionID: UInt64, reason: String)
+    /// The driver negotiated with the device: what the device is.
+    case deviceInfo(DeviceInfo)
+    /// The device connection broke (the device went away or misbehaved): the driver
+    /// asks for a new one.
+    case deviceLost(reason: String)
 
     public var type: MessageType {
         switch self {
@@ -215,6 +300,9 @@ public enum ControlMessage: Equatable, Sendable {
         case .attached: return .attached
         case .detached: return .detached
         case .sessionError: return .sessionError
+        case .deviceConnection: return .deviceConnection
+        case .deviceInfo: return .deviceInfo
+        case .deviceLost: return .deviceLost
         }
     }
 
@@ -234,7 +322,7 @@ public enum ControlMessage: Equatable, Sendable {
             w.string(device); w.u8(fault.rawValue)
         case .blockOpened(let m):
             w.u64(m.sessionID); w.u64(m.generation); w.u32(m.queueDepth); w.bool(m.writable)
-            w.u32(m.blockSize); w.u64(m.blockCount); w.u64(m.dataBytes); w.u32(m.maxTransfer)
+            w.u32(m.blockSize); w.u64(m.blockCount); w.u64(m.dataBytes); w.u32(m.maxTransfer); w.u32(m.deviceFlags.rawValue)
         case .queuesReplaced(let g):
             w.u64(g)
         case .sessionFailed(let reason):
@@ -248,6 +336,7 @@ public enum ControlMessage: Equatable, Sendable {
         case .driverStart(let m):
             w.string(m.device); w.u64(m.generation); w.u32(m.blockSize); w.u64(m.blockCount)
             w.u32(m.maxTransfer); w.u32(m.tableCapacity); w.u32(m.heartbeatIntervalMs); w.u32(m.latencyMicroseconds)
+            w.u32(m.queueSize); w.u8(m.notifyMode.rawValue); w.u32(m.pollMicroseconds); w.u64(m.dmaIOAddress)
         case .attach(let m):
             w.u64(m.sessionID); w.u32(m.tableIndex); w.u32(m.queueDepth); w.bool(m.writable); w.u64(m.dataBytes)
         case .detach(let id), .attached(let id), .detached(let id):
@@ -256,6 +345,12 @@ public enum ControlMessage: Equatable, Sendable {
             w.i32(pid); w.u32(UInt32(probes.count)); for p in probes { w.string(p) }
         case .sessionError(let id, let reason):
             w.u64(id); w.string(reason)
+        case .deviceConnection(let attempt):
+            w.u64(attempt)
+        case .deviceInfo(let i):
+            w.u64(i.blockCount); w.u32(i.blockSize); w.u32(i.maxTransfer); w.u32(i.flags.rawValue)
+        case .deviceLost(let reason):
+            w.string(reason)
         }
         w.patchU32(at: 8, UInt32(w.bytes.count - ControlProtocol.headerSize))
         return w.bytes
@@ -293,7 +388,8 @@ public enum ControlMessage: Equatable, Sendable {
             m = .blockOpened(BlockOpened(
                 sessionID: try r.u64("sessionID"), generation: try r.u64("generation"), queueDepth: try r.u32("queueDepth"),
                 writable: try r.bool("writable"), blockSize: try r.u32("blockSize"), blockCount: try r.u64("blockCount"),
-                dataBytes: try r.u64("dataBytes"), maxTransfer: try r.u32("maxTransfer")))
+                dataBytes: try r.u64("dataBytes"), maxTransfer: try r.u32("maxTransfer"),
+                deviceFlags: try Self.flags(r.u32("deviceFlags"))))
         case .queuesReplaced:
             m = .queuesReplaced(generation: try r.u64("generation"))
         case .sessionFailed:
@@ -311,7 +407,9 @@ public enum ControlMessage: Equatable, Sendable {
                 device: try r.string("device", maxBytes: name), generation: try r.u64("generation"),
                 blockSize: try r.u32("blockSize"), blockCount: try r.u64("blockCount"), maxTransfer: try r.u32("maxTransfer"),
                 tableCapacity: try r.u32("tableCapacity"), heartbeatIntervalMs: try r.u32("heartbeatIntervalMs"),
-                latencyMicroseconds: try r.u32("latencyMicroseconds")))
+                latencyMicroseconds: try r.u32("latencyMicroseconds"), queueSize: try r.u32("queueSize"),
+                notifyMode: try Self.notifyMode(r.u8("notifyMode")), pollMicroseconds: try r.u32("pollMicroseconds"),
+                dmaIOAddress: try r.u64("dmaIOAddress")))
         case .attach:
             m = .attach(Attach(sessionID: try r.u64("sessionID"), tableIndex: try r.u32("tableIndex"),
                                queueDepth: try r.u32("queueDepth"), writable: try r.bool("writable"),
@@ -331,8 +429,26 @@ public enum ControlMessage: Equatable, Sendable {
             m = .driverReady(pid: pid, probes: probes)
         case .sessionError:
             m = .sessionError(sessionID: try r.u64("sessionID"), reason: try r.string("reason", maxBytes: reasonLimit))
+        case .deviceConnection:
+            m = .deviceConnection(attempt: try r.u64("attempt"))
+        case .deviceInfo:
+            m = .deviceInfo(DeviceInfo(blockCount: try r.u64("blockCount"), blockSize: try r.u32("blockSize"),
+                                       maxTransfer: try r.u32("maxTransfer"), flags: try Self.flags(r.u32("flags"))))
+        case .deviceLost:
+            m = .deviceLost(reason: try r.string("reason", maxBytes: reasonLimit))
         }
         try r.finish(String(describing: type))
+        return m
+    }
+
+    static func flags(_ raw: UInt32) throws(ControlError) -> DeviceFlags {
+        let f = DeviceFlags(rawValue: raw)
+        guard DeviceFlags.known.isSuperset(of: f) else { throw .malformed("device flags: unknown bits \(raw)") }
+        return f
+    }
+
+    static func notifyMode(_ raw: UInt8) throws(ControlError) -> NotifyMode {
+        guard let m = NotifyMode(rawValue: raw) else { throw .malformed("notify mode: unknown \(raw)") }
         return m
     }
 }

@@ -49,6 +49,9 @@ public struct SessionHeaderPage: @unchecked Sendable {
 /// ```
 /// +0   heartbeat   UInt64  incremented by the driver at least every heartbeat interval
 /// +8   completed   UInt64  requests completed by this driver process
+/// +16  kicks       UInt64  notifications the driver sent the device
+/// +24  interrupts  UInt64  notifications the device sent the driver that it consumed
+/// +32  signals     UInt64  completion doorbells the driver rang for its clients
 /// +64  in-use      UInt32 per translation-table entry: 1 while the driver may have I/O
 ///                  in flight on that entry's region (advisory; see TranslationTable)
 /// ```
@@ -68,6 +71,19 @@ public struct DriverPage: @unchecked Sendable {
     func inUseWord(_ index: Int) -> UnsafeMutablePointer<Atomic<UInt32>> {
         (base + DriverPage.inUseOffset + 4 * index).assumingMemoryBound(to: Atomic<UInt32>.self)
     }
+
+    /// Driver statistics (see the layout above), written by the driver only.
+    public enum Counter: Int, Sendable { case kicks = 16, interrupts = 24, signals = 32 }
+    func counterWord(_ c: Counter) -> UnsafeMutablePointer<Atomic<UInt64>> {
+        (base + c.rawValue).assumingMemoryBound(to: Atomic<UInt64>.self)
+    }
+    /// Driver: adds to a counter (a plain store: the driver is the only writer).
+    @inline(__always)
+    public func add(_ c: Counter, _ n: UInt64 = 1) {
+        let w = counterWord(c)
+        w.pointee.store(w.pointee.load(ordering: .relaxed) &+ n, ordering: .relaxed)
+    }
+    public func count(_ c: Counter) -> UInt64 { counterWord(c).pointee.load(ordering: .relaxed) }
 
     public var heartbeat: UInt64 { heartbeatWord.pointee.load(ordering: .relaxed) }
     public var completed: UInt64 { completedWord.pointee.load(ordering: .relaxed) }

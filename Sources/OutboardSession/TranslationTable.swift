@@ -1,5 +1,9 @@
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The translation table of one driver: for each registered buffer region, its IO address
 /// (where the device sees it), length, lease and state. The manager writes it; the driver
 /// maps it read-only (F_SEAL_FUTURE_WRITE) and translates (region, offset) -> IO address
@@ -118,6 +122,18 @@ public struct TranslationTable: @unchecked Sendable {
             guard u32(at).pointee.load(ordering: .relaxed) == s1 else { continue }
             guard let st = EntryState(rawValue: state) else { return nil }
             return Entry(state: st, sessionID: sessionID, ioAddress: io, length: length, leaseEnd: lease, writable: writable != 0)
+        }
+        return nil
+    }
+
+    /// As `read`, but a busy seqlock is retried (yielding the CPU) for longer: the manager
+    /// rewrites entries rarely and briefly, so a busy one means it was preempted mid-write,
+    /// and a live region must not be reported revoked for that. nil only if the entry
+    /// stays unreadable or is invalid.
+    public func readPatiently(_ index: Int) -> Entry? {
+        for _ in 0..<1000 {
+            if let e = read(index) { return e }
+            sched_yield()
         }
         return nil
     }

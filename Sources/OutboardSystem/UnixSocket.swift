@@ -82,6 +82,15 @@ public struct UnixSocket: ~Copyable, Sendable {
         return UnixSocket(adopting: fd)
     }
 
+    /// A connected Unix STREAM socket (a vhost-user device's socket, for instance), as a
+    /// plain descriptor: the protocol on it is the caller's. socket(2) + connect(2).
+    public static func connectStream(path: String) throws(Errno) -> OwnedFD {
+        let fd = OwnedFD(adopting: try sys { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | OB_SOCK_CLOEXEC, 0) })
+        let raw = fd.raw.rawValue
+        _ = try sys { ob_connect_unix(raw, path) }
+        return fd
+    }
+
     /// Sends one message with `descriptors` attached (sendmsg(2), SCM_RIGHTS). The
     /// descriptors stay owned by the caller; the peer receives its own duplicates.
     /// `nonBlocking`: fail with `.wouldBlock` instead of waiting when the peer's receive

@@ -20,24 +20,31 @@ struct Generator {
 
     /// A random valid message of every type.
     mutating func message() -> ControlMessage {
-        switch below(16) {
+        switch below(19) {
         case 0: return .openBlock(OpenBlock(device: string(max: 20), writable: next() & 1 == 0, dataBytes: next(), queueDepth: UInt32(truncatingIfNeeded: next())))
         case 1: return .statusRequest
         case 2: return .injectFault(device: string(max: 20), fault: FaultKind.allCases[below(4)])
         case 3: return .blockOpened(BlockOpened(sessionID: next(), generation: next(), queueDepth: 16, writable: true, blockSize: 512,
-                                                blockCount: next(), dataBytes: next(), maxTransfer: 1 << 20))
+                                                blockCount: next(), dataBytes: next(), maxTransfer: 1 << 20,
+                                                deviceFlags: DeviceFlags(rawValue: UInt32(below(16)))))
         case 4: return .queuesReplaced(generation: next())
         case 5: return .sessionFailed(reason: string(max: 100))
         case 6: return .failure(ErrorCode.allCases[below(ErrorCode.allCases.count)], string(max: 100))
         case 7: return .statusReport("{\"devices\": [\n]}" + string(max: 300))
         case 8: return .faultInjected(generation: next(), pid: Int32(truncatingIfNeeded: next()))
         case 9: return .driverStart(DriverStart(device: string(max: 30), generation: next(), blockSize: 512, blockCount: next(),
-                                                maxTransfer: 4096, tableCapacity: 16, heartbeatIntervalMs: 20, latencyMicroseconds: 0))
+                                                maxTransfer: 4096, tableCapacity: 16, heartbeatIntervalMs: 20, latencyMicroseconds: 0,
+                                                queueSize: 256, notifyMode: NotifyMode.allCases[below(4)],
+                                                pollMicroseconds: UInt32(below(1000)), dmaIOAddress: next()))
         case 10: return .attach(Attach(sessionID: next(), tableIndex: 3, queueDepth: 32, writable: false, dataBytes: next()))
         case 11: return .detach(sessionID: next())
         case 12: return .driverReady(pid: 42, probes: (0..<below(10)).map { _ in string(max: 30) })
         case 13: return .attached(sessionID: next())
         case 14: return .detached(sessionID: next())
+        case 15: return .deviceConnection(attempt: next())
+        case 16: return .deviceInfo(DeviceInfo(blockCount: next(), blockSize: 4096, maxTransfer: UInt32(truncatingIfNeeded: next()),
+                                               flags: DeviceFlags(rawValue: UInt32(below(16)))))
+        case 17: return .deviceLost(reason: string(max: 200))
         default: return .sessionError(sessionID: next(), reason: string(max: 200))
         }
     }

@@ -1,0 +1,39 @@
+import OutboardSession
+import OutboardSystem
+
+// What every driver process shares: its errors, how it maps what the manager sends, its
+// epoll set, and the lease margin.
+
+public enum DriverError: Error, CustomStringConvertible {
+    case setup(String)
+    case fatal(String)
+    public var description: String {
+        switch self {
+        case .setup(let s): return "driver setup failed: \(s)"
+        case .fatal(let s): return "driver failed: \(s)"
+        }
+    }
+}
+
+/// A transfer starts only with at least this much lease left on its region (a 1 MiB copy
+/// takes well under a millisecond, a device request a few hundred microseconds); the
+/// manager adds a grace period of its own.
+let leaseMargin: UInt64 = 20_000_000
+
+/// Maps a region the manager sent, which must be sealed and at least `size` bytes.
+func mapRegion(_ fd: consuming OwnedFD, _ size: Int, _ access: SharedMapping.Access, _ what: String) throws(DriverError) -> SharedMapping {
+    do { return try SharedRegion(adopting: fd, minimumSize: size).map(access) } catch {
+        throw .setup("mapping the \(what): \(error)")
+    }
+}
+
+/// The driver's epoll set, with the manager's socket as token 0.
+func makeDriverEpoll(_ manager: borrowing UnixSocket) throws(DriverError) -> Epoll {
+    do {
+        let ep = try Epoll()
+        try ep.add(manager.fd.raw, events: .readable, token: 0)
+        return ep
+    } catch {
+        throw .setup("epoll: \(error)")
+    }
+}
