@@ -32,6 +32,7 @@ public struct StatusReport: Codable, Sendable {
         public var deviceKicks: UInt64?
         public var deviceInterrupts: UInt64?
         public var clientSignals: UInt64?
+        public var deviceRequests: UInt64?
     }
     public struct Session: Codable, Sendable {
         public var id: UInt64
@@ -68,7 +69,8 @@ public struct StatusReport: Codable, Sendable {
                    deviceConnected: d.isVirtio ? d.deviceConnected : nil,
                    deviceConnections: d.isVirtio ? d.connectionsMade : nil, deviceLosses: d.isVirtio ? d.deviceLosses : nil,
                    lastDeviceError: d.lastDeviceError, deviceKicks: d.driver?.page.count(.kicks),
-                   deviceInterrupts: d.driver?.page.count(.interrupts), clientSignals: d.driver?.page.count(.signals))
+                   deviceInterrupts: d.driver?.page.count(.interrupts), clientSignals: d.driver?.page.count(.signals),
+                   deviceRequests: d.driver?.page.count(.submitted))
         }
         sessions = m.devices.flatMap { d in
             d.sessions.values.sorted { $0.id < $1.id }.map { s in

@@ -3,6 +3,10 @@ import OutboardSession
 import OutboardSystem
 import SystemPackage
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Why a block session call failed.
 public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertible {
     /// The manager (or virtualizer) refused the request.
@@ -23,6 +27,20 @@ public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertib
         case .invalidRequest(let m): return "invalid request: \(m)"
         case .system(let e): return "system error: \(e)"
         }
+    }
+}
+
+/// One request of a batch (`BlockSession.submit(batch:)`).
+public struct BlockSubmission: Sendable, Equatable {
+    public var op: BlockOp
+    public var sector: UInt64
+    /// Buffer offset in the data region (reads and writes).
+    public var offset: Int
+    /// Bytes: a multiple of 512 (0 for flush).
+    public var length: Int
+    public var userData: UInt64
+    public init(_ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int, userData: UInt64 = 0) {
+        self.op = op; self.sector = sector; self.offset = offset; self.length = length; self.userData = userData
     }
 }
 
@@ -86,6 +104,7 @@ public struct BlockSession: ~Copyable {
     var nextSeq: UInt64 = 1
     let scratch: UnsafeMutableBufferPointer<BlockCompletion>
     let order: UnsafeMutablePointer<UInt32>
+    let submitScratch: UnsafeMutablePointer<BlockRequest>
 
     /// Connects to the manager (or a virtualizer) at `socketPath` and opens a session on
     /// `device`, with a data region of `dataBytes` and at most `queueDepth` requests in
@@ -111,6 +130,25 @@ public struct BlockSession: ~Copyable {
             throw .refused(code, message)
         default:
             throw .protocolError("unexpected \(reply.message.type) in answer to open")
+        }
+    }
+
+    /// As `open`, but while the device is not ready yet (its driver is starting or has not
+    /// reached the device: the manager answers `busy`) it tries again, for up to
+    /// `waitMilliseconds`.
+    public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int, queueDepth: Int = 32,
+                            waitMilliseconds: Int) throws(BlockSessionError) -> BlockSession {
+        let deadline = Clock.monotonicNanoseconds + UInt64(max(0, waitMilliseconds)) * 1_000_000
+        while true {
+            do {
+                return try open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes,
+                                queueDepth: queueDepth)
+            } catch .refused(.busy, let why) {
+                if Clock.monotonicNanoseconds > deadline { throw .refused(.busy, why) }
+            } catch .failed(let why) where why.hasPrefix("cannot connect") {
+                if Clock.monotonicNanoseconds > deadline { throw .failed(why) }
+            }
+            usleep(20_000)
         }
     }
 
@@ -154,6 +192,7 @@ public struct BlockSession: ~Copyable {
         freeCount = depth
         scratch = .allocate(capacity: depth)
         order = .allocate(capacity: depth)
+        submitScratch = .allocate(capacity: depth)
     }
 
     static func map(_ fd: consuming OwnedFD, minimumSize: Int, _ access: SharedMapping.Access) throws(BlockSessionError) -> SharedMapping {
@@ -196,6 +235,7 @@ public struct BlockSession: ~Copyable {
         freeTags.deallocate()
         scratch.deallocate()
         order.deallocate()
+        submitScratch.deallocate()
     }
 
     /// The session's data region: put write data here, find read data here, by offset.
@@ -207,28 +247,62 @@ public struct BlockSession: ~Copyable {
     public var queueDepth: Int { depth }
 
     /// Submits one request on the buffer at `offset`. Returns the tag, or nil when
-    /// `queueDepth` requests are already in flight.
+    /// `queueDepth` requests are already in flight. Discard and write-zeroes name a range
+    /// (`sector`, `length` bytes) and no buffer; flush names neither.
     public mutating func submit(_ op: BlockOp, sector: UInt64, offset: Int, length: Int,
                                 userData: UInt64 = 0) throws(BlockSessionError) -> UInt32? {
         try checkGeneration()
         guard freeCount > 0 else { return nil }
-        if op != .flush {
-            guard length > 0, length % blockSectorSize == 0, length <= Int(info.maxTransfer),
-                  offset >= 0, offset <= dataMapping.size, length <= dataMapping.size - offset else {
-                throw .invalidRequest("\(op) of \(length) bytes at buffer offset \(offset): outside the \(dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
-            }
-        }
-        freeCount -= 1
-        let tag = freeTags[freeCount]
-        let r = BlockRequest(tag: tag, op: op, sector: sector, offset: UInt64(offset), length: UInt32(op == .flush ? 0 : length))
-        inflight[Int(tag)] = r
-        inflightSeq[Int(tag)] = nextSeq
-        inflightUser[Int(tag)] = userData
-        nextSeq &+= 1
+        let r = try stage(BlockSubmission(op, sector: sector, offset: offset, length: length, userData: userData))
         // Never more than `depth` in flight: the queue has room.
         _ = requests.enqueue(r)
         if requests.consumerWantsSignal() { try? requestBell.ring() }
-        return tag
+        return r.tag
+    }
+
+    /// Submits as many of `batch` as there are free tags, in order, with one publication
+    /// and at most one doorbell for all of them. Returns how many were submitted. A
+    /// request this session cannot express throws before anything of the batch is sent.
+    public mutating func submit(batch: UnsafeBufferPointer<BlockSubmission>) throws(BlockSessionError) -> Int {
+        try checkGeneration()
+        let n = min(batch.count, freeCount)
+        guard n > 0 else { return 0 }
+        for k in 0..<n { try validate(batch[k]) }
+        let staged = UnsafeMutableBufferPointer(start: submitScratch, count: n)
+        for k in 0..<n { staged[k] = try stage(batch[k]) }
+        _ = requests.enqueue(UnsafeBufferPointer(staged))
+        if requests.consumerWantsSignal() { try? requestBell.ring() }
+        return n
+    }
+
+    func validate(_ b: BlockSubmission) throws(BlockSessionError) {
+        switch b.op {
+        case .flush:
+            break
+        case .read, .write:
+            guard b.length > 0, b.length % blockSectorSize == 0, b.length <= Int(info.maxTransfer),
+                  b.offset >= 0, b.offset <= dataMapping.size, b.length <= dataMapping.size - b.offset else {
+                throw .invalidRequest("\(b.op) of \(b.length) bytes at buffer offset \(b.offset): outside the \(dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
+            }
+        case .discard, .writeZeroes:
+            guard b.length > 0, b.length % blockSectorSize == 0, b.length <= Int(UInt32.max) else {
+                throw .invalidRequest("\(b.op) of \(b.length) bytes: not a positive multiple of \(blockSectorSize)")
+            }
+        }
+    }
+
+    /// Takes a tag and records the request (validated first).
+    mutating func stage(_ b: BlockSubmission) throws(BlockSessionError) -> BlockRequest {
+        try validate(b)
+        freeCount -= 1
+        let tag = freeTags[freeCount]
+        let r = BlockRequest(tag: tag, op: b.op, sector: b.op == .flush ? 0 : b.sector,
+                             offset: b.op.hasBuffer ? UInt64(b.offset) : 0, length: UInt32(b.op == .flush ? 0 : b.length))
+        inflight[Int(tag)] = r
+        inflightSeq[Int(tag)] = nextSeq
+        inflightUser[Int(tag)] = b.userData
+        nextSeq &+= 1
+        return r
     }
 
     /// Collects finished requests without blocking. Returns how many were written to `out`.

@@ -52,6 +52,7 @@ public struct SessionHeaderPage: @unchecked Sendable {
 /// +16  kicks       UInt64  notifications the driver sent the device
 /// +24  interrupts  UInt64  notifications the device sent the driver that it consumed
 /// +32  signals     UInt64  completion doorbells the driver rang for its clients
+/// +40  submitted   UInt64  requests the driver handed to the device
 /// +64  in-use      UInt32 per translation-table entry: 1 while the driver may have I/O
 ///                  in flight on that entry's region (advisory; see TranslationTable)
 /// ```
@@ -73,7 +74,7 @@ public struct DriverPage: @unchecked Sendable {
     }
 
     /// Driver statistics (see the layout above), written by the driver only.
-    public enum Counter: Int, Sendable { case kicks = 16, interrupts = 24, signals = 32 }
+    public enum Counter: Int, Sendable { case kicks = 16, interrupts = 24, signals = 32, submitted = 40 }
     func counterWord(_ c: Counter) -> UnsafeMutablePointer<Atomic<UInt64>> {
         (base + c.rawValue).assumingMemoryBound(to: Atomic<UInt64>.self)
     }

@@ -1,0 +1,136 @@
+import OutboardSystem
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A qemu-storage-daemon serving one image as vhost-user-blk devices (one export per
+/// socket, all on the same block node): the device the demo, the block benchmark and the
+/// tests drive. Stopped (SIGTERM, then SIGKILL) when dropped.
+public struct StorageDaemon: ~Copyable {
+    public let image: String
+    public let sockets: [String]
+    var child: ChildProcess
+    var stopped = false
+
+    public var pid: pid_t { child.pid }
+
+    /// The daemon's path: on PATH, or Debian's place for it.
+    public static func executable() -> String? {
+        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        for dir in path.split(separator: ":") + ["/usr/bin"] {
+            let candidate = "\(dir)/qemu-storage-daemon"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return nil
+    }
+
+    /// Starts the daemon and waits (up to 10 s) until every socket exists.
+    /// `aio`: "io_uring" or "threads".
+    public init(image: String, sockets: [String], writable: Bool = true, aio: String = "io_uring") throws(LabError) {
+        guard let exe = Self.executable() else {
+            throw LabError("qemu-storage-daemon not found (Debian package qemu-system-common; scripts/setup.sh installs it)")
+        }
+        for s in sockets { unlink(s) }
+        var args = ["--blockdev", "driver=file,node-name=file0,filename=\(image),aio=\(aio),cache.direct=off",
+                    "--blockdev", "driver=raw,node-name=disk0,file=file0"]
+        for (i, s) in sockets.enumerated() {
+            args += ["--export", "type=vhost-user-blk,id=exp\(i),node-name=disk0,addr.type=unix,addr.path=\(s),writable=\(writable ? "on" : "off"),num-queues=1"]
+        }
+        var c = try Self.spawn(exe, args)
+        try Self.waitForSockets(&c, sockets)
+        child = c
+        self.image = image
+        self.sockets = sockets
+    }
+
+    static func waitForSockets(_ child: inout ChildProcess, _ sockets: [String]) throws(LabError) {
+        let deadline = Clock.monotonicNanoseconds + 10_000_000_000
+        while true {
+            var st = stat()
+            if sockets.allSatisfy({ stat($0, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK }) { return }
+            if let status = try? child.wait(timeoutMilliseconds: 10) {
+                throw LabError("qemu-storage-daemon exited at start: \(status)")
+            }
+            if Clock.monotonicNanoseconds > deadline {
+                try? child.signal(SIGKILL)
+                _ = try? child.wait()
+                throw LabError("qemu-storage-daemon did not create its sockets within 10 s")
+            }
+        }
+    }
+
+    static func spawn(_ exe: String, _ args: [String]) throws(LabError) -> ChildProcess {
+        do { return try ChildProcess(executable: exe, arguments: args) } catch {
+            throw LabError("cannot start qemu-storage-daemon: \(error)")
+        }
+    }
+
+    /// Kills the daemon the hard way (a device that vanishes), or stops it politely.
+    public mutating func stop(kill hard: Bool = false) {
+        guard !stopped else { return }
+        stopped = true
+        try? child.signal(hard ? SIGKILL : SIGTERM)
+        if (try? child.wait(timeoutMilliseconds: 5000)) == nil {
+            try? child.signal(SIGKILL)
+            _ = try? child.wait()
+        }
+    }
+
+    deinit {
+        if !stopped {
+            try? child.signal(SIGKILL)
+            var st: CInt = 0
+            waitpid(child.pid, &st, 0)
+        }
+    }
+}
+
+public struct LabError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ s: String) { description = s }
+}
+
+/// Creates (or replaces) an image file of `bytes`. `fill`: pseudo-random contents
+/// (written, so reads hit real data in the page cache) instead of a sparse file.
+public func makeImage(path: String, bytes: Int, fill: Bool, seed: UInt64 = 1) throws(LabError) {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { throw LabError("cannot create \(path): \(Errno(rawValue: errno))") }
+    defer { close(fd) }
+    guard ftruncate(fd, off_t(bytes)) == 0 else { throw LabError("cannot size \(path): \(Errno(rawValue: errno))") }
+    guard fill else { return }
+    let chunk = 1 << 20
+    let buf = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: chunk / 8)
+    defer { buf.deallocate() }
+    var x = seed | 1
+    var done = 0
+    while done < bytes {
+        for i in 0..<buf.count {
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17
+            buf[i] = x
+        }
+        let n = min(chunk, bytes - done)
+        guard pwrite(fd, buf.baseAddress, n, off_t(done)) == n else { throw LabError("cannot write \(path): \(Errno(rawValue: errno))") }
+        done += n
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from /proc/PID/stat; nil when it
+/// is gone.
+public func processCPUNanoseconds(pid: pid_t) -> UInt64? {
+    let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 1024)
+    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+    guard n > 0 else { return nil }
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    guard let close = buf[0..<n].lastIndex(of: UInt8(ascii: ")")) else { return nil }
+    let fields = buf[(close + 2)..<n].split(separator: UInt8(ascii: " "))
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    guard fields.count > 13, let u = UInt64(String(decoding: fields[11], as: UTF8.self)),
+          let s = UInt64(String(decoding: fields[12], as: UTF8.self)) else { return nil }
+    let tick = UInt64(sysconf(Int32(_SC_CLK_TCK)))
+    return (u + s) * (1_000_000_000 / max(tick, 1))
+}
