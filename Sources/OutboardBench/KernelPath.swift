@@ -1,0 +1,149 @@
+import FoundationEssentials
+import OutboardSystem
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The kernel's own path on the same image file, for context in `bench blk`: fio, 4 KiB
+/// random reads through io_uring, buffered (the page cache), at the same queue depth.
+public struct KernelReferenceResult: Codable, Sendable, Equatable {
+    public var ios: UInt64
+    public var seconds: Double
+    public var iops: Double
+    /// fio's CPU (user + sys) per I/O, microseconds: (usr% + sys%) * runtime / ios.
+    public var cpuUsPerIo: Double
+    /// Completion latency (fio clat), microseconds.
+    public var p50Us: Double
+    public var p99Us: Double
+
+    enum CodingKeys: String, CodingKey {
+        case ios, seconds, iops
+        case cpuUsPerIo = "cpu_us_per_io"
+        case p50Us = "p50_us"
+        case p99Us = "p99_us"
+    }
+}
+
+public struct KernelReferenceError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Runs `fio --name=ref --filename=FILE --rw=randread --bs=4k --ioengine=io_uring
+/// --iodepth=N --direct=0 --invalidate=0 --time_based --runtime=S --output-format=json`
+/// and parses its report. fio's stderr goes to ours; it is killed if it has not finished
+/// `seconds` + 60 s after it started.
+public func runKernelReference(file: String, queueDepth: Int, seconds: Double, fio: String = "/usr/bin/fio") throws -> KernelReferenceResult {
+    guard queueDepth >= 1, seconds > 0 else { throw KernelReferenceError("queue depth and seconds must be positive") }
+    let runtimeMs = max(1, Int((seconds * 1000).rounded()))
+    let arguments = [
+        "--name=ref", "--filename=\(file)", "--rw=randread", "--bs=4k", "--ioengine=io_uring",
+        "--iodepth=\(queueDepth)", "--direct=0", "--invalidate=0", "--time_based", "--runtime=\(runtimeMs)ms",
+        "--output-format=json",
+    ]
+    let output = try captureStdout(executable: fio, arguments: arguments, timeoutMilliseconds: runtimeMs + 60_000)
+    return try parseFioReport(output)
+}
+
+/// Parses fio's JSON report (the first job's read side). Exposed for tests.
+public func parseFioReport(_ output: [UInt8]) throws -> KernelReferenceResult {
+    // fio may print warnings before the JSON object on stdout.
+    guard let start = output.firstIndex(of: UInt8(ascii: "{")) else {
+        throw KernelReferenceError("fio printed no JSON report: \(String(decoding: output.prefix(300), as: UTF8.self))")
+    }
+    struct Report: Decodable { var jobs: [Job] }
+    struct Job: Decodable {
+        var error: Int?
+        var read: Side
+        var usr_cpu: Double
+        var sys_cpu: Double
+    }
+    struct Side: Decodable {
+        var iops: Double
+        var runtime: Double // ms
+        var total_ios: UInt64
+        var clat_ns: Clat
+    }
+    struct Clat: Decodable { var percentile: [String: Double]? }
+    let report: Report
+    do {
+        report = try JSONDecoder().decode(Report.self, from: Data(output[start...]))
+    } catch {
+        throw KernelReferenceError("cannot parse fio's report: \(error)")
+    }
+    guard let job = report.jobs.first else { throw KernelReferenceError("fio's report has no job") }
+    if let e = job.error, e != 0 { throw KernelReferenceError("fio job failed with error \(e)") }
+    let r = job.read
+    guard r.total_ios > 0, r.runtime > 0 else { throw KernelReferenceError("fio completed no reads") }
+    let seconds = r.runtime / 1000
+    let percentile = { (key: String) -> Double in (r.clat_ns.percentile?[key] ?? 0) / 1000 }
+    return KernelReferenceResult(
+        ios: r.total_ios, seconds: seconds, iops: r.iops,
+        cpuUsPerIo: (job.usr_cpu + job.sys_cpu) / 100 * seconds * 1e6 / Double(r.total_ios),
+        p50Us: percentile("50.000000"), p99Us: percentile("99.000000"))
+}
+
+/// Runs a program with stdin from /dev/null, stdout into a pipe, stderr inherited, and
+/// returns everything it wrote to stdout. Throws if it does not exit 0 in time.
+func captureStdout(executable: String, arguments: [String], timeoutMilliseconds: Int) throws -> [UInt8] {
+    var fds: [CInt] = [-1, -1]
+    // pipe2(2) is not in Glibc's Swift module; set FD_CLOEXEC right after (ChildProcess
+    // closes every descriptor it is not given anyway).
+    guard pipe(&fds) == 0 else { throw KernelReferenceError("pipe: \(Errno(rawValue: errno))") }
+    _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
+    _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
+    let readEnd = OwnedFD(adopting: fds[0])
+    var child: ChildProcess
+    do {
+        let writeEnd = OwnedFD(adopting: fds[1])
+        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        guard null >= 0 else { throw KernelReferenceError("open /dev/null: \(Errno(rawValue: errno))") }
+        defer { close(null) }
+        do {
+            child = try ChildProcess(
+                executable: executable, arguments: arguments,
+                descriptors: [(FileDescriptor(rawValue: null), 0), (writeEnd.raw, 1), (FileDescriptor.standardError, 2)])
+        } catch {
+            throw KernelReferenceError("cannot start \(executable): \(error)")
+        }
+        // writeEnd closes here: EOF on readEnd when the child exits.
+    }
+    let deadline = OutboardSystem.Clock.monotonicNanoseconds + UInt64(timeoutMilliseconds) * 1_000_000
+    var output: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 65536)
+    let fd = readEnd.raw.rawValue
+    while true {
+        let now = OutboardSystem.Clock.monotonicNanoseconds
+        if now >= deadline {
+            try? child.signal(SIGKILL)
+            _ = try? child.wait()
+            throw KernelReferenceError("\(executable) did not finish within \(timeoutMilliseconds) ms")
+        }
+        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let ms = CInt(clamping: (deadline - now) / 1_000_000 + 1)
+        let p = poll(&pfd, 1, ms)
+        if p < 0 {
+            if errno == EINTR { continue }
+            throw KernelReferenceError("poll: \(Errno(rawValue: errno))")
+        }
+        if p == 0 { continue }
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 {
+            if errno == EINTR || errno == EAGAIN { continue }
+            throw KernelReferenceError("read: \(Errno(rawValue: errno))")
+        }
+        if n == 0 { break }
+        output.append(contentsOf: buffer[0..<n])
+    }
+    let remaining = Int(clamping: (deadline &- min(deadline, OutboardSystem.Clock.monotonicNanoseconds)) / 1_000_000)
+    guard let status = try child.wait(timeoutMilliseconds: max(remaining, 1000)) else {
+        try? child.signal(SIGKILL)
+        _ = try? child.wait()
+        throw KernelReferenceError("\(executable) closed its stdout but did not exit")
+    }
+    guard status == .exited(0) else { throw KernelReferenceError("\(executable) \(status)") }
+    return output
+}

@@ -1,0 +1,98 @@
+import CRefBlk
+
+/// One run of the C reference vhost-user-blk frontend (CRefBlk): 4 KiB random reads at a
+/// fixed queue depth against a vhost-user-blk backend, single process, single thread.
+/// Per-I/O figures are over the measured interval only.
+public struct RefBlkResult: Codable, Sendable, Equatable {
+    /// Completions in the measured interval.
+    public var ios: UInt64
+    /// Length of the measured interval.
+    public var seconds: Double
+    public var iops: Double
+    /// This process's CPU (user + sys) per I/O, microseconds.
+    public var cpuUsPerIo: Double
+    /// Submit-to-harvest latency, microseconds.
+    public var p50Us: Double
+    public var p99Us: Double
+    public var maxUs: Double
+    /// Eventfd writes to the device per I/O.
+    public var kicksPerIo: Double
+    /// Wake-ups on the call eventfd per I/O (0 in poll mode).
+    public var callsPerIo: Double
+    /// Completions whose status byte was not VIRTIO_BLK_S_OK, warm-up included.
+    public var errors: UInt64
+    /// Device capacity in 512-byte sectors (GET_CONFIG).
+    public var capacitySectors: UInt64
+
+    enum CodingKeys: String, CodingKey {
+        case ios, seconds, iops, errors
+        case cpuUsPerIo = "cpu_us_per_io"
+        case p50Us = "p50_us"
+        case p99Us = "p99_us"
+        case maxUs = "max_us"
+        case kicksPerIo = "kicks_per_io"
+        case callsPerIo = "calls_per_io"
+        case capacitySectors = "capacity_sectors"
+    }
+}
+
+public struct RefBlkError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Notification modes of the reference, by the names `bench blk` uses.
+public let refBlkModes = ["interrupt", "event-idx", "poll"]
+
+/// Runs the C reference frontend in this process. `mode`: "interrupt" (a signal per
+/// completion), "event-idx" (VIRTIO_F_RING_EVENT_IDX, used_event = last used index after
+/// every harvest), "poll" (interrupts suppressed, spins on used.idx).
+public func runRefBlk(
+    socket: String, queueDepth: Int, warmupSeconds: Double, seconds: Double, mode: String, seed: UInt64,
+    ioBytes: UInt32 = 4096, queueSize: Int = 256
+) throws -> RefBlkResult {
+    let cmode: CInt
+    switch mode {
+    case "interrupt": cmode = CInt(OB_REFBLK_INTERRUPT.rawValue)
+    case "event-idx": cmode = CInt(OB_REFBLK_EVENT_IDX.rawValue)
+    case "poll": cmode = CInt(OB_REFBLK_POLL.rawValue)
+    default: throw RefBlkError("unknown mode \(mode) (interrupt, event-idx, poll)")
+    }
+    guard let qd = CInt(exactly: queueDepth), qd >= 1 else { throw RefBlkError("queue depth \(queueDepth) out of range") }
+    var r = ob_refblk_result()
+    let rc = socket.withCString { path -> CInt in
+        var p = ob_refblk_params(
+            socket_path: path, queue_depth: qd, warmup_seconds: warmupSeconds, seconds: seconds, mode: cmode,
+            io_bytes: ioBytes, seed: seed, queue_size: CInt(clamping: queueSize))
+        return ob_refblk_run(&p, &r)
+    }
+    if rc != 0 { throw RefBlkError(refBlkMessage(&r.error)) }
+    let ios = Double(max(r.ios, 1))
+    return RefBlkResult(
+        ios: r.ios, seconds: r.seconds, iops: r.seconds > 0 ? Double(r.ios) / r.seconds : 0,
+        cpuUsPerIo: Double(r.cpu_ns) / 1e3 / ios,
+        p50Us: Double(r.p50_ns) / 1e3, p99Us: Double(r.p99_ns) / 1e3, maxUs: Double(r.max_ns) / 1e3,
+        kicksPerIo: Double(r.kicks) / ios, callsPerIo: Double(r.calls) / ios,
+        errors: r.errors, capacitySectors: r.capacity_sectors)
+}
+
+/// For tests: reads `bytes` (a multiple of 512, at most 1 MiB) at `sector` through a fresh
+/// connection with the C reference. Returns the data and the device capacity in sectors.
+public func refBlkReadOnce(socket: String, sector: UInt64, bytes: Int = 4096) throws -> (data: [UInt8], capacitySectors: UInt64) {
+    guard let n = UInt32(exactly: bytes) else { throw RefBlkError("bad length \(bytes)") }
+    var data = [UInt8](repeating: 0, count: bytes)
+    var capacity: UInt64 = 0
+    var err = [CChar](repeating: 0, count: 256)
+    let rc = data.withUnsafeMutableBytes { buf in
+        ob_refblk_read_once(socket, sector, buf.baseAddress, n, &capacity, &err)
+    }
+    if rc != 0 { throw RefBlkError(String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)) }
+    return (data, capacity)
+}
+
+private func refBlkMessage<T>(_ tuple: inout T) -> String {
+    withUnsafeBytes(of: &tuple) { raw in
+        String(decoding: raw.prefix { $0 != 0 }, as: UTF8.self)
+    }
+}
