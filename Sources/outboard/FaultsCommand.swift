@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Manager
 import Outboard
+import OutboardBench
 import OutboardSession
 import OutboardSystem
 
@@ -26,10 +27,16 @@ struct FaultsCommand: ParsableCommand {
     )
 
     @Option(help: "The manager's configuration file.")
-    var config: String
+    var config: String?
 
     @Option(help: "The device to run on.")
-    var device: String
+    var device: String = "vblk0"
+
+    @Flag(help: "Instead of --config: run against a virtio-blk device of a fresh qemu-storage-daemon, with a manager of its own, in a temporary directory (needs root).")
+    var storageDaemon = false
+
+    @Option(help: "With --storage-daemon: the driver's notification mode.")
+    var notify: String = "adaptive"
 
     @Option(help: "Number of faults to inject.")
     var faults: Int = 20
@@ -53,20 +60,36 @@ struct FaultsCommand: ParsableCommand {
     var json = false
 
     func run() throws {
+        if storageDaemon {
+            guard config == nil else { throw ValidationError("give --config or --storage-daemon, not both") }
+            installInterruptFlag()
+            let lab = try Lab(name: "faults")
+            defer { lab.remove() }
+            try makeImage(path: lab.dir + "/disk.img", bytes: max(blocks * 4096, 64 << 20), fill: false)
+            var daemon = try StorageDaemon(image: lab.dir + "/disk.img", sockets: [lab.dir + "/\(device).sock"])
+            defer { daemon.stop() }
+            let path = try lab.writeManagerConfig(device: device, socket: daemon.sockets[0], notify: notify)
+            var manager = try ManagerProcess(config: path, socket: lab.controlSocket)
+            defer { manager.stop() }
+            try inject(socket: lab.controlSocket)
+            return
+        }
+        guard let config else { throw ValidationError("give --config FILE (a running or startable manager) or --storage-daemon") }
         let cfg = try ManagerConfig.load(path: config)
-        var manager: ChildProcess? = nil
         if (try? UnixSocket.connect(path: cfg.controlSocket)) == nil {
-            manager = try startManager(cfg)
+            var manager = try ManagerProcess(config: config, socket: cfg.controlSocket)
+            defer { manager.stop() }
+            try inject(socket: cfg.controlSocket)
+        } else {
+            try inject(socket: cfg.controlSocket)
         }
-        defer {
-            if manager != nil {
-                try? manager!.signal(SIGTERM)
-                _ = try? manager!.wait(timeoutMilliseconds: 5000)
-            }
-        }
-        let admin = try AdminConnection(socketPath: cfg.controlSocket)
-        let session = try BlockSession.open(socketPath: cfg.controlSocket, device: device, writable: true,
-                                            dataBytes: depth * VerifiedWorkload.blockBytes, queueDepth: depth)
+    }
+
+    func inject(socket: String) throws {
+        let admin = try AdminConnection(socketPath: socket)
+        let session = try BlockSession.open(socketPath: socket, device: device, writable: true,
+                                            dataBytes: depth * VerifiedWorkload.blockBytes, queueDepth: depth,
+                                            waitMilliseconds: 20_000)
         var w = VerifiedWorkload(session: session, blocks: blocks, seed: seed)
         // Every block written once, so that earlier contents of the device do not matter.
         try w.prepare()
@@ -153,19 +176,6 @@ struct FaultsCommand: ParsableCommand {
     func fmt(_ v: Double) -> String {
         let tenths = Int((v * 10).rounded())
         return "\(tenths / 10).\(tenths % 10)"
-    }
-
-    func startManager(_ cfg: ManagerConfig) throws -> ChildProcess {
-        var child = try ChildProcess(executable: currentExecutable(),
-                                     arguments: ["run", "--config", config, "--log-level", "warning"])
-        let deadline = Clock.monotonicNanoseconds + 20_000_000_000
-        while Clock.monotonicNanoseconds < deadline {
-            if (try? UnixSocket.connect(path: cfg.controlSocket)) != nil { return child }
-            if let status = try child.wait(timeoutMilliseconds: 20) {
-                throw ValidationError("the manager exited at start: \(status)")
-            }
-        }
-        throw ValidationError("the manager did not open \(cfg.controlSocket) within 20 s")
     }
 }
 
