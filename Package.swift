@@ -82,7 +82,7 @@ let package = Package(
         // End to end: a manager process, sandboxed drivers, clients, faults.
         .testTarget(
             name: "ManagerTests",
-            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardBench", "OutboardTestSupport"]
         ),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(

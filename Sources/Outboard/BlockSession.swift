@@ -93,6 +93,8 @@ public struct BlockSession: ~Copyable {
     public private(set) var recoveries = 0
     /// Requests reissued after restarts.
     public private(set) var reissued = 0
+    /// Request doorbells this session rang (the driver asked for each).
+    public private(set) var doorbellsRung = 0
     var events = EpollEvents(capacity: 4)
 
     let depth: Int
@@ -256,7 +258,10 @@ public struct BlockSession: ~Copyable {
         let r = try stage(BlockSubmission(op, sector: sector, offset: offset, length: length, userData: userData))
         // Never more than `depth` in flight: the queue has room.
         _ = requests.enqueue(r)
-        if requests.consumerWantsSignal() { try? requestBell.ring() }
+        if requests.consumerWantsSignal() {
+            try? requestBell.ring()
+            doorbellsRung += 1
+        }
         return r.tag
     }
 
@@ -271,8 +276,30 @@ public struct BlockSession: ~Copyable {
         let staged = UnsafeMutableBufferPointer(start: submitScratch, count: n)
         for k in 0..<n { staged[k] = try stage(batch[k]) }
         _ = requests.enqueue(UnsafeBufferPointer(staged))
-        if requests.consumerWantsSignal() { try? requestBell.ring() }
+        if requests.consumerWantsSignal() {
+            try? requestBell.ring()
+            doorbellsRung += 1
+        }
         return n
+    }
+
+    /// Tests only: puts `request` on the queue as it is, skipping this library's checks, to
+    /// see what a driver does with a request a hostile client could write. The tag is taken
+    /// as usual.
+    @_spi(Testing)
+    public mutating func submitUnchecked(_ op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) throws(BlockSessionError) -> UInt32? {
+        try checkGeneration()
+        guard freeCount > 0 else { return nil }
+        freeCount -= 1
+        let tag = freeTags[freeCount]
+        let r = BlockRequest(tag: tag, op: op, sector: sector, offset: offset, length: length)
+        inflight[Int(tag)] = r
+        inflightSeq[Int(tag)] = nextSeq
+        inflightUser[Int(tag)] = 0
+        nextSeq &+= 1
+        _ = requests.enqueue(r)
+        try? requestBell.ring()
+        return tag
     }
 
     func validate(_ b: BlockSubmission) throws(BlockSessionError) {

@@ -1,0 +1,231 @@
+import Foundation
+@_spi(Testing) import Outboard
+import OutboardBench
+import OutboardSession
+import OutboardSystem
+import Testing
+
+/// A real qemu-storage-daemon serving an image file as a vhost-user-blk device, and a
+/// manager whose virtio-blk driver (sandboxed, as in production) drives it.
+final class VirtioFixture {
+    let directory: String
+    let image: String
+    let socket: String
+    var daemon: StorageDaemon?
+    var manager: ManagerFixture!
+    static let imageBytes = 64 << 20
+
+    init(notify: String = "adaptive", probeSandbox: Bool = false) throws {
+        directory = NSTemporaryDirectory() + "outboard-vblk-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        image = directory + "/disk.img"
+        socket = directory + "/vblk0.sock"
+        try makeImage(path: image, bytes: Self.imageBytes, fill: false)
+        daemon = try StorageDaemon(image: image, sockets: [socket])
+        manager = try ManagerFixture(devices: """
+            [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "notify": "\(notify)",
+              "access": [{"uid": 0, "mode": "rw"}], "probe_sandbox": \(probeSandbox)}]
+            """)
+    }
+
+    deinit {
+        manager = nil
+        if var d = daemon.take() { d.stop() }
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+
+    func open(dataBytes: Int = 16 * 4096, depth: Int = 16) throws -> BlockSession {
+        try BlockSession.open(socketPath: manager.socketPath, device: "vblk0", writable: true, dataBytes: dataBytes,
+                              queueDepth: depth, waitMilliseconds: 20_000)
+    }
+
+    /// The image file's bytes, read past the device.
+    func imageBytes(at offset: Int, count: Int) throws -> [UInt8] {
+        let fd = Foundation.open(image, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw FixtureError("cannot open the image") }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: count)
+        let n = buf.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+        guard n == count else { throw FixtureError("short read of the image") }
+        return buf
+    }
+
+    func writeImage(_ bytes: [UInt8], at offset: Int) throws {
+        let fd = Foundation.open(image, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw FixtureError("cannot open the image") }
+        defer { close(fd) }
+        let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+        guard n == bytes.count else { throw FixtureError("short write of the image") }
+    }
+
+    /// The device entry of the status report.
+    func device() throws -> [String: Any] {
+        (try manager.report()["devices"] as! [[String: Any]]).first { $0["name"] as? String == "vblk0" }!
+    }
+}
+
+func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
+
+@Suite(.serialized) struct VirtioBlkTests {
+    /// Reads, writes and flush through client -> sandboxed driver -> qemu-storage-daemon,
+    /// checked against the image file itself in both directions.
+    @Test func readWriteFlushVerifiedThroughTheImage() throws {
+        let f = try VirtioFixture(probeSandbox: true)
+        // The sandboxed virtio driver refuses escapes too.
+        for p in try f.manager.device("vblk0").probes {
+            let err = Int32(p.split(separator: " ")[1])!
+            #expect(err == EPERM || err == EACCES, "virtio driver sandbox probe \(p) was not refused")
+        }
+        var s = try f.open()
+        #expect(s.info.blockCount == UInt64(VirtioFixture.imageBytes / 512))
+        #expect(s.info.deviceFlags.contains(.flush))
+        // Device -> client: bytes written into the image file are what a read returns.
+        let before = pattern(7, 8192)
+        try f.writeImage(before, at: 1 << 20)
+        #expect(try io(&s, .read, sector: UInt64(1 << 20) / 512, offset: 0, length: 8192) == .ok)
+        #expect(Array(s.buffer[0..<8192]) == before)
+        // Client -> device: a write (zero-copy from the session's buffer) lands in the file.
+        let data = pattern(42, 16384)
+        data.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: s.buffer[4096..<(4096 + 16384)]).copyMemory(from: $0) }
+        #expect(try io(&s, .write, sector: 2048, offset: 4096, length: 16384) == .ok)
+        #expect(try io(&s, .flush, sector: 0, length: 0) == .ok)
+        #expect(try f.imageBytes(at: 2048 * 512, count: 16384) == data)
+        // A verified workload on top.
+        var w = VerifiedWorkload(session: s, blocks: 1024, seed: 3)
+        try w.prepare()
+        try w.run(operations: 5000)
+        try w.finish()
+        #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
+    }
+
+    /// Write-zeroes zeroes the range on the device (seen in the image file); discard
+    /// succeeds. Both are forwarded only because the device offered them.
+    @Test func discardAndWriteZeroes() throws {
+        let f = try VirtioFixture()
+        var s = try f.open()
+        #expect(s.info.deviceFlags.contains(.discard))
+        #expect(s.info.deviceFlags.contains(.writeZeroes))
+        let data = pattern(9, 65536)
+        try f.writeImage(data, at: 4 << 20)
+        #expect(try f.imageBytes(at: 4 << 20, count: 65536) == data)
+        #expect(try io(&s, .writeZeroes, sector: UInt64(4 << 20) / 512 + 16, length: 16384) == .ok)
+        #expect(try io(&s, .flush, sector: 0, length: 0) == .ok)
+        let after = try f.imageBytes(at: 4 << 20, count: 65536)
+        #expect(Array(after[0..<8192]) == Array(data[0..<8192]))
+        #expect(after[8192..<(8192 + 16384)].allSatisfy { $0 == 0 })
+        #expect(Array(after[(8192 + 16384)...]) == Array(data[(8192 + 16384)...]))
+        #expect(try io(&s, .read, sector: UInt64(4 << 20) / 512 + 16, length: 4096) == .ok)
+        #expect(s.buffer[0..<4096].allSatisfy { $0 == 0 })
+        #expect(try io(&s, .discard, sector: UInt64(8 << 20) / 512, length: 1 << 20) == .ok)
+    }
+
+    /// A request beyond the capacity gets a clear error; the device and driver go on.
+    @Test func requestBeyondCapacity() throws {
+        let f = try VirtioFixture()
+        var s = try f.open()
+        let end = s.info.blockCount
+        #expect(try io(&s, .read, sector: end, length: 4096) == .invalid)
+        #expect(try io(&s, .read, sector: end - 4, length: 4096) == .invalid)  // straddles the end
+        #expect(try io(&s, .writeZeroes, sector: end - 1, length: 1024) == .invalid)
+        #expect(try io(&s, .read, sector: end - 8, length: 4096) == .ok)
+        #expect(try io(&s, .write, sector: 0, length: 4096) == .ok)
+        let d = try f.device()
+        #expect(d["state"] as? String == "running")
+        #expect(d["restarts"] as? Int == 0)
+        #expect(d["device_connected"] as? Bool == true)
+    }
+
+    /// A request whose buffer lies outside the client's data region (written raw, past
+    /// the library's own checks) is rejected by the driver and never reaches the device.
+    @Test func bufferOutsideTheRegionIsRejected() throws {
+        let f = try VirtioFixture()
+        var s = try f.open(dataBytes: 8 * 4096, depth: 8)
+        #expect(try io(&s, .read, sector: 0, length: 4096) == .ok)
+        let sent = try f.device()["device_requests"] as! Int
+        for (offset, length) in [(UInt64(8 * 4096), UInt32(4096)), (UInt64(7 * 4096), UInt32(8192)), (UInt64.max - 100, UInt32(4096)),
+                                 (0, UInt32(1) << 31)] {
+            guard try s.submitUnchecked(.read, sector: 0, offset: offset, length: length) != nil else { Issue.record("no tag"); return }
+            var status: BlockStatus?? = nil
+            try s.drain { status = $0.status }
+            #expect(status == .some(.invalid), "offset \(offset) length \(length): \(String(describing: status))")
+            #expect(try f.device()["device_requests"] as! Int == sent, "a request outside the region reached the device")
+        }
+        #expect(try io(&s, .read, sector: 0, length: 4096) == .ok)
+    }
+
+    /// The device process is killed under load and a new one started on the same socket:
+    /// the driver (not restarted) reconnects, registers its memory again, resubmits what
+    /// was in flight, and the workload sees no error.
+    @Test func daemonKilledAndRestartedUnderTheDriver() throws {
+        let f = try VirtioFixture()
+        var w = VerifiedWorkload(session: try f.open(dataBytes: 32 * 4096, depth: 32), blocks: 2048, seed: 11)
+        try w.prepare()
+        try w.run(operations: 3000)
+        let driverPid = try f.manager.device("vblk0").pid
+        for round in 0..<2 {
+            if var d = f.daemon.take() { d.stop(kill: true) }
+            // Requests submitted now wait for the device.
+            let stalled = w.ops
+            usleep(100_000)
+            f.daemon = try StorageDaemon(image: f.image, sockets: [f.socket])
+            try w.run(operations: 3000)
+            #expect(w.ops >= stalled + 3000)
+            let d = try f.device()
+            #expect(d["device_losses"] as! Int >= round + 1)
+            #expect(d["device_connected"] as? Bool == true)
+        }
+        try w.finish()
+        #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
+        #expect(try f.manager.device("vblk0").pid == driverPid, "the driver was restarted instead of reconnecting")
+        #expect(try f.manager.device("vblk0").restarts == 0)
+    }
+
+    /// The driver is killed again and again under a verified workload; each new driver
+    /// negotiates with the device again and the client reissues what had not completed.
+    @Test func driverKilledUnderLoad() throws {
+        let f = try VirtioFixture(notify: "event-idx")
+        var w = VerifiedWorkload(session: try f.open(dataBytes: 32 * 4096, depth: 32), blocks: 2048, seed: 5)
+        try w.prepare()
+        let admin = try f.manager.admin()
+        for kind in [FaultKind.kill, .segfault, .abort, .kill] {
+            try w.run(operations: 2000)
+            let hit = try admin.injectFault(device: "vblk0", kind)
+            let deadline = Date().addingTimeInterval(20)
+            try w.run { w in w.lastCompletionGeneration > hit.generation || Date() > deadline }
+            #expect(w.lastCompletionGeneration > hit.generation, "no completion from a new driver after \(kind)")
+        }
+        try w.finish()
+        #expect(w.verifyErrors == 0, "\(w.firstError ?? "")")
+        #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
+        #expect(try f.manager.device("vblk0").restarts >= 4)
+        #expect(w.session.reissued > 0)
+    }
+
+    /// The async/await API over the same path.
+    @Test func asyncAPI() async throws {
+        let f = try VirtioFixture()
+        let dev = try AsyncBlockDevice.open(socketPath: f.manager.socketPath, device: "vblk0", writable: true,
+                                            chunkBytes: 64 << 10, queueDepth: 8, waitMilliseconds: 20_000)
+        #expect(dev.sectorCount == UInt64(VirtioFixture.imageBytes / 512))
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for i in 0..<16 {
+                group.addTask {
+                    let data = pattern(UInt8(i), 8192)
+                    try await dev.write(sector: UInt64(i * 64), data)
+                    #expect(try await dev.read(sector: UInt64(i * 64), bytes: 8192) == data)
+                }
+            }
+            try await group.waitForAll()
+        }
+        try await dev.flush()
+        #expect(try f.imageBytes(at: 5 * 64 * 512, count: 8192) == pattern(5, 8192))
+        do {
+            _ = try await dev.read(sector: dev.sectorCount, bytes: 4096)
+            Issue.record("a read past the end succeeded")
+        } catch let e as BlockIOError {
+            #expect(e.status == .invalid)
+        }
+    }
+}
