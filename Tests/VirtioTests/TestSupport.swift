@@ -1,0 +1,177 @@
+import Glibc
+import Synchronization
+import Testing
+import Virtio
+
+/// A virtqueue area of exactly `layout.byteCount` bytes between two inaccessible guard
+/// pages: any read or write outside the area kills the test process.
+struct GuardedArea: ~Copyable {
+    let base: UnsafeMutableRawPointer
+    let byteCount: Int
+    let mapping: UnsafeMutableRawPointer
+    let mappingBytes: Int
+
+    init(byteCount: Int) {
+        let page = 4096
+        precondition(byteCount % page == 0)
+        mappingBytes = byteCount + 2 * page
+        let p = mmap(nil, mappingBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        precondition(p != MAP_FAILED, "mmap failed")
+        mapping = p!
+        base = mapping + page
+        self.byteCount = byteCount
+        precondition(mprotect(base, byteCount, PROT_READ | PROT_WRITE) == 0, "mprotect failed")
+        // Fill with garbage: init must zero it.
+        base.initializeMemory(as: UInt8.self, repeating: 0xA5, count: byteCount)
+    }
+
+    deinit { munmap(mapping, mappingBytes) }
+}
+
+/// Deterministic PRNG (SplitMix64), so a failure reproduces.
+struct SplitMix: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+let testIOAddress: UInt64 = 0x7_0000_0000
+
+extension SplitVirtqueue {
+    /// `add` for an array (tests only; the array is the test's allocation, not the queue's).
+    mutating func add(_ buffers: [VirtqBuffer]) throws(VirtioError) -> UInt16 {
+        try buffers.withUnsafeBufferPointer { (p) throws(VirtioError) -> UInt16 in try add(p) }
+    }
+}
+
+/// A chain as the device found it.
+struct DeviceChain: Equatable {
+    var head: UInt16
+    var buffers: [VirtqBuffer]
+    var writableBytes: UInt32 { buffers.filter(\.deviceWritable).reduce(0) { $0 + $1.length } }
+}
+
+/// The device side, written from the spec (§2.7) independently of the driver: reads
+/// avail.idx and the avail ring, walks descriptors (direct or indirect), writes used
+/// elements and used.idx, and decides used buffer notifications as §2.7.7.2 says.
+struct TestDevice {
+    let memory: UnsafeMutableRawPointer
+    let ioAddress: UInt64
+    let size: Int
+    let eventIdx: Bool
+    var lastAvail: UInt16 = 0
+    var usedIdx: UInt16 = 0
+    /// Used buffer notifications the device sent.
+    var notifications = 0
+
+    // Offsets straight from the §2.7 formulas (the layout tests pin SplitQueueLayout to these).
+    var availOffset: Int { 16 * size }
+    var usedOffset: Int { (availOffset + 6 + 2 * size + 4095) / 4096 * 4096 }
+
+    init(memory: UnsafeMutableRawPointer, ioAddress: UInt64 = testIOAddress, size: Int, eventIdx: Bool) {
+        self.memory = memory
+        self.ioAddress = ioAddress
+        self.size = size
+        self.eventIdx = eventIdx
+    }
+
+    func word(_ offset: Int) -> UnsafeMutablePointer<Atomic<UInt16>> {
+        (memory + offset).assumingMemoryBound(to: Atomic<UInt16>.self)
+    }
+
+    var availFlags: UInt16 { UInt16(littleEndian: word(availOffset).pointee.load(ordering: .relaxed)) }
+    var availIdx: UInt16 { UInt16(littleEndian: word(availOffset + 2).pointee.load(ordering: .acquiring)) }
+    var usedEvent: UInt16 { UInt16(littleEndian: word(availOffset + 4 + 2 * size).pointee.load(ordering: .relaxed)) }
+    func setUsedFlags(_ v: UInt16) { word(usedOffset).pointee.store(v.littleEndian, ordering: .relaxed) }
+    func setAvailEvent(_ v: UInt16) { word(usedOffset + 4 + 8 * size).pointee.store(v.littleEndian, ordering: .relaxed) }
+    func storeUsedIdx(_ v: UInt16) { word(usedOffset + 2).pointee.store(v.littleEndian, ordering: .releasing) }
+    var sharedUsedIdx: UInt16 { UInt16(littleEndian: word(usedOffset + 2).pointee.load(ordering: .relaxed)) }
+
+    func descriptor(_ i: Int) -> VirtqDescriptor {
+        VirtqDescriptor(littleEndian: memory.load(fromByteOffset: 16 * i, as: VirtqDescriptor.self))
+    }
+
+    /// Takes every chain made available since the last call, in ring order.
+    mutating func takeAvailable() -> [DeviceChain] {
+        var out: [DeviceChain] = []
+        let idx = availIdx
+        while lastAvail != idx {
+            let head = UInt16(littleEndian: memory.load(fromByteOffset: availOffset + 4 + 2 * Int(lastAvail % UInt16(size)),
+                                                        as: UInt16.self))
+            out.append(DeviceChain(head: head, buffers: walk(head: head)))
+            lastAvail &+= 1
+        }
+        return out
+    }
+
+    /// Follows a chain (§2.7.5, §2.7.5.3), with the checks a careful device makes.
+    func walk(head: UInt16) -> [VirtqBuffer] {
+        var buffers: [VirtqBuffer] = []
+        #expect(Int(head) < size)
+        let first = descriptor(Int(head))
+        if first.flags & VirtqDescriptor.flagIndirect != 0 {
+            // §2.7.5.3.1: not INDIRECT and NEXT together; table of len/16 entries.
+            #expect(first.flags & VirtqDescriptor.flagNext == 0)
+            #expect(first.len % 16 == 0 && first.len > 16)
+            let table = memory + Int(first.addr - ioAddress)
+            let n = Int(first.len / 16)
+            var i = 0
+            for step in 0..<n {
+                let d = VirtqDescriptor(littleEndian: table.load(fromByteOffset: 16 * i, as: VirtqDescriptor.self))
+                #expect(d.flags & VirtqDescriptor.flagIndirect == 0)
+                buffers.append(VirtqBuffer(address: d.addr, length: d.len, deviceWritable: d.flags & VirtqDescriptor.flagWrite != 0))
+                if d.flags & VirtqDescriptor.flagNext == 0 {
+                    #expect(step == n - 1, "indirect table longer than its chain")
+                    break
+                }
+                #expect(Int(d.next) == i + 1)
+                i = Int(d.next)
+                #expect(i < n)
+                if i >= n { break }
+            }
+        } else {
+            var d = first
+            var steps = 0
+            while true {
+                buffers.append(VirtqBuffer(address: d.addr, length: d.len, deviceWritable: d.flags & VirtqDescriptor.flagWrite != 0))
+                steps += 1
+                if d.flags & VirtqDescriptor.flagNext == 0 { break }
+                #expect(Int(d.next) < size && steps < size)
+                if Int(d.next) >= size || steps >= size { break }
+                d = descriptor(Int(d.next))
+            }
+        }
+        return buffers
+    }
+
+    /// Writes a used element and publishes it; then the §2.7.7.2 notification decision.
+    mutating func complete(id: UInt32, len: UInt32) {
+        writeUsed(at: usedIdx, id: id, len: len)
+        let old = usedIdx
+        usedIdx &+= 1
+        storeUsedIdx(usedIdx)
+        atomicMemoryFence(ordering: .sequentiallyConsistent)
+        if eventIdx {
+            // Notify when the entry just written sits at index used_event.
+            if old == usedEvent { notifications += 1 }
+        } else if availFlags & VirtqAvailFlags.noInterrupt == 0 {
+            notifications += 1
+        }
+    }
+
+    func writeUsed(at index: UInt16, id: UInt32, len: UInt32) {
+        let o = usedOffset + 4 + 8 * Int(index % UInt16(size))
+        (memory + o).storeBytes(of: VirtqUsedElement(id: id, len: len).littleEndian, as: VirtqUsedElement.self)
+    }
+}
+
+/// `#expect` for expressions on non-copyable values (the macro cannot decompose those).
+func check(_ condition: Bool, _ comment: Comment? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
+    #expect(condition, comment, sourceLocation: sourceLocation)
+}
