@@ -1,4 +1,0 @@
-import Testing
-import VhostUser
-
-@Test func placeholder() {}
