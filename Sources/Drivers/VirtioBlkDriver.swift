@@ -225,13 +225,22 @@ public struct VirtioBlkDriver: ~Copyable {
                 if spins & 1023 == 0 { try pollManager(timeoutMs: 0) }
                 continue
             }
+            // Without a device, waiting requests are no reason to stay awake: nothing can
+            // serve them until the manager hands over a new connection, which only the
+            // sleep below (epoll on the manager socket) can receive. Staying awake for them
+            // would spin forever and never see that connection.
             var sleep = true
-            for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] {
-                if !slots[i].requests.prepareToSleep() && !slots[i].requests.hasFailed { sleep = false }
+            let watchSessions = connected
+            if watchSessions {
+                for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] {
+                    if !slots[i].requests.prepareToSleep() && !slots[i].requests.hasFailed { sleep = false }
+                }
+                if vq.inFlight > 0 && vq.enableNotifications() { sleep = false }
             }
-            if connected && vq.inFlight > 0 && vq.enableNotifications() { sleep = false }
             if sleep { try pollManager(timeoutMs: Int(max(1, config.heartbeatIntervalMs / 2))) }
-            for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] { slots[i].requests.cancelSignal() }
+            if watchSessions {
+                for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] { slots[i].requests.cancelSignal() }
+            }
             if connected && (mode == .adaptive || mode == .poll) { vq.disableNotifications() }
         }
     }

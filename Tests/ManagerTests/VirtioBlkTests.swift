@@ -182,6 +182,39 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         #expect(try f.manager.device("vblk0").restarts == 0)
     }
 
+    /// Requests a client submits while the device is gone wait in the session queue; they
+    /// must not keep the driver awake (it would then never read the manager's new
+    /// connection), and they are served once the device is back.
+    @Test func requestsQueuedWhileTheDeviceIsGoneAreServedWhenItReturns() throws {
+        let f = try VirtioFixture()
+        var s = try f.open(dataBytes: 16 * 4096, depth: 16)
+        let data = pattern(9, 4096)
+        data.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: s.buffer[0..<4096]).copyMemory(from: $0) }
+        #expect(try io(&s, .write, sector: 80, offset: 0, length: 4096) == .ok)
+        if var d = f.daemon.take() { d.stop(kill: true) }
+        let gone = Date().addingTimeInterval(10)
+        while try f.device()["device_connected"] as? Bool != false && Date() < gone { usleep(5_000) }
+        #expect(try f.device()["device_connected"] as? Bool == false, "the driver did not notice the device going away")
+        for k in 1..<9 { #expect(try s.submit(.read, sector: 80, offset: k * 4096, length: 4096) != nil) }
+        usleep(100_000)
+        f.daemon = try StorageDaemon(image: f.image, sockets: [f.socket])
+        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 16)
+        defer { results.deallocate() }
+        var done = 0
+        let deadline = Date().addingTimeInterval(20)
+        while done < 8 && Date() < deadline {
+            let n = try s.wait(into: results, timeoutMilliseconds: 100)
+            for r in results[0..<n] { #expect(r.status == .ok, "\(r)") }
+            done += n
+        }
+        #expect(done == 8, "requests queued while the device was gone were not served after it came back")
+        for k in 1..<9 where done == 8 {
+            #expect(Array(s.buffer[(k * 4096)..<((k + 1) * 4096)]) == data, "read \(k) returned other bytes than were written")
+        }
+        #expect(try f.device()["device_connected"] as? Bool == true)
+        #expect(try f.manager.device("vblk0").restarts == 0)
+    }
+
     /// The driver is killed again and again under a verified workload; each new driver
     /// negotiates with the device again and the client reissues what had not completed.
     @Test func driverKilledUnderLoad() throws {
