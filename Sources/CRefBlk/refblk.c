@@ -152,6 +152,8 @@ struct dev {
     uint64_t capacity;     /* sectors */
     uint16_t avail_idx, last_used;
     uint64_t kicks, calls; /* running totals */
+    uint64_t poll_ns;      /* ADAPTIVE: busy-poll window after the last completion */
+    uint64_t last_work;    /* ADAPTIVE: when the last completion was harvested */
     char *err;             /* 256 bytes */
 };
 
@@ -279,7 +281,7 @@ static int dev_open(struct dev *d, const char *path, int qd, int queue_size, uin
     if (qd < 1 || qd > 4096) return fail(d, "queue depth %d out of range 1...4096", qd);
     if (io_bytes == 0 || io_bytes % 512 != 0 || io_bytes > (1u << 20))
         return fail(d, "io_bytes %u: must be a multiple of 512, at most 1 MiB", io_bytes);
-    if (mode < OB_REFBLK_INTERRUPT || mode > OB_REFBLK_POLL) return fail(d, "unknown mode %d", mode);
+    if (mode < OB_REFBLK_INTERRUPT || mode > OB_REFBLK_ADAPTIVE) return fail(d, "unknown mode %d", mode);
     unsigned n = 1;
     while (n < 3u * (unsigned)qd) n <<= 1;
     if (queue_size > 0 && (unsigned)queue_size > n) {
@@ -293,7 +295,7 @@ static int dev_open(struct dev *d, const char *path, int qd, int queue_size, uin
     d->qd = qd;
     d->io_bytes = io_bytes;
     d->mode = mode;
-    d->event_idx = mode == OB_REFBLK_EVENT_IDX;
+    d->event_idx = mode == OB_REFBLK_EVENT_IDX || mode == OB_REFBLK_ADAPTIVE;
 
     /* Connect with bounded waits: SO_SNDTIMEO also bounds connect(2) on a Unix socket. */
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -437,6 +439,11 @@ static int wait_used(struct dev *d, uint64_t timeout_ns) {
     unsigned spins = 0;
     for (;;) {
         if (__atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) != d->last_used) return 1;
+        if (d->mode == OB_REFBLK_ADAPTIVE && now_ns() - d->last_work < d->poll_ns) {
+            /* Busy-polling: notifications stay off (harvest left used_event behind). */
+            cpu_relax();
+            continue;
+        }
         if (d->mode == OB_REFBLK_POLL) {
             cpu_relax();
             if ((++spins & 1023) == 0) {
@@ -479,7 +486,14 @@ static int harvest(struct dev *d, int *slots, uint8_t *inflight) {
         inflight[slot] = 0;
         slots[k++] = (int)slot;
     }
-    if (d->event_idx) __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);
+    if (d->mode == OB_REFBLK_ADAPTIVE) {
+        /* Notifications off while we busy-poll: used_event behind last_used, an index the
+           device has passed (wait_used moves it to last_used before sleeping). */
+        __atomic_store_n(d->used_event, (uint16_t)(d->last_used - 1), __ATOMIC_RELAXED);
+        if (k > 0) d->last_work = now_ns();
+    } else if (d->event_idx) {
+        __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);
+    }
     return k;
 }
 
@@ -540,6 +554,8 @@ int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) 
     int rc = -1;
 
     if (dev_open(d, p->socket_path, qd, p->queue_size, io_bytes, p->mode) < 0) goto out;
+    d->poll_ns = (uint64_t)(p->poll_us ? p->poll_us : 50) * 1000ull;
+    d->last_work = now_ns();
     r->capacity_sectors = d->capacity;
     hist = calloc(HBUCKETS, sizeof *hist);
     slots = calloc((size_t)qd, sizeof *slots);

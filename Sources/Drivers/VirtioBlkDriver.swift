@@ -221,7 +221,10 @@ public struct VirtioBlkDriver: ~Copyable {
             }
             // Nothing this round. Busy-poll while the mode says so, else sleep.
             if connected && shouldSpin(window: window) {
-                ob_cpu_relax()
+                // Yield rather than pause: on a machine with fewer cores than busy
+                // processes (client, driver, device), the peer we wait for may need this
+                // CPU to produce what we are polling for.
+                sched_yield()
                 if spins & 1023 == 0 { try pollManager(timeoutMs: 0) }
                 continue
             }

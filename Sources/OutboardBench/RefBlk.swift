@@ -43,28 +43,31 @@ public struct RefBlkError: Error, CustomStringConvertible, Sendable {
 }
 
 /// Notification modes of the reference, by the names `bench blk` uses.
-public let refBlkModes = ["interrupt", "event-idx", "poll"]
+public let refBlkModes = ["interrupt", "event-idx", "adaptive", "poll"]
 
 /// Runs the C reference frontend in this process. `mode`: "interrupt" (a signal per
 /// completion), "event-idx" (VIRTIO_F_RING_EVENT_IDX, used_event = last used index after
-/// every harvest), "poll" (interrupts suppressed, spins on used.idx).
+/// every harvest), "adaptive" (busy-polls `pollMicroseconds` after the last completion with
+/// notifications off, then sleeps as event-idx: the driver's adaptive mode), "poll"
+/// (interrupts suppressed, spins on used.idx).
 public func runRefBlk(
     socket: String, queueDepth: Int, warmupSeconds: Double, seconds: Double, mode: String, seed: UInt64,
-    ioBytes: UInt32 = 4096, queueSize: Int = 256
+    ioBytes: UInt32 = 4096, queueSize: Int = 256, pollMicroseconds: UInt32 = 50
 ) throws -> RefBlkResult {
     let cmode: CInt
     switch mode {
     case "interrupt": cmode = CInt(OB_REFBLK_INTERRUPT.rawValue)
     case "event-idx": cmode = CInt(OB_REFBLK_EVENT_IDX.rawValue)
+    case "adaptive": cmode = CInt(OB_REFBLK_ADAPTIVE.rawValue)
     case "poll": cmode = CInt(OB_REFBLK_POLL.rawValue)
-    default: throw RefBlkError("unknown mode \(mode) (interrupt, event-idx, poll)")
+    default: throw RefBlkError("unknown mode \(mode) (\(refBlkModes.joined(separator: ", ")))")
     }
     guard let qd = CInt(exactly: queueDepth), qd >= 1 else { throw RefBlkError("queue depth \(queueDepth) out of range") }
     var r = ob_refblk_result()
     let rc = socket.withCString { path -> CInt in
         var p = ob_refblk_params(
             socket_path: path, queue_depth: qd, warmup_seconds: warmupSeconds, seconds: seconds, mode: cmode,
-            io_bytes: ioBytes, seed: seed, queue_size: CInt(clamping: queueSize))
+            io_bytes: ioBytes, seed: seed, queue_size: CInt(clamping: queueSize), poll_us: pollMicroseconds)
         return ob_refblk_run(&p, &r)
     }
     if rc != 0 { throw RefBlkError(refBlkMessage(&r.error)) }

@@ -26,16 +26,23 @@ struct BlkBench: ParsableCommand {
             over C IOPS; CPU per I/O is the client's plus the driver's for Outboard, the frontend's \
             for C (the daemon's own CPU is the same device work in both and is not counted). \
             doorbells_per_io counts every eventfd signal on the path: client to driver, driver to \
-            device, device to driver, driver to client.
+            device, device to driver, driver to client (each also reported alone). The device runs \
+            on --device-cpu, everything else on the next CPU. In adaptive mode (the default, the \
+            driver's default) the driver, the client and the C reference busy-poll for --poll-us \
+            after their last work before they sleep; in event-idx mode nothing busy-polls.
             """
     )
 
     @Option(help: "Queue depths.") var qd: [Int] = [1, 8, 32, 128]
     @Option(help: "Measured seconds per run.") var seconds: Double = 3
     @Option(help: "Warm-up seconds per run.") var warmup: Double = 0.5
-    @Option(help: "Notification mode, the same for the driver and the C reference: interrupt, event-idx, poll.")
-    var mode: String = "event-idx"
+    @Option(help: "Notification mode, the same for the driver and the C reference: interrupt, event-idx, adaptive, poll.")
+    var mode: String = "adaptive"
+    @Option(help: "adaptive: microseconds of busy-polling after the last work, the same for the driver and the C reference.")
+    var pollUs: Int = 50
     @Option(help: "Image size in MiB (filled, so reads hit cached data).") var imageMib: Int = 256
+    @Option(help: "CPU for the device (qemu-storage-daemon and its threads); this process, the manager, the driver, the C reference and fio run on the next CPU. -1: no pinning.")
+    var deviceCpu: Int = 0
     @Flag(help: "Skip the kernel (fio) reference.") var noKernel = false
     @Flag(help: "One JSON object per line.") var json = false
 
@@ -48,14 +55,27 @@ struct BlkBench: ParsableCommand {
         defer { lab.remove() }
         let image = lab.dir + "/disk.img"
         try makeImage(path: image, bytes: imageMib << 20, fill: true)
+        // Placement, the same for Outboard and the C reference: the device on one CPU, the
+        // frontend side (client and driver, or the C reference) on another. Children
+        // inherit the placement of the thread that spawns them. Unpinned, the scheduler
+        // moves a busy-polling frontend onto the device's CPU now and then, and both lose.
+        let cpus = CPU.available
+        let placement: (device: Int, frontend: Int)? = deviceCpu >= 0 && cpus >= 2 ? (deviceCpu, (deviceCpu + 1) % cpus) : nil
+        if let placement {
+            do { try CPU.pin(to: placement.device) } catch { throw ValidationError("cannot pin to CPU \(placement.device): \(error)") }
+        }
         var daemon = try StorageDaemon(image: image, sockets: [lab.dir + "/outboard.sock", lab.dir + "/ref.sock"])
         defer { daemon.stop() }
-        let config = try lab.writeManagerConfig(device: "vblk0", socket: daemon.sockets[0], notify: mode, queueSize: 512)
+        if let placement {
+            do { try CPU.pin(to: placement.frontend) } catch { throw ValidationError("cannot pin to CPU \(placement.frontend): \(error)") }
+        }
+        let config = try lab.writeManagerConfig(device: "vblk0", socket: daemon.sockets[0], notify: mode, queueSize: 512, pollUs: pollUs)
         var manager = try ManagerProcess(config: config, socket: lab.controlSocket)
         defer { manager.stop() }
         let admin = try AdminConnection(socketPath: lab.controlSocket)
         if !json {
-            print("bench blk: 4 KiB random reads, \(imageMib) MiB image in the page cache, qemu-storage-daemon aio=io_uring, mode \(mode), \(fmt(seconds, 1)) s per run")
+            print("bench blk: 4 KiB random reads, \(imageMib) MiB image in the page cache, qemu-storage-daemon aio=io_uring, mode \(mode), \(fmt(seconds, 1)) s per run, "
+                  + (placement.map { "device on CPU \($0.device), frontends on CPU \($0.frontend)" } ?? "not pinned"))
             print("   qd   outboard IOPS    C IOPS  ratio  CPU us/IO (ob / C)  p50 us  p99 us  doorbells/IO (ob / C)  kernel IOPS")
         }
         for depth in qd where !interrupted() {
@@ -63,12 +83,15 @@ struct BlkBench: ParsableCommand {
             let c = try measureReference(socket: daemon.sockets[1], depth: depth)
             let k = noKernel ? nil : try? runKernelReference(file: image, queueDepth: depth, seconds: seconds)
             let line = BlkBenchLine(
-                qd: depth, mode: mode, outboardIops: ob.iops, cIops: c.iops, ratio: c.iops > 0 ? ob.iops / c.iops : 0,
+                qd: depth, mode: mode, deviceCpu: placement?.device ?? -1, frontendCpu: placement?.frontend ?? -1,
+                outboardIops: ob.iops, cIops: c.iops, ratio: c.iops > 0 ? ob.iops / c.iops : 0,
                 outboardCpuUsPerIo: ob.clientCpuUs + ob.driverCpuUs, driverCpuUsPerIo: ob.driverCpuUs,
                 clientCpuUsPerIo: ob.clientCpuUs, cCpuUsPerIo: c.cpuUsPerIo,
                 cpuRatio: c.cpuUsPerIo > 0 ? (ob.clientCpuUs + ob.driverCpuUs) / c.cpuUsPerIo : 0,
                 p50Us: ob.p50, p99Us: ob.p99, cP50Us: c.p50Us, cP99Us: c.p99Us,
                 doorbellsPerIo: ob.doorbells, cDoorbellsPerIo: c.kicksPerIo + c.callsPerIo,
+                clientBellsPerIo: ob.clientBells, kicksPerIo: ob.kicks, interruptsPerIo: ob.interrupts,
+                clientSignalsPerIo: ob.clientSignals, cKicksPerIo: c.kicksPerIo, cCallsPerIo: c.callsPerIo,
                 kernelIops: k?.iops, kernelCpuUsPerIo: k?.cpuUsPerIo, kernelP50Us: k?.p50Us, errors: ob.errors + Int(c.errors))
             if json {
                 print(line.json())
@@ -87,6 +110,12 @@ struct BlkBench: ParsableCommand {
         var p50: Double
         var p99: Double
         var doorbells: Double
+        /// The four kinds of signal on the path, per I/O: client -> driver, driver -> device,
+        /// device -> driver, driver -> client.
+        var clientBells: Double
+        var kicks: Double
+        var interrupts: Double
+        var clientSignals: Double
         var errors: Int
     }
 
@@ -120,7 +149,8 @@ struct BlkBench: ParsableCommand {
         var counters0 = DriverCounters()
         var driverPid: Int32 = 0
         while true {
-            let n = poll ? try s.poll(into: results) : try s.wait(into: results, timeoutMilliseconds: 100)
+            let n = poll ? try s.poll(into: results)
+                : try s.wait(into: results, timeoutMilliseconds: 100, spinMicroseconds: mode == "adaptive" ? pollUs : 0)
             let now = Clock.monotonicNanoseconds
             if !measuring && now >= warmEnd {
                 measuring = true
@@ -163,25 +193,33 @@ struct BlkBench: ParsableCommand {
         let driverBells = Double(counters1.total - counters0.total)
         return OutboardRun(iops: Double(ios) / (Double(t1 - t0) / 1e9), clientCpuUs: Double(cpu1 - cpu0) / 1e3 / io,
                            driverCpuUs: Double(drv1 - drv0) / 1e3 / io, p50: pct(0.5), p99: pct(0.99),
-                           doorbells: (Double(bells) + driverBells) / io, errors: errors)
+                           doorbells: (Double(bells) + driverBells) / io, clientBells: Double(bells) / io,
+                           kicks: Double(counters1.kicks - counters0.kicks) / io,
+                           interrupts: Double(counters1.interrupts - counters0.interrupts) / io,
+                           clientSignals: Double(counters1.clientSignals - counters0.clientSignals) / io, errors: errors)
     }
 
     /// The C reference runs in this process (it is one process by design); the manager
     /// and the driver sleep meanwhile, and the reference's CPU is this process's own.
     func measureReference(socket: String, depth: Int) throws -> RefBlkResult {
         try runRefBlk(socket: socket, queueDepth: depth, warmupSeconds: warmup, seconds: seconds, mode: mode,
-                      seed: UInt64(depth), queueSize: 512)
+                      seed: UInt64(depth), queueSize: 512, pollMicroseconds: UInt32(clamping: pollUs))
     }
 }
 
 /// The driver's eventfd signals: kicks to the device, interrupts from it, doorbells to
 /// its clients.
 struct DriverCounters {
-    var total: UInt64 = 0
+    var kicks: UInt64 = 0
+    var interrupts: UInt64 = 0
+    var clientSignals: UInt64 = 0
+    var total: UInt64 { kicks + interrupts + clientSignals }
     init() {}
     init(_ s: StatusReport) {
         guard let d = s.devices.first else { return }
-        total = (d.deviceKicks ?? 0) + (d.deviceInterrupts ?? 0) + (d.clientSignals ?? 0)
+        kicks = d.deviceKicks ?? 0
+        interrupts = d.deviceInterrupts ?? 0
+        clientSignals = d.clientSignals ?? 0
     }
 }
 
@@ -189,6 +227,9 @@ struct BlkBenchLine: Codable {
     var bench = "blk"
     var qd: Int
     var mode: String
+    /// -1: not pinned.
+    var deviceCpu: Int
+    var frontendCpu: Int
     var outboardIops: Double
     var cIops: Double
     var ratio: Double
@@ -204,19 +245,28 @@ struct BlkBenchLine: Codable {
     var cP99Us: Double
     var doorbellsPerIo: Double
     var cDoorbellsPerIo: Double
+    var clientBellsPerIo: Double
+    var kicksPerIo: Double
+    var interruptsPerIo: Double
+    var clientSignalsPerIo: Double
+    var cKicksPerIo: Double
+    var cCallsPerIo: Double
     var kernelIops: Double?
     var kernelCpuUsPerIo: Double?
     var kernelP50Us: Double?
     var errors: Int
 
     func json() -> String {
-        var parts = ["\"bench\":\"blk\"", "\"qd\":\(qd)", "\"mode\":\"\(mode)\"",
+        var parts = ["\"bench\":\"blk\"", "\"qd\":\(qd)", "\"mode\":\"\(mode)\"", "\"device_cpu\":\(deviceCpu)", "\"frontend_cpu\":\(frontendCpu)",
                      "\"outboard_iops\":\(fmt(outboardIops, 0))", "\"c_iops\":\(fmt(cIops, 0))", "\"ratio\":\(fmt(ratio, 3))",
                      "\"outboard_cpu_us_per_io\":\(fmt(outboardCpuUsPerIo, 2))", "\"driver_cpu_us_per_io\":\(fmt(driverCpuUsPerIo, 2))",
                      "\"client_cpu_us_per_io\":\(fmt(clientCpuUsPerIo, 2))", "\"c_cpu_us_per_io\":\(fmt(cCpuUsPerIo, 2))",
                      "\"cpu_ratio\":\(fmt(cpuRatio, 3))",
                      "\"p50_us\":\(fmt(p50Us, 1))", "\"p99_us\":\(fmt(p99Us, 1))", "\"c_p50_us\":\(fmt(cP50Us, 1))", "\"c_p99_us\":\(fmt(cP99Us, 1))",
-                     "\"doorbells_per_io\":\(fmt(doorbellsPerIo, 4))", "\"c_doorbells_per_io\":\(fmt(cDoorbellsPerIo, 4))"]
+                     "\"doorbells_per_io\":\(fmt(doorbellsPerIo, 4))", "\"c_doorbells_per_io\":\(fmt(cDoorbellsPerIo, 4))",
+                     "\"client_bells_per_io\":\(fmt(clientBellsPerIo, 4))", "\"kicks_per_io\":\(fmt(kicksPerIo, 4))",
+                     "\"interrupts_per_io\":\(fmt(interruptsPerIo, 4))", "\"client_signals_per_io\":\(fmt(clientSignalsPerIo, 4))",
+                     "\"c_kicks_per_io\":\(fmt(cKicksPerIo, 4))", "\"c_calls_per_io\":\(fmt(cCallsPerIo, 4))"]
         if let k = kernelIops { parts.append("\"kernel_iops\":\(fmt(k, 0))") }
         if let k = kernelCpuUsPerIo { parts.append("\"kernel_cpu_us_per_io\":\(fmt(k, 2))") }
         if let k = kernelP50Us { parts.append("\"kernel_p50_us\":\(fmt(k, 1))") }

@@ -274,7 +274,7 @@ struct Lab {
 
     /// A manager config with one virtio-blk device, root allowed to open it.
     func writeManagerConfig(device: String, socket: String, notify: String, queueSize: Int = 256,
-                            maxQueueDepth: Int = 256) throws -> String {
+                            maxQueueDepth: Int = 256, pollUs: Int = 50) throws -> String {
         let path = dir + "/outboard.json"
         let text = """
             {
@@ -290,6 +290,7 @@ struct Lab {
                   "socket": "\(socket)",
                   "queue_size": \(queueSize),
                   "notify": "\(notify)",
+                  "poll_us": \(pollUs),
                   "access": [ { "uid": 0, "mode": "rw" } ],
                   "limits": { "max_queue_depth": \(maxQueueDepth), "max_session_bytes": 67108864 },
                   "probe_sandbox": true

@@ -112,9 +112,11 @@ func fmt(_ x: Double, _ decimals: Int) -> String {
     for _ in 0..<decimals { scale *= 10 }
     let scaled = Int64((abs(x) * Double(scale)).rounded())
     let whole = scaled / scale, frac = scaled % scale
+    let sign = x < 0 && scaled != 0 ? "-" : ""
+    guard decimals > 0 else { return sign + "\(whole)" }
     var f = String(frac)
-    f = String(repeating: "0", count: decimals - f.count) + f
-    return (x < 0 && scaled != 0 ? "-" : "") + "\(whole)" + (decimals > 0 ? "." + f : "")
+    f = String(repeating: "0", count: max(0, decimals - f.count)) + f
+    return sign + "\(whole)." + f
 }
 
 func pad(_ s: String, _ width: Int) -> String {

@@ -20,6 +20,11 @@ enum ob_refblk_mode {
     OB_REFBLK_EVENT_IDX = 1,
     /* No EVENT_IDX, avail flags VIRTQ_AVAIL_F_NO_INTERRUPT: never sleeps, spins on used.idx. */
     OB_REFBLK_POLL = 2,
+    /* VIRTIO_F_RING_EVENT_IDX, as the Outboard driver's "adaptive" mode: after a completion
+       the frontend busy-polls used.idx with notifications off (used_event left behind) for
+       poll_us; when nothing arrived for that long it sets used_event = last_used and sleeps
+       as EVENT_IDX does. */
+    OB_REFBLK_ADAPTIVE = 3,
 };
 
 struct ob_refblk_params {
@@ -31,6 +36,7 @@ struct ob_refblk_params {
     uint32_t io_bytes;      /* 0 means 4096; a multiple of 512 */
     uint64_t seed;          /* offsets: splitmix64 from this seed */
     int queue_size;         /* 0 means 256; raised to the next power of two >= 3 * queue_depth */
+    uint32_t poll_us;       /* ADAPTIVE: busy-poll window after the last completion; 0 means 50 */
 };
 
 struct ob_refblk_result {
