@@ -34,7 +34,8 @@ struct BlkBench: ParsableCommand {
     )
 
     @Option(help: "Queue depths.") var qd: [Int] = [1, 8, 32, 128]
-    @Option(help: "Measured seconds per run.") var seconds: Double = 3
+    @Option(help: "Measured seconds per run.") var seconds: Double = 2
+    @Option(help: "Runs of each side per queue depth, in adjacent pairs of alternating order.") var repeats: Int = 3
     @Option(help: "Warm-up seconds per run.") var warmup: Double = 0.5
     @Option(help: "Notification mode, the same for the driver and the C reference: interrupt, event-idx, adaptive, poll.")
     var mode: String = "adaptive"
@@ -50,6 +51,7 @@ struct BlkBench: ParsableCommand {
         guard getuid() == 0 else { throw ValidationError("bench blk starts the manager, which needs root") }
         guard refBlkModes.contains(mode) else { throw ValidationError("--mode: one of \(refBlkModes.joined(separator: ", "))") }
         guard qd.allSatisfy({ $0 >= 1 && $0 <= 128 }) else { throw ValidationError("--qd: 1...128") }
+        guard repeats >= 1, repeats <= 99 else { throw ValidationError("--repeats: 1...99") }
         installInterruptFlag()
         let lab = try Lab(name: "bench")
         defer { lab.remove() }
@@ -76,30 +78,47 @@ struct BlkBench: ParsableCommand {
         if !json {
             print("bench blk: 4 KiB random reads, \(imageMib) MiB image in the page cache, qemu-storage-daemon aio=io_uring, mode \(mode), \(fmt(seconds, 1)) s per run, "
                   + (placement.map { "device on CPU \($0.device), frontends on CPU \($0.frontend)" } ?? "not pinned"))
-            print("   qd   outboard IOPS    C IOPS  ratio  CPU us/IO (ob / C)  p50 us  p99 us  doorbells/IO (ob / C)  kernel IOPS")
+            print("   qd   outboard IOPS    C IOPS  ratio (min-max)   CPU us/IO (ob / C)  p50 us  p99 us  doorbells/IO (ob / C)  kernel IOPS")
         }
         for depth in qd where !interrupted() {
-            let ob = try measureOutboard(admin: admin, socket: lab.controlSocket, depth: depth)
-            let c = try measureReference(socket: daemon.sockets[1], depth: depth)
+            // Adjacent pairs in alternating order (Outboard first, then C first, ...): this
+            // machine's speed drifts between runs, so `ratio` is the median of the pair
+            // ratios, with their spread; the other figures are those of each side's median run.
+            var obs: [OutboardRun] = [], cs: [RefBlkResult] = []
+            for r in 0..<repeats where !interrupted() {
+                if r % 2 == 0 {
+                    obs.append(try measureOutboard(admin: admin, socket: lab.controlSocket, depth: depth))
+                    cs.append(try measureReference(socket: daemon.sockets[1], depth: depth))
+                } else {
+                    cs.append(try measureReference(socket: daemon.sockets[1], depth: depth))
+                    obs.append(try measureOutboard(admin: admin, socket: lab.controlSocket, depth: depth))
+                }
+                let errors = (obs.last?.errors ?? 0) + Int(cs.last?.errors ?? 0)
+                if errors > 0 { throw ValidationError("I/O errors during the run: outboard \(obs.last?.errors ?? 0), C \(cs.last?.errors ?? 0)") }
+            }
+            guard !obs.isEmpty, obs.count == cs.count else { break }
+            let ratios = zip(obs, cs).map { $1.iops > 0 ? $0.iops / $1.iops : 0 }
+            let cpuRatios = zip(obs, cs).map { $1.cpuUsPerIo > 0 ? ($0.clientCpuUs + $0.driverCpuUs) / $1.cpuUsPerIo : 0 }
+            let ob = obs.sorted { $0.iops < $1.iops }[obs.count / 2]
+            let c = cs.sorted { $0.iops < $1.iops }[cs.count / 2]
             let k = noKernel ? nil : try? runKernelReference(file: image, queueDepth: depth, seconds: seconds)
             let line = BlkBenchLine(
                 qd: depth, mode: mode, deviceCpu: placement?.device ?? -1, frontendCpu: placement?.frontend ?? -1,
-                outboardIops: ob.iops, cIops: c.iops, ratio: c.iops > 0 ? ob.iops / c.iops : 0,
+                repeats: ratios.count, outboardIops: ob.iops, cIops: c.iops, ratio: median(ratios),
+                ratioMin: ratios.min() ?? 0, ratioMax: ratios.max() ?? 0,
                 outboardCpuUsPerIo: ob.clientCpuUs + ob.driverCpuUs, driverCpuUsPerIo: ob.driverCpuUs,
-                clientCpuUsPerIo: ob.clientCpuUs, cCpuUsPerIo: c.cpuUsPerIo,
-                cpuRatio: c.cpuUsPerIo > 0 ? (ob.clientCpuUs + ob.driverCpuUs) / c.cpuUsPerIo : 0,
+                clientCpuUsPerIo: ob.clientCpuUs, cCpuUsPerIo: c.cpuUsPerIo, cpuRatio: median(cpuRatios),
                 p50Us: ob.p50, p99Us: ob.p99, cP50Us: c.p50Us, cP99Us: c.p99Us,
                 doorbellsPerIo: ob.doorbells, cDoorbellsPerIo: c.kicksPerIo + c.callsPerIo,
                 clientBellsPerIo: ob.clientBells, kicksPerIo: ob.kicks, interruptsPerIo: ob.interrupts,
                 clientSignalsPerIo: ob.clientSignals, cKicksPerIo: c.kicksPerIo, cCallsPerIo: c.callsPerIo,
-                kernelIops: k?.iops, kernelCpuUsPerIo: k?.cpuUsPerIo, kernelP50Us: k?.p50Us, errors: ob.errors + Int(c.errors))
+                kernelIops: k?.iops, kernelCpuUsPerIo: k?.cpuUsPerIo, kernelP50Us: k?.p50Us, errors: 0)
             if json {
                 print(line.json())
             } else {
-                print("\(pad("\(depth)", 5))  \(pad("\(Int(ob.iops))", 13))  \(pad("\(Int(c.iops))", 8))  \(pad(fmt(line.ratio, 2), 5))  \(pad(fmt(line.outboardCpuUsPerIo, 1) + " / " + fmt(c.cpuUsPerIo, 1), 18))  \(pad(fmt(ob.p50, 1), 6))  \(pad(fmt(ob.p99, 1), 6))  \(pad(fmt(ob.doorbells, 3) + " / " + fmt(line.cDoorbellsPerIo, 3), 21))  \(pad(k.map { "\(Int($0.iops))" } ?? "-", 11))")
+                print("\(pad("\(depth)", 5))  \(pad("\(Int(ob.iops))", 13))  \(pad("\(Int(c.iops))", 8))  \(pad(fmt(line.ratio, 2) + " (" + fmt(line.ratioMin, 2) + "-" + fmt(line.ratioMax, 2) + ")", 16))  \(pad(fmt(line.outboardCpuUsPerIo, 1) + " / " + fmt(c.cpuUsPerIo, 1), 18))  \(pad(fmt(ob.p50, 1), 6))  \(pad(fmt(ob.p99, 1), 6))  \(pad(fmt(ob.doorbells, 3) + " / " + fmt(line.cDoorbellsPerIo, 3), 21))  \(pad(k.map { "\(Int($0.iops))" } ?? "-", 11))")
             }
             fflush(nil)
-            if ob.errors > 0 || c.errors > 0 { throw ValidationError("I/O errors during the run: outboard \(ob.errors), C \(c.errors)") }
         }
     }
 
@@ -230,9 +249,13 @@ struct BlkBenchLine: Codable {
     /// -1: not pinned.
     var deviceCpu: Int
     var frontendCpu: Int
+    var repeats: Int
     var outboardIops: Double
     var cIops: Double
+    /// Median over the pairs of Outboard IOPS / C IOPS, and the spread.
     var ratio: Double
+    var ratioMin: Double
+    var ratioMax: Double
     var outboardCpuUsPerIo: Double
     var driverCpuUsPerIo: Double
     var clientCpuUsPerIo: Double
@@ -259,6 +282,7 @@ struct BlkBenchLine: Codable {
     func json() -> String {
         var parts = ["\"bench\":\"blk\"", "\"qd\":\(qd)", "\"mode\":\"\(mode)\"", "\"device_cpu\":\(deviceCpu)", "\"frontend_cpu\":\(frontendCpu)",
                      "\"outboard_iops\":\(fmt(outboardIops, 0))", "\"c_iops\":\(fmt(cIops, 0))", "\"ratio\":\(fmt(ratio, 3))",
+                     "\"ratio_min\":\(fmt(ratioMin, 3))", "\"ratio_max\":\(fmt(ratioMax, 3))", "\"repeats\":\(repeats)",
                      "\"outboard_cpu_us_per_io\":\(fmt(outboardCpuUsPerIo, 2))", "\"driver_cpu_us_per_io\":\(fmt(driverCpuUsPerIo, 2))",
                      "\"client_cpu_us_per_io\":\(fmt(clientCpuUsPerIo, 2))", "\"c_cpu_us_per_io\":\(fmt(cCpuUsPerIo, 2))",
                      "\"cpu_ratio\":\(fmt(cpuRatio, 3))",

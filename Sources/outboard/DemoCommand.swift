@@ -71,6 +71,7 @@ struct DemoCommand: ParsableCommand {
         var cpu = DriverCPU()
         cpu.sample(status)
         let clientCPU0 = Clock.processCPUNanoseconds
+        var lastClientCPU = clientCPU0
         let ops0 = w.ops
         let t0 = Clock.monotonicNanoseconds
         let end = t0 + UInt64(seconds * 1e9)
@@ -122,7 +123,10 @@ struct DemoCommand: ParsableCommand {
                 let dt = Double(now - lastTick) / 1e9
                 let iops = Double(w.ops - lastOps) / dt
                 let elapsed = Double(now - t0) / 1e9
-                let clientPct = Double(Clock.processCPUNanoseconds - clientCPU0) / Double(now - t0) * 100
+                // Over the last tick, as the driver's figure.
+                let clientNow = Clock.processCPUNanoseconds
+                let clientPct = Double(clientNow &- lastClientCPU) / Double(now - lastTick) * 100
+                lastClientCPU = clientNow
                 say.progress("\(pad(fmt(elapsed, 1), 5)) s  \(pad("\(Int(iops))", 7)) IOPS  \(pad(fmt(iops * 4096 / 1e6, 1), 6)) MB/s  driver CPU \(pad(fmt(cpu.recentPercent, 1), 5))%  client CPU \(pad(fmt(clientPct, 1), 5))%  ops \(w.ops)  verify errors \(w.verifyErrors)")
                 lastTick = now
                 lastOps = w.ops
