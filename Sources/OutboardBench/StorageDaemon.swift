@@ -12,7 +12,6 @@ public struct StorageDaemon: ~Copyable {
     public let image: String
     public let sockets: [String]
     var child: ChildProcess
-    var stopped = false
 
     public var pid: pid_t { child.pid }
 
@@ -67,23 +66,10 @@ public struct StorageDaemon: ~Copyable {
         }
     }
 
-    /// Kills the daemon the hard way (a device that vanishes), or stops it politely.
+    /// Kills the daemon the hard way (a device that vanishes), or stops it politely. A
+    /// daemon never stopped is killed when this value goes away (ChildProcess's deinit).
     public mutating func stop(kill hard: Bool = false) {
-        guard !stopped else { return }
-        stopped = true
-        try? child.signal(hard ? SIGKILL : SIGTERM)
-        if (try? child.wait(timeoutMilliseconds: 5000)) == nil {
-            try? child.signal(SIGKILL)
-            _ = try? child.wait()
-        }
-    }
-
-    deinit {
-        if !stopped {
-            try? child.signal(SIGKILL)
-            var st: CInt = 0
-            waitpid(child.pid, &st, 0)
-        }
+        child.terminate(hard ? SIGKILL : SIGTERM)
     }
 }
 

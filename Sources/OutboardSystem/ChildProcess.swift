@@ -81,6 +81,17 @@ public struct ChildProcess: ~Copyable, Sendable {
         _ = try sys { ob_pidfd_send_signal(raw, signal) }
     }
 
+    /// Ends the child: sends `signal`, and SIGKILL if it has not ended `graceMilliseconds`
+    /// later; reaps it. Nothing happens if it was already reaped.
+    public mutating func terminate(_ signal: CInt = SIGTERM, graceMilliseconds: Int = 5000) {
+        guard !reaped else { return }
+        try? self.signal(signal)
+        if (try? wait(timeoutMilliseconds: graceMilliseconds)) == nil {
+            try? self.signal(SIGKILL)
+            _ = try? wait()
+        }
+    }
+
     /// Waits for the child to end, at most `timeoutMilliseconds` (negative: forever).
     /// Returns nil on timeout; the child is reaped when it returns a status.
     public mutating func wait(timeoutMilliseconds: Int = -1) throws(Errno) -> ExitStatus? {

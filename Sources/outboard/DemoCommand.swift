@@ -311,10 +311,9 @@ struct Lab {
     }
 }
 
-/// `outboard run` as a child process, stopped with SIGTERM when dropped or stopped.
+/// `outboard run` as a child process: `stop()` ends it with SIGTERM; dropped unstopped, it is killed.
 struct ManagerProcess: ~Copyable {
     var child: ChildProcess
-    var stopped = false
     var pid: pid_t { child.pid }
 
     init(config: String, socket: String, logLevel: String = "warning") throws {
@@ -336,21 +335,9 @@ struct ManagerProcess: ~Copyable {
         throw ValidationError("the manager did not open \(socket) within 20 s")
     }
 
+    /// SIGTERM (the manager stops its drivers and removes its socket), SIGKILL after 5 s.
+    /// A manager never stopped is killed when this value goes away (ChildProcess's deinit).
     mutating func stop() {
-        guard !stopped else { return }
-        stopped = true
-        try? child.signal(SIGTERM)
-        if (try? child.wait(timeoutMilliseconds: 5000)) == nil {
-            try? child.signal(SIGKILL)
-            _ = try? child.wait()
-        }
-    }
-
-    deinit {
-        if !stopped {
-            try? child.signal(SIGKILL)
-            var st: CInt = 0
-            waitpid(child.pid, &st, 0)
-        }
+        child.terminate(SIGTERM)
     }
 }
