@@ -95,7 +95,13 @@ static inline size_t dequeue(struct consumer *c, struct ref_desc *out, size_t ma
     uint32_t h = c->head;
     size_t i = 0;
     while (i < n) {
-        struct ref_desc d = c->w.entries[h & c->mask];
+        // One copy out of shared memory, by two relaxed atomic loads: a plain struct copy
+        // let the compiler load `length` for the check and again for the copy (a double
+        // fetch a hostile producer could race). The Swift queue copies each field once.
+        const uint64_t *slot = (const uint64_t *)&c->w.entries[h & c->mask];
+        uint64_t w0 = __atomic_load_n(&slot[0], __ATOMIC_RELAXED);
+        uint64_t w1 = __atomic_load_n(&slot[1], __ATOMIC_RELAXED);
+        struct ref_desc d = { .offset = w0, .length = (uint32_t)w1, .cookie = (uint32_t)(w1 >> 32) };
         if (!admits(c, &d)) { c->error = 1; break; }
         out[i] = d;
         h++;
@@ -207,14 +213,17 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
         size_t k = p->batch;
         if (k > stash_count) k = stash_count;
         if (k > left) k = (size_t)left;
+        /* The top k buffers of the stash, bottom up (the Swift worker takes the same ones). */
+        size_t first = stash_count - k;
         for (size_t j = 0; j < k; j++) {
-            struct ref_desc b = stash[--stash_count];
+            struct ref_desc b = stash[first + j];
             uint64_t s = seq + j;
             memcpy(d + b.offset, &s, 8);
             b.cookie = (uint32_t)s;
             b.length = p->buffer_size;
             out[j] = b;
         }
+        stash_count = first;
         if (enqueue(&active, out, k) != k) { r->status = REF_QUEUE_ERROR; goto done; }
         seq += k;
         if (p->mode == REF_MODE_SLEEP && consumer_wants_signal(&active)) ring(active_bell, r);

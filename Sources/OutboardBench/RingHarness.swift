@@ -69,8 +69,14 @@ public struct RingRun: Sendable {
 /// that outlives the watchdog.
 public struct RingHarness: Sendable {
     public let executable: String
+    /// A command the workers run under (its path first, then its arguments), e.g.
+    /// valgrind for instruction counts; empty: the workers run directly.
+    public let wrapper: [String]
 
-    public init(executable: String) { self.executable = executable }
+    public init(executable: String, wrapper: [String] = []) {
+        self.executable = executable
+        self.wrapper = wrapper
+    }
 
     final class Worker {
         let role: RingRole
@@ -108,7 +114,8 @@ public struct RingHarness: Sendable {
             p.role = role
             p.cpu = cpu
             let pair = try UnixSocket.pair()
-            let child = try ChildProcess(executable: executable, arguments: ["_ring-worker"],
+            let child = try ChildProcess(executable: wrapper.first ?? executable,
+                                         arguments: wrapper.dropFirst() + (wrapper.isEmpty ? [] : [executable]) + ["_ring-worker"],
                                          descriptors: [(pair.second.fd.raw, ringWorkerSocketFD)])
             try pair.first.send(p.encoded, descriptors: fds)
             workers.append(Worker(role: role, socket: pair.first, process: child))

@@ -176,18 +176,21 @@ struct SwiftRingLoop {
                 }
                 stashCount = n
             }
-            let k = min(batch, stashCount, Int(truncatingIfNeeded: min(count - seq, UInt64(batch))))
+            let k = min(batch, stashCount, Int(truncatingIfNeeded: min(count &- seq, UInt64(batch))))
+            // The top k buffers of the stash, bottom up (the C worker takes the same ones).
+            let first = stashCount &- k
             for j in 0..<k {
-                stashCount -= 1
-                var b = stash[stashCount]
+                var b = stash[first &+ j]
                 let s = seq &+ UInt64(j)
                 // SAFETY: b came from our own stash or through freeQ, whose bounds checked
-                // offset + length <= data.size and length >= bufferSize >= 8.
-                (base + Int(b.offset.rawValue)).storeBytes(of: s, as: UInt64.self)
+                // offset + length <= data.size and length >= bufferSize >= 8; so the offset
+                // also fits an Int and the conversion needs no overflow check.
+                (base + Int(truncatingIfNeeded: b.offset.rawValue)).storeBytes(of: s, as: UInt64.self)
                 b.cookie = UInt32(truncatingIfNeeded: s)
                 b.length = bufferSize
                 out[j] = b
             }
+            stashCount &-= k
             if active.enqueue(UnsafeBufferPointer(rebasing: out[0..<k])) != k {
                 r.status = .queueError
                 r.detail = active.error.map { "active queue: \($0)" } ?? "active queue full"
@@ -224,9 +227,11 @@ struct SwiftRingLoop {
             }
             for j in 0..<n {
                 let d = buf[j]
-                // Length first: only then is reading 8 bytes at d.offset inside the region.
+                // Length first: only then is reading 8 bytes at d.offset inside the region
+                // (the queue's bounds check made offset + length <= data.size, so the offset
+                // fits an Int and the conversion needs no overflow check).
                 guard d.length == bufferSize, d.cookie == UInt32(truncatingIfNeeded: expected),
-                      (base + Int(d.offset.rawValue)).loadUnaligned(as: UInt64.self) == expected
+                      (base + Int(truncatingIfNeeded: d.offset.rawValue)).loadUnaligned(as: UInt64.self) == expected
                 else {
                     r.status = .verifyError
                     r.detail = "expected sequence \(expected), got descriptor \(d)"

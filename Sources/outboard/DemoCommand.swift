@@ -165,7 +165,7 @@ struct DemoCommand: ParsableCommand {
                   verify errors      \(summary.verifyErrors)
                   client errors      \(summary.clientErrors)
                   driver restarts    \(summary.driverRestarts)
-                  recovery           \(recoveries.map { "\(fmt($0, 1)) ms" }.joined(separator: ", ")) (kill to first completion by the new driver)
+                  recovery           \(nextKill == 0 ? "none (no driver was killed)" : recoveries.isEmpty ? "not seen before the end" : recoveries.map { "\(fmt($0, 1)) ms" }.joined(separator: ", ") + " (kill to first completion by the new driver)")
                   reissued requests  \(summary.reissued)
                   driver CPU         \(fmt(summary.driverCpuUsPerOp, 1)) us/op
                   client CPU         \(fmt(summary.clientCpuUsPerOp, 1)) us/op

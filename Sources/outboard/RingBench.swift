@@ -35,6 +35,11 @@ struct RingBench: ParsableCommand {
     @Option(help: "Polls of an empty queue before asking for a doorbell (sleep mode).")
     var spin: Int = 2000
 
+    /// For scripts/ring-instructions.sh: a command (path and arguments, space-separated)
+    /// the workers run under, such as valgrind.
+    @Option(help: .hidden)
+    var workerWrapper: String?
+
     func run() throws {
         #if DEBUG
         FileHandleStderr.write("warning: debug build; both queues run unoptimized and the figures mean little. Use -c release.\n")
@@ -44,7 +49,8 @@ struct RingBench: ParsableCommand {
         guard !batchList.isEmpty, !modeList.isEmpty else { throw ValidationError("no batch sizes or modes") }
         let cpus = CPU.available
         let (producerCPU, consumerCPU) = cpus >= 2 ? (0, 1) : (-1, -1)
-        let harness = RingHarness(executable: currentExecutable())
+        let harness = RingHarness(executable: currentExecutable(),
+                                  wrapper: workerWrapper.map { $0.split(separator: " ").map(String.init) } ?? [])
         if !json {
             print("Ring benchmark: producer on CPU \(producerCPU), consumer on CPU \(consumerCPU), capacity \(capacity), median of \(repeats)")
             print("mode   batch   outboard Mdesc/s   C Mdesc/s   ratio   ns CPU/desc (outboard, C)   doorbells/desc (outboard, C)")
