@@ -26,14 +26,25 @@ public struct StorageDaemon: ~Copyable {
     }
 
     /// Starts the daemon and waits (up to 10 s) until every socket exists.
-    /// `aio`: "io_uring" or "threads".
-    public init(image: String, sockets: [String], writable: Bool = true, aio: String = "io_uring") throws(LabError) {
+    /// `aio`: "io_uring" or "threads". `failingReadSector`: reads that touch this 512-byte
+    /// sector fail with EIO inside the device (QEMU's blkdebug driver between the image file
+    /// and the raw format), every time: a real device error, for tests.
+    public init(image: String, sockets: [String], writable: Bool = true, aio: String = "io_uring",
+                failingReadSector: UInt64? = nil) throws(LabError) {
         guard let exe = Self.executable() else {
             throw LabError("qemu-storage-daemon not found (Debian package qemu-system-common; scripts/setup.sh installs it)")
         }
         for s in sockets { unlink(s) }
-        var args = ["--blockdev", "driver=file,node-name=file0,filename=\(image),aio=\(aio),cache.direct=off",
-                    "--blockdev", "driver=raw,node-name=disk0,file=file0"]
+        var args = ["--blockdev", "driver=file,node-name=file0,filename=\(image),aio=\(aio),cache.direct=off"]
+        if let sector = failingReadSector {
+            // raw-format fires blkdebug's read_aio event for every read; the rule then fails
+            // the reads that overlap `sector` with errno 5 (EIO), and keeps doing so.
+            args += ["--blockdev", "driver=blkdebug,node-name=debug0,image=file0,inject-error.0.event=read_aio,"
+                     + "inject-error.0.errno=5,inject-error.0.sector=\(sector),inject-error.0.once=off,inject-error.0.iotype=read",
+                     "--blockdev", "driver=raw,node-name=disk0,file=debug0"]
+        } else {
+            args += ["--blockdev", "driver=raw,node-name=disk0,file=file0"]
+        }
         for (i, s) in sockets.enumerated() {
             args += ["--export", "type=vhost-user-blk,id=exp\(i),node-name=disk0,addr.type=unix,addr.path=\(s),writable=\(writable ? "on" : "off"),num-queues=1"]
         }

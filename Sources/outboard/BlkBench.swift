@@ -64,12 +64,12 @@ struct BlkBench: ParsableCommand {
         let cpus = CPU.available
         let placement: (device: Int, frontend: Int)? = deviceCpu >= 0 && cpus >= 2 ? (deviceCpu, (deviceCpu + 1) % cpus) : nil
         if let placement {
-            do { try CPU.pin(to: placement.device) } catch { throw ValidationError("cannot pin to CPU \(placement.device): \(error)") }
+            do { try CPU.pin(to: placement.device) } catch { throw CommandFailure("cannot pin to CPU \(placement.device): \(error)") }
         }
         var daemon = try StorageDaemon(image: image, sockets: [lab.dir + "/outboard.sock", lab.dir + "/ref.sock"])
         defer { daemon.stop() }
         if let placement {
-            do { try CPU.pin(to: placement.frontend) } catch { throw ValidationError("cannot pin to CPU \(placement.frontend): \(error)") }
+            do { try CPU.pin(to: placement.frontend) } catch { throw CommandFailure("cannot pin to CPU \(placement.frontend): \(error)") }
         }
         let config = try lab.writeManagerConfig(device: "vblk0", socket: daemon.sockets[0], notify: mode, queueSize: 512, pollUs: pollUs)
         var manager = try ManagerProcess(config: config, socket: lab.controlSocket)
@@ -94,7 +94,7 @@ struct BlkBench: ParsableCommand {
                     obs.append(try measureOutboard(admin: admin, socket: lab.controlSocket, depth: depth))
                 }
                 let errors = (obs.last?.errors ?? 0) + Int(cs.last?.errors ?? 0)
-                if errors > 0 { throw ValidationError("I/O errors during the run: outboard \(obs.last?.errors ?? 0), C \(cs.last?.errors ?? 0)") }
+                if errors > 0 { throw CommandFailure("I/O errors during the run: outboard \(obs.last?.errors ?? 0), C \(cs.last?.errors ?? 0)") }
             }
             guard !obs.isEmpty, obs.count == cs.count else { break }
             let ratios = zip(obs, cs).map { $1.iops > 0 ? $0.iops / $1.iops : 0 }
@@ -158,7 +158,7 @@ struct BlkBench: ParsableCommand {
             started[b] = now0
         }
         guard try s.submit(batch: UnsafeBufferPointer(rebasing: batch[0..<depth])) == depth else {
-            throw ValidationError("could not submit \(depth) requests")
+            throw CommandFailure("could not submit \(depth) requests")
         }
         let warmEnd = now0 + UInt64(warmup * 1e9)
         let end = warmEnd + UInt64(seconds * 1e9)

@@ -33,17 +33,24 @@ struct BlkTarget: ParsableArguments {
     }
 }
 
+/// A failure while doing the work (not a usage mistake): printed as "Error: ..." without
+/// the usage text that ValidationError brings.
+struct CommandFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
 /// Runs one request to completion and checks its status.
 func runOne(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int) throws {
     guard try s.submit(op, sector: sector, offset: offset, length: length) != nil else {
-        throw ValidationError("no free tag")
+        throw CommandFailure("no free tag")
     }
     let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 1)
     defer { out.deallocate() }
     var n = 0
     while n == 0 { n = try s.wait(into: out, timeoutMilliseconds: 1000) }
     guard let st = out[0].status, st == .ok else {
-        throw ValidationError("\(op) at sector \(sector): \(out[0].status.map { "\($0)" } ?? "unknown status")")
+        throw CommandFailure("\(op) at sector \(sector): \(out[0].status.map { "\($0)" } ?? "unknown status")")
     }
 }
 
@@ -88,10 +95,10 @@ struct BlkRead: ParsableCommand {
         }
         if let output {
             let fd = Glibc.open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            guard fd >= 0 else { throw ValidationError("cannot open \(output): \(Errno(rawValue: errno))") }
+            guard fd >= 0 else { throw CommandFailure("cannot open \(output): \(Errno(rawValue: errno))") }
             defer { close(fd) }
             guard data.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == data.count else {
-                throw ValidationError("short write to \(output)")
+                throw CommandFailure("short write to \(output)")
             }
         } else {
             for line in stride(from: 0, to: data.count, by: 16) {
@@ -118,7 +125,7 @@ struct BlkWrite: ParsableCommand {
         var data: [UInt8]
         if let input {
             let fd = Glibc.open(input, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw ValidationError("cannot open \(input): \(Errno(rawValue: errno))") }
+            guard fd >= 0 else { throw CommandFailure("cannot open \(input): \(Errno(rawValue: errno))") }
             defer { close(fd) }
             data = []
             var buf = [UInt8](repeating: 0, count: 1 << 16)

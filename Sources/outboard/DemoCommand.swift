@@ -260,7 +260,7 @@ struct Lab {
 
     init(name: String) throws {
         var template = Array("/tmp/outboard-\(name)-XXXXXX".utf8CString)
-        guard let p = mkdtemp(&template) else { throw ValidationError("cannot create a temporary directory: \(Errno(rawValue: errno))") }
+        guard let p = mkdtemp(&template) else { throw CommandFailure("cannot create a temporary directory: \(Errno(rawValue: errno))") }
         dir = String(cString: p)
         chmod(dir, 0o755)
     }
@@ -303,10 +303,10 @@ struct Lab {
             }
             """
         let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw ValidationError("cannot write \(path)") }
+        guard fd >= 0 else { throw CommandFailure("cannot write \(path)") }
         defer { close(fd) }
         let bytes = Array(text.utf8)
-        guard Glibc.write(fd, bytes, bytes.count) == bytes.count else { throw ValidationError("cannot write \(path)") }
+        guard Glibc.write(fd, bytes, bytes.count) == bytes.count else { throw CommandFailure("cannot write \(path)") }
         return path
     }
 }
@@ -327,12 +327,12 @@ struct ManagerProcess: ~Copyable {
         while Clock.monotonicNanoseconds < deadline {
             if (try? UnixSocket.connect(path: socket)) != nil { return }
             if let status = try child.wait(timeoutMilliseconds: 20) {
-                throw ValidationError("the manager exited at start: \(status)")
+                throw CommandFailure("the manager exited at start: \(status)")
             }
         }
         try? child.signal(SIGKILL)
         _ = try? child.wait()
-        throw ValidationError("the manager did not open \(socket) within 20 s")
+        throw CommandFailure("the manager did not open \(socket) within 20 s")
     }
 
     /// SIGTERM (the manager stops its drivers and removes its socket), SIGKILL after 5 s.

@@ -15,13 +15,14 @@ final class VirtioFixture {
     var manager: ManagerFixture!
     static let imageBytes = 64 << 20
 
-    init(notify: String = "adaptive", probeSandbox: Bool = false) throws {
+    init(notify: String = "adaptive", probeSandbox: Bool = false, writable: Bool = true,
+         failingReadSector: UInt64? = nil) throws {
         directory = NSTemporaryDirectory() + "outboard-vblk-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         image = directory + "/disk.img"
         socket = directory + "/vblk0.sock"
         try makeImage(path: image, bytes: Self.imageBytes, fill: false)
-        daemon = try StorageDaemon(image: image, sockets: [socket])
+        daemon = try StorageDaemon(image: image, sockets: [socket], writable: writable, failingReadSector: failingReadSector)
         manager = try ManagerFixture(devices: """
             [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "notify": "\(notify)",
               "access": [{"uid": 0, "mode": "rw"}], "probe_sandbox": \(probeSandbox)}]
@@ -234,6 +235,51 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
         #expect(try f.manager.device("vblk0").restarts >= 4)
         #expect(w.session.reissued > 0)
+    }
+
+    /// A device error (EIO inside qemu-storage-daemon, from QEMU's blkdebug) reaches the
+    /// client as an I/O error on that request only: the device and the driver keep serving,
+    /// nothing is restarted or reconnected.
+    @Test func deviceErrorReachesTheClient() throws {
+        let f = try VirtioFixture(failingReadSector: 4096)
+        var s = try f.open()
+        #expect(try io(&s, .read, sector: 4096, length: 4096) == .ioError)
+        #expect(try io(&s, .read, sector: 4088, length: 8192) == .ioError, "a read overlapping the bad sector")
+        #expect(try io(&s, .read, sector: 0, length: 4096) == .ok)
+        #expect(try io(&s, .write, sector: 4096, length: 4096) == .ok, "only reads are made to fail")
+        var w = VerifiedWorkload(session: s, blocks: 256, seed: 9)  // blocks 0..<256: sectors below 2048
+        try w.prepare()
+        try w.run(operations: 2000)
+        try w.finish()
+        #expect(w.verifyErrors == 0 && w.clientErrors == 0, "\(w.firstError ?? "")")
+        let d = try f.device()
+        #expect(d["device_losses"] as? Int == 0)
+        #expect(try f.manager.device("vblk0").restarts == 0)
+    }
+
+    /// A read-only export: the driver reports it, the manager refuses writable sessions
+    /// with a clear reason, and a read-only session reads; its writes end as `readOnly`
+    /// before the device sees them.
+    @Test func readOnlyDevice() throws {
+        let f = try VirtioFixture(writable: false)
+        let before = pattern(3, 4096)
+        try f.writeImage(before, at: 64 * 512)
+        do {
+            _ = try f.open()
+            Issue.record("a writable session was opened on a read-only device")
+        } catch {
+            #expect("\(error)".contains("read-only"), "\(error)")
+        }
+        var s = try BlockSession.open(socketPath: f.manager.socketPath, device: "vblk0", writable: false,
+                                      dataBytes: 4 * 4096, queueDepth: 4, waitMilliseconds: 20_000)
+        #expect(s.info.deviceFlags.contains(.readOnly))
+        let sent = try f.device()["device_requests"] as! Int
+        #expect(try io(&s, .write, sector: 64, length: 4096) == .readOnly)
+        #expect(try io(&s, .writeZeroes, sector: 64, length: 4096) == .readOnly)
+        #expect(try f.device()["device_requests"] as! Int == sent, "a write reached a read-only device")
+        #expect(try io(&s, .read, sector: 64, length: 4096) == .ok)
+        #expect(Array(s.buffer[0..<4096]) == before)
+        #expect(try f.imageBytes(at: 64 * 512, count: 4096) == before)
     }
 
     /// Adaptive waiting on the client side (poll with yields for a window, then sleep):
