@@ -37,3 +37,20 @@ func makeDriverEpoll(_ manager: borrowing UnixSocket) throws(DriverError) -> Epo
         throw .setup("epoll: \(error)")
     }
 }
+
+/// The next message from the manager, without blocking: nil when none is waiting, or when
+/// the manager closed the socket (then `closed` is set: the driver should exit). The
+/// manager is trusted; a message we cannot read means a version skew or a bug, which is
+/// fatal (the manager restarts us).
+func nextManagerMessage(_ manager: borrowing UnixSocket, closed: inout Bool) throws(DriverError) -> ControlDelivery? {
+    do {
+        return try manager.receiveControl(nonBlocking: true)
+    } catch .socket(.system(.wouldBlock)) {
+        return nil
+    } catch .socket(.closed) {
+        closed = true
+        return nil
+    } catch {
+        throw .fatal("bad message from manager: \(error)")
+    }
+}

@@ -126,20 +126,7 @@ public struct MemBlockDriver: ~Copyable {
     }
 
     mutating func handleManagerMessages() throws(DriverError) {
-        while true {
-            var d: ControlDelivery
-            do {
-                d = try manager.receiveControl(nonBlocking: true)
-            } catch .socket(.system(.wouldBlock)) {
-                return
-            } catch .socket(.closed) {
-                exitRequested = true
-                return
-            } catch {
-                // The manager is trusted; a message we cannot read means a version skew or
-                // a bug. Exit: the manager restarts us.
-                throw .fatal("bad message from manager: \(error)")
-            }
+        while var d = try nextManagerMessage(manager, closed: &exitRequested) {
             switch d.message {
             case .attach(let a):
                 attach(a, &d)

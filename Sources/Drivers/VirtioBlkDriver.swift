@@ -282,18 +282,7 @@ public struct VirtioBlkDriver: ~Copyable {
     }
 
     mutating func handleManagerMessages() throws(DriverError) {
-        while true {
-            var d: ControlDelivery
-            do {
-                d = try manager.receiveControl(nonBlocking: true)
-            } catch .socket(.system(.wouldBlock)) {
-                return
-            } catch .socket(.closed) {
-                exitRequested = true
-                return
-            } catch {
-                throw .fatal("bad message from manager: \(error)")
-            }
+        while var d = try nextManagerMessage(manager, closed: &exitRequested) {
             switch d.message {
             case .attach(let a):
                 attach(a, &d)
