@@ -26,18 +26,12 @@ public struct KernelReferenceResult: Codable, Sendable, Equatable {
     }
 }
 
-public struct KernelReferenceError: Error, CustomStringConvertible, Sendable {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
-
 /// Runs `fio --name=ref --filename=FILE --rw=randread --bs=4k --ioengine=io_uring
 /// --iodepth=N --direct=0 --invalidate=0 --time_based --runtime=S --output-format=json`
 /// and parses its report. fio's stderr goes to ours; it is killed if it has not finished
 /// `seconds` + 60 s after it started.
 public func runKernelReference(file: String, queueDepth: Int, seconds: Double, fio: String = "/usr/bin/fio") throws -> KernelReferenceResult {
-    guard queueDepth >= 1, seconds > 0 else { throw KernelReferenceError("queue depth and seconds must be positive") }
+    guard queueDepth >= 1, seconds > 0 else { throw LabError("queue depth and seconds must be positive") }
     let runtimeMs = max(1, Int((seconds * 1000).rounded()))
     let arguments = [
         "--name=ref", "--filename=\(file)", "--rw=randread", "--bs=4k", "--ioengine=io_uring",
@@ -52,7 +46,7 @@ public func runKernelReference(file: String, queueDepth: Int, seconds: Double, f
 public func parseFioReport(_ output: [UInt8]) throws -> KernelReferenceResult {
     // fio may print warnings before the JSON object on stdout.
     guard let start = output.firstIndex(of: UInt8(ascii: "{")) else {
-        throw KernelReferenceError("fio printed no JSON report: \(String(decoding: output.prefix(300), as: UTF8.self))")
+        throw LabError("fio printed no JSON report: \(String(decoding: output.prefix(300), as: UTF8.self))")
     }
     struct Report: Decodable { var jobs: [Job] }
     struct Job: Decodable {
@@ -72,12 +66,12 @@ public func parseFioReport(_ output: [UInt8]) throws -> KernelReferenceResult {
     do {
         report = try JSONDecoder().decode(Report.self, from: Data(output[start...]))
     } catch {
-        throw KernelReferenceError("cannot parse fio's report: \(error)")
+        throw LabError("cannot parse fio's report: \(error)")
     }
-    guard let job = report.jobs.first else { throw KernelReferenceError("fio's report has no job") }
-    if let e = job.error, e != 0 { throw KernelReferenceError("fio job failed with error \(e)") }
+    guard let job = report.jobs.first else { throw LabError("fio's report has no job") }
+    if let e = job.error, e != 0 { throw LabError("fio job failed with error \(e)") }
     let r = job.read
-    guard r.total_ios > 0, r.runtime > 0 else { throw KernelReferenceError("fio completed no reads") }
+    guard r.total_ios > 0, r.runtime > 0 else { throw LabError("fio completed no reads") }
     let seconds = r.runtime / 1000
     let percentile = { (key: String) -> Double in (r.clat_ns.percentile?[key] ?? 0) / 1000 }
     return KernelReferenceResult(
@@ -92,7 +86,7 @@ func captureStdout(executable: String, arguments: [String], timeoutMilliseconds:
     var fds: [CInt] = [-1, -1]
     // pipe2(2) is not in Glibc's Swift module; set FD_CLOEXEC right after (ChildProcess
     // closes every descriptor it is not given anyway).
-    guard pipe(&fds) == 0 else { throw KernelReferenceError("pipe: \(Errno(rawValue: errno))") }
+    guard pipe(&fds) == 0 else { throw LabError("pipe: \(Errno(rawValue: errno))") }
     _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
     _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
     let readEnd = OwnedFD(adopting: fds[0])
@@ -100,14 +94,14 @@ func captureStdout(executable: String, arguments: [String], timeoutMilliseconds:
     do {
         let writeEnd = OwnedFD(adopting: fds[1])
         let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        guard null >= 0 else { throw KernelReferenceError("open /dev/null: \(Errno(rawValue: errno))") }
+        guard null >= 0 else { throw LabError("open /dev/null: \(Errno(rawValue: errno))") }
         defer { close(null) }
         do {
             child = try ChildProcess(
                 executable: executable, arguments: arguments,
                 descriptors: [(FileDescriptor(rawValue: null), 0), (writeEnd.raw, 1), (FileDescriptor.standardError, 2)])
         } catch {
-            throw KernelReferenceError("cannot start \(executable): \(error)")
+            throw LabError("cannot start \(executable): \(error)")
         }
         // writeEnd closes here: EOF on readEnd when the child exits.
     }
@@ -120,20 +114,20 @@ func captureStdout(executable: String, arguments: [String], timeoutMilliseconds:
         if now >= deadline {
             try? child.signal(SIGKILL)
             _ = try? child.wait()
-            throw KernelReferenceError("\(executable) did not finish within \(timeoutMilliseconds) ms")
+            throw LabError("\(executable) did not finish within \(timeoutMilliseconds) ms")
         }
         var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
         let ms = CInt(clamping: (deadline - now) / 1_000_000 + 1)
         let p = poll(&pfd, 1, ms)
         if p < 0 {
             if errno == EINTR { continue }
-            throw KernelReferenceError("poll: \(Errno(rawValue: errno))")
+            throw LabError("poll: \(Errno(rawValue: errno))")
         }
         if p == 0 { continue }
         let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         if n < 0 {
             if errno == EINTR || errno == EAGAIN { continue }
-            throw KernelReferenceError("read: \(Errno(rawValue: errno))")
+            throw LabError("read: \(Errno(rawValue: errno))")
         }
         if n == 0 { break }
         output.append(contentsOf: buffer[0..<n])
@@ -142,8 +136,8 @@ func captureStdout(executable: String, arguments: [String], timeoutMilliseconds:
     guard let status = try child.wait(timeoutMilliseconds: max(remaining, 1000)) else {
         try? child.signal(SIGKILL)
         _ = try? child.wait()
-        throw KernelReferenceError("\(executable) closed its stdout but did not exit")
+        throw LabError("\(executable) closed its stdout but did not exit")
     }
-    guard status == .exited(0) else { throw KernelReferenceError("\(executable) \(status)") }
+    guard status == .exited(0) else { throw LabError("\(executable) \(status)") }
     return output
 }

@@ -36,12 +36,6 @@ public struct RefBlkResult: Codable, Sendable, Equatable {
     }
 }
 
-public struct RefBlkError: Error, CustomStringConvertible, Sendable {
-    public var message: String
-    public init(_ message: String) { self.message = message }
-    public var description: String { message }
-}
-
 /// Notification modes of the reference, by the names `bench blk` uses.
 public let refBlkModes = ["interrupt", "event-idx", "adaptive", "poll"]
 
@@ -60,9 +54,9 @@ public func runRefBlk(
     case "event-idx": cmode = CInt(OB_REFBLK_EVENT_IDX.rawValue)
     case "adaptive": cmode = CInt(OB_REFBLK_ADAPTIVE.rawValue)
     case "poll": cmode = CInt(OB_REFBLK_POLL.rawValue)
-    default: throw RefBlkError("unknown mode \(mode) (\(refBlkModes.joined(separator: ", ")))")
+    default: throw LabError("unknown mode \(mode) (\(refBlkModes.joined(separator: ", ")))")
     }
-    guard let qd = CInt(exactly: queueDepth), qd >= 1 else { throw RefBlkError("queue depth \(queueDepth) out of range") }
+    guard let qd = CInt(exactly: queueDepth), qd >= 1 else { throw LabError("queue depth \(queueDepth) out of range") }
     var r = ob_refblk_result()
     let rc = socket.withCString { path -> CInt in
         var p = ob_refblk_params(
@@ -70,7 +64,7 @@ public func runRefBlk(
             io_bytes: ioBytes, seed: seed, queue_size: CInt(clamping: queueSize), poll_us: pollMicroseconds)
         return ob_refblk_run(&p, &r)
     }
-    if rc != 0 { throw RefBlkError(refBlkMessage(&r.error)) }
+    if rc != 0 { throw LabError(refBlkMessage(&r.error)) }
     let ios = Double(max(r.ios, 1))
     return RefBlkResult(
         ios: r.ios, seconds: r.seconds, iops: r.seconds > 0 ? Double(r.ios) / r.seconds : 0,
@@ -83,14 +77,14 @@ public func runRefBlk(
 /// For tests: reads `bytes` (a multiple of 512, at most 1 MiB) at `sector` through a fresh
 /// connection with the C reference. Returns the data and the device capacity in sectors.
 public func refBlkReadOnce(socket: String, sector: UInt64, bytes: Int = 4096) throws -> (data: [UInt8], capacitySectors: UInt64) {
-    guard let n = UInt32(exactly: bytes) else { throw RefBlkError("bad length \(bytes)") }
+    guard let n = UInt32(exactly: bytes) else { throw LabError("bad length \(bytes)") }
     var data = [UInt8](repeating: 0, count: bytes)
     var capacity: UInt64 = 0
     var err = [CChar](repeating: 0, count: 256)
     let rc = data.withUnsafeMutableBytes { buf in
         ob_refblk_read_once(socket, sector, buf.baseAddress, n, &capacity, &err)
     }
-    if rc != 0 { throw RefBlkError(String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)) }
+    if rc != 0 { throw LabError(String(decoding: err.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)) }
     return (data, capacity)
 }
 

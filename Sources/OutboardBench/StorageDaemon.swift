@@ -84,7 +84,9 @@ public struct StorageDaemon: ~Copyable {
     }
 }
 
-public struct LabError: Error, CustomStringConvertible {
+/// What went wrong setting up or running a benchmark or test peer (qemu-storage-daemon,
+/// an image, fio, the C reference frontend): a sentence for people.
+public struct LabError: Error, CustomStringConvertible, Sendable {
     public let description: String
     public init(_ s: String) { description = s }
 }

@@ -50,13 +50,13 @@ struct RefBlkCommand: ParsableCommand {
                 print(String(decoding: try e.encode(r), as: UTF8.self))
                 return
             }
-            guard !socket.isEmpty else { throw RefBlkError("--socket is required") }
+            guard !socket.isEmpty else { throw LabError("--socket is required") }
             if let sector = dumpSector {
                 let (data, _) = try refBlkReadOnce(socket: socket, sector: sector, bytes: dumpBytes)
                 var off = 0
                 while off < data.count {
                     let n = data[off...].withUnsafeBytes { Glibc.write(1, $0.baseAddress, $0.count) }
-                    if n <= 0 { throw RefBlkError("write to stdout failed") }
+                    if n <= 0 { throw LabError("write to stdout failed") }
                     off += n
                 }
                 return
