@@ -19,7 +19,9 @@
        with EVENT_IDX:    kick if vring_need_event(avail_event, new_idx, old_idx).
    - interrupts: INTERRUPT mode leaves avail.flags 0 (a signal per completion); EVENT_IDX
      mode sets used_event = last_used_idx after every harvest, i.e. "signal me on the next
-     completion"; POLL mode sets VIRTQ_AVAIL_F_NO_INTERRUPT and never sleeps.
+     completion"; POLL mode sets VIRTQ_AVAIL_F_NO_INTERRUPT and never sleeps; ADAPTIVE mode
+     (event idx) busy-polls for poll_us after each completion with used_event 2^15 behind
+     (no calls), then sleeps as EVENT_IDX.
    - before sleeping: (EVENT_IDX: store used_event,) full fence, re-read used.idx; sleep on
      the call eventfd only if it still shows nothing new. A wake-up never proves a
      completion: the loop always re-reads used.idx. */
@@ -487,9 +489,11 @@ static int harvest(struct dev *d, int *slots, uint8_t *inflight) {
         slots[k++] = (int)slot;
     }
     if (d->mode == OB_REFBLK_ADAPTIVE) {
-        /* Notifications off while we busy-poll: used_event behind last_used, an index the
-           device has passed (wait_used moves it to last_used before sleeping). */
-        __atomic_store_n(d->used_event, (uint16_t)(d->last_used - 1), __ATOMIC_RELAXED);
+        /* Notifications off while we busy-poll: used_event half the index space behind
+           last_used. The device compares it with the used index of its last notification
+           check, which can lag behind what we harvested, so last_used - 1 could still draw
+           a call; 2^15 behind cannot. wait_used moves it to last_used before sleeping. */
+        __atomic_store_n(d->used_event, (uint16_t)(d->last_used - 0x8000), __ATOMIC_RELAXED);
         if (k > 0) d->last_work = now_ns();
     } else if (d->event_idx) {
         __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);

@@ -232,14 +232,19 @@ public struct VirtioBlkDriver: ~Copyable {
             // serve them until the manager hands over a new connection, which only the
             // sleep below (epoll on the manager socket) can receive. Staying awake for them
             // would spin forever and never see that connection.
+            // Likewise with the virtqueue full: waiting requests cannot be taken until the
+            // device completes something, which the used-ring notification below reports
+            // (the queue is full, so requests are in flight). Staying awake for them would
+            // spin without reading the manager or the device socket.
             var sleep = true
             let watchSessions = connected
+                && freeRequestCount > 0 && vq.freeDescriptors >= descriptorsPerRequest
             if watchSessions {
                 for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] {
                     if !slots[i].requests.prepareToSleep() && !slots[i].requests.hasFailed { sleep = false }
                 }
-                if vq.inFlight > 0 && vq.enableNotifications() { sleep = false }
             }
+            if connected && vq.inFlight > 0 && vq.enableNotifications() { sleep = false }
             if sleep { try pollManager(timeoutMs: Int(max(1, config.heartbeatIntervalMs / 2))) }
             if watchSessions {
                 for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] { slots[i].requests.cancelSignal() }

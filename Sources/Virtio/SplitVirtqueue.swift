@@ -451,12 +451,16 @@ public struct SplitVirtqueue: ~Copyable {
     /// must still be tolerated.
     ///
     /// Without event idx: sets VIRTQ_AVAIL_F_NO_INTERRUPT. With event idx (§2.7.7.1: flags
-    /// MUST stay 0): moves used_event behind, to lastUsed - 1, an index the device has
-    /// already passed, so no notification is due until 65535 further completions.
+    /// MUST stay 0): moves used_event half the index space behind lastUsed. The device
+    /// notifies when used_event lies in (old, new], where old is the used index at its
+    /// *last notification check* (§2.7.10: vring_need_event), not our lastUsed; that check
+    /// can lag behind what we have already harvested, so lastUsed - 1 could still fall in
+    /// the window and draw a notification. 2^15 behind cannot, for any queue size (at most
+    /// 2^15 entries are ever outstanding).
     public mutating func disableNotifications() {
         guard !failed else { return }
         if usesEventIdx {
-            usedEvent.pointee.store((lastUsed &- 1).littleEndian, ordering: .relaxed)
+            usedEvent.pointee.store((lastUsed &- 0x8000).littleEndian, ordering: .relaxed)
         } else {
             availFlagsShadow |= VirtqAvailFlags.noInterrupt
             availFlags.pointee.store(availFlagsShadow.littleEndian, ordering: .relaxed)

@@ -16,7 +16,7 @@ final class VirtioFixture {
     static let imageBytes = 64 << 20
 
     init(notify: String = "adaptive", probeSandbox: Bool = false, writable: Bool = true,
-         failingReadSector: UInt64? = nil) throws {
+         failingReadSector: UInt64? = nil, queueSize: Int = 256) throws {
         directory = NSTemporaryDirectory() + "outboard-vblk-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         image = directory + "/disk.img"
@@ -24,7 +24,7 @@ final class VirtioFixture {
         try makeImage(path: image, bytes: Self.imageBytes, fill: false)
         daemon = try StorageDaemon(image: image, sockets: [socket], writable: writable, failingReadSector: failingReadSector)
         manager = try ManagerFixture(devices: """
-            [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "notify": "\(notify)",
+            [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "notify": "\(notify)", "queue_size": \(queueSize),
               "access": [{"uid": 0, "mode": "rw"}], "probe_sandbox": \(probeSandbox)}]
             """)
     }
@@ -58,6 +58,8 @@ final class VirtioFixture {
         let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
         guard n == bytes.count else { throw FixtureError("short write of the image") }
     }
+
+    var daemonPID: pid_t? { daemon?.pid }
 
     /// The device entry of the status report.
     func device() throws -> [String: Any] {
@@ -213,6 +215,36 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
             #expect(Array(s.buffer[(k * 4096)..<((k + 1) * 4096)]) == data, "read \(k) returned other bytes than were written")
         }
         #expect(try f.device()["device_connected"] as? Bool == true)
+        #expect(try f.manager.device("vblk0").restarts == 0)
+    }
+
+    /// More requests than the virtqueue holds, and the device stops answering: the driver
+    /// must not spin on the requests it cannot take, or it would never read the device's
+    /// hang-up. When the device process dies, the loss is seen; when a new one comes, every
+    /// request completes.
+    @Test(arguments: ["event-idx", "adaptive"]) func fullVirtqueueAndADeadDevice(notify: String) throws {
+        let f = try VirtioFixture(notify: notify, queueSize: 8)
+        var s = try f.open(dataBytes: 32 * 4096, depth: 32)
+        #expect(try io(&s, .read, sector: 0, length: 4096) == .ok)
+        let pid = try #require(f.daemonPID)
+        kill(pid, SIGSTOP)  // the device stops answering: 8 requests at it, 24 left queued
+        for k in 0..<32 { #expect(try s.submit(.read, sector: UInt64(k * 8), offset: k * 4096, length: 4096) != nil) }
+        usleep(100_000)
+        if var d = f.daemon.take() { d.stop(kill: true) }
+        let gone = Date().addingTimeInterval(10)
+        while try f.device()["device_connected"] as? Bool != false && Date() < gone { usleep(5_000) }
+        #expect(try f.device()["device_connected"] as? Bool == false, "the driver did not see the device die")
+        f.daemon = try StorageDaemon(image: f.image, sockets: [f.socket])
+        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 32)
+        defer { results.deallocate() }
+        var done = 0
+        let deadline = Date().addingTimeInterval(20)
+        while done < 32 && Date() < deadline {
+            let n = try s.wait(into: results, timeoutMilliseconds: 100)
+            for r in results[0..<n] { #expect(r.status == .ok, "\(r)") }
+            done += n
+        }
+        #expect(done == 32)
         #expect(try f.manager.device("vblk0").restarts == 0)
     }
 
