@@ -362,7 +362,7 @@ public struct BlockSession: ~Copyable {
 
     /// As `poll`, but sleeps up to `timeoutMilliseconds` when nothing has finished.
     ///
-    /// `spinMicroseconds` > 0 polls for that long first, yielding the CPU between polls
+    /// `spinMicroseconds` > 0 (at most 1 s) polls for that long first, yielding the CPU between polls
     /// (sched_yield(2)), and sleeps only if nothing finished meanwhile: adaptive polling.
     /// A completion that arrives within the window then costs no doorbell and no wake-up
     /// (about 60 us of CPU and latency on a virtual machine), and the yield lets a driver
@@ -372,7 +372,7 @@ public struct BlockSession: ~Copyable {
         let n = try poll(into: out)
         if n > 0 || inFlight == 0 { return n }
         if spinMicroseconds > 0 {
-            let end = Clock.monotonicNanoseconds &+ UInt64(spinMicroseconds) &* 1000
+            let end = Clock.monotonicNanoseconds &+ UInt64(min(spinMicroseconds, 1_000_000)) * 1000
             repeat {
                 sched_yield()
                 let n = try poll(into: out)

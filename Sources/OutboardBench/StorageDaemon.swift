@@ -7,7 +7,8 @@ import Glibc
 
 /// A qemu-storage-daemon serving one image as vhost-user-blk devices (one export per
 /// socket, all on the same block node): the device the demo, the block benchmark and the
-/// tests drive. Stopped (SIGTERM, then SIGKILL) when dropped.
+/// tests drive. `stop()` ends it with SIGTERM (SIGKILL after 5 s); dropped unstopped, it
+/// is killed.
 public struct StorageDaemon: ~Copyable {
     public let image: String
     public let sockets: [String]

@@ -35,14 +35,14 @@ struct BlkBench: ParsableCommand {
 
     @Option(help: "Queue depths.") var qd: [Int] = [1, 8, 32, 128]
     @Option(help: "Measured seconds per run.") var seconds: Double = 2
-    @Option(help: "Runs of each side per queue depth, in adjacent pairs of alternating order.") var repeats: Int = 3
+    @Option(help: "Runs of each side per queue depth (odd), in adjacent pairs of alternating order.") var repeats: Int = 3
     @Option(help: "Warm-up seconds per run.") var warmup: Double = 0.5
     @Option(help: "Notification mode, the same for the driver and the C reference: interrupt, event-idx, adaptive, poll.")
     var mode: String = "adaptive"
     @Option(help: "adaptive: microseconds of busy-polling after the last work, the same for the driver and the C reference.")
     var pollUs: Int = 50
     @Option(help: "Image size in MiB (filled, so reads hit cached data).") var imageMib: Int = 256
-    @Option(help: "CPU for the device (qemu-storage-daemon and its threads); this process, the manager, the driver, the C reference and fio run on the next CPU. -1: no pinning.")
+    @Option(help: "CPU for the device (qemu-storage-daemon and its threads); this process, the manager, the driver, the C reference and fio run on the next CPU (CPUs are assumed numbered 0..n-1). -1: no pinning.")
     var deviceCpu: Int = 0
     @Flag(help: "Skip the kernel (fio) reference.") var noKernel = false
     @Flag(help: "One JSON object per line.") var json = false
@@ -51,7 +51,9 @@ struct BlkBench: ParsableCommand {
         guard getuid() == 0 else { throw ValidationError("bench blk starts the manager, which needs root") }
         guard refBlkModes.contains(mode) else { throw ValidationError("--mode: one of \(refBlkModes.joined(separator: ", "))") }
         guard qd.allSatisfy({ $0 >= 1 && $0 <= 128 }) else { throw ValidationError("--qd: 1...128") }
-        guard repeats >= 1, repeats <= 99 else { throw ValidationError("--repeats: 1...99") }
+        // Odd, so that the median pair ratio is one pair's, whose figures are shown.
+        guard repeats >= 1, repeats <= 99, repeats % 2 == 1 else { throw ValidationError("--repeats: an odd number, 1...99") }
+        guard pollUs >= 0, pollUs <= 100_000 else { throw ValidationError("--poll-us: 0...100000") }
         installInterruptFlag()
         let lab = try Lab(name: "bench")
         defer { lab.remove() }
@@ -83,7 +85,8 @@ struct BlkBench: ParsableCommand {
         for depth in qd where !interrupted() {
             // Adjacent pairs in alternating order (Outboard first, then C first, ...): this
             // machine's speed drifts between runs, so `ratio` is the median of the pair
-            // ratios, with their spread; the other figures are those of each side's median run.
+            // ratios, with their spread; every other figure is that pair's (the median pair:
+            // --repeats is odd), so the IOPS columns give the ratio shown.
             var obs: [OutboardRun] = [], cs: [RefBlkResult] = []
             for r in 0..<repeats where !interrupted() {
                 if r % 2 == 0 {
@@ -99,20 +102,20 @@ struct BlkBench: ParsableCommand {
             guard !obs.isEmpty, obs.count == cs.count else { break }
             let ratios = zip(obs, cs).map { $1.iops > 0 ? $0.iops / $1.iops : 0 }
             let cpuRatios = zip(obs, cs).map { $1.cpuUsPerIo > 0 ? ($0.clientCpuUs + $0.driverCpuUs) / $1.cpuUsPerIo : 0 }
-            let ob = obs.sorted { $0.iops < $1.iops }[obs.count / 2]
-            let c = cs.sorted { $0.iops < $1.iops }[cs.count / 2]
+            let middle = ratios.indices.sorted { ratios[$0] < ratios[$1] }[ratios.count / 2]
+            let ob = obs[middle], c = cs[middle]
             let k = noKernel ? nil : try? runKernelReference(file: image, queueDepth: depth, seconds: seconds)
             let line = BlkBenchLine(
                 qd: depth, mode: mode, deviceCpu: placement?.device ?? -1, frontendCpu: placement?.frontend ?? -1,
-                repeats: ratios.count, outboardIops: ob.iops, cIops: c.iops, ratio: median(ratios),
+                repeats: ratios.count, outboardIops: ob.iops, cIops: c.iops, ratio: ratios[middle],
                 ratioMin: ratios.min() ?? 0, ratioMax: ratios.max() ?? 0,
                 outboardCpuUsPerIo: ob.clientCpuUs + ob.driverCpuUs, driverCpuUsPerIo: ob.driverCpuUs,
-                clientCpuUsPerIo: ob.clientCpuUs, cCpuUsPerIo: c.cpuUsPerIo, cpuRatio: median(cpuRatios),
+                clientCpuUsPerIo: ob.clientCpuUs, cCpuUsPerIo: c.cpuUsPerIo, cpuRatio: cpuRatios[middle],
                 p50Us: ob.p50, p99Us: ob.p99, cP50Us: c.p50Us, cP99Us: c.p99Us,
                 doorbellsPerIo: ob.doorbells, cDoorbellsPerIo: c.kicksPerIo + c.callsPerIo,
                 clientBellsPerIo: ob.clientBells, kicksPerIo: ob.kicks, interruptsPerIo: ob.interrupts,
                 clientSignalsPerIo: ob.clientSignals, cKicksPerIo: c.kicksPerIo, cCallsPerIo: c.callsPerIo,
-                kernelIops: k?.iops, kernelCpuUsPerIo: k?.cpuUsPerIo, kernelP50Us: k?.p50Us, errors: 0)
+                kernelIops: k?.iops, kernelCpuUsPerIo: k?.cpuUsPerIo, kernelP50Us: k?.p50Us)
             if json {
                 print(line.json())
             } else {
@@ -277,7 +280,6 @@ struct BlkBenchLine: Codable {
     var kernelIops: Double?
     var kernelCpuUsPerIo: Double?
     var kernelP50Us: Double?
-    var errors: Int
 
     func json() -> String {
         var parts = ["\"bench\":\"blk\"", "\"qd\":\(qd)", "\"mode\":\"\(mode)\"", "\"device_cpu\":\(deviceCpu)", "\"frontend_cpu\":\(frontendCpu)",
@@ -294,7 +296,6 @@ struct BlkBenchLine: Codable {
         if let k = kernelIops { parts.append("\"kernel_iops\":\(fmt(k, 0))") }
         if let k = kernelCpuUsPerIo { parts.append("\"kernel_cpu_us_per_io\":\(fmt(k, 2))") }
         if let k = kernelP50Us { parts.append("\"kernel_p50_us\":\(fmt(k, 1))") }
-        parts.append("\"errors\":\(errors)")
         return "{" + parts.joined(separator: ",") + "}"
     }
 }

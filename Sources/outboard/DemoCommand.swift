@@ -62,7 +62,11 @@ struct DemoCommand: ParsableCommand {
         }
         var status = try StatusReport.decode(admin.status())
         let dev0 = status.devices.first { $0.name == "vblk0" }
-        say.line("driver pid \(dev0?.pid.map { "\($0)" } ?? "-") (uid nobody, sandboxed: \(dev0?.sandboxProbes.count ?? 0) escape attempts, all refused), device \(session.info.blockCount) sectors, \(session.info.deviceFlags)")
+        // Each probe is "name errno"; errno 0 means the attempt succeeded.
+        let probes = dev0?.sandboxProbes ?? []
+        let refused = probes.filter { ($0.split(separator: " ").last.flatMap { Int32($0) } ?? 0) != 0 }.count
+        let probeText = refused == probes.count ? "all \(probes.count) refused" : "\(probes.count - refused) of \(probes.count) NOT refused"
+        say.line("driver pid \(dev0?.pid.map { "\($0)" } ?? "-") (uid nobody, sandboxed: escape attempts \(probeText)), device \(session.info.blockCount) sectors, \(session.info.deviceFlags)")
         var w = VerifiedWorkload(session: session, blocks: blocks, seed: seed)
         say.line("writing every block once (\(blocks * 4 / 1024) MiB)...")
         try w.prepare()
@@ -72,7 +76,7 @@ struct DemoCommand: ParsableCommand {
         cpu.sample(status)
         let clientCPU0 = Clock.processCPUNanoseconds
         var lastClientCPU = clientCPU0
-        let ops0 = w.ops
+        let ops0 = w.ops, reads0 = w.reads, writes0 = w.writes
         let t0 = Clock.monotonicNanoseconds
         let end = t0 + UInt64(seconds * 1e9)
         let killTimes = (0..<kills).map { t0 + UInt64(Double($0 + 1) * seconds * 1e9 / Double(kills + 1)) }
@@ -144,7 +148,7 @@ struct DemoCommand: ParsableCommand {
         let dev = status.devices.first { $0.name == "vblk0" }
         let summary = DemoSummary(
             ops: ops, iops: Double(ops) / wall, mbPerS: Double(ops) * 4096 / wall / 1e6, seconds: wall,
-            reads: w.reads, writes: w.writes, verifyErrors: w.verifyErrors, clientErrors: w.clientErrors,
+            reads: w.reads - reads0, writes: w.writes - writes0, verifyErrors: w.verifyErrors, clientErrors: w.clientErrors,
             driverRestarts: dev?.restarts ?? 0, recoveryMs: recoveries.max() ?? 0, recoveriesMs: recoveries,
             reissued: w.session.reissued,
             driverCpuUsPerOp: Double(cpu.total) / 1000 / Double(max(ops, 1)),
