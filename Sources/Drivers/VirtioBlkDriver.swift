@@ -58,6 +58,12 @@ public struct VirtioBlkDriver: ~Copyable {
     // What the device is (valid while connected, kept across reconnections).
     var features: UInt64 = 0
     var memorySlots = false
+    /// Regions the device's memory table takes, ours (the DMA region) included:
+    /// GET_MAX_MEM_SLOTS with CONFIGURE_MEM_SLOTS, else 8 (vhost-user's SET_MEM_TABLE limit).
+    var memorySlotLimit = 8
+    /// Sessions that found no free memory slot at the last registration; dropped with a
+    /// clear error once the exchange with the device is over.
+    var overSlotLimit: [Int] = []
     var blockCount: UInt64 = 0
     var maxTransfer: UInt32 = 0
     var flags: DeviceFlags = []
@@ -328,6 +334,7 @@ public struct VirtioBlkDriver: ~Copyable {
         connected = true
         let info = DeviceInfo(blockCount: blockCount, blockSize: 512, maxTransfer: maxTransfer, flags: flags)
         try? manager.send(.deviceInfo(info))
+        dropSessionsOverSlotLimit()
         resubmitAll()
     }
 
@@ -352,6 +359,14 @@ public struct VirtioBlkDriver: ~Copyable {
         }
         try f.setProtocolFeatures(offeredProtocol & wantedProtocol)
         memorySlots = offeredProtocol & VhostUserProtocolFeature.configureMemSlots != 0
+        if memorySlots {
+            memorySlotLimit = Int(clamping: try f.getMaxMemSlots())
+            guard memorySlotLimit >= 2 else {
+                throw VhostUserError.unsupported("the device has \(memorySlotLimit) memory slots; the driver needs 2 or more")
+            }
+        } else {
+            memorySlotLimit = 8
+        }
         page.beat()
         let cfg = try VirtioBlkConfig.parse(try f.getConfig(offset: 0, size: UInt32(VirtioBlkConfig.byteCount)), features: negotiated)
         try f.setFeatures(negotiated)
@@ -373,12 +388,16 @@ public struct VirtioBlkDriver: ~Copyable {
         for i in 0..<Self.maxSessions { registered[i] = false }
         let dmaEntry = VhostUserMemoryRegion(guestPhysicalAddress: config.dmaIOAddress, size: UInt64(dma.size),
                                              userAddress: UInt64(UInt(bitPattern: dma.base)), mmapOffset: 0)
+        overSlotLimit.removeAll()
         if memorySlots {
             try f.addMemoryRegion(dmaEntry, fd: dmaRegion.fd.raw.rawValue)
+            var used = 1
             for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] {
                 if let r = regionEntry(i) {
+                    guard used < memorySlotLimit else { overSlotLimit.append(i); continue }
                     try f.addMemoryRegion(r, fd: slots[i].dataFD)
                     registered[i] = true
+                    used += 1
                 }
                 page.beat()
             }
@@ -403,17 +422,30 @@ public struct VirtioBlkDriver: ~Copyable {
     }
 
     /// Without CONFIGURE_MEM_SLOTS the whole table is sent at once: at most 8 regions.
+    /// Sessions beyond that go to `overSlotLimit`.
     mutating func setMemoryTable(_ f: inout VhostUserFrontend, _ dmaEntry: VhostUserMemoryRegion) throws {
         var regions = [dmaEntry]
         var fds = [dmaRegion.fd.raw.rawValue]
-        for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] && regions.count < 8 {
+        overSlotLimit.removeAll()
+        for i in 0..<Self.maxSessions where occupied[i] && !detaching[i] {
             if let r = regionEntry(i) {
+                guard regions.count < memorySlotLimit else { overSlotLimit.append(i); continue }
                 regions.append(r)
                 fds.append(slots[i].dataFD)
                 registered[i] = true
             }
         }
         try f.setMemTable(regions, fds: fds)
+    }
+
+    /// Drops the sessions the last registration found no memory slot for: their buffers
+    /// are not in the device's table, so none of their requests may reach it.
+    mutating func dropSessionsOverSlotLimit() {
+        let over = overSlotLimit
+        overSlotLimit.removeAll()
+        for i in over where occupied[i] && !detaching[i] && !registered[i] {
+            dropSession(i, reason: "the device has \(memorySlotLimit) memory slots and one is the driver's: no slot left for this session")
+        }
     }
 
     /// Session `i`'s data region as the device should see it: at the IO address of its
@@ -489,6 +521,11 @@ public struct VirtioBlkDriver: ~Copyable {
                 return
             }
             if memorySlots {
+                let used = 1 + (0..<Self.maxSessions).filter { occupied[$0] && registered[$0] }.count
+                guard used < memorySlotLimit else {
+                    dropSession(i, reason: "the device has \(memorySlotLimit) memory slots and one is the driver's: no slot left for this session")
+                    return
+                }
                 let fd = slots[i].dataFD
                 if withDevice("registering session \(a.sessionID)'s region", { try $0.addMemoryRegion(r, fd: fd) }) {
                     registered[i] = true
@@ -503,6 +540,11 @@ public struct VirtioBlkDriver: ~Copyable {
                     device = consume f
                     lose("registering session \(a.sessionID)'s region: \(error)")
                 }
+                if overSlotLimit.contains(i) {
+                    dropSessionsOverSlotLimit()
+                    return
+                }
+                dropSessionsOverSlotLimit()
             }
         }
         try? manager.send(.attached(sessionID: a.sessionID))

@@ -110,6 +110,14 @@ final class DriverProcess {
     var killReason: String?
     var socketClosedAt: UInt64?
 
+    /// RLIMIT_NOFILE a driver needs for `sessions` sessions: stdio, the manager socket,
+    /// epoll, its own regions and doorbells, the device connection (16 in all, with room to
+    /// spare), and per session the 4 descriptors of an attach (queues, data, two doorbells),
+    /// which it may keep (a virtio driver keeps the data region's to register it again).
+    static func descriptorsNeeded(sessions: Int) -> UInt64 {
+        UInt64(16 + 4 * max(sessions, 0))
+    }
+
     init(device d: DeviceState, executable: String, uid: UInt32, gid: UInt32, sandbox: ManagerConfig.SandboxConfig,
          logger: Logger) throws {
         let capacity = d.tableSlots.count
@@ -117,8 +125,12 @@ final class DriverProcess {
         pageMapping = try pageRegion.map(.readWrite)
         page = DriverPage(pageMapping.base, tableCapacity: capacity)
         let pair = try UnixSocket.pair()
+        // Enough descriptors for every session the device may have: a driver that ran out
+        // would lose the descriptors of an attach in flight (the kernel truncates
+        // SCM_RIGHTS) and could only exit, and every restart would hit the same wall.
+        let openFiles = max(sandbox.maxOpenFiles, Self.descriptorsNeeded(sessions: Int(d.config.limits.maxSessions)))
         var args = ["_driver", "--kind", d.config.driver, "--device", d.name, "--uid", "\(uid)", "--gid", "\(gid)",
-                    "--max-open-files", "\(sandbox.maxOpenFiles)"]
+                    "--max-open-files", "\(openFiles)"]
         if !sandbox.namespaces { args.append("--no-namespaces") }
         if d.config.probeSandbox { args.append("--probe-sandbox") }
         if d.config.testExitAtStart { args.append("--test-exit-at-start") }

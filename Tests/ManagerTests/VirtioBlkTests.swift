@@ -16,7 +16,7 @@ final class VirtioFixture {
     static let imageBytes = 64 << 20
 
     init(notify: String = "adaptive", probeSandbox: Bool = false, writable: Bool = true,
-         failingReadSector: UInt64? = nil, queueSize: Int = 256) throws {
+         failingReadSector: UInt64? = nil, queueSize: Int = 256, maxSessions: Int = 16) throws {
         directory = NSTemporaryDirectory() + "outboard-vblk-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         image = directory + "/disk.img"
@@ -25,7 +25,8 @@ final class VirtioFixture {
         daemon = try StorageDaemon(image: image, sockets: [socket], writable: writable, failingReadSector: failingReadSector)
         manager = try ManagerFixture(devices: """
             [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "notify": "\(notify)", "queue_size": \(queueSize),
-              "access": [{"uid": 0, "mode": "rw"}], "probe_sandbox": \(probeSandbox)}]
+              "access": [{"uid": 0, "mode": "rw"}], "probe_sandbox": \(probeSandbox),
+              "limits": {"max_sessions": \(maxSessions)}}]
             """)
     }
 
@@ -246,6 +247,39 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         }
         #expect(done == 32)
         #expect(try f.manager.device("vblk0").restarts == 0)
+    }
+
+    /// Every session's buffers take one slot of the device's memory table (qemu-storage-
+    /// daemon reports how many with GET_MAX_MEM_SLOTS; the driver's own region takes one).
+    /// Sessions past that get a clear error; the device connection and the sessions that
+    /// have a slot go on as before.
+    @Test func sessionsBeyondTheDevicesMemorySlots() throws {
+        let f = try VirtioFixture(maxSessions: 64)
+        // BlockSession is ~Copyable: kept in raw storage, not an Array.
+        let open = UnsafeMutablePointer<BlockSession>.allocate(capacity: 64)
+        var count = 0
+        defer { open.deinitialize(count: count); open.deallocate() }
+        var refusal: String? = nil
+        for _ in 0..<64 {
+            do {
+                var s = try f.open(dataBytes: 4096, depth: 2)
+                guard try io(&s, .read, sector: 0, length: 4096) == .ok else { Issue.record("a read failed"); break }
+                (open + count).initialize(to: s)
+                count += 1
+            } catch {
+                refusal = "\(error)"
+                break
+            }
+        }
+        let reason = try #require(refusal, "64 sessions fit: the device's slot limit was not reached")
+        #expect(reason.contains("memory slots"), "\(reason)")
+        #expect(count >= 7, "only \(count) sessions before the refusal")
+        for k in 0..<count {
+            #expect(try io(&open[k], .read, sector: UInt64(k * 8), length: 4096) == .ok)
+        }
+        let d = try f.device()
+        #expect(d["device_losses"] as? Int == 0)
+        #expect(d["device_connected"] as? Bool == true)
     }
 
     /// The driver is killed again and again under a verified workload; each new driver
