@@ -95,13 +95,13 @@ static inline size_t dequeue(struct consumer *c, struct ref_desc *out, size_t ma
     uint32_t h = c->head;
     size_t i = 0;
     while (i < n) {
-        // One copy out of shared memory, by two relaxed atomic loads: a plain struct copy
-        // let the compiler load `length` for the check and again for the copy (a double
-        // fetch a hostile producer could race). The Swift queue copies each field once.
-        const uint64_t *slot = (const uint64_t *)&c->w.entries[h & c->mask];
-        uint64_t w0 = __atomic_load_n(&slot[0], __ATOMIC_RELAXED);
-        uint64_t w1 = __atomic_load_n(&slot[1], __ATOMIC_RELAXED);
-        struct ref_desc d = { .offset = w0, .length = (uint32_t)w1, .cookie = (uint32_t)(w1 >> 32) };
+        // One copy out of shared memory, one relaxed atomic load per field: a plain struct
+        // copy let the compiler load `length` for the check and again for the copy (a
+        // double fetch a hostile producer could race). The Swift queue loads each field once.
+        const struct ref_desc *slot = &c->w.entries[h & c->mask];
+        struct ref_desc d = { .offset = __atomic_load_n(&slot->offset, __ATOMIC_RELAXED),
+                              .length = __atomic_load_n(&slot->length, __ATOMIC_RELAXED),
+                              .cookie = __atomic_load_n(&slot->cookie, __ATOMIC_RELAXED) };
         if (!admits(c, &d)) { c->error = 1; break; }
         out[i] = d;
         h++;

@@ -71,11 +71,11 @@ public struct DescriptorBounds: Equatable, Sendable {
     }
 
     /// True when `[offset, offset + length)` lies inside the region and the length is
-    /// allowed (no overflow possible: the subtraction happens only after
-    /// `offset <= regionSize` is known).
+    /// allowed. `regionSize - offset` borrows exactly when offset > regionSize, so one
+    /// subtraction both checks the offset and gives the room left (no overflow possible).
     @inlinable
     public func admits(_ d: BufferDescriptor) -> Bool {
-        d.length >= minLength && d.length <= maxLength && d.offset.rawValue <= regionSize
-            && UInt64(d.length) <= regionSize &- d.offset.rawValue
+        let (room, offsetPastEnd) = regionSize.subtractingReportingOverflow(d.offset.rawValue)
+        return d.length >= minLength && d.length <= maxLength && !offsetPastEnd && UInt64(d.length) <= room
     }
 }
