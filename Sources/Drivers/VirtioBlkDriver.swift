@@ -443,9 +443,11 @@ public struct VirtioBlkDriver: ~Copyable {
     mutating func dropSessionsOverSlotLimit() {
         let over = overSlotLimit
         overSlotLimit.removeAll()
-        for i in over where occupied[i] && !detaching[i] && !registered[i] {
-            dropSession(i, reason: "the device has \(memorySlotLimit) memory slots and one is the driver's: no slot left for this session")
-        }
+        for i in over where occupied[i] && !detaching[i] && !registered[i] { dropSession(i, reason: noSlotReason) }
+    }
+
+    var noSlotReason: String {
+        "the device has \(memorySlotLimit) memory slots and one is the driver's: no slot left for this session"
     }
 
     /// Session `i`'s data region as the device should see it: at the IO address of its
@@ -521,9 +523,10 @@ public struct VirtioBlkDriver: ~Copyable {
                 return
             }
             if memorySlots {
-                let used = 1 + (0..<Self.maxSessions).filter { occupied[$0] && registered[$0] }.count
+                var used = 1  // the DMA region
+                for k in 0..<Self.maxSessions where occupied[k] && registered[k] { used += 1 }
                 guard used < memorySlotLimit else {
-                    dropSession(i, reason: "the device has \(memorySlotLimit) memory slots and one is the driver's: no slot left for this session")
+                    dropSession(i, reason: noSlotReason)
                     return
                 }
                 let fd = slots[i].dataFD
@@ -540,11 +543,9 @@ public struct VirtioBlkDriver: ~Copyable {
                     device = consume f
                     lose("registering session \(a.sessionID)'s region: \(error)")
                 }
-                if overSlotLimit.contains(i) {
-                    dropSessionsOverSlotLimit()
-                    return
-                }
+                let refused = overSlotLimit.contains(i)
                 dropSessionsOverSlotLimit()
+                if refused { return }
             }
         }
         try? manager.send(.attached(sessionID: a.sessionID))

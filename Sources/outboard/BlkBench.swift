@@ -28,8 +28,9 @@ struct BlkBench: ParsableCommand {
             doorbells_per_io counts every eventfd signal on the path: client to driver, driver to \
             device, device to driver, driver to client (each also reported alone). The device runs \
             on --device-cpu, everything else on the next CPU. In adaptive mode (the default, the \
-            driver's default) the driver, the client and the C reference busy-poll for --poll-us \
-            after their last work before they sleep; in event-idx mode nothing busy-polls.
+            driver's default) the driver and the C reference keep polling for --poll-us after their \
+            last work, and the client for up to --poll-us in each wait, before they sleep (the driver \
+            and the client yield the CPU between polls); in event-idx mode nothing busy-polls.
             """
     )
 
@@ -131,13 +132,13 @@ struct BlkBench: ParsableCommand {
         var driverCpuUs: Double
         var p50: Double
         var p99: Double
-        var doorbells: Double
         /// The four kinds of signal on the path, per I/O: client -> driver, driver -> device,
         /// device -> driver, driver -> client.
         var clientBells: Double
         var kicks: Double
         var interrupts: Double
         var clientSignals: Double
+        var doorbells: Double { clientBells + kicks + interrupts + clientSignals }
         var errors: Int
     }
 
@@ -212,10 +213,9 @@ struct BlkBench: ParsableCommand {
         sorted.sort()
         func pct(_ p: Double) -> Double { lat == 0 ? 0 : Double(sorted[min(lat - 1, Int(Double(lat) * p))]) / 10 }
         let io = Double(max(ios, 1))
-        let driverBells = Double(counters1.total - counters0.total)
         return OutboardRun(iops: Double(ios) / (Double(t1 - t0) / 1e9), clientCpuUs: Double(cpu1 - cpu0) / 1e3 / io,
                            driverCpuUs: Double(drv1 - drv0) / 1e3 / io, p50: pct(0.5), p99: pct(0.99),
-                           doorbells: (Double(bells) + driverBells) / io, clientBells: Double(bells) / io,
+                           clientBells: Double(bells) / io,
                            kicks: Double(counters1.kicks - counters0.kicks) / io,
                            interrupts: Double(counters1.interrupts - counters0.interrupts) / io,
                            clientSignals: Double(counters1.clientSignals - counters0.clientSignals) / io, errors: errors)
@@ -235,7 +235,6 @@ struct DriverCounters {
     var kicks: UInt64 = 0
     var interrupts: UInt64 = 0
     var clientSignals: UInt64 = 0
-    var total: UInt64 { kicks + interrupts + clientSignals }
     init() {}
     init(_ s: StatusReport) {
         guard let d = s.devices.first else { return }

@@ -62,10 +62,32 @@ final class VirtioFixture {
 
     var daemonPID: pid_t? { daemon?.pid }
 
+    /// Waits (up to 10 s) until the status report shows the device connection `connected`.
+    func waitForDeviceConnected(_ connected: Bool) throws {
+        let deadline = Date().addingTimeInterval(10)
+        while try device()["device_connected"] as? Bool != connected && Date() < deadline { usleep(5_000) }
+    }
+
     /// The device entry of the status report.
     func device() throws -> [String: Any] {
         (try manager.report()["devices"] as! [[String: Any]]).first { $0["name"] as? String == "vblk0" }!
     }
+}
+
+/// Collects completions until `count` have arrived or `seconds` have passed; every one
+/// must be `ok`. Returns how many arrived.
+func collect(_ s: inout BlockSession, _ count: Int, within seconds: Double = 20,
+             spinMicroseconds: Int = 0) throws -> Int {
+    let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: s.queueDepth)
+    defer { results.deallocate() }
+    var done = 0
+    let deadline = Date().addingTimeInterval(seconds)
+    while done < count && Date() < deadline {
+        let n = try s.wait(into: results, timeoutMilliseconds: 100, spinMicroseconds: spinMicroseconds)
+        for r in results[0..<n] { #expect(r.status == .ok, "\(r)") }
+        done += n
+    }
+    return done
 }
 
 func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
@@ -196,21 +218,12 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         data.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: s.buffer[0..<4096]).copyMemory(from: $0) }
         #expect(try io(&s, .write, sector: 80, offset: 0, length: 4096) == .ok)
         if var d = f.daemon.take() { d.stop(kill: true) }
-        let gone = Date().addingTimeInterval(10)
-        while try f.device()["device_connected"] as? Bool != false && Date() < gone { usleep(5_000) }
+        try f.waitForDeviceConnected(false)
         #expect(try f.device()["device_connected"] as? Bool == false, "the driver did not notice the device going away")
         for k in 1..<9 { #expect(try s.submit(.read, sector: 80, offset: k * 4096, length: 4096) != nil) }
         usleep(100_000)
         f.daemon = try StorageDaemon(image: f.image, sockets: [f.socket])
-        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 16)
-        defer { results.deallocate() }
-        var done = 0
-        let deadline = Date().addingTimeInterval(20)
-        while done < 8 && Date() < deadline {
-            let n = try s.wait(into: results, timeoutMilliseconds: 100)
-            for r in results[0..<n] { #expect(r.status == .ok, "\(r)") }
-            done += n
-        }
+        let done = try collect(&s, 8)
         #expect(done == 8, "requests queued while the device was gone were not served after it came back")
         for k in 1..<9 where done == 8 {
             #expect(Array(s.buffer[(k * 4096)..<((k + 1) * 4096)]) == data, "read \(k) returned other bytes than were written")
@@ -232,20 +245,10 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         for k in 0..<32 { #expect(try s.submit(.read, sector: UInt64(k * 8), offset: k * 4096, length: 4096) != nil) }
         usleep(100_000)
         if var d = f.daemon.take() { d.stop(kill: true) }
-        let gone = Date().addingTimeInterval(10)
-        while try f.device()["device_connected"] as? Bool != false && Date() < gone { usleep(5_000) }
+        try f.waitForDeviceConnected(false)
         #expect(try f.device()["device_connected"] as? Bool == false, "the driver did not see the device die")
         f.daemon = try StorageDaemon(image: f.image, sockets: [f.socket])
-        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 32)
-        defer { results.deallocate() }
-        var done = 0
-        let deadline = Date().addingTimeInterval(20)
-        while done < 32 && Date() < deadline {
-            let n = try s.wait(into: results, timeoutMilliseconds: 100)
-            for r in results[0..<n] { #expect(r.status == .ok, "\(r)") }
-            done += n
-        }
-        #expect(done == 32)
+        #expect(try collect(&s, 32) == 32)
         #expect(try f.manager.device("vblk0").restarts == 0)
     }
 
@@ -358,18 +361,9 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         var s = try f.open(dataBytes: 16 * 4096, depth: 16)
         let data = pattern(77, 4096)
         try f.writeImage(data, at: 96 * 512)
-        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 16)
-        defer { results.deallocate() }
         for round in 0..<50 {
             for k in 0..<16 { #expect(try s.submit(.read, sector: 96, offset: k * 4096, length: 4096) != nil) }
-            var done = 0
-            let deadline = Date().addingTimeInterval(10)
-            while done < 16 && Date() < deadline {
-                let n = try s.wait(into: results, timeoutMilliseconds: 100, spinMicroseconds: round % 2 == 0 ? 50 : 1)
-                for r in results[0..<n] { #expect(r.status == .ok) }
-                done += n
-            }
-            #expect(done == 16)
+            #expect(try collect(&s, 16, within: 10, spinMicroseconds: round % 2 == 0 ? 50 : 1) == 16)
         }
         for k in 0..<16 where Array(s.buffer[(k * 4096)..<((k + 1) * 4096)]) != data {
             Issue.record("buffer \(k) does not hold what the device holds")
