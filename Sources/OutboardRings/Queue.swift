@@ -15,19 +15,50 @@ import Synchronization
 // Violations put the endpoint into a sticky error state; nothing is read or written
 // outside the queue's slots, nothing traps, nothing loops on peer-controlled counts.
 
-/// An endpoint's sticky error state: a one-byte flag for the hot path, and the details,
-/// written once on the cold path.
-@usableFromInline
-struct QueueFailure {
-    @usableFromInline var failed = false
-    @usableFromInline var error: QueueError?
+/// An endpoint's sticky error state, kept as plain bits: what went wrong and the values
+/// that showed it. The `QueueError` (which may carry a String) is only built when asked
+/// for. Being trivial matters on the hot path: recording a failure then needs no
+/// out-of-line copy or destroy of a non-trivial value, so no call ever takes an
+/// endpoint's address and the optimizer can keep its indices in registers.
+@usableFromInline @frozen
+struct QueueFailure<Entry: QueueEntry>: BitwiseCopyable {
+    @usableFromInline @frozen enum Kind: UInt8, BitwiseCopyable { case none, peerIndex, entry }
+    @usableFromInline var kind = Kind.none
+    @usableFromInline var peer: UInt32 = 0
+    @usableFromInline var own: UInt32 = 0
+    /// The copy of the entry that was refused (`.entry`).
+    @usableFromInline var entry: Entry? = nil
 
     @usableFromInline init() {}
 
-    @usableFromInline @inline(never)
-    mutating func record(_ e: QueueError) {
-        failed = true
-        error = e
+    @inlinable var failed: Bool { kind != .none }
+
+    @inlinable
+    static func peerIndex(_ peer: UInt32, own: UInt32) -> QueueFailure {
+        var f = QueueFailure()
+        f.kind = .peerIndex
+        f.peer = peer
+        f.own = own
+        return f
+    }
+
+    @inlinable
+    static func refused(_ entry: Entry) -> QueueFailure {
+        var f = QueueFailure()
+        f.kind = .entry
+        f.entry = entry
+        return f
+    }
+
+    /// The error for a queue of `capacity` entries whose consumer checks within `bounds`.
+    func error(capacity: UInt32, bounds: Entry.Bounds?) -> QueueError? {
+        switch kind {
+        case .none: return nil
+        case .peerIndex: return .peerIndexOutOfRange(peer: peer, own: own, capacity: Int(capacity))
+        case .entry:
+            guard let entry, let bounds else { return nil }
+            return Entry.rejection(entry, within: bounds)
+        }
     }
 }
 
@@ -62,9 +93,9 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
     @usableFromInline var tail: UInt32 = 0
     /// Last head read from the consumer, validated.
     @usableFromInline var headCache: UInt32 = 0
-    @usableFromInline var failure = QueueFailure()
+    @usableFromInline var failure = QueueFailure<Entry>()
     /// Set once, never cleared.
-    public var error: QueueError? { failure.error }
+    public var error: QueueError? { failure.error(capacity: capacity, bounds: nil) }
     /// True once the endpoint is in its error state (cheap: no copy of the details).
     @inlinable public var hasFailed: Bool { failure.failed }
 
@@ -139,7 +170,7 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
         // The consumer's head only moves forward, and never past our tail:
         // headCache <= h <= tail (modulo 2^32).
         guard h &- headCache <= tail &- headCache else {
-            failure.record(.peerIndexOutOfRange(peer: h, own: tail, capacity: Int(capacity)))
+            failure = .peerIndex(h, own: tail)
             return
         }
         headCache = h
@@ -178,9 +209,9 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     @usableFromInline var head: UInt32 = 0
     /// Last tail read from the producer, validated.
     @usableFromInline var tailCache: UInt32 = 0
-    @usableFromInline var failure = QueueFailure()
+    @usableFromInline var failure = QueueFailure<Entry>()
     /// Set once, never cleared.
-    public var error: QueueError? { failure.error }
+    public var error: QueueError? { failure.error(capacity: capacity, bounds: bounds) }
     /// True once the endpoint is in its error state (cheap: no copy of the details).
     @inlinable public var hasFailed: Bool { failure.failed }
 
@@ -216,7 +247,7 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
             // One copy out of shared memory; only the copy is checked and used.
             let d = words.entries[Int(h & mask)]
             guard Entry.admits(d, within: bounds) else {
-                failure.record(Entry.rejection(d, within: bounds))
+                failure = .refused(d)
                 break
             }
             out[i] = d
@@ -259,7 +290,7 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         // our head: tailCache - head <= t - head <= capacity (modulo 2^32).
         let ahead = t &- head
         guard ahead <= capacity, ahead >= tailCache &- head else {
-            failure.record(.peerIndexOutOfRange(peer: t, own: head, capacity: Int(capacity)))
+            failure = .peerIndex(t, own: head)
             return
         }
         tailCache = t
