@@ -163,9 +163,12 @@ struct SwiftRingLoop {
         var idle: UInt64 = 0
         let base = data.base
         let sleeping = params.mode == .sleep
+        // Loops below count with `while` and wrapping arithmetic: a range `0..<k` or a slice
+        // `out[0..<k]` costs a trap check per batch that k is not negative.
+        let refill = UnsafeMutableBufferPointer(rebasing: stash[0..<min(batch, bufferCount)])
         while seq < count {
             if stashCount == 0 {
-                let n = freeQ.dequeue(into: UnsafeMutableBufferPointer(rebasing: stash[0..<min(batch, bufferCount)]))
+                let n = freeQ.dequeue(into: refill)
                 if n == 0 {
                     if let stop = waitForWork(&freeQ, freeBell, &idle, &r) {
                         r.status = stop
@@ -179,9 +182,10 @@ struct SwiftRingLoop {
             let k = min(batch, stashCount, Int(truncatingIfNeeded: min(count &- seq, UInt64(batch))))
             // The top k buffers of the stash, bottom up (the C worker takes the same ones).
             let first = stashCount &- k
-            for j in 0..<k {
+            var j = 0
+            while j < k {
                 var b = stash[first &+ j]
-                let s = seq &+ UInt64(j)
+                let s = seq &+ UInt64(truncatingIfNeeded: j)
                 // SAFETY: b came from our own stash or through freeQ, whose bounds checked
                 // offset + length <= data.size and length >= bufferSize >= 8; so the offset
                 // also fits an Int and the conversion needs no overflow check.
@@ -189,14 +193,15 @@ struct SwiftRingLoop {
                 b.cookie = UInt32(truncatingIfNeeded: s)
                 b.length = bufferSize
                 out[j] = b
+                j &+= 1
             }
-            stashCount &-= k
-            if active.enqueue(UnsafeBufferPointer(rebasing: out[0..<k])) != k {
+            stashCount = first
+            if active.enqueue(UnsafeBufferPointer(start: out.baseAddress, count: k)) != k {
                 r.status = .queueError
                 r.detail = active.error.map { "active queue: \($0)" } ?? "active queue full"
                 break
             }
-            seq &+= UInt64(k)
+            seq &+= UInt64(truncatingIfNeeded: k)
             if sleeping && active.consumerWantsSignal() { ring(activeBell, &r) }
         }
         r.processed = seq
@@ -225,21 +230,25 @@ struct SwiftRingLoop {
                 }
                 continue
             }
-            for j in 0..<n {
-                let d = buf[j]
-                // Length first: only then is reading 8 bytes at d.offset inside the region
+            var j = 0
+            while j < n {
+                // Each field is read where it is compared (buf is private memory, written
+                // once by dequeue); the error path reads the descriptor again rather than
+                // keeping a copy alive, which would cost a register load per field.
+                // Length first: only then is reading 8 bytes at the offset inside the region
                 // (the queue's bounds check made offset + length <= data.size, so the offset
                 // fits an Int and the conversion needs no overflow check).
-                guard d.length == bufferSize, d.cookie == UInt32(truncatingIfNeeded: expected),
-                      (base + Int(truncatingIfNeeded: d.offset.rawValue)).loadUnaligned(as: UInt64.self) == expected
+                guard buf[j].length == bufferSize, buf[j].cookie == UInt32(truncatingIfNeeded: expected),
+                      (base + Int(truncatingIfNeeded: buf[j].offset.rawValue)).loadUnaligned(as: UInt64.self) == expected
                 else {
                     r.status = .verifyError
-                    r.detail = "expected sequence \(expected), got descriptor \(d)"
+                    r.detail = "expected sequence \(expected), got descriptor \(buf[j])"
                     break outer
                 }
                 expected &+= 1
+                j &+= 1
             }
-            if freeQ.enqueue(UnsafeBufferPointer(rebasing: buf[0..<n])) != n {
+            if freeQ.enqueue(UnsafeBufferPointer(start: buf.baseAddress, count: n)) != n {
                 r.status = .queueError
                 r.detail = freeQ.error.map { "free queue: \($0)" } ?? "free queue full"
                 break

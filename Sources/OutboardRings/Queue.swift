@@ -132,12 +132,13 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
             space = capacity &- (tail &- headCache)
         }
         let n = min(Int(space), batch.count)
-        var t = tail
-        for i in 0..<n {
-            words.entries[Int(t & mask)] = batch[i]
-            t &+= 1
+        let t = tail
+        var i = 0
+        while i < n {  // not `for i in 0..<n`: the range would check n >= 0 every batch
+            words.entries[Int((t &+ UInt32(truncatingIfNeeded: i)) & mask)] = batch[i]
+            i &+= 1
         }
-        publish(t)
+        publish(t &+ UInt32(truncatingIfNeeded: n))
         return n
     }
 
