@@ -159,6 +159,7 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
         struct pollfd pfd = { .fd = bell, .events = POLLIN };
         int n = poll(&pfd, 1, 100);
         if (n > 0) { uint64_t v; (void)!read(bell, &v, 8); }
+        else if (n == 0) r->timeouts++;
         atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
         if (now_ns() > p->deadline_ns) return REF_STALLED;
     }

@@ -57,7 +57,7 @@ public struct RingRun: Sendable {
         var lines: [String] = watchdogFired ? ["watchdog fired"] : []
         for role in [RingRole.producer, .consumer, .hostile] where results[role] != nil || exits[role] != nil {
             let r = results[role]
-            lines.append("\(role): \(r.map { "\($0.status), \($0.processed) processed, \($0.doorbells) doorbells, \($0.sleeps) sleeps \($0.detail)" } ?? "no result"); \(exits[role].map { "\($0)" } ?? "not reaped")\(killedByHarness.contains(role) ? " (killed by harness)" : "")")
+            lines.append("\(role): \(r.map { "\($0.status), \($0.processed) processed, \($0.doorbells) doorbells, \($0.sleeps) sleeps (\($0.timeouts) timed out) \($0.detail)" } ?? "no result"); \(exits[role].map { "\($0)" } ?? "not reaped")\(killedByHarness.contains(role) ? " (killed by harness)" : "")")
         }
         return lines.joined(separator: "\n")
     }

@@ -45,10 +45,15 @@ public struct RingParameters: Sendable, Equatable {
     /// The worker gives up (status `.stalled`) after this long.
     public var timeoutMilliseconds: Int
     public var seed: UInt64
+    /// The Swift producer stops for 300 us after every `pauseEvery` descriptors (0: never).
+    /// A test hook: each pause is a lull in which the consumer finds its queue empty, so a
+    /// sleeping-mode test exercises the doorbell protocol however fast the queue is. The C
+    /// workers do not take it.
+    public var pauseEvery: UInt64
 
     public init(role: RingRole, implementation: RingImplementation, mode: RingMode, batch: Int, count: UInt64,
                 capacity: Int = 512, bufferSize: Int = 2048, spin: Int = 2000, cpu: Int = -1,
-                timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1) {
+                timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1, pauseEvery: UInt64 = 0) {
         self.role = role
         self.implementation = implementation
         self.mode = mode
@@ -60,6 +65,7 @@ public struct RingParameters: Sendable, Equatable {
         self.cpu = cpu
         self.timeoutMilliseconds = timeoutMilliseconds
         self.seed = seed
+        self.pauseEvery = pauseEvery
     }
 
     /// As many buffers as queue slots: neither queue of the pair can overflow.
@@ -68,7 +74,7 @@ public struct RingParameters: Sendable, Equatable {
     public var dataRegionSize: Int { bufferCount * bufferSize }
 
     static let magic: UInt32 = 0x5752_424f  // "OBRW"
-    static let version: UInt16 = 1
+    static let version: UInt16 = 2
 
     var encoded: [UInt8] {
         var w = WireWriter()
@@ -76,6 +82,7 @@ public struct RingParameters: Sendable, Equatable {
         w.put(role.rawValue); w.put(implementation.rawValue); w.put(mode.rawValue)
         w.put(UInt32(batch)); w.put(count); w.put(UInt32(capacity)); w.put(UInt32(bufferSize))
         w.put(UInt32(spin)); w.put(Int32(cpu)); w.put(UInt32(timeoutMilliseconds)); w.put(seed)
+        w.put(pauseEvery)
         return w.bytes
     }
 
@@ -89,11 +96,12 @@ public struct RingParameters: Sendable, Equatable {
               let batch = r.get(UInt32.self), let count = r.get(UInt64.self),
               let capacity = r.get(UInt32.self), let bufferSize = r.get(UInt32.self),
               let spin = r.get(UInt32.self), let cpu = r.get(Int32.self),
-              let timeout = r.get(UInt32.self), let seed = r.get(UInt64.self), r.rest.isEmpty
+              let timeout = r.get(UInt32.self), let seed = r.get(UInt64.self),
+              let pauseEvery = r.get(UInt64.self), r.rest.isEmpty
         else { return .failure(.setup("malformed parameter message")) }
         let p = RingParameters(role: role, implementation: impl, mode: mode, batch: Int(batch), count: count,
                                capacity: Int(capacity), bufferSize: Int(bufferSize), spin: Int(spin),
-                               cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed)
+                               cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed, pauseEvery: pauseEvery)
         if let problem = p.problem { return .failure(.setup(problem)) }
         return .success(p)
     }
@@ -104,6 +112,7 @@ public struct RingParameters: Sendable, Equatable {
         if batch < 1 || batch > capacity { return "batch \(batch) outside 1...\(capacity)" }
         if bufferSize < 8 || bufferSize > 1 << 20 { return "buffer size \(bufferSize) outside 8...1 MiB" }
         if count == 0 { return "count is 0" }
+        if pauseEvery != 0 && implementation == .c { return "the C workers do not pause (pauseEvery)" }
         return nil
     }
 }

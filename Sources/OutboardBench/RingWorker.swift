@@ -43,6 +43,9 @@ public struct RingWorkerResult: Sendable, Equatable {
     public var processed: UInt64 = 0
     public var doorbells: UInt64 = 0
     public var sleeps: UInt64 = 0
+    /// Sleeps that ended by the wait's 100 ms timeout rather than a doorbell. A lost
+    /// wake-up shows here.
+    public var timeouts: UInt64 = 0
     public var startNanoseconds: UInt64 = 0
     public var endNanoseconds: UInt64 = 0
     public var cpuNanoseconds: UInt64 = 0
@@ -50,7 +53,7 @@ public struct RingWorkerResult: Sendable, Equatable {
 
     var encoded: [UInt8] {
         var w = WireWriter()
-        w.put(status.rawValue); w.put(processed); w.put(doorbells); w.put(sleeps)
+        w.put(status.rawValue); w.put(processed); w.put(doorbells); w.put(sleeps); w.put(timeouts)
         w.put(startNanoseconds); w.put(endNanoseconds); w.put(cpuNanoseconds)
         return w.bytes + Array(detail.utf8.prefix(1024))
     }
@@ -59,9 +62,10 @@ public struct RingWorkerResult: Sendable, Equatable {
         var r = WireReader(bytes)
         guard let s = r.get(UInt32.self).flatMap(RingWorkerStatus.init(rawValue:)),
               let processed = r.get(UInt64.self), let doorbells = r.get(UInt64.self), let sleeps = r.get(UInt64.self),
+              let timeouts = r.get(UInt64.self),
               let start = r.get(UInt64.self), let end = r.get(UInt64.self), let cpu = r.get(UInt64.self)
         else { return nil }
-        return RingWorkerResult(status: s, processed: processed, doorbells: doorbells, sleeps: sleeps,
+        return RingWorkerResult(status: s, processed: processed, doorbells: doorbells, sleeps: sleeps, timeouts: timeouts,
                                 startNanoseconds: start, endNanoseconds: end, cpuNanoseconds: cpu,
                                 detail: String(decoding: r.rest, as: UTF8.self))
     }
@@ -166,43 +170,52 @@ struct SwiftRingLoop {
         // Loops below count with `while` and wrapping arithmetic: a range `0..<k` or a slice
         // `out[0..<k]` costs a trap check per batch that k is not negative.
         let refill = UnsafeMutableBufferPointer(rebasing: stash[0..<min(batch, bufferCount)])
-        while seq < count {
-            if stashCount == 0 {
-                let n = freeQ.dequeue(into: refill)
-                if n == 0 {
-                    if let stop = waitForWork(&freeQ, freeBell, &idle, &r) {
-                        r.status = stop
-                        if stop == .queueError { r.detail = freeQ.error.map { "free queue: \($0)" } ?? "" }
-                        break
+        // Runs to `stop`: the count, or the next pause (RingParameters.pauseEvery). Pausing
+        // only between these runs keeps the check off the per-batch path.
+        let pauseEvery = params.pauseEvery
+        var stop = pauseEvery == 0 ? count : min(count, pauseEvery)
+        run: while true {
+            while seq < stop {
+                if stashCount == 0 {
+                    let n = freeQ.dequeue(into: refill)
+                    if n == 0 {
+                        if let status = waitForWork(&freeQ, freeBell, &idle, &r) {
+                            r.status = status
+                            if status == .queueError { r.detail = freeQ.error.map { "free queue: \($0)" } ?? "" }
+                            break run
+                        }
+                        continue
                     }
-                    continue
+                    stashCount = n
                 }
-                stashCount = n
+                let k = min(batch, stashCount, Int(truncatingIfNeeded: min(stop &- seq, UInt64(batch))))
+                // The top k buffers of the stash, bottom up (the C worker takes the same ones).
+                let first = stashCount &- k
+                var j = 0
+                while j < k {
+                    var b = stash[first &+ j]
+                    let s = seq &+ UInt64(truncatingIfNeeded: j)
+                    // SAFETY: b came from our own stash or through freeQ, whose bounds checked
+                    // offset + length <= data.size and length >= bufferSize >= 8; so the offset
+                    // also fits an Int and the conversion needs no overflow check.
+                    (base + Int(truncatingIfNeeded: b.offset.rawValue)).storeBytes(of: s, as: UInt64.self)
+                    b.cookie = UInt32(truncatingIfNeeded: s)
+                    b.length = bufferSize
+                    out[j] = b
+                    j &+= 1
+                }
+                stashCount = first
+                if active.enqueue(UnsafeBufferPointer(start: out.baseAddress, count: k)) != k {
+                    r.status = .queueError
+                    r.detail = active.error.map { "active queue: \($0)" } ?? "active queue full"
+                    break run
+                }
+                seq &+= UInt64(truncatingIfNeeded: k)
+                if sleeping && active.consumerWantsSignal() { ring(activeBell, &r) }
             }
-            let k = min(batch, stashCount, Int(truncatingIfNeeded: min(count &- seq, UInt64(batch))))
-            // The top k buffers of the stash, bottom up (the C worker takes the same ones).
-            let first = stashCount &- k
-            var j = 0
-            while j < k {
-                var b = stash[first &+ j]
-                let s = seq &+ UInt64(truncatingIfNeeded: j)
-                // SAFETY: b came from our own stash or through freeQ, whose bounds checked
-                // offset + length <= data.size and length >= bufferSize >= 8; so the offset
-                // also fits an Int and the conversion needs no overflow check.
-                (base + Int(truncatingIfNeeded: b.offset.rawValue)).storeBytes(of: s, as: UInt64.self)
-                b.cookie = UInt32(truncatingIfNeeded: s)
-                b.length = bufferSize
-                out[j] = b
-                j &+= 1
-            }
-            stashCount = first
-            if active.enqueue(UnsafeBufferPointer(start: out.baseAddress, count: k)) != k {
-                r.status = .queueError
-                r.detail = active.error.map { "active queue: \($0)" } ?? "active queue full"
-                break
-            }
-            seq &+= UInt64(truncatingIfNeeded: k)
-            if sleeping && active.consumerWantsSignal() { ring(activeBell, &r) }
+            if seq >= count { break }
+            usleep(300)
+            stop = min(count, seq &+ pauseEvery)
         }
         r.processed = seq
     }
@@ -277,7 +290,7 @@ struct SwiftRingLoop {
         if q.prepareToSleep() {
             r.sleeps &+= 1
             do {
-                _ = try bell.wait(timeoutMilliseconds: 100)
+                if try !bell.wait(timeoutMilliseconds: 100) { r.timeouts &+= 1 }
             } catch {
                 r.detail = "doorbell wait: \(error)"
                 return .systemError
@@ -314,6 +327,7 @@ private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UI
     r.processed = cr.processed
     r.doorbells = cr.doorbells
     r.sleeps = cr.sleeps
+    r.timeouts = cr.timeouts
 }
 
 /// Fault injection: overwrites random words of both queues (indices, signal flags,

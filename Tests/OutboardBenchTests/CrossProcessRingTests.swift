@@ -22,20 +22,26 @@ let cpus = CPU.available >= 2 ? (0, 1) : (-1, -1)
 
     /// 10^8 descriptors with both sides sleeping on their doorbell whenever their queue is
     /// empty (no spinning first), so the request-signal protocol runs on every lull. A lost
-    /// wake-up would leave a side asleep on a non-empty queue: the run would then only
-    /// finish through the 100 ms timeout of each wait, far more slowly, and a watchdog
-    /// fails the test instead of hanging CI. The timeout-driven wake-ups are counted by
-    /// the workers and must be a tiny fraction of the sleeps.
+    /// wake-up would leave a side asleep on a non-empty queue until the 100 ms timeout of
+    /// its wait: the workers count such wake-ups, and a watchdog fails the test instead of
+    /// hanging CI if a side never wakes. Lulls come by themselves, but a fast enough
+    /// run has few, so the producer also pauses every 50,000 descriptors (2,000 pauses):
+    /// each is a lull the consumer must sleep through and be rung out of.
     @Test func hundredMillionDescriptorsSleepingOnTheDoorbell() throws {
         let h = RingHarness(executable: try outboardExecutable())
         let p = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 32,
-                               count: 100_000_000, capacity: 4096, spin: 0, timeoutMilliseconds: 240_000)
+                               count: 100_000_000, capacity: 4096, spin: 0, timeoutMilliseconds: 240_000,
+                               pauseEvery: 50_000)
         let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 300_000)
         #expect(r.succeeded, "\(r.summary)")
         let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
         let rings = (r.results[.producer]?.doorbells ?? 0) + (r.results[.consumer]?.doorbells ?? 0)
+        let timeouts = (r.results[.producer]?.timeouts ?? 0) + (r.results[.consumer]?.timeouts ?? 0)
         #expect(sleeps > 1000, "the sleeping path must actually run: \(r.summary)")
         #expect(rings > 1000, "\(r.summary)")
+        // A sleep ends by its 100 ms timeout only when the peer did nothing for that long:
+        // with a lost wake-up, every pause would end that way.
+        #expect(timeouts * 100 <= sleeps, "wake-ups by timeout, not by doorbell: \(r.summary)")
     }
 
     /// A third process writes random values into both queues' indices and descriptors

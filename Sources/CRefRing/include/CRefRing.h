@@ -45,6 +45,8 @@ struct ref_result {
     uint64_t processed;
     uint64_t doorbells;
     uint64_t sleeps;
+    /// Sleeps that ended by the wait's 100 ms timeout rather than a doorbell.
+    uint64_t timeouts;
 };
 
 /// The client side: fills buffers, enqueues them on the active queue, takes them back
