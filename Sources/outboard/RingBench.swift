@@ -89,11 +89,11 @@ struct RingBench: ParsableCommand {
                 let o = median(rates[.swift]!), c = median(rates[.c]!)
                 let oc = median(cpu[.swift]!), cc = median(cpu[.c]!)
                 let ob = median(bells[.swift]!), cb = median(bells[.c]!)
-                let os = median(sleeps[.swift]!)
+                let os = median(sleeps[.swift]!), cs = median(sleeps[.c]!)
                 if json {
                     print("""
                     {"bench":"ring","mode":"\(mode)","batch":\(batch),"outboard_mdesc_per_s":\(fmt(o, 3)),"c_mdesc_per_s":\(fmt(c, 3)),\
-                    "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),"sleeps_per_desc":\(fmt(os, 6)),\
+                    "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),"sleeps_per_desc":\(fmt(os, 6)),"c_sleeps_per_desc":\(fmt(cs, 6)),\
                     "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"ratio_min":\(fmt(ratios.min()!, 3)),"ratio_max":\(fmt(ratios.max()!, 3)),"count":\(n),"runs":\(repeats),\
                     "capacity":\(capacity),"spin":\(spin),"cpus":\(cpus)}
                     """)

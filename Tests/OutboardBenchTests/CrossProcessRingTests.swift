@@ -79,6 +79,37 @@ let cpus = CPU.available >= 2 ? (0, 1) : (-1, -1)
         if mode == .sleep { #expect((r.results[.consumer]?.sleeps ?? 0) > 0, "\(r.summary)") }
     }
 
+    /// `outboard bench ring --json` prints one JSON object per mode and batch, with the
+    /// fields the README documents, from runs of both implementations.
+    @Test func benchmarkPrintsOneJSONLinePerModeAndBatch() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: try outboardExecutable())
+        process.arguments = ["bench", "ring", "--json", "--batches", "1,32", "--modes", "busy,sleep",
+                             "--repeats", "1", "--count", "200000"]
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        try process.run()
+        let output = pipe.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        #expect(process.terminationStatus == 0)
+        let lines = String(decoding: output, as: UTF8.self).split(separator: "\n")
+        #expect(lines.count == 4, "\(lines)")
+        var seen: [String] = []
+        for line in lines {
+            let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+            let o = try #require(object, "not a JSON object: \(line)")
+            #expect(o["bench"] as? String == "ring")
+            for key in ["outboard_mdesc_per_s", "c_mdesc_per_s", "ratio", "outboard_cpu_ns_per_desc", "c_cpu_ns_per_desc"] {
+                #expect(((o[key] as? NSNumber)?.doubleValue ?? 0) > 0, "\(key) in \(line)")
+            }
+            for key in ["doorbells_per_desc", "c_doorbells_per_desc", "sleeps_per_desc", "c_sleeps_per_desc"] {
+                #expect(((o[key] as? NSNumber)?.doubleValue ?? -1) >= 0, "\(key) in \(line)")
+            }
+            seen.append("\(o["mode"] as? String ?? "?") \((o["batch"] as? NSNumber)?.intValue ?? 0)")
+        }
+        #expect(seen == ["busy 1", "busy 32", "sleep 1", "sleep 32"])
+    }
+
     /// A worker given parameters it cannot run refuses them with a clear reason.
     @Test func badParametersAreRefused() throws {
         let h = RingHarness(executable: try outboardExecutable())
