@@ -17,9 +17,10 @@ import Synchronization
 
 /// An endpoint's sticky error state, kept as plain bits: what went wrong and the values
 /// that showed it. The `QueueError` (which may carry a String) is only built when asked
-/// for. Being trivial matters on the hot path: recording a failure then needs no
-/// out-of-line copy or destroy of a non-trivial value, so no call ever takes an
-/// endpoint's address and the optimizer can keep its indices in registers.
+/// for. Being trivial matters on the hot path: recording a failure needs no out-of-line
+/// call, copy or destroy, and the optimizer makes much shorter code around each batch
+/// (callgrind: the producer at batch 1 from 165 to 143 instructions per descriptor,
+/// against an out-of-line mutating `record(_ error: QueueError)`).
 @usableFromInline @frozen
 struct QueueFailure<Entry: QueueEntry>: BitwiseCopyable {
     @usableFromInline @frozen enum Kind: UInt8, BitwiseCopyable { case none, peerIndex, entry }
