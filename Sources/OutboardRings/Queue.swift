@@ -63,6 +63,40 @@ struct QueueFailure<Entry: QueueEntry>: BitwiseCopyable {
     }
 }
 
+extension QueueEntry {
+    /// Reads one slot once, as 8-byte words with relaxed atomic loads, which the compiler
+    /// may neither repeat nor put off: the copy that is validated is the copy that is
+    /// used, by construction and not by the optimizer's choice (a plain load of the struct
+    /// may legally be re-read from shared memory after the check). Words may come from
+    /// different moments of a racing peer's writes; that only makes a garbled entry, which
+    /// the check sees like any other. The slot must be 8-aligned and the entry a whole
+    /// number of words (QueueLayout.supports).
+    @inlinable @inline(__always)
+    public static func fetchOnce(_ slot: UnsafePointer<Self>) -> Self { fetchWords(slot) }
+}
+
+@inlinable @inline(__always)
+func fetchWords<Entry: QueueEntry>(_ slot: UnsafePointer<Entry>) -> Entry {
+    let w = UnsafeRawPointer(slot).assumingMemoryBound(to: Atomic<UInt64>.self)
+    switch MemoryLayout<Entry>.size {
+    case 16:
+        return unsafeBitCast((w[0].load(ordering: .relaxed), w[1].load(ordering: .relaxed)), to: Entry.self)
+    case 32:
+        return unsafeBitCast((w[0].load(ordering: .relaxed), w[1].load(ordering: .relaxed),
+                              w[2].load(ordering: .relaxed), w[3].load(ordering: .relaxed)), to: Entry.self)
+    default:
+        // SAFETY: Entry is BitwiseCopyable and exactly `words` 8-byte words (no padding
+        // beyond them), so any bytes written here make a valid value to load.
+        let words = MemoryLayout<Entry>.size / 8
+        return withUnsafeTemporaryAllocation(byteCount: words * 8, alignment: 8) { buf in
+            for i in 0..<words {
+                buf.storeBytes(of: w[i].load(ordering: .relaxed), toByteOffset: i * 8, as: UInt64.self)
+            }
+            return buf.baseAddress!.load(as: Entry.self)
+        }
+    }
+}
+
 @usableFromInline
 struct QueueWords<Entry: QueueEntry> {
     @usableFromInline let tail: UnsafeMutablePointer<Atomic<UInt32>>
@@ -233,7 +267,8 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// Copies up to `out.count` descriptors out of the queue, validating each copy, and
     /// releases their slots with one store. Returns how many were dequeued. A descriptor
     /// outside `bounds` stops the queue: the ones before it are returned, it stays unread.
-    @inlinable
+    /// Always inlined, like enqueue: the optimizer otherwise leaves a call per batch.
+    @inlinable @inline(__always)
     public mutating func dequeue(into out: UnsafeMutableBufferPointer<Entry>) -> Int {
         guard !failure.failed else { return 0 }
         var available = tailCache &- head
@@ -247,7 +282,7 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         var i = 0
         while i < n {
             // One copy out of shared memory; only the copy is checked and used.
-            let d = words.entries[Int(h & mask)]
+            let d = Entry.fetchOnce(words.entries + Int(h & mask))
             guard Entry.admits(d, within: bounds) else {
                 failure = .refused(d)
                 break

@@ -26,11 +26,13 @@ public struct QueueLayout: Equatable, Sendable {
     /// Bytes per entry: the stride of the entry type the endpoints are created with.
     public let entryStride: Int
 
-    /// Fails unless `capacity` is a power of two in 2...2^20.
+    /// Fails unless `capacity` is a power of two in 2...2^20, and the entry's size a
+    /// multiple of 8 bytes (a consumer reads a slot as 8-byte words, each once).
     public init<Entry: QueueEntry>(capacity: Int, entry: Entry.Type) throws(QueueError) {
         guard capacity >= 2, capacity <= Self.maximumCapacity, capacity & (capacity - 1) == 0 else {
             throw .invalidCapacity(capacity)
         }
+        guard Self.supports(entry) else { throw .unsupportedEntry(size: MemoryLayout<Entry>.size) }
         self.capacity = capacity
         self.entryStride = MemoryLayout<Entry>.stride
     }
@@ -57,7 +59,16 @@ public struct QueueLayout: Equatable, Sendable {
         (memory + offset + Self.headOffset).storeBytes(of: startIndex, as: UInt32.self)
     }
 
+    /// Entries are read as whole 8-byte words: a size that is a multiple of 8, with the
+    /// stride equal to the size, so every slot is 8-aligned (entries start at +192 of a
+    /// 64-aligned queue).
+    static func supports<Entry: QueueEntry>(_: Entry.Type) -> Bool {
+        let size = MemoryLayout<Entry>.size
+        return size > 0 && size % 8 == 0 && MemoryLayout<Entry>.stride == size
+    }
+
     func checkFits<Entry: QueueEntry>(size: Int, at offset: Int, entry: Entry.Type) throws(QueueError) {
+        guard Self.supports(entry) else { throw .unsupportedEntry(size: MemoryLayout<Entry>.size) }
         guard MemoryLayout<Entry>.stride == entryStride, MemoryLayout<Entry>.alignment <= Self.alignment else {
             throw .entryTypeMismatch(layoutStride: entryStride, entryStride: MemoryLayout<Entry>.stride)
         }
@@ -117,6 +128,8 @@ public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
     case entryRejected(String)
     /// The endpoint's entry type does not match the layout's entry stride.
     case entryTypeMismatch(layoutStride: Int, entryStride: Int)
+    /// The entry type's size is not a whole number of 8-byte words (or it has tail padding).
+    case unsupportedEntry(size: Int)
 
     public var description: String {
         switch self {
@@ -132,6 +145,8 @@ public enum QueueError: Error, Equatable, Sendable, CustomStringConvertible {
             return "queue entry rejected: \(reason)"
         case .entryTypeMismatch(let l, let e):
             return "queue laid out for \(l)-byte entries, endpoint uses \(e)-byte entries"
+        case .unsupportedEntry(let size):
+            return "queue entries must be a whole number of 8-byte words with no tail padding, not \(size) bytes"
         }
     }
 }
