@@ -188,4 +188,20 @@ func descriptorsReferring(toMemfd name: String) -> Int {
         #expect(try c.wait(timeoutMilliseconds: 10_000) == .exited(0))
         #expect(try bell.drain() == 1)
     }
+
+    /// A descriptor the parent left inheritable (no O_CLOEXEC) in the gap between two
+    /// granted numbers is closed in the child all the same.
+    @Test func inheritableDescriptorsBetweenTargetsAreClosed() throws {
+        let bell = try Doorbell()
+        let other = try Doorbell()
+        let gap = fcntl(other.fd.raw.rawValue, F_DUPFD, 100)  // no FD_CLOEXEC: inheritable
+        #expect(gap >= 100 && gap < 200)
+        defer { close(gap) }
+        // Expected: 0-2, the targets 3 and 200, and the one `ls` opens (the lowest free, 4).
+        var c = try ChildProcess(
+            executable: "/bin/sh",
+            arguments: ["-c", "test \"$(ls /proc/self/fd | tr '\\n' ' ')\" = '0 1 2 200 3 4 '"],
+            descriptors: [(bell.fd.raw, 3), (other.fd.raw, 200)])
+        #expect(try c.wait(timeoutMilliseconds: 10_000) == .exited(0), "fd \(gap) reached the child")
+    }
 }
