@@ -476,3 +476,10 @@ int ob_probe_bpf(void) {
 int ob_probe_setns(void) { return setns(-1, 0); }
 
 long ob_probe_x32_getpid(void) { return syscall(__X32_SYSCALL_BIT | SYS_getpid); }
+long ob_probe_i386_getpid(void) {
+    long r;
+    /* The 32-bit entry from 64-bit code: eax is the i386 number (getpid = 20); r8-r11
+       may come back zeroed. */
+    __asm__ volatile("int $0x80" : "=a"(r) : "a"(20L) : "r8", "r9", "r10", "r11", "memory");
+    return r;
+}

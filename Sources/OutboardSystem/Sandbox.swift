@@ -378,4 +378,9 @@ public enum Sandbox {
     /// SIGSYS and this never returns; outside, it returns the pid, or -1 (ENOSYS) on
     /// kernels without x32 support.
     public static func attemptX32Syscall() -> Int { ob_probe_x32_getpid() }
+
+    /// getpid through the i386 ABI (`int $0x80`). Inside the sandbox the filter kills the
+    /// process with SIGSYS and this never returns; outside, it returns the pid (kernels
+    /// with IA-32 emulation).
+    public static func attemptI386Syscall() -> Int { ob_probe_i386_getpid() }
 }

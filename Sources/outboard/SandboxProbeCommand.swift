@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// `outboard _sandbox-probe --user nobody [--group G] [--no-namespaces] [--other-process PID]
-/// [--allow-syscall N ...] [--try-x32-syscall]`:
+/// [--allow-syscall N ...] [--try-x32-syscall] [--try-i386-syscall]`:
 /// enters the driver sandbox, then tries what a driver must not be able to do and shows
 /// that what it must be able to do still works. For tests; run it as root. Output, one
 /// line each:
@@ -21,6 +21,8 @@ import Glibc
 ///     done
 ///     (--try-x32-syscall: then an x32 syscall, which must kill the process with SIGSYS;
 ///      if it does not: x32-syscall returned R errno N)
+///     (--try-i386-syscall: then an i386 syscall through int 0x80, the same way;
+///      if it does not: i386-syscall returned R)
 ///
 /// Exit status 0 when it got to the end, 2 for a bad user or group, 3 when the sandbox
 /// could not be entered (the reason is on stderr).
@@ -48,6 +50,8 @@ struct SandboxProbeCommand: ParsableCommand {
 
     @Flag(name: .customLong("try-x32-syscall"), help: "At the end, make an x32 syscall: the filter must kill the process with SIGSYS.")
     var tryX32Syscall = false
+    @Flag(name: .customLong("try-i386-syscall"), help: "At the end, make an i386 syscall (int 0x80): the filter must kill the process with SIGSYS.")
+    var tryI386Syscall = false
 
     func run() throws {
         var policy: SandboxPolicy
@@ -83,6 +87,11 @@ struct SandboxProbeCommand: ParsableCommand {
             fflush(nil)  // all streams: the next line is the last thing this process does
             let r = Sandbox.attemptX32Syscall()
             print("x32-syscall returned \(r) errno \(errno)")
+        }
+        if tryI386Syscall {
+            fflush(nil)
+            let r = Sandbox.attemptI386Syscall()
+            print("i386-syscall returned \(r)")
         }
     }
 

@@ -110,6 +110,16 @@ import Glibc
         #expect(run.lines.last == "done", "\(run)")
     }
 
+    /// i386 syscalls (`int $0x80`, another architecture tag) kill the process too. Only
+    /// seccomp raises SIGSYS; a kernel without IA-32 emulation would give SIGSEGV and fail
+    /// this test rather than pass it.
+    @Test(.enabled(if: SandboxTests.isRoot, "entering the sandbox needs root"))
+    func i386SyscallKillsTheProcess() throws {
+        let run = try runProbe(["_sandbox-probe", "--user", "nobody", "--try-i386-syscall"])
+        #expect(run.status == OutboardSystem.ExitStatus.signalled(SIGSYS), "\(run)")
+        #expect(run.lines.last == "done", "\(run)")
+    }
+
     /// Bad policies are refused before anything is changed, so these run in the test
     /// process itself.
     @Test func badPoliciesAreRefusedBeforeAnythingChanges() {

@@ -192,5 +192,8 @@ int ob_probe_setns(void);
 /// getpid through the x32 ABI (syscall number | __X32_SYSCALL_BIT): the sandbox's filter
 /// kills the process (SIGSYS) for it.
 long ob_probe_x32_getpid(void);
+/// getpid through the i386 ABI (`int $0x80`, number 20): the filter sees the i386
+/// architecture tag and kills the process (SIGSYS).
+long ob_probe_i386_getpid(void);
 
 #endif
