@@ -192,11 +192,15 @@ public struct VerifiedWorkload: ~Copyable {
 /// An administrative connection to the manager: status and fault injection.
 public struct AdminConnection: ~Copyable {
     let socket: UnixSocket
+    /// How long a request waits for the manager's answer before it fails: a stuck
+    /// manager is an error, not a hang.
+    public let timeoutMilliseconds: Int
 
-    public init(socketPath: String) throws(BlockSessionError) {
+    public init(socketPath: String, timeoutMilliseconds: Int = 30_000) throws(BlockSessionError) {
         do { socket = try UnixSocket.connect(path: socketPath) } catch {
             throw .failed("cannot connect to \(socketPath): \(error)")
         }
+        self.timeoutMilliseconds = timeoutMilliseconds
     }
 
     /// The manager's status report (JSON).
@@ -217,6 +221,9 @@ public struct AdminConnection: ~Copyable {
 
     func request<T>(_ m: ControlMessage, limit: Int, _ decode: (ControlMessage) throws(BlockSessionError) -> T) throws(BlockSessionError) -> T {
         do { try socket.send(m) } catch { throw .system(error) }
+        let answered: Bool
+        do { answered = try socket.waitReadable(timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
+        guard answered else { throw .failed("manager did not answer within \(timeoutMilliseconds) ms") }
         let d: ControlDelivery
         do { d = try socket.receiveControl(limit: limit) } catch { throw .failed("manager: \(error)") }
         if case .failure(let code, let message) = d.message { throw .refused(code, message) }

@@ -365,3 +365,16 @@ final class PartitionerBox: @unchecked Sendable {
         if first { done.wait() }
     }
 }
+
+/// The admin client against a manager that accepts the connection and never answers:
+/// the request fails after its timeout instead of hanging.
+@Suite struct AdminConnectionTests {
+    @Test func aSilentManagerIsAnErrorNotAHang() throws {
+        let path = NSTemporaryDirectory() + "outboard-silent-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let listener = try UnixListener(path: path)
+        let admin = try AdminConnection(socketPath: path, timeoutMilliseconds: 200)
+        let peer = try listener.accept()  // connected, reads nothing, sends nothing
+        #expect(throws: BlockSessionError.failed("manager did not answer within 200 ms")) { _ = try admin.status() }
+        _ = peer
+    }
+}
