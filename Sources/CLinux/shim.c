@@ -82,6 +82,16 @@ int ob_pin_to_cpu(int cpu) {
     return sched_setaffinity(0, sizeof set, &set);
 }
 
+int ob_cpu_allowed(int *cpus, int max) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+    int n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n < max; cpu++)
+        if (CPU_ISSET(cpu, &set)) cpus[n++] = cpu;
+    return n;
+}
+
 int ob_cpu_count(void) {
     cpu_set_t set;
     CPU_ZERO(&set);

@@ -70,6 +70,13 @@ public enum Clock {
 public enum CPU {
     /// Number of CPUs this process may run on.
     public static var available: Int { Int(ob_cpu_count()) }
+    /// The CPUs this process may run on, ascending (its affinity mask: under a cpuset they
+    /// need not start at 0 or be contiguous).
+    public static var allowed: [Int] {
+        var cpus = [CInt](repeating: 0, count: 1024)
+        let n = ob_cpu_allowed(&cpus, CInt(cpus.count))
+        return n > 0 ? cpus.prefix(Int(n)).map(Int.init) : []
+    }
     /// Pins the calling thread to `cpu`.
     public static func pin(to cpu: Int) throws(Errno) {
         _ = try sys { ob_pin_to_cpu(CInt(cpu)) }

@@ -43,8 +43,8 @@ struct BlkBench: ParsableCommand {
     @Option(help: "adaptive: microseconds of busy-polling after the last work, the same for the driver and the C reference.")
     var pollUs: Int = 50
     @Option(help: "Image size in MiB (filled, so reads hit cached data).") var imageMib: Int = 256
-    @Option(help: "CPU for the device (qemu-storage-daemon and its threads); this process, the manager, the driver, the C reference and fio run on the next CPU (CPUs are assumed numbered 0..n-1). -1: no pinning.")
-    var deviceCpu: Int = 0
+    @Option(help: "CPU for the device (qemu-storage-daemon and its threads); this process, the manager, the driver, the C reference and fio run on the next CPU this process may use after it. Default: the first CPU it may use. -1: no pinning.")
+    var deviceCpu: Int?
     @Flag(help: "Skip the kernel (fio) reference.") var noKernel = false
     @Flag(help: "One JSON object per line.") var json = false
 
@@ -64,8 +64,14 @@ struct BlkBench: ParsableCommand {
         // frontend side (client and driver, or the C reference) on another. Children
         // inherit the placement of the thread that spawns them. Unpinned, the scheduler
         // moves a busy-polling frontend onto the device's CPU now and then, and both lose.
-        let cpus = CPU.available
-        let placement: (device: Int, frontend: Int)? = deviceCpu >= 0 && cpus >= 2 ? (deviceCpu, (deviceCpu + 1) % cpus) : nil
+        let allowed = CPU.allowed
+        let device = deviceCpu ?? allowed.first ?? -1
+        if device >= 0 && !allowed.contains(device) {
+            throw CommandFailure("--device-cpu \(device) is not among the CPUs this process may use (\(allowed.map(String.init).joined(separator: ",")))")
+        }
+        // The frontend CPU: the next allowed one after the device's, wrapping around.
+        let frontend = allowed.first(where: { $0 > device }) ?? allowed.first(where: { $0 != device })
+        let placement: (device: Int, frontend: Int)? = device >= 0 && allowed.count >= 2 ? frontend.map { (device, $0) } : nil
         if let placement {
             do { try CPU.pin(to: placement.device) } catch { throw CommandFailure("cannot pin to CPU \(placement.device): \(error)") }
         }

@@ -47,8 +47,9 @@ struct RingBench: ParsableCommand {
         let batchList = batches.split(separator: ",").compactMap { Int($0) }
         let modeList = modes.split(separator: ",").compactMap { m in RingMode.allCases.first { "\($0)" == m } }
         guard !batchList.isEmpty, !modeList.isEmpty else { throw ValidationError("no batch sizes or modes") }
-        let cpus = CPU.available
-        let (producerCPU, consumerCPU) = cpus >= 2 ? (0, 1) : (-1, -1)
+        let allowed = CPU.allowed
+        let cpus = allowed.count
+        let (producerCPU, consumerCPU) = cpus >= 2 ? (allowed[0], allowed[1]) : (-1, -1)
         let harness = RingHarness(executable: currentExecutable(),
                                   wrapper: workerWrapper.map { $0.split(separator: " ").map(String.init) } ?? [])
         if !json {
