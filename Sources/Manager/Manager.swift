@@ -49,6 +49,7 @@ public final class Manager {
         self.config = config
         self.logger = logger
         self.executable = executable
+        maxConnectionsPerUID = Self.connectionsPerUID(config)
         // The sandbox's own lookup (getpwnam_r), which also refuses uid or gid 0.
         let identity: SandboxPolicy
         do { identity = try SandboxPolicy.resolve(user: config.driverUser, group: config.driverGroup) } catch {
@@ -109,9 +110,15 @@ public final class Manager {
     }
 
     /// Connections at most, over all clients, and per client uid: an unprivileged user
-    /// cannot exhaust the manager's descriptors (and with them, driver restarts).
+    /// cannot exhaust the manager's descriptors (and with them, driver restarts). A
+    /// session is a connection, so the per-uid limit leaves room for every session of
+    /// every device plus a few admin connections (at least 64, at most the total).
     static let maxConnections = 512
-    static let maxConnectionsPerUID = 64
+    let maxConnectionsPerUID: Int
+    static func connectionsPerUID(_ config: ManagerConfig) -> Int {
+        let sessions = config.devices.reduce(0) { $0 + Int($1.limits.maxSessions) }
+        return min(maxConnections, max(64, sessions + 8))
+    }
     /// Messages handled per connection per wake-up: one chatty peer cannot starve the tick.
     static let messageBudget = 16
     /// Completions after which a restarted driver counts as healthy (see tick).
@@ -124,7 +131,7 @@ public final class Manager {
             let s = try listener.accept()
             let creds = try s.peerCredentials()
             let fromUID = connections.values.reduce(0) { $0 + ($1.credentials.uid == creds.uid ? 1 : 0) }
-            guard connections.count < Self.maxConnections, fromUID < Self.maxConnectionsPerUID else {
+            guard connections.count < Self.maxConnections, fromUID < maxConnectionsPerUID else {
                 logger.warning("connection refused: too many connections", metadata: ["uid": "\(creds.uid)", "pid": "\(creds.pid)"])
                 try? s.send(.failure(.limitExceeded, "too many connections"), nonBlocking: true)
                 return

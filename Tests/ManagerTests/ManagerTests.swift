@@ -30,22 +30,25 @@ import Testing
         #expect(w.clientErrors == 0, "\(w.firstError ?? "")")
     }
 
-    /// Nearly as many sessions as a device may allow (64; one client uid may hold 64
-    /// connections and the fixture has its own), each holding the descriptors of its
-    /// queues, data region and doorbells in the driver: the manager gives the driver a
-    /// descriptor limit that fits them (with the default of 64 the driver ran out after
-    /// about a dozen, lost an attach's descriptors, and crash-looped the device).
+    /// As many sessions as a device may allow (64), with an admin connection of the same
+    /// uid open besides (the per-uid connection limit leaves room for both), each holding
+    /// the descriptors of its queues, data region and doorbells in the driver: the manager
+    /// gives the driver a descriptor limit that fits them (with the default of 64 the
+    /// driver ran out after about a dozen, lost an attach's descriptors, and crash-looped
+    /// the device).
     @Test func maximumSessionsFitTheDriversDescriptorLimit() throws {
         let m = try ManagerFixture(devices: "[\(memDevice("m0", limits: #"{"max_sessions": 64}"#))]")
-        let open = UnsafeMutablePointer<BlockSession>.allocate(capacity: 60)  // ~Copyable: no Array
+        let admin = try m.admin()
+        let open = UnsafeMutablePointer<BlockSession>.allocate(capacity: 64)  // ~Copyable: no Array
         var count = 0
         defer { open.deinitialize(count: count); open.deallocate() }
-        for _ in 0..<60 {
+        for _ in 0..<64 {
             (open + count).initialize(to: try m.open("m0", dataBytes: 4096, depth: 2))
             count += 1
         }
         for k in 0..<count { #expect(try io(&open[k], .write, sector: UInt64(k * 8)) == .ok) }
         #expect(try m.device("m0").restarts == 0)
+        #expect(try admin.status().contains("\"m0\""))
     }
 
     /// Policy by SO_PEERCRED: no matching rule, or a read-only rule, refuses with a clear
