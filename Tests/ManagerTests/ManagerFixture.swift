@@ -135,3 +135,33 @@ func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0,
     try s.drain { r in result = r.status }
     return result ?? nil
 }
+
+/// Sessions held open together. BlockSession is ~Copyable, so an Array cannot hold them;
+/// this keeps them in raw storage and ends them (deinit) with itself.
+struct OpenSessions: ~Copyable {
+    private let storage: UnsafeMutablePointer<BlockSession>
+    let capacity: Int
+    private(set) var count = 0
+
+    init(capacity: Int) {
+        storage = .allocate(capacity: capacity)
+        self.capacity = capacity
+    }
+
+    deinit {
+        storage.deinitialize(count: count)
+        storage.deallocate()
+    }
+
+    mutating func append(_ session: consuming BlockSession) {
+        precondition(count < capacity, "more sessions than capacity \(capacity)")
+        (storage + count).initialize(to: session)
+        count += 1
+    }
+
+    /// Runs `body` on the `k`th session.
+    func with<R>(_ k: Int, _ body: (inout BlockSession) throws -> R) rethrows -> R {
+        precondition(k >= 0 && k < count)
+        return try body(&storage[k])
+    }
+}

@@ -39,14 +39,9 @@ import Testing
     @Test func maximumSessionsFitTheDriversDescriptorLimit() throws {
         let m = try ManagerFixture(devices: "[\(memDevice("m0", limits: #"{"max_sessions": 64}"#))]")
         let admin = try m.admin()
-        let open = UnsafeMutablePointer<BlockSession>.allocate(capacity: 64)  // ~Copyable: no Array
-        var count = 0
-        defer { open.deinitialize(count: count); open.deallocate() }
-        for _ in 0..<64 {
-            (open + count).initialize(to: try m.open("m0", dataBytes: 4096, depth: 2))
-            count += 1
-        }
-        for k in 0..<count { #expect(try io(&open[k], .write, sector: UInt64(k * 8)) == .ok) }
+        var open = OpenSessions(capacity: 64)
+        for _ in 0..<64 { open.append(try m.open("m0", dataBytes: 4096, depth: 2)) }
+        for k in 0..<open.count { #expect(try open.with(k) { try io(&$0, .write, sector: UInt64(k * 8)) } == .ok) }
         #expect(try m.device("m0").restarts == 0)
         #expect(try admin.status().contains("\"m0\""))
     }

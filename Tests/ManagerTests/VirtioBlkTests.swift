@@ -258,17 +258,13 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
     /// have a slot go on as before.
     @Test func sessionsBeyondTheDevicesMemorySlots() throws {
         let f = try VirtioFixture(maxSessions: 64)
-        // BlockSession is ~Copyable: kept in raw storage, not an Array.
-        let open = UnsafeMutablePointer<BlockSession>.allocate(capacity: 64)
-        var count = 0
-        defer { open.deinitialize(count: count); open.deallocate() }
+        var open = OpenSessions(capacity: 64)
         var refusal: String? = nil
         for _ in 0..<64 {
             do {
                 var s = try f.open(dataBytes: 4096, depth: 2)
                 guard try io(&s, .read, sector: 0, length: 4096) == .ok else { Issue.record("a read failed"); break }
-                (open + count).initialize(to: s)
-                count += 1
+                open.append(s)
             } catch {
                 refusal = "\(error)"
                 break
@@ -276,9 +272,9 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         }
         let reason = try #require(refusal, "64 sessions fit: the device's slot limit was not reached")
         #expect(reason.contains("memory slots"), "\(reason)")
-        #expect(count >= 7, "only \(count) sessions before the refusal")
-        for k in 0..<count {
-            #expect(try io(&open[k], .read, sector: UInt64(k * 8), length: 4096) == .ok)
+        #expect(open.count >= 7, "only \(open.count) sessions before the refusal")
+        for k in 0..<open.count {
+            #expect(try open.with(k) { try io(&$0, .read, sector: UInt64(k * 8), length: 4096) } == .ok)
         }
         let d = try f.device()
         #expect(d["device_losses"] as? Int == 0)
