@@ -27,15 +27,10 @@ func mapRegion(_ fd: consuming OwnedFD, _ size: Int, _ access: SharedMapping.Acc
     }
 }
 
-/// The driver's epoll set, with the manager's socket as token 0.
-func makeDriverEpoll(_ manager: borrowing UnixSocket) throws(DriverError) -> Epoll {
-    do {
-        let ep = try Epoll()
-        try ep.add(manager.fd.raw, events: .readable, token: 0)
-        return ep
-    } catch {
-        throw .setup("epoll: \(error)")
-    }
+/// Adds the manager's socket to the driver's epoll set as token 0. The set itself is made
+/// before the sandbox is entered (its filter refuses epoll_create1).
+func watchManager(_ manager: borrowing UnixSocket, on ep: borrowing Epoll) throws(DriverError) {
+    do { try ep.add(manager.fd.raw, events: .readable, token: 0) } catch { throw .setup("epoll: \(error)") }
 }
 
 /// The next message from the manager, without blocking: nil when none is waiting, or when

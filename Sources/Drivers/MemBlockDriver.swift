@@ -38,7 +38,8 @@ public struct MemBlockDriver: ~Copyable {
 
     /// Receives DriverStart from the manager, maps the driver page, the translation table
     /// (read-only) and the device, and reports ready with the sandbox probe results.
-    public static func start(manager: consuming UnixSocket, probes: [String]) throws(DriverError) -> MemBlockDriver {
+    /// `epoll`: a fresh epoll set, made before the sandbox was entered.
+    public static func start(manager: consuming UnixSocket, epoll ep: consuming Epoll, probes: [String]) throws(DriverError) -> MemBlockDriver {
         var start: ControlDelivery
         do { start = try manager.receiveControl() } catch { throw .setup("no start message: \(error)") }
         guard case .driverStart(let cfg) = start.message else { throw .setup("expected driverStart, got \(start.message.type)") }
@@ -53,7 +54,7 @@ public struct MemBlockDriver: ~Copyable {
         let pm = try mapRegion(start.take(0), DriverPage.byteCount(tableCapacity: capacity), .readWrite, "driver page")
         let tm = try mapRegion(start.take(1), TranslationTable.byteCount(capacity: capacity), .readOnly, "translation table")
         let dm = try mapRegion(start.take(2), Int(deviceBytes.partialValue), .readWrite, "device memory")
-        let ep = try makeDriverEpoll(manager)
+        try watchManager(manager, on: ep)
         do {
             try manager.send(.driverReady(pid: getpid(), probes: probes))
         } catch {

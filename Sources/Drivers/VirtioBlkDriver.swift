@@ -101,7 +101,10 @@ public struct VirtioBlkDriver: ~Copyable {
 
     /// Receives DriverStart, maps the driver page, the translation table (read-only) and
     /// the DMA region, and reports ready. The device connection comes in its own message.
-    public static func start(manager: consuming UnixSocket, probes: [String]) throws(DriverError) -> VirtioBlkDriver {
+    /// `epoll`, `kick`, `call`: a fresh epoll set and the virtqueue's two doorbells, made
+    /// before the sandbox was entered (its filter refuses epoll_create1 and eventfd2).
+    public static func start(manager: consuming UnixSocket, epoll ep: consuming Epoll, kick: consuming Doorbell,
+                             call: consuming Doorbell, probes: [String]) throws(DriverError) -> VirtioBlkDriver {
         var start: ControlDelivery
         do { start = try manager.receiveControl() } catch { throw .setup("no start message: \(error)") }
         guard case .driverStart(let cfg) = start.message else { throw .setup("expected driverStart, got \(start.message.type)") }
@@ -124,9 +127,7 @@ public struct VirtioBlkDriver: ~Copyable {
         }
         let dm: SharedMapping
         do { dm = try region.map(.readWrite) } catch { throw .setup("mapping the DMA region: \(error)") }
-        let ep = try makeDriverEpoll(manager)
-        let kick = try makeBell()
-        let call = try makeBell()
+        try watchManager(manager, on: ep)
         do { try ep.add(call.fd.raw, events: .readable, token: Token.call) } catch { throw .setup("epoll: \(error)") }
         let vq = SplitVirtqueue(memory: dm.base, ioAddress: cfg.dmaIOAddress, layout: layout, eventIdx: false, indirect: false)
         do {
@@ -137,10 +138,6 @@ public struct VirtioBlkDriver: ~Copyable {
         return VirtioBlkDriver(manager: manager, config: cfg, pageMapping: pm, tableMapping: tm, dmaRegion: region, dma: dm,
                                epoll: ep, kick: kick, call: call, layout: layout, vq: vq,
                                requestAreaOffset: requestArea, statusAreaOffset: statusArea)
-    }
-
-    static func makeBell() throws(DriverError) -> Doorbell {
-        do { return try Doorbell() } catch { throw .setup("eventfd: \(error)") }
     }
 
     enum Token {

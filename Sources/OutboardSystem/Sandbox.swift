@@ -360,6 +360,10 @@ public enum Sandbox {
             return r
         })
         attempt("memfd-create", { ob_memfd_create("probe", OB_MFD_CLOEXEC) }, undo: closeIt)
+        // New kernel objects: a driver gets its epoll set and doorbells made before it
+        // enters the sandbox, and cannot make more.
+        attempt("eventfd-create", { ob_eventfd(0, OB_EFD_CLOEXEC) }, undo: closeIt)
+        attempt("epoll-create", { ob_epoll_create() }, undo: closeIt)
         attempt("pidfd-open-self", { ob_pidfd_open(getpid(), 0) }, undo: closeIt)
         attempt("process-vm-readv-self", { ob_probe_process_vm_readv_self() })
         attempt("ioctl-fionread-stdout", { ob_probe_ioctl_fionread(1) })

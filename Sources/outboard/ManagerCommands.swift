@@ -108,11 +108,22 @@ struct DriverCommand: ParsableCommand {
         // No file size limit: the driver cannot open files, and its stderr (inherited from
         // the manager) may be a log file, where a limit of 0 would mean SIGXFSZ on the first
         // message.
-        // x86-64 numbers (Swift's Glibc lacks these SYS_ constants): epoll_create1 for every
-        // driver; eventfd2 for virtio drivers, which make their own kick and call doorbells.
-        let extra: [CInt] = kind == "virtio-blk" ? [291, 290] : [291]
+        // The kernel objects a driver needs and its filter would refuse to create (epoll_create1,
+        // eventfd2) are made first, before anything is read, so the filter allows no extras.
+        let epoll: Epoll
+        var kick: Doorbell? = nil, call: Doorbell? = nil
+        do {
+            epoll = try Epoll()
+            if kind == "virtio-blk" {
+                kick = try Doorbell()
+                call = try Doorbell()
+            }
+        } catch {
+            writeStderr("outboard driver \(device): cannot create its epoll or doorbells: \(error)\n")
+            Glibc.exit(3)
+        }
         let policy = SandboxPolicy(uid: uid, gid: gid, isolateNamespaces: !noNamespaces, maxOpenFiles: maxOpenFiles,
-                                   maxFileSize: .max, extraAllowedSyscalls: extra)
+                                   maxFileSize: .max)
         do {
             try Sandbox.enter(policy)
         } catch {
@@ -128,10 +139,11 @@ struct DriverCommand: ParsableCommand {
         do {
             switch kind {
             case "memblock":
-                var driver = try MemBlockDriver.start(manager: socket, probes: probes)
+                var driver = try MemBlockDriver.start(manager: socket, epoll: epoll, probes: probes)
                 try driver.run()
             case "virtio-blk":
-                var driver = try VirtioBlkDriver.start(manager: socket, probes: probes)
+                var driver = try VirtioBlkDriver.start(manager: socket, epoll: epoll, kick: kick.take()!, call: call.take()!,
+                                                       probes: probes)
                 try driver.run()
             default:
                 writeStderr("outboard driver \(device): unknown driver kind \(kind)\n")

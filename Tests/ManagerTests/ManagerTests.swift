@@ -17,7 +17,8 @@ import Testing
             let parts = p.split(separator: " ")
             return (String(parts[0]), Int32(parts[1])!)
         })
-        for name in ["open-etc-passwd", "socket-inet-stream", "execve-bin-true", "ptrace-attach-parent", "kill-parent", "clone-fork"] {
+        for name in ["open-etc-passwd", "socket-inet-stream", "execve-bin-true", "ptrace-attach-parent", "kill-parent", "clone-fork",
+                     "eventfd-create", "epoll-create"] {
             #expect(probes[name] != nil, "probe \(name) missing from \(d.probes)")
         }
         for (name, err) in probes {

@@ -26,7 +26,7 @@ import Glibc
         "ptrace-attach-init", "kill-init", "kill-parent", "clone-fork", "clone3", "socketpair-unix",
         "memfd-create", "pidfd-open-self", "process-vm-readv-self", "ioctl-fionread-stdout",
         "prctl-get-dumpable", "fcntl-setown-stdout", "fcntl-dupfd-stdout", "unshare-mount-namespace",
-        "mount-tmpfs", "setns", "bpf-map-create", "setuid-root",
+        "mount-tmpfs", "setns", "bpf-map-create", "setuid-root", "eventfd-create", "epoll-create",
     ]
 
     @Test(.enabled(if: SandboxTests.isRoot, "entering the sandbox needs root"))
