@@ -112,12 +112,13 @@ public final class Manager {
     /// Connections at most, over all clients, and per client uid: an unprivileged user
     /// cannot exhaust the manager's descriptors (and with them, driver restarts). A
     /// session is a connection, so the per-uid limit leaves room for every session of
-    /// every device plus a few admin connections (at least 64, at most the total).
+    /// every device plus a few admin connections: at least 64, and always 64 short of the
+    /// total, so that one uid (checked before any access rule) cannot take every slot.
     static let maxConnections = 512
     let maxConnectionsPerUID: Int
     static func connectionsPerUID(_ config: ManagerConfig) -> Int {
         let sessions = config.devices.reduce(0) { $0 + Int($1.limits.maxSessions) }
-        return min(maxConnections, max(64, sessions + 8))
+        return min(maxConnections - 64, max(64, sessions + 8))
     }
     /// Messages handled per connection per wake-up: one chatty peer cannot starve the tick.
     static let messageBudget = 16

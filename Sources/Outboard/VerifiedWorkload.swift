@@ -193,10 +193,12 @@ public struct VerifiedWorkload: ~Copyable {
 public struct AdminConnection: ~Copyable {
     let socket: UnixSocket
     /// How long a request waits for the manager's answer before it fails: a stuck
-    /// manager is an error, not a hang.
+    /// manager is an error, not a hang. After a timeout the connection is shut down (a
+    /// late answer must not be taken for the next request's), and later requests fail.
     public let timeoutMilliseconds: Int
 
     public init(socketPath: String, timeoutMilliseconds: Int = 30_000) throws(BlockSessionError) {
+        guard timeoutMilliseconds > 0 else { throw .invalidRequest("admin timeout must be positive, not \(timeoutMilliseconds) ms") }
         do { socket = try UnixSocket.connect(path: socketPath) } catch {
             throw .failed("cannot connect to \(socketPath): \(error)")
         }
@@ -223,7 +225,10 @@ public struct AdminConnection: ~Copyable {
         do { try socket.send(m) } catch { throw .system(error) }
         let answered: Bool
         do { answered = try socket.waitReadable(timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
-        guard answered else { throw .failed("manager did not answer within \(timeoutMilliseconds) ms") }
+        guard answered else {
+            try? socket.shutdown()
+            throw .failed("manager did not answer within \(timeoutMilliseconds) ms")
+        }
         let d: ControlDelivery
         do { d = try socket.receiveControl(limit: limit) } catch { throw .failed("manager: \(error)") }
         if case .failure(let code, let message) = d.message { throw .refused(code, message) }

@@ -215,7 +215,8 @@ struct SwiftRingLoop {
             }
             if seq >= count { break }
             usleep(300)
-            stop = min(count, seq &+ pauseEvery)
+            let (next, overflow) = seq.addingReportingOverflow(pauseEvery)
+            stop = overflow ? count : min(count, next)
         }
         r.processed = seq
     }

@@ -15,11 +15,17 @@ public struct RegionOffset: RawRepresentable, Hashable, Comparable, Sendable, Cu
 /// copied whole into and out of shared memory, and the rule a consumer checks every
 /// copy against before handing it on. The rule's parameters (`Bounds`) come from the
 /// consumer's private state, never from shared memory.
+///
+/// Contract: every bit pattern must be a valid value of the type (integers and structs
+/// of integers; no Bool, enum or non-optional pointer fields), because a hostile peer
+/// chooses the bits; and the size must be a whole number of 8-byte words with no tail
+/// padding (QueueLayout refuses other types).
 public protocol QueueEntry: BitwiseCopyable, Sendable {
     associatedtype Bounds: Sendable
     /// Reads the entry out of a shared slot, each byte once, with loads the compiler may
     /// neither repeat nor put off (relaxed atomics). The default reads whole 8-byte words;
-    /// a type may read field by field instead, when that makes shorter code.
+    /// a type may read field by field instead, when that makes shorter code, and must
+    /// then keep the same guarantee (never a plain `slot.pointee`).
     static func fetchOnce(_ slot: UnsafePointer<Self>) -> Self
     /// True when `entry` may be handed on by a consumer working within `bounds`.
     static func admits(_ entry: Self, within bounds: Bounds) -> Bool

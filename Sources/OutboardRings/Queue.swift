@@ -70,9 +70,13 @@ extension QueueEntry {
     /// may legally be re-read from shared memory after the check). Words may come from
     /// different moments of a racing peer's writes; that only makes a garbled entry, which
     /// the check sees like any other. The slot must be 8-aligned and the entry a whole
-    /// number of words (QueueLayout.supports).
+    /// number of words (QueueLayout.supports; checked here too, for direct callers).
     @inlinable @inline(__always)
-    public static func fetchOnce(_ slot: UnsafePointer<Self>) -> Self { fetchWords(slot) }
+    public static func fetchOnce(_ slot: UnsafePointer<Self>) -> Self {
+        precondition(MemoryLayout<Self>.size % 8 == 0 && MemoryLayout<Self>.stride == MemoryLayout<Self>.size,
+                     "queue entries must be whole 8-byte words")
+        return fetchWords(slot)
+    }
 }
 
 @inlinable @inline(__always)
@@ -85,10 +89,11 @@ func fetchWords<Entry: QueueEntry>(_ slot: UnsafePointer<Entry>) -> Entry {
         return unsafeBitCast((w[0].load(ordering: .relaxed), w[1].load(ordering: .relaxed),
                               w[2].load(ordering: .relaxed), w[3].load(ordering: .relaxed)), to: Entry.self)
     default:
-        // SAFETY: Entry is BitwiseCopyable and exactly `words` 8-byte words (no padding
-        // beyond them), so any bytes written here make a valid value to load.
+        // SAFETY: Entry is exactly `words` 8-byte words, and every bit pattern is a valid
+        // value (QueueEntry's contract), so the bytes written here make a valid value to
+        // load; the buffer has the entry's own alignment.
         let words = MemoryLayout<Entry>.size / 8
-        return withUnsafeTemporaryAllocation(byteCount: words * 8, alignment: 8) { buf in
+        return withUnsafeTemporaryAllocation(byteCount: words * 8, alignment: max(8, MemoryLayout<Entry>.alignment)) { buf in
             for i in 0..<words {
                 buf.storeBytes(of: w[i].load(ordering: .relaxed), toByteOffset: i * 8, as: UInt64.self)
             }

@@ -70,8 +70,10 @@ public enum Clock {
 public enum CPU {
     /// Number of CPUs this process may run on.
     public static var available: Int { Int(ob_cpu_count()) }
-    /// The CPUs this process may run on, ascending (its affinity mask: under a cpuset they
-    /// need not start at 0 or be contiguous).
+    /// The CPUs the calling thread may run on (its affinity mask, which threads and child
+    /// processes inherit), ascending: under a cpuset they need not start at 0 or be
+    /// contiguous. CPUs numbered 1024 and up are not seen (glibc's cpu_set_t); empty when
+    /// the mask cannot be read.
     public static var allowed: [Int] {
         var cpus = [CInt](repeating: 0, count: 1024)
         let n = ob_cpu_allowed(&cpus, CInt(cpus.count))

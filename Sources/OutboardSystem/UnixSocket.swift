@@ -135,6 +135,14 @@ public struct UnixSocket: ~Copyable, Sendable {
         return ReceivedMessage(bytes: bytes, descriptors: received)
     }
 
+    /// Shuts the connection down both ways (shutdown(2)): later sends fail with EPIPE and
+    /// receives see the end of the stream; the peer sees the close. The descriptor stays
+    /// open until its owner goes away.
+    public func shutdown() throws(Errno) {
+        let raw = fd.raw.rawValue
+        _ = try sys { Glibc.shutdown(raw, CInt(SHUT_RDWR)) }
+    }
+
     /// The peer's credentials (SO_PEERCRED).
     public func peerCredentials() throws(Errno) -> PeerCredentials {
         var pid: pid_t = 0, uid: uid_t = 0, gid: gid_t = 0

@@ -23,6 +23,8 @@ import Glibc
 ///      if it does not: x32-syscall returned R errno N)
 ///     (--try-i386-syscall: then an i386 syscall through int 0x80, the same way;
 ///      if it does not: i386-syscall returned R)
+/// With --i386-syscall-unsandboxed it only makes that i386 call, outside the sandbox, and
+/// prints what it returned: a kernel without IA-32 emulation faults instead (SIGSEGV).
 ///
 /// Exit status 0 when it got to the end, 2 for a bad user or group, 3 when the sandbox
 /// could not be entered (the reason is on stderr).
@@ -52,8 +54,15 @@ struct SandboxProbeCommand: ParsableCommand {
     var tryX32Syscall = false
     @Flag(name: .customLong("try-i386-syscall"), help: "At the end, make an i386 syscall (int 0x80): the filter must kill the process with SIGSYS.")
     var tryI386Syscall = false
+    @Flag(name: .customLong("i386-syscall-unsandboxed"), help: "Only make the i386 syscall, without entering the sandbox (does this kernel run them at all?).")
+    var i386SyscallUnsandboxed = false
 
     func run() throws {
+        if i386SyscallUnsandboxed {
+            fflush(nil)
+            print("i386-syscall returned \(Sandbox.attemptI386Syscall())")
+            return
+        }
         var policy: SandboxPolicy
         do {
             policy = try SandboxPolicy.resolve(user: user, group: group)

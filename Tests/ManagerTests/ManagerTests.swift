@@ -374,6 +374,9 @@ final class PartitionerBox: @unchecked Sendable {
         let admin = try AdminConnection(socketPath: path, timeoutMilliseconds: 200)
         let peer = try listener.accept()  // connected, reads nothing, sends nothing
         #expect(throws: BlockSessionError.failed("manager did not answer within 200 ms")) { _ = try admin.status() }
+        // The connection is done: a late answer cannot be mistaken for the next reply.
+        try? peer.send(.statusReport("{}"))
+        #expect(throws: (any Error).self) { _ = try admin.status() }
         _ = peer
     }
 }
