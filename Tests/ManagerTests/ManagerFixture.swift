@@ -136,10 +136,10 @@ func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0,
     return result ?? nil
 }
 
-/// Sessions held open together. BlockSession is ~Copyable, so an Array cannot hold them;
-/// this keeps them in raw storage and ends them (deinit) with itself.
-struct OpenSessions: ~Copyable {
-    private let storage: UnsafeMutablePointer<BlockSession>
+/// Values held together that an Array cannot hold (BlockSession, UnixSocket and other
+/// ~Copyable types): kept in raw storage, ended (deinit) with the holder.
+struct Held<Element: ~Copyable>: ~Copyable {
+    private let storage: UnsafeMutablePointer<Element>
     let capacity: Int
     private(set) var count = 0
 
@@ -153,15 +153,17 @@ struct OpenSessions: ~Copyable {
         storage.deallocate()
     }
 
-    mutating func append(_ session: consuming BlockSession) {
-        precondition(count < capacity, "more sessions than capacity \(capacity)")
-        (storage + count).initialize(to: session)
+    mutating func append(_ element: consuming Element) {
+        precondition(count < capacity, "more than capacity \(capacity)")
+        (storage + count).initialize(to: element)
         count += 1
     }
 
-    /// Runs `body` on the `k`th session.
-    func with<R>(_ k: Int, _ body: (inout BlockSession) throws -> R) rethrows -> R {
+    /// Runs `body` on the `k`th element.
+    func with<R>(_ k: Int, _ body: (inout Element) throws -> R) rethrows -> R {
         precondition(k >= 0 && k < count)
         return try body(&storage[k])
     }
 }
+
+typealias OpenSessions = Held<BlockSession>

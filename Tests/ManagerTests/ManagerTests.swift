@@ -47,6 +47,26 @@ import Testing
         #expect(try admin.status().contains("\"m0\""))
     }
 
+    /// One uid's connections are capped (here at the floor of 64: one device of 16
+    /// sessions), and a connection over the cap gets a clear refusal before it is closed.
+    @Test func connectionsPerUIDAreCappedWithAClearRefusal() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        var held = Held<UnixSocket>(capacity: 70)
+        for _ in 0..<70 { held.append(try UnixSocket.connect(path: m.socketPath)) }
+        // The manager takes connections in order, so the last one is over the cap.
+        let refusal = try held.with(69) { s -> ControlMessage? in
+            guard try s.waitReadable(timeoutMilliseconds: 10_000) else { return nil }
+            return try s.receiveControl().message
+        }
+        #expect(refusal == .failure(.limitExceeded, "too many connections"))
+        // Below the cap, connections are served: the first one still gets a status report.
+        let status = try held.with(0) { s -> ControlMessage in
+            try s.send(.statusRequest)
+            return try s.receiveControl(limit: ControlProtocol.maxReportBytes).message
+        }
+        guard case .statusReport = status else { Issue.record("expected a status report, got \(status)"); return }
+    }
+
     /// Policy by SO_PEERCRED: no matching rule, or a read-only rule, refuses with a clear
     /// error and allocates nothing; a read-only session cannot write.
     @Test func policyDeniesAndLimitsAccess() throws {
