@@ -347,6 +347,30 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         #expect(try f.imageBytes(at: 64 * 512, count: 4096) == before)
     }
 
+    /// A writable session whose device comes back read-only (the export restarted with
+    /// writing off): the driver itself answers the session's writes with `readOnly`, the
+    /// device never sees them, and reads go on.
+    @Test func deviceThatComesBackReadOnly() throws {
+        let f = try VirtioFixture()
+        let before = pattern(5, 4096)
+        try f.writeImage(before, at: 64 * 512)
+        var s = try f.open(dataBytes: 4 * 4096, depth: 4)
+        #expect(try io(&s, .write, sector: 128, length: 4096) == .ok)
+        if var d = f.daemon.take() { d.stop() }
+        try f.waitForDeviceConnected(false)
+        f.daemon = try StorageDaemon(image: f.image, sockets: [f.socket], writable: false)
+        try f.waitForDeviceConnected(true)
+        #expect(try f.device()["device_connected"] as? Bool == true)
+        let sent = try f.device()["device_requests"] as! Int
+        pattern(6, 4096).withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: s.buffer[0..<4096]).copyMemory(from: $0) }
+        #expect(try io(&s, .write, sector: 64, length: 4096) == .readOnly)
+        #expect(try io(&s, .writeZeroes, sector: 64, length: 4096) == .readOnly)
+        #expect(try f.device()["device_requests"] as! Int == sent, "a write reached a read-only device")
+        #expect(try f.imageBytes(at: 64 * 512, count: 4096) == before)
+        #expect(try io(&s, .read, sector: 64, length: 4096) == .ok)
+        #expect(Array(s.buffer[0..<4096]) == before)
+    }
+
     /// Adaptive waiting on the client side (poll with yields for a window, then sleep):
     /// every request completes with the data the device holds, under an adaptive and an
     /// event-idx driver, with a 50 us and a 1 us window (so both the polling and the
