@@ -92,12 +92,6 @@ int ob_cpu_allowed(int *cpus, int max) {
     return n;
 }
 
-int ob_cpu_count(void) {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof set, &set) != 0) return 1;
-    return CPU_COUNT(&set);
-}
 
 // At most 253 descriptors fit one SCM_RIGHTS message (SCM_MAX_FD); Outboard never passes
 // more than a handful, so the control buffer is sized for 64.

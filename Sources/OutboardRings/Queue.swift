@@ -73,8 +73,7 @@ extension QueueEntry {
     /// number of words (QueueLayout.supports; checked here too, for direct callers).
     @inlinable @inline(__always)
     public static func fetchOnce(_ slot: UnsafePointer<Self>) -> Self {
-        precondition(MemoryLayout<Self>.size % 8 == 0 && MemoryLayout<Self>.stride == MemoryLayout<Self>.size,
-                     "queue entries must be whole 8-byte words")
+        precondition(QueueLayout.supports(Self.self), "queue entries must be whole 8-byte words")
         return fetchWords(slot)
     }
 }

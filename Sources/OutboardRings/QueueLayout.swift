@@ -62,6 +62,7 @@ public struct QueueLayout: Equatable, Sendable {
     /// Entries are read as whole 8-byte words: a size that is a multiple of 8, with the
     /// stride equal to the size, so every slot is 8-aligned (entries start at +192 of a
     /// 64-aligned queue).
+    @inlinable
     static func supports<Entry: QueueEntry>(_: Entry.Type) -> Bool {
         let size = MemoryLayout<Entry>.size
         return size > 0 && size % 8 == 0 && MemoryLayout<Entry>.stride == size

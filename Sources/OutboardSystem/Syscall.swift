@@ -68,8 +68,6 @@ public enum Clock {
 
 /// CPU placement (sched_setaffinity(2)).
 public enum CPU {
-    /// Number of CPUs this process may run on.
-    public static var available: Int { Int(ob_cpu_count()) }
     /// The CPUs the calling thread may run on (its affinity mask, which threads and child
     /// processes inherit), ascending: under a cpuset they need not start at 0 or be
     /// contiguous. CPUs numbered 1024 and up are not seen (glibc's cpu_set_t); empty when

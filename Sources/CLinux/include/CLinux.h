@@ -36,9 +36,9 @@ int ob_pidfd_send_signal(int pidfd, int sig);
 
 // sched_setaffinity(2) with a single CPU (the CPU_* macros are not importable).
 int ob_pin_to_cpu(int cpu);
-/// The CPUs this process may run on (sched_getaffinity), ascending, at most `max`; -1 on error.
+/// The CPUs the calling thread may run on (sched_getaffinity), ascending, at most `max`;
+/// -1 on error.
 int ob_cpu_allowed(int *cpus, int max);
-int ob_cpu_count(void);
 
 // Unix sockets.
 extern const int OB_SOCK_SEQPACKET;
