@@ -26,8 +26,10 @@ let package = Package(
             name: "OutboardSystem",
             dependencies: ["CLinux", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        // A compiler-only barrier (a signal fence), which Swift's Synchronization lacks.
+        .target(name: "COrdering"),
         // Shared-memory queues. No syscalls, no classes, no allocation per descriptor.
-        .target(name: "OutboardRings"),
+        .target(name: "OutboardRings", dependencies: ["COrdering"]),
         // Session protocol: control messages, block queues, translation table, shared pages,
         // the serving end of a session.
         .target(name: "OutboardSession", dependencies: ["OutboardRings", "OutboardSystem"]),

@@ -29,6 +29,7 @@
 #include <linux/bpf.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/membarrier.h>
 #include <linux/seccomp.h>
 
 const unsigned int OB_MFD_CLOEXEC = MFD_CLOEXEC;
@@ -70,6 +71,11 @@ const unsigned long OB_VFIO_IOMMU_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA;
 int ob_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int ob_fcntl_int(int fd, int cmd, int arg) { return fcntl(fd, cmd, arg); }
 int ob_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }
+int ob_membarrier(int cmd, unsigned int flags) { return (int)syscall(SYS_membarrier, cmd, flags, 0); }
+const int OB_MEMBARRIER_CMD_QUERY = MEMBARRIER_CMD_QUERY;
+const int OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED = MEMBARRIER_CMD_GLOBAL_EXPEDITED;
+const int OB_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED = MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED;
+
 int ob_pidfd_open(pid_t pid, unsigned int flags) { return (int)syscall(SYS_pidfd_open, pid, flags); }
 int ob_pidfd_send_signal(int pidfd, int sig) {
     return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0);

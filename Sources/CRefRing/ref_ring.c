@@ -8,10 +8,14 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/membarrier.h>
+#include <sys/syscall.h>
 
 #define TAIL_OFF 0
+#define PRODUCER_BARRIER_OFF 4
 #define HEAD_OFF 64
 #define SIGNAL_OFF 128
+#define SIGNAL_ORDERING_OFF 132
 #define ENTRIES_OFF 192
 
 _Static_assert(sizeof(struct ref_desc) == 16, "descriptor is 16 bytes");
@@ -19,25 +23,32 @@ _Static_assert(offsetof(struct ref_desc, length) == 8, "length at 8");
 _Static_assert(offsetof(struct ref_desc, cookie) == 12, "cookie at 12");
 
 struct words {
-    _Atomic uint32_t *tail, *head, *signal;
+    _Atomic uint32_t *tail, *producer_barrier, *head, *signal, *signal_ordering;
     struct ref_desc *entries;
 };
 
 static struct words words_at(void *base) {
     char *b = base;
-    return (struct words){ (_Atomic uint32_t *)(b + TAIL_OFF), (_Atomic uint32_t *)(b + HEAD_OFF),
-                           (_Atomic uint32_t *)(b + SIGNAL_OFF), (struct ref_desc *)(b + ENTRIES_OFF) };
+    return (struct words){ (_Atomic uint32_t *)(b + TAIL_OFF), (_Atomic uint32_t *)(b + PRODUCER_BARRIER_OFF),
+                           (_Atomic uint32_t *)(b + HEAD_OFF), (_Atomic uint32_t *)(b + SIGNAL_OFF),
+                           (_Atomic uint32_t *)(b + SIGNAL_ORDERING_OFF), (struct ref_desc *)(b + ENTRIES_OFF) };
 }
+
+// The heavy barrier of the asymmetric signal ordering (OutboardSystem's Membarrier).
+static int membarrier_cmd(int cmd) { return (int)syscall(SYS_membarrier, cmd, 0, 0); }
 
 struct producer {
     struct words w;
     uint32_t mask, capacity, tail, head_cache;
+    int registered;  // our process is registered for the consumer's heavy barrier
     int error;
 };
 
 struct consumer {
     struct words w;
     uint32_t mask, capacity, head, tail_cache;
+    uint32_t head_at_last_request, heavy_threshold, upgrade_after;
+    int asymmetric;  // what we last published in signal_ordering
     uint64_t region_size;
     uint32_t min_len, max_len;
     int error;
@@ -65,8 +76,13 @@ static inline size_t enqueue(struct producer *p, const struct ref_desc *batch, s
     return n;
 }
 
+// See QueueProducer.consumerWantsSignal(): a full fence, or only program order when the
+// consumer pays with a heavy barrier (asymmetric ordering).
 static inline int consumer_wants_signal(struct producer *p) {
-    atomic_thread_fence(memory_order_seq_cst);
+    if (p->registered && atomic_load_explicit(p->w.signal_ordering, memory_order_relaxed) == 1)
+        atomic_signal_fence(memory_order_seq_cst);
+    else
+        atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(p->w.signal, memory_order_relaxed) == 0) return 0;
     return atomic_exchange_explicit(p->w.signal, 0, memory_order_relaxed) != 0;
 }
@@ -81,6 +97,18 @@ static inline void refresh_tail(struct consumer *c) {
 static inline int admits(const struct consumer *c, const struct ref_desc *d) {
     return d->length >= c->min_len && d->length <= c->max_len && d->offset <= c->region_size &&
            (uint64_t)d->length <= c->region_size - d->offset;
+}
+
+// See QueueConsumer.useAsymmetricOrdering().
+__attribute__((noinline)) static void use_asymmetric_ordering(struct consumer *c) {
+    if (c->asymmetric || c->heavy_threshold == 0 ||
+        atomic_load_explicit(c->w.producer_barrier, memory_order_relaxed) != 1) {
+        c->head_at_last_request = c->head;  // look again after another threshold's worth
+        return;
+    }
+    c->asymmetric = 1;
+    c->upgrade_after = UINT32_MAX;
+    atomic_store_explicit(c->w.signal_ordering, 1, memory_order_relaxed);
 }
 
 static inline size_t dequeue(struct consumer *c, struct ref_desc *out, size_t max) {
@@ -110,6 +138,7 @@ static inline size_t dequeue(struct consumer *c, struct ref_desc *out, size_t ma
     if (i > 0) {
         c->head = h;
         atomic_store_explicit(c->w.head, h, memory_order_release);
+        if ((uint32_t)(h - c->head_at_last_request) >= c->upgrade_after) use_asymmetric_ordering(c);
     }
     return i;
 }
@@ -120,11 +149,35 @@ static inline int is_empty(struct consumer *c) {
     return c->tail_cache == c->head;
 }
 
-static inline int prepare_to_sleep(struct consumer *c) {
+// See QueueConsumer.requestSignal() and chooseOrderingBeforeSleep(): returns 1 when the
+// caller must run the heavy barrier before confirm_sleep, 0 when the fence has been run here.
+__attribute__((noinline)) static int choose_ordering_before_sleep(struct consumer *c) {
+    int rare = c->heavy_threshold != 0 && (uint32_t)(c->head - c->head_at_last_request) >= c->heavy_threshold;
+    c->head_at_last_request = c->head;
+    int wanted = rare && atomic_load_explicit(c->w.producer_barrier, memory_order_relaxed) == 1;
+    int heavy = wanted || c->asymmetric;
+    if (wanted != c->asymmetric) {
+        c->asymmetric = wanted;
+        atomic_store_explicit(c->w.signal_ordering, wanted ? 1 : 0, memory_order_relaxed);
+    }
+    c->upgrade_after = !c->asymmetric && c->heavy_threshold != 0 ? c->heavy_threshold : UINT32_MAX;
+    if (heavy) return 1;
+    atomic_thread_fence(memory_order_seq_cst);
+    return 0;
+}
+
+static inline int request_signal(struct consumer *c) {
     if (c->error) return 0;
     atomic_store_explicit(c->w.signal, 1, memory_order_relaxed);
-    atomic_thread_fence(memory_order_seq_cst);
-    if (is_empty(c) && !c->error) return 1;
+    if (c->heavy_threshold == 0 && !c->asymmetric) {
+        atomic_thread_fence(memory_order_seq_cst);
+        return 0;
+    }
+    return choose_ordering_before_sleep(c);
+}
+
+static inline int confirm_sleep(struct consumer *c) {
+    if (!c->error && is_empty(c) && !c->error) return 1;
     atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
     return 0;
 }
@@ -154,7 +207,11 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
         if (!is_empty(c)) return 0;
         __builtin_ia32_pause();
     }
-    if (prepare_to_sleep(c)) {
+    if (request_signal(c)) {
+        if (membarrier_cmd(MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0) return REF_SYSTEM_ERROR;
+        r->heavy_barriers++;
+    }
+    if (confirm_sleep(c)) {
         r->sleeps++;
         struct pollfd pfd = { .fd = bell, .events = POLLIN };
         int n = poll(&pfd, 1, 100);
@@ -175,9 +232,13 @@ static void init_endpoints(const struct ref_params *p, void *queues, size_t data
     prod->w = words_at(q + produce_off);
     prod->capacity = p->capacity;
     prod->mask = p->capacity - 1;
+    prod->registered = p->registered;
+    atomic_store_explicit(prod->w.producer_barrier, p->registered ? 1 : 0, memory_order_relaxed);
     cons->w = words_at(q + consume_off);
     cons->capacity = p->capacity;
     cons->mask = p->capacity - 1;
+    cons->heavy_threshold = p->heavy_threshold;
+    cons->upgrade_after = p->heavy_threshold != 0 ? p->heavy_threshold : UINT32_MAX;
     cons->region_size = data_size;
     cons->min_len = min_len;
     cons->max_len = p->buffer_size;

@@ -47,6 +47,13 @@ public struct RingRun: Sendable {
         return Double(n) / Double(parameters.count)
     }
 
+    /// Heavy barriers (membarrier(2), the asymmetric signal ordering) run by producer or
+    /// consumer before a sleep, per descriptor.
+    public var heavyBarriersPerDescriptor: Double {
+        let n = [RingRole.producer, .consumer].compactMap { results[$0]?.heavyBarriers }.reduce(0, +)
+        return Double(n) / Double(parameters.count)
+    }
+
     public var doorbellsPerDescriptor: Double {
         let rings = [RingRole.producer, .consumer].compactMap { results[$0]?.doorbells }.reduce(0, +)
         return Double(rings) / Double(parameters.count)
@@ -57,7 +64,7 @@ public struct RingRun: Sendable {
         var lines: [String] = watchdogFired ? ["watchdog fired"] : []
         for role in [RingRole.producer, .consumer, .hostile] where results[role] != nil || exits[role] != nil {
             let r = results[role]
-            lines.append("\(role): \(r.map { "\($0.status), \($0.processed) processed, \($0.doorbells) doorbells, \($0.sleeps) sleeps (\($0.timeouts) timed out) \($0.detail)" } ?? "no result"); \(exits[role].map { "\($0)" } ?? "not reaped")\(killedByHarness.contains(role) ? " (killed by harness)" : "")")
+            lines.append("\(role): \(r.map { "\($0.status), \($0.processed) processed, \($0.doorbells) doorbells, \($0.sleeps) sleeps (\($0.timeouts) timed out), \($0.heavyBarriers) heavy barriers \($0.detail)" } ?? "no result"); \(exits[role].map { "\($0)" } ?? "not reaped")\(killedByHarness.contains(role) ? " (killed by harness)" : "")")
         }
         return lines.joined(separator: "\n")
     }

@@ -50,10 +50,16 @@ public struct RingParameters: Sendable, Equatable {
     /// sleeping-mode test exercises the doorbell protocol however fast the queue is. The C
     /// workers do not take it.
     public var pauseEvery: UInt64
+    /// Sleep mode: QueueConsumer.heavyBarrierThreshold for both sides' consumers. A sleep
+    /// after at least this many descriptors uses the asymmetric signal ordering (the
+    /// sleeper runs membarrier(2), the producer skips its fence); 0 never does (fences
+    /// only); 1 always does, as long as something was dequeued since the last sleep.
+    public var heavyBarrierThreshold: UInt32
 
     public init(role: RingRole, implementation: RingImplementation, mode: RingMode, batch: Int, count: UInt64,
                 capacity: Int = 512, bufferSize: Int = 2048, spin: Int = 2000, cpu: Int = -1,
-                timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1, pauseEvery: UInt64 = 0) {
+                timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1, pauseEvery: UInt64 = 0,
+                heavyBarrierThreshold: UInt32 = 4096) {
         self.role = role
         self.implementation = implementation
         self.mode = mode
@@ -66,6 +72,7 @@ public struct RingParameters: Sendable, Equatable {
         self.timeoutMilliseconds = timeoutMilliseconds
         self.seed = seed
         self.pauseEvery = pauseEvery
+        self.heavyBarrierThreshold = heavyBarrierThreshold
     }
 
     /// As many buffers as queue slots: neither queue of the pair can overflow.
@@ -74,7 +81,7 @@ public struct RingParameters: Sendable, Equatable {
     public var dataRegionSize: Int { bufferCount * bufferSize }
 
     static let magic: UInt32 = 0x5752_424f  // "OBRW"
-    static let version: UInt16 = 2
+    static let version: UInt16 = 3
 
     var encoded: [UInt8] {
         var w = WireWriter()
@@ -82,7 +89,7 @@ public struct RingParameters: Sendable, Equatable {
         w.put(role.rawValue); w.put(implementation.rawValue); w.put(mode.rawValue)
         w.put(UInt32(batch)); w.put(count); w.put(UInt32(capacity)); w.put(UInt32(bufferSize))
         w.put(UInt32(spin)); w.put(Int32(cpu)); w.put(UInt32(timeoutMilliseconds)); w.put(seed)
-        w.put(pauseEvery)
+        w.put(pauseEvery); w.put(heavyBarrierThreshold)
         return w.bytes
     }
 
@@ -97,11 +104,12 @@ public struct RingParameters: Sendable, Equatable {
               let capacity = r.get(UInt32.self), let bufferSize = r.get(UInt32.self),
               let spin = r.get(UInt32.self), let cpu = r.get(Int32.self),
               let timeout = r.get(UInt32.self), let seed = r.get(UInt64.self),
-              let pauseEvery = r.get(UInt64.self), r.rest.isEmpty
+              let pauseEvery = r.get(UInt64.self), let heavy = r.get(UInt32.self), r.rest.isEmpty
         else { return .failure(.setup("malformed parameter message")) }
         let p = RingParameters(role: role, implementation: impl, mode: mode, batch: Int(batch), count: count,
                                capacity: Int(capacity), bufferSize: Int(bufferSize), spin: Int(spin),
-                               cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed, pauseEvery: pauseEvery)
+                               cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed, pauseEvery: pauseEvery,
+                               heavyBarrierThreshold: heavy)
         if let problem = p.problem { return .failure(.setup(problem)) }
         return .success(p)
     }

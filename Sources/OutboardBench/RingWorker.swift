@@ -46,6 +46,8 @@ public struct RingWorkerResult: Sendable, Equatable {
     /// Sleeps that ended by the wait's 100 ms timeout rather than a doorbell. A lost
     /// wake-up shows here.
     public var timeouts: UInt64 = 0
+    /// Heavy barriers (membarrier(2)) run before sleeps: the asymmetric signal ordering.
+    public var heavyBarriers: UInt64 = 0
     public var startNanoseconds: UInt64 = 0
     public var endNanoseconds: UInt64 = 0
     public var cpuNanoseconds: UInt64 = 0
@@ -53,7 +55,7 @@ public struct RingWorkerResult: Sendable, Equatable {
 
     var encoded: [UInt8] {
         var w = WireWriter()
-        w.put(status.rawValue); w.put(processed); w.put(doorbells); w.put(sleeps); w.put(timeouts)
+        w.put(status.rawValue); w.put(processed); w.put(doorbells); w.put(sleeps); w.put(timeouts); w.put(heavyBarriers)
         w.put(startNanoseconds); w.put(endNanoseconds); w.put(cpuNanoseconds)
         return w.bytes + Array(detail.utf8.prefix(1024))
     }
@@ -62,10 +64,11 @@ public struct RingWorkerResult: Sendable, Equatable {
         var r = WireReader(bytes)
         guard let s = r.get(UInt32.self).flatMap(RingWorkerStatus.init(rawValue:)),
               let processed = r.get(UInt64.self), let doorbells = r.get(UInt64.self), let sleeps = r.get(UInt64.self),
-              let timeouts = r.get(UInt64.self),
+              let timeouts = r.get(UInt64.self), let heavy = r.get(UInt64.self),
               let start = r.get(UInt64.self), let end = r.get(UInt64.self), let cpu = r.get(UInt64.self)
         else { return nil }
         return RingWorkerResult(status: s, processed: processed, doorbells: doorbells, sleeps: sleeps, timeouts: timeouts,
+                                heavyBarriers: heavy,
                                 startNanoseconds: start, endNanoseconds: end, cpuNanoseconds: cpu,
                                 detail: String(decoding: r.rest, as: UTF8.self))
     }
@@ -109,6 +112,10 @@ private func runWorker(_ socket: borrowing UnixSocket) -> RingWorkerResult {
         let active = Doorbell(adopting: activeFD)
         let free = Doorbell(adopting: freeFD)
         if params.cpu >= 0 { try CPU.pin(to: params.cpu) }
+        // Sleep mode: this process produces on one queue and may consume on the other with
+        // the asymmetric signal ordering, so it registers for the peer's heavy barrier and
+        // checks that it can run one itself.
+        let barriers = params.mode == .sleep ? HeavyBarrierUse(threshold: params.heavyBarrierThreshold) : .none
 
         try socket.send([0x52])  // ready
         _ = try socket.receive(maxBytes: 16)  // go
@@ -121,14 +128,14 @@ private func runWorker(_ socket: borrowing UnixSocket) -> RingWorkerResult {
         case (.hostile, _):
             runHostile(params, queueMap, layout, deadline, &result)
         case (_, .swift):
-            let loop = SwiftRingLoop(params: params, layout: layout, deadline: deadline)
+            let loop = SwiftRingLoop(params: params, layout: layout, deadline: deadline, barriers: barriers)
             if params.role == .producer {
                 try loop.produce(queueMap, dataMap, active, free, &result)
             } else {
                 try loop.consume(queueMap, dataMap, active, free, &result)
             }
         case (_, .c):
-            runC(params, layout, deadline, queueMap, dataMap, active, free, &result)
+            runC(params, layout, deadline, barriers, queueMap, dataMap, active, free, &result)
         }
         result.endNanoseconds = Clock.monotonicNanoseconds
         result.cpuNanoseconds = Clock.processCPUNanoseconds - cpu0
@@ -145,6 +152,7 @@ struct SwiftRingLoop {
     let params: RingParameters
     let layout: QueuePairLayout
     let deadline: UInt64
+    let barriers: HeavyBarrierUse
 
     func produce(_ queues: borrowing SharedMapping, _ data: borrowing SharedMapping,
                  _ activeBell: borrowing Doorbell, _ freeBell: borrowing Doorbell, _ r: inout RingWorkerResult) throws(QueueError) {
@@ -152,8 +160,10 @@ struct SwiftRingLoop {
         // so anything shorter is refused (see DescriptorBounds).
         let bounds = DescriptorBounds(regionSize: data.size, minLength: UInt32(params.bufferSize),
                                       maxLength: UInt32(params.bufferSize))
-        var active = try QueueProducer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue)
+        var active = try QueueProducer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue,
+                                                         registeredForHeavyBarrier: barriers.registered)
         var freeQ = try QueueConsumer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue, bounds: bounds)
+        freeQ.heavyBarrierThreshold = barriers.threshold
         let bufferCount = params.bufferCount, batch = params.batch, count = params.count
         let bufferSize = UInt32(params.bufferSize)
         let stash = UnsafeMutableBufferPointer<BufferDescriptor>.allocate(capacity: bufferCount)
@@ -224,8 +234,10 @@ struct SwiftRingLoop {
     func consume(_ queues: borrowing SharedMapping, _ data: borrowing SharedMapping,
                  _ activeBell: borrowing Doorbell, _ freeBell: borrowing Doorbell, _ r: inout RingWorkerResult) throws(QueueError) {
         let bounds = DescriptorBounds(regionSize: data.size, maxLength: UInt32(params.bufferSize))
-        var freeQ = try QueueProducer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue)
+        var freeQ = try QueueProducer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.freeOffset, layout: layout.queue,
+                                                        registeredForHeavyBarrier: barriers.registered)
         var active = try QueueConsumer<BufferDescriptor>(memory: queues.base, size: queues.size, at: layout.activeOffset, layout: layout.queue, bounds: bounds)
+        active.heavyBarrierThreshold = barriers.threshold
         let batch = params.batch, count = params.count
         let bufferSize = UInt32(params.bufferSize)
         let buf = UnsafeMutableBufferPointer<BufferDescriptor>.allocate(capacity: batch)
@@ -288,7 +300,11 @@ struct SwiftRingLoop {
             if !q.isEmpty() { return nil }
             ob_cpu_relax()
         }
-        if q.prepareToSleep() {
+        if q.requestSignal() {
+            Membarrier.run()
+            r.heavyBarriers &+= 1
+        }
+        if q.confirmSleep() {
             r.sleeps &+= 1
             do {
                 if try !bell.wait(timeoutMilliseconds: 100) { r.timeouts &+= 1 }
@@ -308,14 +324,15 @@ struct SwiftRingLoop {
     }
 }
 
-private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UInt64,
+private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UInt64, _ barriers: HeavyBarrierUse,
                   _ queues: borrowing SharedMapping, _ data: borrowing SharedMapping,
                   _ active: borrowing Doorbell, _ free: borrowing Doorbell, _ r: inout RingWorkerResult) {
     var cp = ref_params(
         mode: p.mode == .busy ? Int32(REF_MODE_BUSY) : Int32(REF_MODE_SLEEP),
         batch: UInt32(p.batch), count: p.count, capacity: UInt32(p.capacity),
         buffer_count: UInt32(p.bufferCount), buffer_size: UInt32(p.bufferSize), spin: UInt32(p.spin),
-        deadline_ns: deadline, free_offset: layout.freeOffset, active_offset: layout.activeOffset)
+        deadline_ns: deadline, free_offset: layout.freeOffset, active_offset: layout.activeOffset,
+        registered: barriers.registered ? 1 : 0, heavy_threshold: barriers.threshold)
     var cr = ref_result()
     if p.role == .producer {
         ref_run_producer(&cp, queues.base, queues.size, data.base, data.size,
@@ -329,10 +346,32 @@ private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UI
     r.doorbells = cr.doorbells
     r.sleeps = cr.sleeps
     r.timeouts = cr.timeouts
+    r.heavyBarriers = cr.heavy_barriers
 }
 
-/// Fault injection: overwrites random words of both queues (indices, signal flags,
-/// descriptor fields) with random values, one write every 200 us, until its deadline or
+/// What a sleeping worker may do about the asymmetric signal ordering: whether its
+/// process is registered for the peer's heavy barrier (as a producer), and whether it can
+/// and may run one (as a consumer).
+struct HeavyBarrierUse {
+    var registered: Bool
+    /// The consumers' heavyBarrierThreshold: 0 when this process cannot run the barrier.
+    var threshold: UInt32
+    static let none = HeavyBarrierUse(registered: false, threshold: 0)
+
+    init(registered: Bool, threshold: UInt32) {
+        self.registered = registered
+        self.threshold = threshold
+    }
+
+    /// Registers this process; threshold 0 turns the asymmetric ordering off.
+    init(threshold: UInt32) {
+        registered = threshold != 0 && (try? Membarrier.register()) != nil
+        self.threshold = Membarrier.isUsable ? threshold : 0
+    }
+}
+
+/// Fault injection: overwrites random words of both queues (indices, signal flags and
+/// ordering words, descriptor fields) with random values, one write every 200 us, until its deadline or
 /// until it is terminated. The other workers must detect it and stop cleanly.
 private func runHostile(_ p: RingParameters, _ queues: borrowing SharedMapping, _ layout: QueuePairLayout,
                         _ deadline: UInt64, _ r: inout RingWorkerResult) {
@@ -345,8 +384,11 @@ private func runHostile(_ p: RingParameters, _ queues: borrowing SharedMapping, 
     let queueOffsets = [layout.freeOffset, layout.activeOffset]
     while Clock.monotonicNanoseconds < deadline {
         let q = queues.base + queueOffsets[Int(next() % 2)]
-        switch next() % 4 {
+        switch next() % 5 {
         case 0: q.storeBytes(of: UInt32(truncatingIfNeeded: next()), toByteOffset: QueueLayout.tailOffset, as: UInt32.self)
+        case 4:
+            let word = [QueueLayout.producerBarrierOffset, QueueLayout.signalOffset, QueueLayout.signalOrderingOffset][Int(next() % 3)]
+            q.storeBytes(of: UInt32(truncatingIfNeeded: next() % 3), toByteOffset: word, as: UInt32.self)
         case 1: q.storeBytes(of: UInt32(truncatingIfNeeded: next()), toByteOffset: QueueLayout.headOffset, as: UInt32.self)
         case 2:
             let slot = Int(next() % UInt64(layout.queue.capacity))

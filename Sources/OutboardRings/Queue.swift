@@ -1,3 +1,4 @@
+import COrdering
 import Synchronization
 
 // Single-producer/single-consumer queue endpoints over shared memory.
@@ -104,8 +105,10 @@ func fetchWords<Entry: QueueEntry>(_ slot: UnsafePointer<Entry>) -> Entry {
 @usableFromInline
 struct QueueWords<Entry: QueueEntry> {
     @usableFromInline let tail: UnsafeMutablePointer<Atomic<UInt32>>
+    @usableFromInline let producerBarrier: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let head: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let signal: UnsafeMutablePointer<Atomic<UInt32>>
+    @usableFromInline let signalOrdering: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let entries: UnsafeMutablePointer<Entry>
 
     init(_ base: UnsafeMutableRawPointer) {
@@ -113,8 +116,10 @@ struct QueueWords<Entry: QueueEntry> {
         // the mapping; each word is 4-byte aligned (64-aligned base + multiple of 64), and
         // Atomic<UInt32> has the size and alignment of UInt32.
         tail = (base + QueueLayout.tailOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
+        producerBarrier = (base + QueueLayout.producerBarrierOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         head = (base + QueueLayout.headOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         signal = (base + QueueLayout.signalOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
+        signalOrdering = (base + QueueLayout.signalOrderingOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         entries = (base + QueueLayout.entriesOffset).assumingMemoryBound(to: Entry.self)
     }
 }
@@ -132,6 +137,8 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
     @usableFromInline var tail: UInt32 = 0
     /// Last head read from the consumer, validated.
     @usableFromInline var headCache: UInt32 = 0
+    /// Our process is registered for the consumer's heavy barrier (see consumerWantsSignal).
+    @usableFromInline let registeredForHeavyBarrier: Bool
     @usableFromInline var failure = QueueFailure<Entry>()
     /// Set once, never cleared.
     public var error: QueueError? { failure.error(capacity: capacity, bounds: nil) }
@@ -140,14 +147,21 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
 
     /// The producer of the queue at `offset` in `memory` (`size` bytes mapped), starting at
     /// `startIndex`, the index the queue was initialized with (QueueLayout.initialize).
+    ///
+    /// `registeredForHeavyBarrier`: this process has registered for membarrier(2)
+    /// `MEMBARRIER_CMD_GLOBAL_EXPEDITED` (OutboardSystem's `Membarrier.register()`), so a
+    /// consumer that sleeps rarely may take the whole cost of the wake-up check and spare
+    /// us a fence per batch. It is published to the consumer in the queue.
     public init(memory: UnsafeMutableRawPointer, size: Int, at offset: Int, layout: QueueLayout,
-                startIndex: UInt32 = 0) throws(QueueError) {
+                startIndex: UInt32 = 0, registeredForHeavyBarrier: Bool = false) throws(QueueError) {
         try layout.checkFits(size: size, at: offset, entry: Entry.self)
         tail = startIndex
         headCache = startIndex
         words = QueueWords(memory + offset)
         capacity = UInt32(layout.capacity)
         mask = capacity - 1
+        self.registeredForHeavyBarrier = registeredForHeavyBarrier
+        words.producerBarrier.pointee.store(registeredForHeavyBarrier ? 1 : 0, ordering: .relaxed)
     }
 
     /// Descriptors that can be enqueued now (refreshes the consumer's head).
@@ -220,16 +234,40 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
     /// caller must ring the consumer's doorbell. Clears the request, so each request is
     /// answered by one doorbell.
     ///
-    /// The full fence orders our tail store before the load of the request flag; the
-    /// consumer's fence in `QueueConsumer.prepareToSleep()` orders its flag store before
-    /// its reload of tail. Of two processes that each store then load, at least one sees
-    /// the other's store (Dekker): either the consumer sees the new descriptors and does
-    /// not sleep, or we see its request and ring. Without the fences both can miss, and
-    /// the consumer sleeps on a non-empty queue: the lost wake-up.
+    /// The wake-up check is a store-then-load on each side: we store the tail and load the
+    /// request flag; the consumer, before it sleeps, stores the flag and loads the tail. Of
+    /// two such sides, at least one must see the other's store (Dekker): either the consumer
+    /// sees the new descriptors and does not sleep, or we see its request and ring. Without
+    /// a barrier between each side's store and load, both can miss, and the consumer sleeps
+    /// on a non-empty queue: the lost wake-up. The barrier comes in one of two forms, chosen
+    /// by the consumer (QueueConsumer.requestSignal) and published in `signalOrdering`:
+    ///
+    /// - Fence (the default): a full fence here, paired with the consumer's full fence in
+    ///   requestSignal. It costs us a fence per batch, which waits until the batch's stores
+    ///   have left for the other core.
+    /// - Asymmetric: only program order here (a compiler barrier, no instruction), paired
+    ///   with the consumer's heavy barrier, membarrier(2) GLOBAL_EXPEDITED, which makes every
+    ///   running thread of our (registered) process execute a full barrier at some point P
+    ///   before it returns. If our tail store comes before P, it is visible when the
+    ///   consumer reloads the tail; if it comes after P, so do our loads, which then see the
+    ///   consumer's flag. The consumer chooses this when it sleeps rarely, so the cost moves
+    ///   from every batch to every (rare) sleep. We honour it only if our process registered
+    ///   (a consumer that claims it otherwise would lose only its own wake-ups).
+    ///
+    /// The consumer switches between the two with a heavy barrier (requestSignal), after
+    /// which any load of `signalOrdering` here sees the new value; an older asymmetric value
+    /// can only be seen by a batch whose tail store preceded that barrier and is therefore
+    /// visible to the consumer.
     @inlinable
     public mutating func consumerWantsSignal() -> Bool {
-        atomicMemoryFence(ordering: .sequentiallyConsistent)
-        // Pairs with the sequentially consistent fence in QueueConsumer.prepareToSleep().
+        if registeredForHeavyBarrier && words.signalOrdering.pointee.load(ordering: .relaxed) == 1 {
+            // Pairs with the consumer's heavy barrier in QueueConsumer.requestSignal: our tail
+            // store stays before the flag load in program order.
+            ob_compiler_barrier()
+        } else {
+            // Pairs with the sequentially consistent fence in QueueConsumer.requestSignal.
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+        }
         guard words.signal.pointee.load(ordering: .relaxed) != 0 else { return false }
         return words.signal.pointee.exchange(0, ordering: .relaxed) != 0
     }
@@ -249,6 +287,32 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     @usableFromInline var head: UInt32 = 0
     /// Last tail read from the producer, validated.
     @usableFromInline var tailCache: UInt32 = 0
+    /// What we last published in `signalOrdering`: true while the producer may skip its fence.
+    @usableFromInline var asymmetric = false
+    /// `head` when we last asked for a signal (or last found the producer unregistered).
+    @usableFromInline var headAtLastRequest: UInt32 = 0
+    /// dequeue switches to the asymmetric ordering once `head - headAtLastRequest` reaches
+    /// this: the threshold while the fence ordering is published, otherwise UInt32.max
+    /// (one compare per batch; the switch itself is off the inlined path).
+    @usableFromInline var upgradeAfter: UInt32 = .max
+    @usableFromInline var threshold: UInt32 = 0
+
+    /// The asymmetric signal ordering (QueueProducer.consumerWantsSignal) is used while
+    /// at least this many descriptors pass between our requests for a signal, that is,
+    /// while we sleep rarely: the producer then skips its fence per batch, and each of our
+    /// sleeps costs a heavy barrier instead (see requestSignal). 0, the default: never,
+    /// for a consumer that cannot run the heavy barrier (membarrier(2), which a sandbox
+    /// may refuse). A heavy barrier costs about 11 us on a 2-vCPU KVM guest (an interrupt
+    /// to the producer's CPU; less on bare metal) and a producer's fence about 100 ns per
+    /// batch of 32, so 4096 is about where it starts to pay.
+    public var heavyBarrierThreshold: UInt32 {
+        get { threshold }
+        set {
+            threshold = newValue
+            headAtLastRequest = head  // count from here
+            upgradeAfter = !asymmetric && newValue != 0 ? newValue : .max
+        }
+    }
     @usableFromInline var failure = QueueFailure<Entry>()
     /// Set once, never cleared.
     public var error: QueueError? { failure.error(capacity: capacity, bounds: bounds) }
@@ -262,6 +326,7 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         try layout.checkFits(size: size, at: offset, entry: Entry.self)
         head = startIndex
         tailCache = startIndex
+        headAtLastRequest = startIndex
         words = QueueWords(memory + offset)
         capacity = UInt32(layout.capacity)
         mask = capacity - 1
@@ -300,8 +365,24 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
             // Release: our copies of the slots are complete before the producer may reuse
             // them. Pairs with the acquiring load of `head` in QueueProducer.refreshHead().
             words.head.pointee.store(h, ordering: .releasing)
+            if h &- headAtLastRequest >= upgradeAfter { useAsymmetricOrdering() }
         }
         return i
+    }
+
+    /// Publishes the asymmetric ordering after `heavyBarrierThreshold` descriptors without
+    /// a request for a signal, if the producer registered for the heavy barrier. Needs no
+    /// barrier: the producer may skip its fences from now on, and every sleep of ours runs
+    /// the heavy barrier, which covers a producer in either ordering.
+    @usableFromInline @inline(never)
+    mutating func useAsymmetricOrdering() {
+        guard !asymmetric, threshold != 0, words.producerBarrier.pointee.load(ordering: .relaxed) == 1 else {
+            headAtLastRequest = head  // look again after another threshold's worth
+            return
+        }
+        asymmetric = true
+        upgradeAfter = .max
+        words.signalOrdering.pointee.store(1, ordering: .relaxed)
     }
 
     /// Dequeues one descriptor, or nil when empty or in the error state.
@@ -341,18 +422,75 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// the queue is still empty: the caller may now sleep on its doorbell, and the producer
     /// will ring it after its next enqueue. Returns false when work arrived (the request is
     /// withdrawn): dequeue instead of sleeping. See QueueProducer.consumerWantsSignal() for
-    /// the race this double check closes.
+    /// the race this double check closes. For a consumer that runs no heavy barrier
+    /// (`heavyBarrierThreshold` 0); one that does uses requestSignal and confirmSleep.
     @inlinable
     public mutating func prepareToSleep() -> Bool {
+        precondition(!requestSignal(), "prepareToSleep() is for consumers without a heavy barrier (heavyBarrierThreshold 0)")
+        return confirmSleep()
+    }
+
+    /// First half of going to sleep: asks the producer for a doorbell and orders that
+    /// request before the re-check in confirmSleep(). Returns true when the caller must now
+    /// run the heavy barrier, membarrier(2) `MEMBARRIER_CMD_GLOBAL_EXPEDITED`, before
+    /// confirmSleep(); false when the endpoint has run a full fence itself.
+    ///
+    /// The heavy barrier is asked for while the asymmetric ordering is published, and when
+    /// it is switched, either way: it is kept (or taken up) when at least
+    /// `heavyBarrierThreshold` descriptors were dequeued since the previous request and the
+    /// producer registered for it, and dropped otherwise, since frequent sleeps make the
+    /// heavy barrier dearer than the producer's fences. After dropping it, any later load
+    /// of the ordering by the producer sees the fence ordering (the heavy barrier put our
+    /// store before it); dequeue takes it up again, without a barrier, once sleeps are
+    /// rare again.
+    @inlinable
+    public mutating func requestSignal() -> Bool {
         guard !failure.failed else { return false }
         words.signal.pointee.store(1, ordering: .relaxed)
-        // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
-        // our flag store is globally visible before we reload the producer's tail.
+        if threshold == 0 && !asymmetric {
+            // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
+            // our flag store is globally visible before we reload the producer's tail.
+            atomicMemoryFence(ordering: .sequentiallyConsistent)
+            return false
+        }
+        return chooseOrderingBeforeSleep()
+    }
+
+    @usableFromInline
+    mutating func chooseOrderingBeforeSleep() -> Bool {
+        let rare = threshold != 0 && head &- headAtLastRequest >= threshold
+        headAtLastRequest = head
+        let wanted = rare && words.producerBarrier.pointee.load(ordering: .relaxed) == 1
+        let heavy = wanted || asymmetric
+        if wanted != asymmetric {
+            asymmetric = wanted
+            words.signalOrdering.pointee.store(wanted ? 1 : 0, ordering: .relaxed)
+        }
+        upgradeAfter = !asymmetric && threshold != 0 ? threshold : .max
+        if heavy {
+            // The caller's membarrier(2) puts our stores above before its reload of the tail
+            // and makes the producer execute a full barrier; pairs with the compiler barrier
+            // in QueueProducer.consumerWantsSignal().
+            return true
+        }
+        // As in requestSignal: pairs with the fence in QueueProducer.consumerWantsSignal().
         atomicMemoryFence(ordering: .sequentiallyConsistent)
-        if isEmpty() && !failure.failed { return true }
+        return false
+    }
+
+    /// Second half of going to sleep, after requestSignal (and the heavy barrier if it
+    /// asked for one): true when the queue is still empty and the caller may sleep; false
+    /// when work arrived (the request is withdrawn) or the endpoint has failed.
+    @inlinable
+    public mutating func confirmSleep() -> Bool {
+        if !failure.failed && isEmpty() && !failure.failed { return true }
         cancelSignal()
         return false
     }
+
+    /// True while the producer may skip its per-batch fence (the consumer last chose the
+    /// asymmetric ordering).
+    public var usesAsymmetricOrdering: Bool { asymmetric }
 
     /// Withdraws a request for a doorbell (after waking, or when work arrived).
     @inlinable

@@ -2,12 +2,16 @@
 ///
 /// ```
 /// +0    tail            UInt32, written by the producer only
+/// +4    producerBarrier UInt32, written by the producer: 1 when its process is registered
+///                       for the consumer's heavy barrier (membarrier(2) GLOBAL_EXPEDITED)
 /// +64   head            UInt32, written by the consumer only
 /// +128  consumerSignal  UInt32, set by the consumer ("wake me"), cleared by the producer
+/// +132  signalOrdering  UInt32, written by the consumer: 1 when it pays for the wake-up
+///                       check with a heavy barrier and the producer may skip its fence
 /// +192  entries         capacity x entry (BufferDescriptor: 16 bytes; other QueueEntry types: their stride)
 /// ```
-/// Each control word has its own 64-byte cache line, so the two sides never write the
-/// same line (no false sharing). Indices run freely over UInt32 and wrap; a slot is
+/// Each side writes its own 64-byte cache lines only (the signal line is written by the
+/// producer only to clear a request it answers), so there is no false sharing. Indices run freely over UInt32 and wrap; a slot is
 /// `index & (capacity - 1)`, so the capacity is a power of two.
 ///
 /// The layout is derived only from `capacity`, which both sides take from their own
@@ -16,8 +20,10 @@
 @frozen
 public struct QueueLayout: Equatable, Sendable {
     public static let tailOffset = 0
+    public static let producerBarrierOffset = 4
     public static let headOffset = 64
     public static let signalOffset = 128
+    public static let signalOrderingOffset = 132
     public static let entriesOffset = 192
     public static let alignment = 64
     public static let maximumCapacity = 1 << 20

@@ -35,6 +35,9 @@ struct RingBench: ParsableCommand {
     @Option(help: "Polls of an empty queue before asking for a doorbell (sleep mode).")
     var spin: Int = 2000
 
+    @Option(help: "Sleep mode: a sleep at least this many descriptors after the previous one uses the asymmetric signal ordering (the sleeper runs membarrier(2), the producer skips its per-batch fence); 0: fences only.")
+    var heavyBarrierThreshold: UInt32 = 4096
+
     /// For scripts/ring-instructions.sh: a command (path and arguments, space-separated)
     /// the workers run under, such as valgrind.
     @Option(help: .hidden)
@@ -63,6 +66,7 @@ struct RingBench: ParsableCommand {
                 var cpu: [RingImplementation: [Double]] = [:]
                 var bells: [RingImplementation: [Double]] = [:]
                 var sleeps: [RingImplementation: [Double]] = [:]
+                var heavy: [RingImplementation: [Double]] = [:]
                 var ratios: [Double] = []
                 for i in 0..<max(repeats, 1) {
                     // Alternate which goes first; pair the two adjacent runs. This machine's
@@ -72,7 +76,8 @@ struct RingBench: ParsableCommand {
                     var pairRate: [RingImplementation: Double] = [:]
                     for impl in order {
                         let p = RingParameters(role: .producer, implementation: impl, mode: mode, batch: batch,
-                                               count: n, capacity: capacity, spin: spin)
+                                               count: n, capacity: capacity, spin: spin,
+                                               heavyBarrierThreshold: heavyBarrierThreshold)
                         let r = try harness.run(p, producerCPU: producerCPU, consumerCPU: consumerCPU,
                                                 watchdogMilliseconds: 180_000)
                         guard r.succeeded else {
@@ -83,6 +88,7 @@ struct RingBench: ParsableCommand {
                         cpu[impl, default: []].append(r.cpuNanosecondsPerDescriptor)
                         bells[impl, default: []].append(r.doorbellsPerDescriptor)
                         sleeps[impl, default: []].append(r.sleepsPerDescriptor)
+                        heavy[impl, default: []].append(r.heavyBarriersPerDescriptor)
                     }
                     ratios.append(pairRate[.swift]! / pairRate[.c]!)
                 }
@@ -91,12 +97,14 @@ struct RingBench: ParsableCommand {
                 let oc = median(cpu[.swift]!), cc = median(cpu[.c]!)
                 let ob = median(bells[.swift]!), cb = median(bells[.c]!)
                 let os = median(sleeps[.swift]!), cs = median(sleeps[.c]!)
+                let oh = median(heavy[.swift]!), ch = median(heavy[.c]!)
                 if json {
                     print("""
                     {"bench":"ring","mode":"\(mode)","batch":\(batch),"outboard_mdesc_per_s":\(fmt(o, 3)),"c_mdesc_per_s":\(fmt(c, 3)),\
                     "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),"sleeps_per_desc":\(fmt(os, 6)),"c_sleeps_per_desc":\(fmt(cs, 6)),\
+                    "heavy_barriers_per_desc":\(fmt(oh, 6)),"c_heavy_barriers_per_desc":\(fmt(ch, 6)),\
                     "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"ratio_min":\(fmt(ratios.min()!, 3)),"ratio_max":\(fmt(ratios.max()!, 3)),"count":\(n),"runs":\(repeats),\
-                    "capacity":\(capacity),"spin":\(spin),"cpus":\(cpus)}
+                    "capacity":\(capacity),"spin":\(spin),"heavy_barrier_threshold":\(heavyBarrierThreshold),"cpus":\(cpus)}
                     """)
                 } else {
                     print("\(pad("\(mode)", 6)) \(pad("\(batch)", 6)) \(pad(fmt(o, 2), 18)) \(pad(fmt(c, 2), 11)) \(pad(fmt(ratio, 3), 7)) \(pad(fmt(oc, 1) + ", " + fmt(cc, 1), 27)) \(fmt(ob, 5)), \(fmt(cb, 5))")

@@ -27,21 +27,36 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
     /// hanging CI if a side never wakes. Lulls come by themselves, but a fast enough
     /// run has few, so the producer also pauses every 50,000 descriptors (2,000 pauses):
     /// each is a lull the consumer must sleep through and be rung out of.
-    @Test func hundredMillionDescriptorsSleepingOnTheDoorbell() throws {
+    ///
+    /// Once per ordering of the wake-up check (QueueProducer.consumerWantsSignal):
+    /// threshold 0, fences only; 1, the asymmetric ordering (the sleeper runs membarrier(2),
+    /// the producer no fence) for every sleep that follows any work; 4096, the default,
+    /// switching between the two as the lulls come (the pauses are 50,000 descriptors
+    /// apart, the lulls of a fast run much closer).
+    @Test(arguments: [UInt32(0), 1, 4096])
+    func hundredMillionDescriptorsSleepingOnTheDoorbell(heavyBarrierThreshold: UInt32) throws {
         let h = RingHarness(executable: try outboardExecutable())
         let p = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 32,
                                count: 100_000_000, capacity: 4096, spin: 0, timeoutMilliseconds: 240_000,
-                               pauseEvery: 50_000)
+                               pauseEvery: 50_000, heavyBarrierThreshold: heavyBarrierThreshold)
         let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 300_000)
         #expect(r.succeeded, "\(r.summary)")
         let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
         let rings = (r.results[.producer]?.doorbells ?? 0) + (r.results[.consumer]?.doorbells ?? 0)
         let timeouts = (r.results[.producer]?.timeouts ?? 0) + (r.results[.consumer]?.timeouts ?? 0)
+        let heavy = (r.results[.producer]?.heavyBarriers ?? 0) + (r.results[.consumer]?.heavyBarriers ?? 0)
         #expect(sleeps > 1000, "the sleeping path must actually run: \(r.summary)")
         #expect(rings > 1000, "\(r.summary)")
         // A sleep ends by its 100 ms timeout only when the peer did nothing for that long:
         // with a lost wake-up, every pause would end that way.
         #expect(timeouts * 100 <= sleeps, "wake-ups by timeout, not by doorbell: \(r.summary)")
+        switch heavyBarrierThreshold {
+        case 0: #expect(heavy == 0, "\(r.summary)")
+        // Each pause ends a stretch of 50,000 descriptors: the consumer's next sleep runs
+        // the heavy barrier (2,000 pauses).
+        case 1: #expect(heavy > 1000, "\(r.summary)")
+        default: #expect(heavy > 1000 && heavy < sleeps, "both orderings must run: \(r.summary)")
+        }
     }
 
     /// A third process writes random values into both queues' indices and descriptors
@@ -69,14 +84,18 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
 
     /// The C reference does the same verified work: a benchmark against it compares like
     /// with like.
-    @Test(arguments: [RingMode.busy, .sleep])
-    func cReferenceMovesAndVerifiesTheSameWay(mode: RingMode) throws {
+    /// Sleep mode runs with fences only (threshold 0) and with the asymmetric ordering
+    /// for every sleep after work (threshold 1).
+    @Test(arguments: [(RingMode.busy, UInt32(0)), (.sleep, 0), (.sleep, 1)])
+    func cReferenceMovesAndVerifiesTheSameWay(mode: RingMode, heavyBarrierThreshold: UInt32) throws {
         let h = RingHarness(executable: try outboardExecutable())
         let p = RingParameters(role: .producer, implementation: .c, mode: mode, batch: 8,
-                               count: 2_000_000, capacity: 512, spin: 0)
+                               count: 2_000_000, capacity: 512, spin: 0, heavyBarrierThreshold: heavyBarrierThreshold)
         let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 120_000)
         #expect(r.succeeded, "\(r.summary)")
         if mode == .sleep { #expect((r.results[.consumer]?.sleeps ?? 0) > 0, "\(r.summary)") }
+        let heavy = (r.results[.producer]?.heavyBarriers ?? 0) + (r.results[.consumer]?.heavyBarriers ?? 0)
+        if heavyBarrierThreshold == 0 { #expect(heavy == 0, "\(r.summary)") } else { #expect(heavy > 0, "\(r.summary)") }
     }
 
     /// `outboard bench ring --json` prints one JSON object per mode and batch, with the

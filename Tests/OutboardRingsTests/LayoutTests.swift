@@ -23,7 +23,9 @@ import OutboardRings
     @Test func queueHeaderPutsEachControlWordOnItsOwnCacheLine() {
         #expect(QueueLayout.tailOffset == 0)
         #expect(QueueLayout.headOffset == 64)
+        #expect(QueueLayout.producerBarrierOffset == 4)
         #expect(QueueLayout.signalOffset == 128)
+        #expect(QueueLayout.signalOrderingOffset == 132)
         #expect(QueueLayout.entriesOffset == 192)
     }
 

@@ -9,12 +9,14 @@ struct TestQueue: ~Copyable {
     var producer: QueueProducer<BufferDescriptor>
     var consumer: QueueConsumer<BufferDescriptor>
 
-    init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max, startIndex: UInt32 = 0) throws {
+    init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max, startIndex: UInt32 = 0,
+         registeredForHeavyBarrier: Bool = false) throws {
         let l = try QueueLayout(capacity: capacity)
         let m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
         // Exactly sized and a fresh layout: these cannot fail.
         try! l.initialize(memory: m, size: l.byteCount, at: 0, startIndex: startIndex)
-        let p = try! QueueProducer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex)
+        let p = try! QueueProducer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex,
+                                                     registeredForHeavyBarrier: registeredForHeavyBarrier)
         let c = try! QueueConsumer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l,
                                    bounds: DescriptorBounds(regionSize: regionSize, maxLength: maxLength),
                                    startIndex: startIndex)
@@ -28,6 +30,16 @@ struct TestQueue: ~Copyable {
 
     func poke<T: FixedWidthInteger>(_ value: T, at offset: Int) {
         memory.storeBytes(of: value, toByteOffset: offset, as: T.self)
+    }
+
+    func peek(at offset: Int) -> UInt32 { memory.load(fromByteOffset: offset, as: UInt32.self) }
+
+    /// Moves `n` descriptors through the queue.
+    mutating func pass(_ n: Int) {
+        for i in 0..<n {
+            _ = producer.enqueue(desc(i % 100))
+            _ = consumer.dequeue()
+        }
     }
 }
 
@@ -170,6 +182,77 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
         do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
     }
 
+    /// The choice between the fence and the asymmetric ordering of the wake-up check, as
+    /// published in the queue: taken up by dequeue after `heavyBarrierThreshold`
+    /// descriptors without a request (no barrier needed), kept by a request that comes at
+    /// least that far apart (heavy barrier), dropped by one that comes sooner (heavy
+    /// barrier, for the switch), and never used without a registered producer.
+    @Test func signalOrderingFollowsHowOftenTheConsumerSleeps() throws {
+        var q = try TestQueue(capacity: 8, registeredForHeavyBarrier: true)
+        #expect(q.peek(at: QueueLayout.producerBarrierOffset) == 1)
+        // Threshold 0 (the default): fences only, whatever the traffic.
+        q.pass(100)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
+        do { let heavy = q.consumer.requestSignal(); #expect(!heavy) }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+
+        q.consumer.heavyBarrierThreshold = 16
+        q.pass(15)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
+        q.pass(1)  // 16 descriptors since the last request: asymmetric, without a sleep
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        do { let ok = q.consumer.usesAsymmetricOrdering; #expect(ok) }
+        // A rare sleep keeps it, and needs the heavy barrier.
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy) }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        // A sleep 3 descriptors later drops it: the switch takes the heavy barrier too.
+        q.pass(3)
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy) }
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+        // Frequent sleeps from now on: fences only.
+        for _ in 0..<5 {
+            q.pass(3)
+            do { let heavy = q.consumer.requestSignal(); #expect(!heavy) }
+            do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+            q.consumer.cancelSignal()
+        }
+        // Work that arrives between request and re-check is still found.
+        do { let heavy = q.consumer.requestSignal(); #expect(!heavy) }
+        do { let ok = q.producer.enqueue(desc(7)); #expect(ok) }
+        do { let ok = !q.consumer.confirmSleep(); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == desc(7); #expect(ok) }
+        // Sleeps become rare again: asymmetric once more.
+        q.pass(16)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        // The request signal protocol is the same in both orderings.
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy) }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        do { let ok = q.producer.enqueue(desc(8)); #expect(ok) }
+        do { let ok = q.producer.consumerWantsSignal(); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
+    }
+
+    @Test func noAsymmetricOrderingWithoutARegisteredProducer() throws {
+        var q = try TestQueue(capacity: 8, registeredForHeavyBarrier: false)
+        #expect(q.peek(at: QueueLayout.producerBarrierOffset) == 0)
+        q.consumer.heavyBarrierThreshold = 4
+        q.pass(64)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
+        do { let heavy = q.consumer.requestSignal(); #expect(!heavy) }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        do { let ok = !q.consumer.usesAsymmetricOrdering; #expect(ok) }
+        // A consumer claiming the asymmetric ordering (hostile, or the word overwritten)
+        // does not make an unregistered producer skip its fence; it still answers requests.
+        q.poke(UInt32(1), at: QueueLayout.signalOrderingOffset)
+        do { let ok = q.producer.enqueue(desc(1)); #expect(ok) }
+        do { let ok = q.producer.consumerWantsSignal(); #expect(ok) }
+    }
+
     /// Random garbage written between operations, as by a hostile peer: the endpoints
     /// either keep working or stop with an error; every descriptor handed on is in bounds,
     /// and nothing outside the queue's bytes is touched (the queue is allocated exactly,
@@ -188,6 +271,7 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
                 _ = batch.withUnsafeBufferPointer { q.producer.enqueue($0) }
                 if step % 5 == 0 {
                     let where_ = [QueueLayout.tailOffset, QueueLayout.headOffset, QueueLayout.signalOffset,
+                                  QueueLayout.producerBarrierOffset, QueueLayout.signalOrderingOffset,
                                   QueueLayout.entriesOffset + 16 * Int.random(in: 0..<16, using: &rng),
                                   QueueLayout.entriesOffset + 16 * Int.random(in: 0..<16, using: &rng) + 8]
                         .randomElement(using: &rng)!

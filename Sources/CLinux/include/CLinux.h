@@ -34,6 +34,12 @@ extern const int OB_EFD_NONBLOCK;
 int ob_pidfd_open(pid_t pid, unsigned int flags);
 int ob_pidfd_send_signal(int pidfd, int sig);
 
+// membarrier(2): a raw syscall (glibc has no wrapper). Commands from <linux/membarrier.h>.
+int ob_membarrier(int cmd, unsigned int flags);
+extern const int OB_MEMBARRIER_CMD_QUERY;
+extern const int OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED;
+extern const int OB_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED;
+
 // sched_setaffinity(2) with a single CPU (the CPU_* macros are not importable).
 int ob_pin_to_cpu(int cpu);
 /// The CPUs the calling thread may run on (sched_getaffinity), ascending, at most `max`;

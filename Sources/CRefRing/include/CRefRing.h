@@ -1,9 +1,10 @@
 // CRefRing: the C reference the ring benchmark measures Outboard's Swift queue against.
 //
-// Same shared-memory layout as OutboardRings (QueueLayout: tail @0, head @64,
-// consumer signal @128, 16-byte descriptors @192), same algorithm (free-running indices,
-// private index copies, peer index range checks, copy-then-validate descriptors, the
-// request-signal/double-check protocol), and the same work per descriptor as the Swift
+// Same shared-memory layout as OutboardRings (QueueLayout: tail @0, producer barrier @4,
+// head @64, consumer signal @128, signal ordering @132, 16-byte descriptors @192), same
+// algorithm (free-running indices, private index copies, peer index range checks,
+// copy-then-validate descriptors, the request-signal/double-check protocol with the
+// fence or asymmetric ordering), and the same work per descriptor as the Swift
 // worker in OutboardBench/RingWorker.swift. Written for the benchmark; it is a yardstick,
 // not a second implementation to use.
 #ifndef OUTBOARD_CREFRING_H
@@ -38,6 +39,11 @@ struct ref_params {
     uint64_t deadline_ns;
     size_t free_offset;
     size_t active_offset;
+    /// The process registered for membarrier GLOBAL_EXPEDITED (the worker process does it).
+    int registered;
+    /// QueueConsumer.heavyBarrierThreshold: 0 never uses the asymmetric ordering (and is
+    /// what a process that cannot run the heavy barrier passes).
+    uint32_t heavy_threshold;
 };
 
 struct ref_result {
@@ -47,6 +53,8 @@ struct ref_result {
     uint64_t sleeps;
     /// Sleeps that ended by the wait's 100 ms timeout rather than a doorbell.
     uint64_t timeouts;
+    /// Heavy barriers (membarrier) run before sleeps.
+    uint64_t heavy_barriers;
 };
 
 /// The client side: fills buffers, enqueues them on the active queue, takes them back

@@ -1,0 +1,40 @@
+import CLinux
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// membarrier(2) with `MEMBARRIER_CMD_GLOBAL_EXPEDITED`: the heavy side of the queues'
+/// asymmetric signal ordering (OutboardRings' QueueConsumer.requestSignal). A consumer
+/// that sleeps rarely runs it before each sleep, and its producer is spared a fence per
+/// batch. It makes every running thread of every registered process execute a full memory
+/// barrier before it returns (an interrupt to each CPU running one).
+public enum Membarrier {
+    /// Registers this process, so that other processes' heavy barriers reach its threads
+    /// (`MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED`). A producer must do this before it tells
+    /// its queues so (QueueProducer's `registeredForHeavyBarrier`). Idempotent; exec(2)
+    /// clears it, so each process registers itself.
+    public static func register() throws(Errno) {
+        let cmd = OB_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED
+        _ = try sys { ob_membarrier(cmd, 0) }
+    }
+
+    /// Whether this process can run the heavy barrier: the kernel offers it and a trial run
+    /// succeeds (a seccomp filter may refuse it). Checked once per process.
+    public static let isUsable: Bool = {
+        let cmds = ob_membarrier(OB_MEMBARRIER_CMD_QUERY, 0)
+        guard cmds >= 0, cmds & OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED != 0 else { return false }
+        return ob_membarrier(OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0) == 0
+    }()
+
+    /// Runs the heavy barrier. Only after `isUsable` said true: the kernel then has no
+    /// reason to refuse it, and a refusal would break the ordering the queues rely on, so
+    /// it stops the process with the reason.
+    public static func run() {
+        let r = ob_membarrier(OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0)
+        if r != 0 {
+            preconditionFailure("membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED) failed after a successful trial: \(Errno(rawValue: errno))")
+        }
+    }
+}
