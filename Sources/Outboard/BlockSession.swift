@@ -95,6 +95,9 @@ public struct BlockSession: ~Copyable {
     public private(set) var reissued = 0
     /// Request doorbells this session rang (the driver asked for each).
     public private(set) var doorbellsRung = 0
+    /// Heavy barriers (membarrier(2)) run before waiting: the completion queue's asymmetric
+    /// ordering, used while waits are rare.
+    public private(set) var heavyBarriers = 0
     var events = EpollEvents(capacity: 4)
 
     let depth: Int
@@ -220,11 +223,19 @@ public struct BlockSession: ~Copyable {
         }
     }
 
+    /// Completions between waits from which the asymmetric ordering pays (QueueConsumer).
+    static let heavyBarrierThreshold: UInt32 = 4096
+
     static func completionQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout, depth: UInt32) throws(BlockSessionError)
         -> QueueConsumer<BlockCompletion> {
         do {
-            return try QueueConsumer<BlockCompletion>(memory: m.base, size: m.size, at: layout.completionOffset,
-                                                      layout: layout.completions, bounds: depth)
+            var q = try QueueConsumer<BlockCompletion>(memory: m.base, size: m.size, at: layout.completionOffset,
+                                                       layout: layout.completions, bounds: depth)
+            // While we wait rarely, we take the cost of the wake-up check with a heavy
+            // barrier before each sleep, and the driver checks without a fence per batch
+            // (QueueConsumer.requestSignal). Only where this process may run membarrier(2).
+            q.heavyBarrierThreshold = Membarrier.isUsable ? Self.heavyBarrierThreshold : 0
+            return q
         } catch {
             throw .protocolError("\(error)")
         }
@@ -379,7 +390,11 @@ public struct BlockSession: ~Copyable {
                 if n > 0 { return n }
             } while Clock.monotonicNanoseconds < end
         }
-        if completions.prepareToSleep() {
+        if completions.requestSignal() {
+            Membarrier.run()
+            heavyBarriers += 1
+        }
+        if completions.confirmSleep() {
             let n: Int
             do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
             completions.cancelSignal()

@@ -27,9 +27,16 @@ public struct BlockServerEndpoint: ~Copyable {
     /// Sets up from an Attach (or the equivalent parameters) and its four descriptors:
     /// queues, data, request doorbell, completion doorbell. Sizes come from `attach`, and
     /// the regions must carry the size seals and be at least that large.
+    ///
+    /// `registeredForHeavyBarrier` (by default: whether this process registered with
+    /// `Membarrier.register()`) lets a client that waits rarely take the cost of the
+    /// completion queue's wake-up check, which spares us a fence per completion batch
+    /// (QueueProducer.consumerWantsSignal). Requests are checked with fences: a driver's
+    /// sandbox does not let it run the heavy barrier.
     public init(_ attach: Attach, queues queuesFD: consuming OwnedFD, data dataFD: consuming OwnedFD,
                 requestBell: consuming OwnedFD, completionBell: consuming OwnedFD,
-                keepDataDescriptor: Bool = false) throws(SessionSetupError) {
+                keepDataDescriptor: Bool = false,
+                registeredForHeavyBarrier: Bool = Membarrier.isRegistered) throws(SessionSetupError) {
         // Every descriptor is taken over first (a noncopyable value must be consumed on
         // every path alike); the checks follow.
         let depthOK = attach.queueDepth.nonzeroBitCount == 1 && attach.queueDepth >= 2 && attach.queueDepth <= 4096
@@ -55,7 +62,8 @@ public struct BlockServerEndpoint: ~Copyable {
         }
         do {
             cq = try QueueProducer<BlockCompletion>(memory: qm.base, size: qm.size, at: layout.completionOffset,
-                                                    layout: layout.completions)
+                                                    layout: layout.completions,
+                                                    registeredForHeavyBarrier: registeredForHeavyBarrier)
         } catch {
             throw .queue(error)
         }

@@ -1,4 +1,5 @@
 import CLinux
+import Synchronization
 import SystemPackage
 
 #if canImport(Glibc)
@@ -18,7 +19,12 @@ public enum Membarrier {
     public static func register() throws(Errno) {
         let cmd = OB_MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED
         _ = try sys { ob_membarrier(cmd, 0) }
+        registration.store(true, ordering: .releasing)
     }
+
+    /// Whether register() succeeded in this process.
+    public static var isRegistered: Bool { registration.load(ordering: .acquiring) }
+    private static let registration = Atomic<Bool>(false)
 
     /// Whether this process can run the heavy barrier: the kernel offers it and a trial run
     /// succeeds (a seccomp filter may refuse it). Checked once per process.

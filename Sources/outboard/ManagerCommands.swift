@@ -122,6 +122,12 @@ struct DriverCommand: ParsableCommand {
             writeStderr("outboard driver \(device): cannot create its epoll or doorbells: \(error)\n")
             Glibc.exit(3)
         }
+        // Registered for clients' heavy barriers (membarrier(2)), so that a client that waits
+        // rarely spares the driver a fence per completion batch. Registering is refused
+        // inside the sandbox; without it, the completion queues keep their fences.
+        do { try Membarrier.register() } catch {
+            writeStderr("outboard driver \(device): membarrier registration refused (\(error)); completion queues use fences only\n")
+        }
         let policy = SandboxPolicy(uid: uid, gid: gid, isolateNamespaces: !noNamespaces, maxOpenFiles: maxOpenFiles,
                                    maxFileSize: .max)
         do {

@@ -37,6 +37,44 @@ import Testing
     /// gives the driver a descriptor limit that fits them (with the default of 64 the
     /// driver ran out after about a dozen, lost an attach's descriptors, and crash-looped
     /// the device).
+    /// The completion queue's asymmetric ordering, end to end: the driver registers for
+    /// membarrier(2) before it enters its sandbox, so a client that waits rarely (here: it
+    /// polls 5,000 requests without waiting once) spares the driver its per-batch fence,
+    /// and its next wait runs the heavy barrier instead. Waits that follow one another
+    /// closely drop back to fences; every request completes either way.
+    @Test func completionsTakeTheAsymmetricOrderingWhileTheClientWaitsRarely() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        var s = try m.open("m0")
+        let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 16)
+        defer { out.deallocate() }
+        let deadline = Clock.monotonicNanoseconds + 60_000_000_000
+        var completed = 0
+        for i in 0..<5000 {
+            #expect(try s.submit(.read, sector: UInt64(i % 64) * 8, offset: 0, length: 4096) != nil)
+            var n = 0
+            while n == 0 && Clock.monotonicNanoseconds < deadline { n = try s.poll(into: out) }
+            completed += n
+            for k in 0..<n { #expect(out[k].status == .ok) }
+        }
+        #expect(completed == 5000)
+        #expect(s.heavyBarriers == 0)
+        // The next wait that finds nothing yet runs the heavy barrier.
+        var rounds = 0
+        while s.heavyBarriers == 0 && rounds < 1000 {
+            #expect(try s.submit(.read, sector: 0, offset: 0, length: 4096) != nil)
+            while s.inFlight > 0 {
+                for k in 0..<(try s.wait(into: out, timeoutMilliseconds: 5000)) { #expect(out[k].status == .ok) }
+            }
+            rounds += 1
+        }
+        #expect(s.heavyBarriers >= 1, "the driver's completion queue never took the asymmetric ordering")
+        // Waits close together: fences again, and no more heavy barriers.
+        for i in 0..<200 { #expect(try io(&s, .write, sector: UInt64(i % 64) * 8) == .ok) }
+        let heavy = s.heavyBarriers
+        for i in 0..<200 { #expect(try io(&s, .read, sector: UInt64(i % 64) * 8) == .ok) }
+        #expect(s.heavyBarriers == heavy)
+    }
+
     @Test func maximumSessionsFitTheDriversDescriptorLimit() throws {
         let m = try ManagerFixture(devices: "[\(memDevice("m0", limits: #"{"max_sessions": 64}"#))]")
         let admin = try m.admin()
