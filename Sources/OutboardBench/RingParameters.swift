@@ -45,11 +45,15 @@ public struct RingParameters: Sendable, Equatable {
     /// The worker gives up (status `.stalled`) after this long.
     public var timeoutMilliseconds: Int
     public var seed: UInt64
-    /// The Swift producer stops for 300 us after every `pauseEvery` descriptors (0: never).
-    /// A test hook: each pause is a lull in which the consumer finds its queue empty, so a
+    /// The Swift producer pauses after every `pauseEvery` descriptors (0: never). A test
+    /// hook: each pause is a lull in which the consumer finds its queue empty, so a
     /// sleeping-mode test exercises the doorbell protocol however fast the queue is. The C
     /// workers do not take it.
     public var pauseEvery: UInt64
+    /// How long: from 100 us, a sleep of that length; below, a busy wait of a random
+    /// length up to it (seeded by `seed`), which puts the producer's enqueues at every
+    /// distance from the consumer's requests for a signal: the lost wake-up race.
+    public var pauseNanoseconds: UInt64
     /// Sleep mode: QueueConsumer.heavyBarrierThreshold for both sides' consumers. A sleep
     /// after at least this many descriptors uses the asymmetric signal ordering (the
     /// sleeper runs membarrier(2), the producer skips its fence); 0 never does (fences
@@ -59,7 +63,7 @@ public struct RingParameters: Sendable, Equatable {
     public init(role: RingRole, implementation: RingImplementation, mode: RingMode, batch: Int, count: UInt64,
                 capacity: Int = 512, bufferSize: Int = 2048, spin: Int = 2000, cpu: Int = -1,
                 timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1, pauseEvery: UInt64 = 0,
-                heavyBarrierThreshold: UInt32 = 4096) {
+                pauseNanoseconds: UInt64 = 300_000, heavyBarrierThreshold: UInt32 = 4096) {
         self.role = role
         self.implementation = implementation
         self.mode = mode
@@ -72,6 +76,7 @@ public struct RingParameters: Sendable, Equatable {
         self.timeoutMilliseconds = timeoutMilliseconds
         self.seed = seed
         self.pauseEvery = pauseEvery
+        self.pauseNanoseconds = pauseNanoseconds
         self.heavyBarrierThreshold = heavyBarrierThreshold
     }
 
@@ -89,7 +94,7 @@ public struct RingParameters: Sendable, Equatable {
         w.put(role.rawValue); w.put(implementation.rawValue); w.put(mode.rawValue)
         w.put(UInt32(batch)); w.put(count); w.put(UInt32(capacity)); w.put(UInt32(bufferSize))
         w.put(UInt32(spin)); w.put(Int32(cpu)); w.put(UInt32(timeoutMilliseconds)); w.put(seed)
-        w.put(pauseEvery); w.put(heavyBarrierThreshold)
+        w.put(pauseEvery); w.put(pauseNanoseconds); w.put(heavyBarrierThreshold)
         return w.bytes
     }
 
@@ -104,12 +109,13 @@ public struct RingParameters: Sendable, Equatable {
               let capacity = r.get(UInt32.self), let bufferSize = r.get(UInt32.self),
               let spin = r.get(UInt32.self), let cpu = r.get(Int32.self),
               let timeout = r.get(UInt32.self), let seed = r.get(UInt64.self),
-              let pauseEvery = r.get(UInt64.self), let heavy = r.get(UInt32.self), r.rest.isEmpty
+              let pauseEvery = r.get(UInt64.self), let pauseNs = r.get(UInt64.self),
+              let heavy = r.get(UInt32.self), r.rest.isEmpty
         else { return .failure(.setup("malformed parameter message")) }
         let p = RingParameters(role: role, implementation: impl, mode: mode, batch: Int(batch), count: count,
                                capacity: Int(capacity), bufferSize: Int(bufferSize), spin: Int(spin),
                                cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed, pauseEvery: pauseEvery,
-                               heavyBarrierThreshold: heavy)
+                               pauseNanoseconds: pauseNs, heavyBarrierThreshold: heavy)
         if let problem = p.problem { return .failure(.setup(problem)) }
         return .success(p)
     }
@@ -120,6 +126,7 @@ public struct RingParameters: Sendable, Equatable {
         if batch < 1 || batch > capacity { return "batch \(batch) outside 1...\(capacity)" }
         if bufferSize < 8 || bufferSize > 1 << 20 { return "buffer size \(bufferSize) outside 8...1 MiB" }
         if count == 0 { return "count is 0" }
+        if pauseNanoseconds > 1_000_000_000 { return "pause of \(pauseNanoseconds) ns is over a second" }
         if pauseEvery != 0 && implementation == .c { return "the C workers do not pause (pauseEvery)" }
         return nil
     }

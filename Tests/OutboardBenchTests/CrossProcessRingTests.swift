@@ -21,12 +21,14 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
     }
 
     /// 10^8 descriptors with both sides sleeping on their doorbell whenever their queue is
-    /// empty (no spinning first), so the request-signal protocol runs on every lull. A lost
-    /// wake-up would leave a side asleep on a non-empty queue until the 100 ms timeout of
-    /// its wait: the workers count such wake-ups, and a watchdog fails the test instead of
-    /// hanging CI if a side never wakes. Lulls come by themselves, but a fast enough
-    /// run has few, so the producer also pauses every 50,000 descriptors (2,000 pauses):
-    /// each is a lull the consumer must sleep through and be rung out of.
+    /// empty (no spinning first), so the request-signal protocol runs on every lull. A side
+    /// that is never rung out of its sleep fails the test (the workers count waits that
+    /// ran into their 100 ms timeout; a watchdog fails the test instead of hanging CI).
+    /// Lulls come by themselves, but a fast enough run has few, so the producer also
+    /// pauses every 50,000 descriptors (2,000 pauses): each is a lull the consumer must
+    /// sleep through and be rung out of. A single lost wake-up is mostly rescued here by
+    /// the producer's next enqueue, which answers the request still standing; the
+    /// ping-pong test below (wakeUpRaceUnderJitter) is the one that catches those.
     ///
     /// Once per ordering of the wake-up check (QueueProducer.consumerWantsSignal):
     /// threshold 0, fences only; 1, the asymmetric ordering (the sleeper runs membarrier(2),
@@ -57,6 +59,43 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
         case 1: #expect(heavy > 1000, "\(r.summary)")
         default: #expect(heavy > 1000 && heavy < sleeps, "both orderings must run: \(r.summary)")
         }
+    }
+
+    /// The lost wake-up race itself, provoked. Capacity 2 (two buffers in circulation), one
+    /// descriptor at a time, a random busy pause of up to 4 us after each, no spinning: the
+    /// two processes play ping-pong, each asking for a signal and sleeping whenever its
+    /// queue is empty, so requests for a signal keep meeting enqueues at every distance
+    /// (tens of thousands of sleeps). With so few buffers nothing comes after a lost
+    /// wake-up to rescue it (in the other tests the producer's next enqueue answers a
+    /// request it missed), so each one shows as a wait that ran into its 100 ms timeout,
+    /// and none may. Once with fences, once with the asymmetric ordering (a heavy barrier
+    /// before every sleep). Checked against the mutations: with both fences taken out of
+    /// the wake-up check, or the heavy barrier not run, runs showed 1 to 4 timeouts per
+    /// 50,000 descriptors; without the re-check before sleeping, dozens.
+    @Test(arguments: [UInt32(0), 1])
+    func wakeUpRaceUnderJitter(heavyBarrierThreshold: UInt32) throws {
+        let h = RingHarness(executable: try outboardExecutable())
+        func run(_ count: UInt64) throws -> RingRun {
+            let p = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 1,
+                                   count: count, capacity: 2, spin: 0, timeoutMilliseconds: 120_000,
+                                   pauseEvery: 1, pauseNanoseconds: 4_000, heavyBarrierThreshold: heavyBarrierThreshold)
+            return try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 180_000)
+        }
+        // A wake-up takes 10 us to 1 ms on this VM, depending on the host's moment: a short
+        // run sizes the real one to about 3 seconds (100,000 descriptors at most, 10,000 at
+        // least), which keeps the suite's time bounded.
+        let probe = try run(2_000)
+        #expect(probe.succeeded, "\(probe.summary)")
+        let perDescriptor = Double(probe.elapsedNanoseconds) / 2_000
+        let count = UInt64(min(100_000, max(10_000, 3e9 / max(perDescriptor, 1))))
+        let r = try run(count)
+        #expect(r.succeeded, "\(r.summary)")
+        let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
+        let timeouts = (r.results[.producer]?.timeouts ?? 0) + (r.results[.consumer]?.timeouts ?? 0)
+        let heavy = (r.results[.producer]?.heavyBarriers ?? 0) + (r.results[.consumer]?.heavyBarriers ?? 0)
+        #expect(sleeps > count / 10, "the race must actually run: \(r.summary)")
+        #expect(timeouts == 0, "lost wake-ups: \(r.summary)")
+        if heavyBarrierThreshold != 0 { #expect(heavy > count / 10, "\(r.summary)") } else { #expect(heavy == 0) }
     }
 
     /// A third process writes random values into both queues' indices and descriptors
