@@ -316,8 +316,8 @@ int ob_set_dumpable(int dumpable) { return prctl(PR_SET_DUMPABLE, dumpable, 0, 0
 // THE SANDBOX ALLOW-LIST (x86-64). What a driver may do once sandboxed: compute, use the
 // memory and descriptors it was given, wait for events, and exit. Everything else,
 // including every way to name a file, make a socket, start a process or change a
-// namespace, fails with EPERM. Syscalls with argument checks (kill, tkill, tgkill, fcntl)
-// are handled separately in ob_seccomp_install and must not be added here.
+// namespace, fails with EPERM. Syscalls with argument checks (kill, tkill, tgkill, fcntl,
+// membarrier) are handled separately in ob_seccomp_install and must not be added here.
 static const int ob_allowed[] = {
     // I/O on descriptors the driver already holds.
     SYS_read, SYS_write, SYS_readv, SYS_writev, SYS_pread64, SYS_pwrite64, SYS_close,
@@ -338,7 +338,7 @@ static const int ob_allowed[] = {
     // Who am I.
     SYS_getpid, SYS_gettid, SYS_getppid, SYS_getuid, SYS_geteuid, SYS_getgid, SYS_getegid,
     // Scheduling and glibc/runtime thread housekeeping.
-    SYS_sched_yield, SYS_sched_getaffinity, SYS_set_robust_list, SYS_rseq, SYS_membarrier,
+    SYS_sched_yield, SYS_sched_getaffinity, SYS_set_robust_list, SYS_rseq,
 };
 
 const int *ob_sandbox_allowed_syscalls(size_t *count) {
@@ -351,6 +351,14 @@ const int *ob_sandbox_allowed_syscalls(size_t *count) {
 // same uid (another driver), which is exactly what the kill restriction forbids. F_DUPFD
 // is left out as dup is: the descriptor table does not grow.
 static const uint32_t ob_fcntl_allowed[] = { F_GETFD, F_SETFD, F_GETFL, F_SETFL, F_GET_SEALS };
+
+// membarrier commands a sandboxed driver may use: the query, and the ones that reach only
+// its own threads. MEMBARRIER_CMD_GLOBAL(_EXPEDITED) interrupt every CPU running a
+// registered process (the queues' heavy barrier; drivers register before entering the
+// sandbox, so clients may send them barriers, but they may not send any).
+static const uint32_t ob_membarrier_allowed[] = {
+    MEMBARRIER_CMD_QUERY, MEMBARRIER_CMD_PRIVATE_EXPEDITED, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+};
 
 const size_t OB_SECCOMP_MAX_EXTRA = 512;
 
@@ -376,7 +384,7 @@ static size_t emit_arg_restricted(struct sock_filter *f, size_t n, int nr, int a
 }
 
 static int is_arg_restricted(int nr) {
-    return nr == SYS_kill || nr == SYS_tkill || nr == SYS_tgkill || nr == SYS_fcntl;
+    return nr == SYS_kill || nr == SYS_tkill || nr == SYS_tgkill || nr == SYS_fcntl || nr == SYS_membarrier;
 }
 
 int ob_seccomp_extra_is_valid(int nr) {
@@ -389,7 +397,8 @@ int ob_seccomp_install(const int *extra, size_t nextra, pid_t self) {
         if (!ob_seccomp_extra_is_valid(extra[i])) { errno = EINVAL; return -1; }
     size_t nbase = sizeof ob_allowed / sizeof ob_allowed[0];
     size_t nfcntl = sizeof ob_fcntl_allowed / sizeof ob_fcntl_allowed[0];
-    size_t cap = 6 + 3 * (5 + 1 + 2) + (5 + nfcntl + 2) + 2 * (nbase + nextra) + 1;
+    size_t nmembarrier = sizeof ob_membarrier_allowed / sizeof ob_membarrier_allowed[0];
+    size_t cap = 6 + 3 * (5 + 1 + 2) + (5 + nfcntl + 2) + (5 + nmembarrier + 2) + 2 * (nbase + nextra) + 1;
     struct sock_filter *f = calloc(cap, sizeof *f);
     if (f == NULL) { errno = ENOMEM; return -1; }
     size_t n = 0;
@@ -408,6 +417,7 @@ int ob_seccomp_install(const int *extra, size_t nextra, pid_t self) {
     n = emit_arg_restricted(f, n, SYS_tkill, 0, &me, 1);
     n = emit_arg_restricted(f, n, SYS_tgkill, 0, &me, 1);
     n = emit_arg_restricted(f, n, SYS_fcntl, 1, ob_fcntl_allowed, nfcntl);
+    n = emit_arg_restricted(f, n, SYS_membarrier, 0, ob_membarrier_allowed, nmembarrier);
     for (size_t i = 0; i < nbase + nextra; i++) {
         int nr = i < nbase ? ob_allowed[i] : extra[i - nbase];
         f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)nr, 0, 1);

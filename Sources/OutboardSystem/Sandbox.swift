@@ -25,8 +25,8 @@ public struct SandboxPolicy: Sendable, Equatable {
     /// RLIMIT_NPROC: processes of the user. 0: no new process, even if fork were allowed.
     public var maxProcesses: UInt64
     /// Syscall numbers (x86-64) allowed on top of `Sandbox.baseAllowedSyscalls`, for drivers
-    /// that need more (ioctl on a VFIO device fd, for example). kill, tkill, tgkill and
-    /// fcntl are always argument-checked and cannot be listed here.
+    /// that need more (ioctl on a VFIO device fd, for example). kill, tkill, tgkill, fcntl
+    /// and membarrier are always argument-checked and cannot be listed here.
     public var extraAllowedSyscalls: [CInt]
 
     public init(
@@ -127,7 +127,7 @@ public enum SandboxError: Error, Equatable, Sendable, CustomStringConvertible {
         case .privilegedIdentity(let u, let g):
             return "sandbox: refusing to run a driver as uid \(u) gid \(g); neither may be 0 (root)"
         case .invalidExtraSyscall(let n):
-            return "sandbox: extra syscall \(n) is out of range or argument-checked (kill, tkill, tgkill, fcntl)"
+            return "sandbox: extra syscall \(n) is out of range or argument-checked (kill, tkill, tgkill, fcntl, membarrier)"
         case .tooManyExtraSyscalls(let n):
             return "sandbox: \(n) extra syscalls; at most \(OB_SECCOMP_MAX_EXTRA) are accepted"
         case .threadCountUnknown(let e): return "sandbox: cannot count threads in /proc/self/status: \(e)"
@@ -187,8 +187,9 @@ public enum Sandbox {
 
     /// The seccomp allow-list every sandboxed process gets (x86-64 syscall numbers),
     /// defined in one commented array in Sources/CLinux/shim.c. kill, tkill and tgkill are
-    /// allowed in addition, only towards the process itself, and fcntl only with
-    /// F_GETFD/F_SETFD/F_GETFL/F_SETFL/F_GET_SEALS.
+    /// allowed in addition, only towards the process itself, fcntl only with
+    /// F_GETFD/F_SETFD/F_GETFL/F_SETFL/F_GET_SEALS, and membarrier only with the commands
+    /// that reach the process's own threads (and the query).
     public static var baseAllowedSyscalls: [CInt] {
         var count = 0
         guard let list = ob_sandbox_allowed_syscalls(&count) else { return [] }
@@ -375,6 +376,9 @@ public enum Sandbox {
         attempt("setns", { ob_probe_setns() })
         attempt("bpf-map-create", { ob_probe_bpf() })
         attempt("setuid-root", { setuid(0) })
+        // membarrier(2) GLOBAL_EXPEDITED interrupts every CPU running a registered process:
+        // a driver may register before it enters the sandbox, but not send barriers.
+        attempt("membarrier-global-expedited", { ob_membarrier(OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0) })
         return results
     }
 

@@ -18,7 +18,7 @@ import Testing
             return (String(parts[0]), Int32(parts[1])!)
         })
         for name in ["open-etc-passwd", "socket-inet-stream", "execve-bin-true", "ptrace-attach-parent", "kill-parent", "clone-fork",
-                     "eventfd-create", "epoll-create"] {
+                     "eventfd-create", "epoll-create", "membarrier-global-expedited"] {
             #expect(probes[name] != nil, "probe \(name) missing from \(d.probes)")
         }
         for (name, err) in probes {

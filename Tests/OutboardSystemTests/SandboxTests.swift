@@ -27,6 +27,7 @@ import Glibc
         "memfd-create", "pidfd-open-self", "process-vm-readv-self", "ioctl-fionread-stdout",
         "prctl-get-dumpable", "fcntl-setown-stdout", "fcntl-dupfd-stdout", "unshare-mount-namespace",
         "mount-tmpfs", "setns", "bpf-map-create", "setuid-root", "eventfd-create", "epoll-create",
+        "membarrier-global-expedited",
     ]
 
     @Test(.enabled(if: SandboxTests.isRoot, "entering the sandbox needs root"))
@@ -168,6 +169,7 @@ import Glibc
             311 /* process_vm_writev */, 434 /* pidfd_open */, 438 /* pidfd_getfd */,
             319 /* memfd_create */, 16 /* ioctl */, 157 /* prctl */, 246 /* kexec_load */,
             62 /* kill */, 200 /* tkill */, 234 /* tgkill */, 72 /* fcntl: argument-checked */,
+            324 /* membarrier: argument-checked */,
             32 /* dup */, 33 /* dup2 */, 292 /* dup3 */, 105 /* setuid */, 155 /* pivot_root */,
         ]
         let base = Set(Sandbox.baseAllowedSyscalls)
