@@ -49,6 +49,7 @@ struct consumer {
     uint32_t mask, capacity, head, tail_cache;
     uint32_t head_at_last_request, heavy_threshold, upgrade_after;
     int asymmetric;  // what we last published in signal_ordering
+    int barrier_owed;  // a heavy barrier was asked for and not yet confirmed (confirm_sleep)
     uint64_t region_size;
     uint32_t min_len, max_len;
     int error;
@@ -79,9 +80,8 @@ static inline size_t enqueue(struct producer *p, const struct ref_desc *batch, s
 // See QueueProducer.consumerWantsSignal(): a full fence, or only program order when the
 // consumer pays with a heavy barrier (asymmetric ordering).
 static inline int consumer_wants_signal(struct producer *p) {
-    if (p->registered && atomic_load_explicit(p->w.signal_ordering, memory_order_relaxed) == 1)
-        atomic_signal_fence(memory_order_seq_cst);
-    else
+    atomic_signal_fence(memory_order_seq_cst);  // the tail store stays before both loads
+    if (!p->registered || atomic_load_explicit(p->w.signal_ordering, memory_order_relaxed) != 1)
         atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(p->w.signal, memory_order_relaxed) == 0) return 0;
     return atomic_exchange_explicit(p->w.signal, 0, memory_order_relaxed) != 0;
@@ -155,7 +155,8 @@ __attribute__((noinline)) static int choose_ordering_before_sleep(struct consume
     int rare = c->heavy_threshold != 0 && (uint32_t)(c->head - c->head_at_last_request) >= c->heavy_threshold;
     c->head_at_last_request = c->head;
     int wanted = rare && atomic_load_explicit(c->w.producer_barrier, memory_order_relaxed) == 1;
-    int heavy = wanted || c->asymmetric;
+    int heavy = wanted || c->asymmetric || c->barrier_owed;
+    c->barrier_owed = heavy;
     if (wanted != c->asymmetric) {
         c->asymmetric = wanted;
         atomic_store_explicit(c->w.signal_ordering, wanted ? 1 : 0, memory_order_relaxed);
@@ -169,7 +170,7 @@ __attribute__((noinline)) static int choose_ordering_before_sleep(struct consume
 static inline int request_signal(struct consumer *c) {
     if (c->error) return 0;
     atomic_store_explicit(c->w.signal, 1, memory_order_relaxed);
-    if (c->heavy_threshold == 0 && !c->asymmetric) {
+    if (c->heavy_threshold == 0 && !c->asymmetric && !c->barrier_owed) {
         atomic_thread_fence(memory_order_seq_cst);
         return 0;
     }
@@ -177,6 +178,7 @@ static inline int request_signal(struct consumer *c) {
 }
 
 static inline int confirm_sleep(struct consumer *c) {
+    c->barrier_owed = 0;
     if (!c->error && is_empty(c) && !c->error) return 1;
     atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
     return 0;
@@ -208,7 +210,10 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
         __builtin_ia32_pause();
     }
     if (request_signal(c)) {
-        if (membarrier_cmd(MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0) return REF_SYSTEM_ERROR;
+        if (membarrier_cmd(MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0) {
+            atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
+            return REF_SYSTEM_ERROR;
+        }
         r->heavy_barriers++;
     }
     if (confirm_sleep(c)) {
@@ -238,6 +243,7 @@ static void init_endpoints(const struct ref_params *p, void *queues, size_t data
     cons->capacity = p->capacity;
     cons->mask = p->capacity - 1;
     cons->heavy_threshold = p->heavy_threshold;
+    atomic_store_explicit(cons->w.signal_ordering, 0, memory_order_relaxed);
     cons->upgrade_after = p->heavy_threshold != 0 ? p->heavy_threshold : UINT32_MAX;
     cons->region_size = data_size;
     cons->min_len = min_len;

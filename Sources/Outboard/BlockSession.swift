@@ -98,6 +98,8 @@ public struct BlockSession: ~Copyable {
     /// Heavy barriers (membarrier(2)) run before waiting: the completion queue's asymmetric
     /// ordering, used while waits are rare.
     public private(set) var heavyBarriers = 0
+    /// Heavy barriers that failed; each such wait slept at most 1 ms.
+    public private(set) var heavyBarrierFailures = 0
     var events = EpollEvents(capacity: 4)
 
     let depth: Int
@@ -390,13 +392,25 @@ public struct BlockSession: ~Copyable {
                 if n > 0 { return n }
             } while Clock.monotonicNanoseconds < end
         }
+        // A heavy barrier that fails (rare: ENOMEM, or a seccomp filter installed since the
+        // session opened) leaves no guarantee of a doorbell: wait at most 1 ms instead, with
+        // the request withdrawn; the next wait asks for the barrier again.
+        var sleepTimeout = timeoutMilliseconds
+        var confirmed = true
         if completions.requestSignal() {
-            Membarrier.run()
-            heavyBarriers += 1
+            do {
+                try Membarrier.run()
+                heavyBarriers += 1
+            } catch {
+                heavyBarrierFailures += 1
+                completions.cancelSignal()
+                confirmed = false
+                sleepTimeout = timeoutMilliseconds < 0 ? 1 : min(timeoutMilliseconds, 1)
+            }
         }
-        if completions.confirmSleep() {
+        if confirmed ? completions.confirmSleep() : completions.isEmpty() {
             let n: Int
-            do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
+            do { n = try epoll.wait(into: &events, timeoutMilliseconds: sleepTimeout) } catch { throw .system(error) }
             completions.cancelSignal()
             for k in 0..<n {
                 let token = events.token(k)

@@ -301,7 +301,11 @@ struct SwiftRingLoop {
             ob_cpu_relax()
         }
         if q.requestSignal() {
-            Membarrier.run()
+            do { try Membarrier.run() } catch {
+                q.cancelSignal()
+                r.detail = "membarrier: \(error)"
+                return .systemError
+            }
             r.heavyBarriers &+= 1
         }
         if q.confirmSleep() {

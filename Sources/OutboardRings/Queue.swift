@@ -254,17 +254,21 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
     ///   from every batch to every (rare) sleep. We honour it only if our process registered
     ///   (a consumer that claims it otherwise would lose only its own wake-ups).
     ///
-    /// The consumer switches between the two with a heavy barrier (requestSignal), after
-    /// which any load of `signalOrdering` here sees the new value; an older asymmetric value
-    /// can only be seen by a batch whose tail store preceded that barrier and is therefore
-    /// visible to the consumer.
+    /// The consumer drops the asymmetric ordering with a heavy barrier (requestSignal), after
+    /// which any load of `signalOrdering` here sees the fence ordering; the old value can
+    /// only be seen by a batch whose tail store preceded that barrier (the compiler barrier
+    /// keeps the tail store before the load of `signalOrdering` too) and is therefore
+    /// visible to the consumer. It takes it up without a barrier (QueueConsumer.dequeue):
+    /// from then on each of its sleeps runs the heavy barrier, which covers us in either
+    /// ordering.
     @inlinable
     public mutating func consumerWantsSignal() -> Bool {
-        if registeredForHeavyBarrier && words.signalOrdering.pointee.load(ordering: .relaxed) == 1 {
-            // Pairs with the consumer's heavy barrier in QueueConsumer.requestSignal: our tail
-            // store stays before the flag load in program order.
-            ob_compiler_barrier()
-        } else {
+        // Program order: the tail store (publish) stays before both loads below. Pairs with
+        // the consumer's heavy barrier in QueueConsumer.requestSignal (asymmetric ordering);
+        // without it the compiler could move the load of `signalOrdering` above the tail
+        // store, and a batch could skip its fence on an old value after that barrier.
+        ob_compiler_barrier()
+        if !registeredForHeavyBarrier || words.signalOrdering.pointee.load(ordering: .relaxed) != 1 {
             // Pairs with the sequentially consistent fence in QueueConsumer.requestSignal.
             atomicMemoryFence(ordering: .sequentiallyConsistent)
         }
@@ -296,6 +300,9 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// (one compare per batch; the switch itself is off the inlined path).
     @usableFromInline var upgradeAfter: UInt32 = .max
     @usableFromInline var threshold: UInt32 = 0
+    /// requestSignal asked for the heavy barrier and confirmSleep has not confirmed it ran:
+    /// the next request asks again (a barrier that failed is still owed).
+    @usableFromInline var barrierOwed = false
 
     /// The asymmetric signal ordering (QueueProducer.consumerWantsSignal) is used while
     /// at least this many descriptors pass between our requests for a signal, that is,
@@ -304,7 +311,9 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// for a consumer that cannot run the heavy barrier (membarrier(2), which a sandbox
     /// may refuse). A heavy barrier costs about 11 us on a 2-vCPU KVM guest (an interrupt
     /// to the producer's CPU; less on bare metal) and a producer's fence about 100 ns per
-    /// batch of 32, so 4096 is about where it starts to pay.
+    /// batch of 32, so 4096 is about where it starts to pay. Set it before the first
+    /// dequeue; set to 0 while the asymmetric ordering is published, it takes effect at the
+    /// next requestSignal, which still asks for the heavy barrier once, to drop it.
     public var heavyBarrierThreshold: UInt32 {
         get { threshold }
         set {
@@ -328,6 +337,10 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         tailCache = startIndex
         headAtLastRequest = startIndex
         words = QueueWords(memory + offset)
+        // Ours to write: we start with the fence ordering, and say so. (A consumer taking
+        // over a live queue whose previous consumer had published the asymmetric ordering
+        // would need a heavy barrier after this store; queues are not handed over so.)
+        words.signalOrdering.pointee.store(0, ordering: .relaxed)
         capacity = UInt32(layout.capacity)
         mask = capacity - 1
         self.bounds = bounds
@@ -426,7 +439,8 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// (`heavyBarrierThreshold` 0); one that does uses requestSignal and confirmSleep.
     @inlinable
     public mutating func prepareToSleep() -> Bool {
-        precondition(!requestSignal(), "prepareToSleep() is for consumers without a heavy barrier (heavyBarrierThreshold 0)")
+        let heavy = requestSignal()
+        precondition(!heavy, "prepareToSleep() is for consumers without a heavy barrier (heavyBarrierThreshold 0)")
         return confirmSleep()
     }
 
@@ -443,11 +457,15 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// of the ordering by the producer sees the fence ordering (the heavy barrier put our
     /// store before it); dequeue takes it up again, without a barrier, once sleeps are
     /// rare again.
+    ///
+    /// If the heavy barrier cannot run, call cancelSignal() instead of confirmSleep() and do
+    /// not sleep on the doorbell (at most with a short timeout): the barrier stays owed, and
+    /// the next request asks for it again.
     @inlinable
     public mutating func requestSignal() -> Bool {
         guard !failure.failed else { return false }
         words.signal.pointee.store(1, ordering: .relaxed)
-        if threshold == 0 && !asymmetric {
+        if threshold == 0 && !asymmetric && !barrierOwed {
             // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
             // our flag store is globally visible before we reload the producer's tail.
             atomicMemoryFence(ordering: .sequentiallyConsistent)
@@ -461,7 +479,8 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         let rare = threshold != 0 && head &- headAtLastRequest >= threshold
         headAtLastRequest = head
         let wanted = rare && words.producerBarrier.pointee.load(ordering: .relaxed) == 1
-        let heavy = wanted || asymmetric
+        let heavy = wanted || asymmetric || barrierOwed
+        barrierOwed = heavy
         if wanted != asymmetric {
             asymmetric = wanted
             words.signalOrdering.pointee.store(wanted ? 1 : 0, ordering: .relaxed)
@@ -478,11 +497,12 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         return false
     }
 
-    /// Second half of going to sleep, after requestSignal (and the heavy barrier if it
-    /// asked for one): true when the queue is still empty and the caller may sleep; false
+    /// Second half of going to sleep, after requestSignal and, if it asked for one, a heavy
+    /// barrier that ran: true when the queue is still empty and the caller may sleep; false
     /// when work arrived (the request is withdrawn) or the endpoint has failed.
     @inlinable
     public mutating func confirmSleep() -> Bool {
+        barrierOwed = false
         if !failure.failed && isEmpty() && !failure.failed { return true }
         cancelSignal()
         return false

@@ -31,8 +31,9 @@ public struct BlockServerEndpoint: ~Copyable {
     /// `registeredForHeavyBarrier` (by default: whether this process registered with
     /// `Membarrier.register()`) lets a client that waits rarely take the cost of the
     /// completion queue's wake-up check, which spares us a fence per completion batch
-    /// (QueueProducer.consumerWantsSignal). Requests are checked with fences: a driver's
-    /// sandbox does not let it run the heavy barrier.
+    /// (QueueProducer.consumerWantsSignal). Only if the process did register: a true here
+    /// without it would make the client lose wake-ups. Requests are checked with fences: a
+    /// driver's sandbox does not let it run the heavy barrier.
     public init(_ attach: Attach, queues queuesFD: consuming OwnedFD, data dataFD: consuming OwnedFD,
                 requestBell: consuming OwnedFD, completionBell: consuming OwnedFD,
                 keepDataDescriptor: Bool = false,
@@ -63,7 +64,7 @@ public struct BlockServerEndpoint: ~Copyable {
         do {
             cq = try QueueProducer<BlockCompletion>(memory: qm.base, size: qm.size, at: layout.completionOffset,
                                                     layout: layout.completions,
-                                                    registeredForHeavyBarrier: registeredForHeavyBarrier)
+                                                    registeredForHeavyBarrier: registeredForHeavyBarrier && Membarrier.isRegistered)
         } catch {
             throw .queue(error)
         }

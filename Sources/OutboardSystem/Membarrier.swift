@@ -27,20 +27,18 @@ public enum Membarrier {
     private static let registration = Atomic<Bool>(false)
 
     /// Whether this process can run the heavy barrier: the kernel offers it and a trial run
-    /// succeeds (a seccomp filter may refuse it). Checked once per process.
+    /// succeeds (a seccomp filter may refuse it). Checked once per process; run() can still
+    /// fail later (ENOMEM, or a filter installed since).
     public static let isUsable: Bool = {
         let cmds = ob_membarrier(OB_MEMBARRIER_CMD_QUERY, 0)
         guard cmds >= 0, cmds & OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED != 0 else { return false }
         return ob_membarrier(OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0) == 0
     }()
 
-    /// Runs the heavy barrier. Only after `isUsable` said true: the kernel then has no
-    /// reason to refuse it, and a refusal would break the ordering the queues rely on, so
-    /// it stops the process with the reason.
-    public static func run() {
-        let r = ob_membarrier(OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0)
-        if r != 0 {
-            preconditionFailure("membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED) failed after a successful trial: \(Errno(rawValue: errno))")
-        }
+    /// Runs the heavy barrier. When it fails, the queue's request for a signal must be
+    /// withdrawn instead of confirmed (QueueConsumer.requestSignal says what to do).
+    public static func run() throws(Errno) {
+        let cmd = OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED
+        _ = try sys { ob_membarrier(cmd, 0) }
     }
 }

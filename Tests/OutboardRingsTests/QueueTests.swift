@@ -237,6 +237,39 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
         do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
     }
 
+    /// A heavy barrier that could not run is still owed: the consumer withdraws its request
+    /// (cancelSignal, no confirmSleep), and its next request asks for the barrier again,
+    /// even though the ordering was already dropped. Turning the threshold off while the
+    /// asymmetric ordering is published costs one more heavy barrier, to drop it.
+    @Test func aHeavyBarrierThatFailedIsStillOwed() throws {
+        var q = try TestQueue(capacity: 8, registeredForHeavyBarrier: true)
+        q.consumer.heavyBarrierThreshold = 16
+        q.pass(16)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy) }  // a rare sleep
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+        q.pass(3)  // a close sleep: drop the ordering, with a heavy barrier...
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy) }
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
+        q.consumer.cancelSignal()  // ...which failed
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy, "the failed barrier is still owed") }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }  // this one ran
+        q.consumer.cancelSignal()
+        do { let heavy = q.consumer.requestSignal(); #expect(!heavy) }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+
+        q.pass(16)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        q.consumer.heavyBarrierThreshold = 0
+        do { let heavy = q.consumer.requestSignal(); #expect(heavy, "dropping the published ordering takes a heavy barrier") }
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
+        q.consumer.cancelSignal()
+        do { let ok = q.consumer.prepareToSleep(); #expect(ok) }  // fences only from here
+    }
+
     @Test func noAsymmetricOrderingWithoutARegisteredProducer() throws {
         var q = try TestQueue(capacity: 8, registeredForHeavyBarrier: false)
         #expect(q.peek(at: QueueLayout.producerBarrierOffset) == 0)
