@@ -70,8 +70,9 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
     /// request it missed), so each one shows as a wait that ran into its 100 ms timeout,
     /// and none may. Once with fences, once with the asymmetric ordering (a heavy barrier
     /// before every sleep). Checked against the mutations: with both fences taken out of
-    /// the wake-up check, or the heavy barrier not run, runs showed 1 to 4 timeouts per
-    /// 50,000 descriptors; without the re-check before sleeping, dozens.
+    /// the wake-up check, or the heavy barrier not run, runs of 50,000 descriptors showed 0
+    /// to 4 timeouts (most 1 to 4; short runs in slow phases can miss it); without the
+    /// re-check before sleeping, dozens.
     @Test(arguments: [UInt32(0), 1])
     func wakeUpRaceUnderJitter(heavyBarrierThreshold: UInt32) throws {
         let h = RingHarness(executable: try outboardExecutable())
