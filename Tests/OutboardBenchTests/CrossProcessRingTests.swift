@@ -83,12 +83,12 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
             return try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 180_000)
         }
         // A wake-up takes 10 us to 1 ms on this VM, depending on the host's moment: a short
-        // run sizes the real one to about 3 seconds (100,000 descriptors at most, 10,000 at
+        // run sizes the real one to about 4 seconds (200,000 descriptors at most, 10,000 at
         // least), which keeps the suite's time bounded.
         let probe = try run(2_000)
         #expect(probe.succeeded, "\(probe.summary)")
         let perDescriptor = Double(probe.elapsedNanoseconds) / 2_000
-        let count = UInt64(min(100_000, max(10_000, 3e9 / max(perDescriptor, 1))))
+        let count = UInt64(min(200_000, max(10_000, 4e9 / max(perDescriptor, 1))))
         let r = try run(count)
         #expect(r.succeeded, "\(r.summary)")
         let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
