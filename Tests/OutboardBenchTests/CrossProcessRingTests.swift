@@ -161,8 +161,13 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
             for key in ["outboard_mdesc_per_s", "c_mdesc_per_s", "ratio", "outboard_cpu_ns_per_desc", "c_cpu_ns_per_desc"] {
                 #expect(((o[key] as? NSNumber)?.doubleValue ?? 0) > 0, "\(key) in \(line)")
             }
-            for key in ["doorbells_per_desc", "c_doorbells_per_desc", "sleeps_per_desc", "c_sleeps_per_desc"] {
+            for key in ["doorbells_per_desc", "c_doorbells_per_desc", "sleeps_per_desc", "c_sleeps_per_desc",
+                        "heavy_barriers_per_desc", "c_heavy_barriers_per_desc"] {
                 #expect(((o[key] as? NSNumber)?.doubleValue ?? -1) >= 0, "\(key) in \(line)")
+            }
+            #expect((o["heavy_barrier_threshold"] as? NSNumber)?.intValue == 4096, "\(line)")
+            if o["mode"] as? String == "busy" {
+                #expect((o["heavy_barriers_per_desc"] as? NSNumber)?.doubleValue == 0, "busy mode never sleeps: \(line)")
             }
             seen.append("\(o["mode"] as? String ?? "?") \((o["batch"] as? NSNumber)?.intValue ?? 0)")
         }
