@@ -190,6 +190,18 @@ static uint64_t now_ns(void) {
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+// See SwiftRingLoop.pause(_:).
+static void pause_for(const struct ref_params *p, uint64_t *rng) {
+    if (p->pause_ns >= 100000) {
+        uint64_t us = p->pause_ns / 1000;
+        usleep((useconds_t)(us < 1000000 ? us : 1000000));
+        return;
+    }
+    *rng ^= *rng << 13; *rng ^= *rng >> 7; *rng ^= *rng << 17;
+    uint64_t end = now_ns() + *rng % (p->pause_ns + 1);
+    while (now_ns() < end) __builtin_ia32_pause();
+}
+
 static void ring(int fd, struct ref_result *r) {
     uint64_t one = 1;
     while (write(fd, &one, 8) < 0 && errno == EINTR) {}
@@ -266,7 +278,11 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
         stash[i] = (struct ref_desc){ .offset = (uint64_t)i * p->buffer_size, .length = p->buffer_size };
     uint64_t seq = 0, idle = 0;
     char *d = data;
-    while (seq < p->count) {
+    // Runs to `stop`: the count, or the next pause (pause_every), as the Swift worker does.
+    uint64_t rng = p->seed | 1;
+    uint64_t stop = p->pause_every == 0 || p->pause_every > p->count ? p->count : p->pause_every;
+    for (;;) {
+    while (seq < stop) {
         if (stash_count == 0) {
             size_t want = p->batch < p->buffer_count ? p->batch : p->buffer_count;
             size_t n = dequeue(&freeq, stash, want);
@@ -277,7 +293,7 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
             }
             stash_count = n;
         }
-        uint64_t left = p->count - seq;
+        uint64_t left = stop - seq;
         size_t k = p->batch;
         if (k > stash_count) k = stash_count;
         if (k > left) k = (size_t)left;
@@ -295,6 +311,11 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
         if (enqueue(&active, out, k) != k) { r->status = REF_QUEUE_ERROR; goto done; }
         seq += k;
         if (p->mode == REF_MODE_SLEEP && consumer_wants_signal(&active)) ring(active_bell, r);
+    }
+    if (seq >= p->count) break;
+    pause_for(p, &rng);
+    uint64_t next = seq + p->pause_every;
+    stop = next < seq || next > p->count ? p->count : next;
     }
     r->status = REF_OK;
 done:

@@ -45,10 +45,10 @@ public struct RingParameters: Sendable, Equatable {
     /// The worker gives up (status `.stalled`) after this long.
     public var timeoutMilliseconds: Int
     public var seed: UInt64
-    /// The Swift producer pauses after every `pauseEvery` descriptors (0: never). A test
-    /// hook: each pause is a lull in which the consumer finds its queue empty, so a
-    /// sleeping-mode test exercises the doorbell protocol however fast the queue is. The C
-    /// workers do not take it.
+    /// The producer pauses after every `pauseEvery` descriptors (0: never), in both
+    /// implementations. A test hook: each pause is a lull in which the consumer finds its
+    /// queue empty, so a sleeping-mode test exercises the doorbell protocol however fast
+    /// the queue is.
     public var pauseEvery: UInt64
     /// How long: from 100 us, a sleep of that length; below, a busy wait of a random
     /// length up to it (seeded by `seed`), which puts the producer's enqueues at every
@@ -127,7 +127,6 @@ public struct RingParameters: Sendable, Equatable {
         if bufferSize < 8 || bufferSize > 1 << 20 { return "buffer size \(bufferSize) outside 8...1 MiB" }
         if count == 0 { return "count is 0" }
         if pauseNanoseconds > 1_000_000_000 { return "pause of \(pauseNanoseconds) ns is over a second" }
-        if pauseEvery != 0 && implementation == .c { return "the C workers do not pause (pauseEvery)" }
         return nil
     }
 }

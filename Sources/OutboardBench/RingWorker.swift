@@ -336,7 +336,8 @@ private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UI
         batch: UInt32(p.batch), count: p.count, capacity: UInt32(p.capacity),
         buffer_count: UInt32(p.bufferCount), buffer_size: UInt32(p.bufferSize), spin: UInt32(p.spin),
         deadline_ns: deadline, free_offset: layout.freeOffset, active_offset: layout.activeOffset,
-        registered: barriers.registered ? 1 : 0, heavy_threshold: barriers.threshold)
+        registered: barriers.registered ? 1 : 0, heavy_threshold: barriers.threshold,
+        pause_every: p.pauseEvery, pause_ns: p.pauseNanoseconds, seed: p.seed)
     var cr = ref_result()
     if p.role == .producer {
         ref_run_producer(&cp, queues.base, queues.size, data.base, data.size,

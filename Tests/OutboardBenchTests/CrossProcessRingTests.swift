@@ -73,28 +73,32 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
     /// the wake-up check, or the heavy barrier not run, runs of 50,000 descriptors showed 0
     /// to 4 timeouts (most 1 to 4; short runs in slow phases can miss it); without the
     /// re-check before sleeping, dozens.
-    @Test(arguments: [UInt32(0), 1])
-    func wakeUpRaceUnderJitter(heavyBarrierThreshold: UInt32) throws {
+    /// The C reference runs it too: it is the same protocol, and the benchmark's
+    /// comparison is only fair if both are correct.
+    @Test(arguments: [(RingImplementation.swift, UInt32(0)), (.swift, 1), (.c, 0), (.c, 1)])
+    func wakeUpRaceUnderJitter(implementation: RingImplementation, heavyBarrierThreshold: UInt32) throws {
         let h = RingHarness(executable: try outboardExecutable())
         func run(_ count: UInt64) throws -> RingRun {
-            let p = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 1,
+            let p = RingParameters(role: .producer, implementation: implementation, mode: .sleep, batch: 1,
                                    count: count, capacity: 2, spin: 0, timeoutMilliseconds: 120_000,
                                    pauseEvery: 1, pauseNanoseconds: 4_000, heavyBarrierThreshold: heavyBarrierThreshold)
             return try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 180_000)
         }
         // A wake-up takes 10 us to 1 ms on this VM, depending on the host's moment: a short
-        // run sizes the real one to about 4 seconds (200,000 descriptors at most, 10,000 at
+        // run sizes the real one to about 3 seconds (200,000 descriptors at most, 10,000 at
         // least), which keeps the suite's time bounded.
         let probe = try run(2_000)
         #expect(probe.succeeded, "\(probe.summary)")
         let perDescriptor = Double(probe.elapsedNanoseconds) / 2_000
-        let count = UInt64(min(200_000, max(10_000, 4e9 / max(perDescriptor, 1))))
+        let count = UInt64(min(200_000, max(10_000, 3e9 / max(perDescriptor, 1))))
         let r = try run(count)
         #expect(r.succeeded, "\(r.summary)")
         let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
         let timeouts = (r.results[.producer]?.timeouts ?? 0) + (r.results[.consumer]?.timeouts ?? 0)
         let heavy = (r.results[.producer]?.heavyBarriers ?? 0) + (r.results[.consumer]?.heavyBarriers ?? 0)
-        #expect(sleeps > count / 10, "the race must actually run: \(r.summary)")
+        // With a heavy barrier (about 11 us) before each sleep, work has often arrived by
+        // the re-check: fewer sleeps, but as many requests for a signal (heavy barriers).
+        #expect(sleeps > count / (heavyBarrierThreshold == 0 ? 10 : 50), "the race must actually run: \(r.summary)")
         #expect(timeouts == 0, "lost wake-ups: \(r.summary)")
         if heavyBarrierThreshold != 0 { #expect(heavy > count / 10, "\(r.summary)") } else { #expect(heavy == 0) }
     }

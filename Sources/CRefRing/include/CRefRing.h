@@ -44,6 +44,12 @@ struct ref_params {
     /// QueueConsumer.heavyBarrierThreshold: 0 never uses the asymmetric ordering (and is
     /// what a process that cannot run the heavy barrier passes).
     uint32_t heavy_threshold;
+    /// RingParameters.pauseEvery and pauseNanoseconds: the producer pauses after every
+    /// `pause_every` descriptors (0: never), a sleep from 100 us, else a busy wait of a
+    /// random length up to `pause_ns` (xorshift seeded by `seed`), as the Swift worker does.
+    uint64_t pause_every;
+    uint64_t pause_ns;
+    uint64_t seed;
 };
 
 struct ref_result {
