@@ -183,6 +183,7 @@ struct SwiftRingLoop {
         // Runs to `stop`: the count, or the next pause (RingParameters.pauseEvery). Pausing
         // only between these runs keeps the check off the per-batch path.
         let pauseEvery = params.pauseEvery
+        var jitter = params.seed | 1
         var stop = pauseEvery == 0 ? count : min(count, pauseEvery)
         run: while true {
             while seq < stop {
@@ -224,7 +225,7 @@ struct SwiftRingLoop {
                 if sleeping && active.consumerWantsSignal() { ring(activeBell, &r) }
             }
             if seq >= count { break }
-            usleep(300)
+            pause(&jitter)
             let (next, overflow) = seq.addingReportingOverflow(pauseEvery)
             stop = overflow ? count : min(count, next)
         }
@@ -320,6 +321,21 @@ struct SwiftRingLoop {
             if Clock.monotonicNanoseconds > deadline { return .stalled }
         }
         return q.hasFailed ? .queueError : nil
+    }
+
+    /// The producer's pause (RingParameters.pauseNanoseconds): a sleep when long, else a
+    /// busy wait of a random length up to it, so the consumer's requests for a signal
+    /// keep meeting the producer's enqueues at every distance. The C worker's pause_for
+    /// does the same.
+    func pause(_ rng: inout UInt64) {
+        let ns = params.pauseNanoseconds
+        if ns >= 100_000 {
+            usleep(UInt32(min(ns / 1000, 1_000_000)))
+            return
+        }
+        rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17
+        let end = Clock.monotonicNanoseconds &+ rng % (ns &+ 1)
+        while Clock.monotonicNanoseconds < end { ob_cpu_relax() }
     }
 
     func ring(_ bell: borrowing Doorbell, _ r: inout RingWorkerResult) {

@@ -70,9 +70,8 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
     /// request it missed), so each one shows as a wait that ran into its 100 ms timeout,
     /// and none may. Once with fences, once with the asymmetric ordering (a heavy barrier
     /// before every sleep). Checked against the mutations: with both fences taken out of
-    /// the wake-up check, or the heavy barrier not run, runs of 50,000 descriptors showed 0
-    /// to 4 timeouts (most 1 to 4; short runs in slow phases can miss it); without the
-    /// re-check before sleeping, dozens.
+    /// the wake-up check, or the heavy barrier not run, every Swift run (130,000 to 200,000
+    /// descriptors) showed 1 to 3 timeouts; without the re-check before sleeping, dozens.
     /// The C reference runs it too: it is the same protocol, and the benchmark's
     /// comparison is only fair if both are correct.
     @Test(arguments: [(RingImplementation.swift, UInt32(0)), (.swift, 1), (.c, 0), (.c, 1)])
@@ -84,7 +83,7 @@ let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) 
                                    pauseEvery: 1, pauseNanoseconds: 4_000, heavyBarrierThreshold: heavyBarrierThreshold)
             return try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 180_000)
         }
-        // A wake-up takes 10 us to 1 ms on this VM, depending on the host's moment: a short
+        // A round trip takes 7 to 70 us on this VM, depending on the host's moment: a short
         // run sizes the real one to about 3 seconds (200,000 descriptors at most, 10,000 at
         // least), which keeps the suite's time bounded.
         let probe = try run(2_000)
