@@ -98,7 +98,6 @@ int ob_cpu_allowed(int *cpus, int max) {
     return n;
 }
 
-
 // At most 253 descriptors fit one SCM_RIGHTS message (SCM_MAX_FD); Outboard never passes
 // more than a handful, so the control buffer is sized for 64.
 #define OB_MAX_FDS 64

@@ -377,17 +377,13 @@ struct HeavyBarrierUse {
     var registered: Bool
     /// The consumers' heavyBarrierThreshold: 0 when this process cannot run the barrier.
     var threshold: UInt32
-    static let none = HeavyBarrierUse(registered: false, threshold: 0)
+    static let none = HeavyBarrierUse(threshold: 0)
 
-    init(registered: Bool, threshold: UInt32) {
-        self.registered = registered
-        self.threshold = threshold
-    }
-
-    /// Registers this process; threshold 0 turns the asymmetric ordering off.
+    /// Registers this process; threshold 0 turns the asymmetric ordering off (and makes no
+    /// system call).
     init(threshold: UInt32) {
         registered = threshold != 0 && (try? Membarrier.register()) != nil
-        self.threshold = Membarrier.isUsable ? threshold : 0
+        self.threshold = threshold != 0 && Membarrier.isUsable ? threshold : 0
     }
 }
 

@@ -165,5 +165,3 @@ struct Held<Element: ~Copyable>: ~Copyable {
         return try body(&storage[k])
     }
 }
-
-typealias OpenSessions = Held<BlockSession>

@@ -78,7 +78,7 @@ import Testing
     @Test func maximumSessionsFitTheDriversDescriptorLimit() throws {
         let m = try ManagerFixture(devices: "[\(memDevice("m0", limits: #"{"max_sessions": 64}"#))]")
         let admin = try m.admin()
-        var open = OpenSessions(capacity: 64)
+        var open = Held<BlockSession>(capacity: 64)
         for _ in 0..<64 { open.append(try m.open("m0", dataBytes: 4096, depth: 2)) }
         for k in 0..<open.count { #expect(try open.with(k) { try io(&$0, .write, sector: UInt64(k * 8)) } == .ok) }
         #expect(try m.device("m0").restarts == 0)

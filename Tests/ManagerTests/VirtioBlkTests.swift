@@ -258,7 +258,7 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
     /// have a slot go on as before.
     @Test func sessionsBeyondTheDevicesMemorySlots() throws {
         let f = try VirtioFixture(maxSessions: 64)
-        var open = OpenSessions(capacity: 64)
+        var open = Held<BlockSession>(capacity: 64)
         var refusal: String? = nil
         for _ in 0..<64 {
             do {
