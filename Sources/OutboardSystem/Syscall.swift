@@ -77,6 +77,12 @@ public enum CPU {
         let n = ob_cpu_allowed(&cpus, CInt(cpus.count))
         return n > 0 ? cpus.prefix(Int(n)).map(Int.init) : []
     }
+    /// Two CPUs for a pair of busy processes (a producer and a consumer): the first two
+    /// allowed, or nil when fewer than two are allowed (then neither is pinned).
+    public static var firstTwoAllowed: (Int, Int)? {
+        let a = allowed
+        return a.count >= 2 ? (a[0], a[1]) : nil
+    }
     /// Pins the calling thread to `cpu`.
     public static func pin(to cpu: Int) throws(Errno) {
         _ = try sys { ob_pin_to_cpu(CInt(cpu)) }

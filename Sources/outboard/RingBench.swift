@@ -27,7 +27,7 @@ struct RingBench: ParsableCommand {
     var count: UInt64?
 
     @Option(help: "Runs per implementation and configuration; medians are reported, and the ratio is the median of adjacent-run ratios.")
-    var repeats: Int = 7
+    var repeats: Int = 15
 
     @Option(help: "Queue capacity (and buffers in circulation).")
     var capacity: Int = 512
@@ -50,9 +50,8 @@ struct RingBench: ParsableCommand {
         let batchList = batches.split(separator: ",").compactMap { Int($0) }
         let modeList = modes.split(separator: ",").compactMap { m in RingMode.allCases.first { "\($0)" == m } }
         guard !batchList.isEmpty, !modeList.isEmpty else { throw ValidationError("no batch sizes or modes") }
-        let allowed = CPU.allowed
-        let cpus = allowed.count
-        let (producerCPU, consumerCPU) = cpus >= 2 ? (allowed[0], allowed[1]) : (-1, -1)
+        let cpus = CPU.allowed.count
+        let (producerCPU, consumerCPU) = CPU.firstTwoAllowed ?? (-1, -1)
         let harness = RingHarness(executable: currentExecutable(),
                                   wrapper: workerWrapper.map { $0.split(separator: " ").map(String.init) } ?? [])
         if !json {

@@ -150,7 +150,8 @@ import Testing
             #expect(message.contains("device limit"))
         }
         #expect(try m.device("m0").registeredBytes == 131072)
-        a = nil
+        #expect(a?.info.dataBytes == 65536)
+        a = nil  // closes the session
         try m.waitFor("the closed session's bytes to be released") { try m.device("m0").registeredBytes == 65536 }
         let c = try m.open("m0", dataBytes: 4096)
         #expect(c.info.dataBytes == 4096 && b.info.dataBytes == 65536)

@@ -5,7 +5,7 @@ import OutboardSystem
 import OutboardTestSupport
 import Testing
 
-let cpus = { let a = CPU.allowed; return a.count >= 2 ? (a[0], a[1]) : (-1, -1) }()
+let cpus = CPU.firstTwoAllowed ?? (-1, -1)
 
 @Suite(.serialized) struct CrossProcessRingTests {
     /// 10^8 descriptors between two processes, both polling: no loss, duplication or
