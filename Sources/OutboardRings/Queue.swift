@@ -164,9 +164,12 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
         words.producerBarrier.pointee.store(registeredForHeavyBarrier ? 1 : 0, ordering: .relaxed)
     }
 
-    /// Descriptors that can be enqueued now (refreshes the consumer's head).
+    /// Descriptors that can be enqueued now (refreshes the consumer's head); 0 once the
+    /// endpoint has failed, without reading the peer's index again (the error recorded
+    /// first stays the one reported).
     @inlinable
     public mutating func freeSlots() -> Int {
+        guard !failure.failed else { return 0 }
         refreshHead()
         return !failure.failed ? Int(capacity &- (tail &- headCache)) : 0
     }
@@ -408,9 +411,13 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         }
     }
 
-    /// True when nothing is waiting (refreshes the producer's tail if needed).
+    /// True when nothing can be dequeued: nothing is waiting (refreshes the producer's
+    /// tail if needed), or the endpoint has failed (check `hasFailed`), so that a caller
+    /// polling this before dequeue cannot spin on a descriptor that was refused. A failed
+    /// endpoint does not read the peer's index again: the error recorded first stays.
     @inlinable
     public mutating func isEmpty() -> Bool {
+        guard !failure.failed else { return true }
         if tailCache != head { return false }
         refreshTail()
         return tailCache == head

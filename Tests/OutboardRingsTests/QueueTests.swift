@@ -113,6 +113,34 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
         do { let ok = q3.consumer.hasFailed; #expect(ok) }
     }
 
+    /// Once failed, an endpoint stays failed with the error it recorded first: isEmpty()
+    /// and freeSlots() neither report work nor space, nor read the peer's index again.
+    @Test func theFirstErrorStaysAndAFailedEndpointOffersNothing() throws {
+        var q = try TestQueue(capacity: 8, regionSize: 4096, maxLength: 1024)
+        let past = BufferDescriptor(offset: RegionOffset(4096 - 63), length: 64)
+        do { let ok = q.producer.enqueue(past); #expect(ok) }
+        do { let ok = q.producer.enqueue(desc(1)); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == nil; #expect(ok) }
+        let refused = QueueError.descriptorOutOfBounds(past, bounds: q.consumer.bounds)
+        do { let ok = q.consumer.error == refused; #expect(ok) }
+        // Work is waiting, but none can be dequeued: a caller polling isEmpty() must not
+        // be sent back to dequeue for ever.
+        do { let ok = q.consumer.isEmpty(); #expect(ok) }
+        q.poke(UInt32(1000), at: QueueLayout.tailOffset)  // an impossible tail on top
+        do { let ok = q.consumer.isEmpty(); #expect(ok) }
+        do { let ok = q.consumer.error == refused; #expect(ok) }
+        do { let ok = !q.consumer.requestSignal() && !q.consumer.confirmSleep(); #expect(ok) }
+
+        var p = try TestQueue(capacity: 4)
+        p.poke(UInt32(7), at: QueueLayout.headOffset)
+        do { let ok = p.producer.freeSlots() == 0; #expect(ok) }
+        let first = QueueError.peerIndexOutOfRange(peer: 7, own: 0, capacity: 4)
+        do { let ok = p.producer.error == first; #expect(ok) }
+        p.poke(UInt32(9), at: QueueLayout.headOffset)
+        do { let ok = p.producer.freeSlots() == 0 && !p.producer.enqueue(desc(0)); #expect(ok) }
+        do { let ok = p.producer.error == first; #expect(ok) }
+    }
+
     /// A buffer the receiver will write `minLength` bytes into cannot sit at the very end
     /// of the region with a short length.
     @Test func shortBuffersAreRefusedWhenAMinimumIsSet() throws {
