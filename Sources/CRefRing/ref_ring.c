@@ -56,6 +56,8 @@ struct consumer {
 };
 
 static inline void refresh_head(struct producer *p) {
+    // Acquire: pairs with the release store of head in dequeue (the consumer's copies of
+    // the slots it freed are complete before we overwrite them).
     uint32_t h = atomic_load_explicit(p->w.head, memory_order_acquire);
     if ((uint32_t)(h - p->head_cache) > (uint32_t)(p->tail - p->head_cache)) { p->error = 1; return; }
     p->head_cache = h;
@@ -88,6 +90,8 @@ static inline int consumer_wants_signal(struct producer *p) {
 }
 
 static inline void refresh_tail(struct consumer *c) {
+    // Acquire: pairs with the release store of tail in enqueue (the descriptors written
+    // before that tail are visible).
     uint32_t t = atomic_load_explicit(c->w.tail, memory_order_acquire);
     uint32_t ahead = t - c->head;
     if (ahead > c->capacity || ahead < (uint32_t)(c->tail_cache - c->head)) { c->error = 1; return; }

@@ -45,7 +45,7 @@ extension UnixSocket {
             throw .socket(error)
         }
         let bytes = received.bytes
-        var descriptors = received.descriptors
+        let descriptors = received.descriptors
         let message: ControlMessage
         do {
             message = try ControlMessage.decode(bytes, limit: limit)

@@ -35,6 +35,9 @@ public struct SessionHeaderPage: @unchecked Sendable {
     var generationWord: UnsafeMutablePointer<Atomic<UInt64>> { base.assumingMemoryBound(to: Atomic<UInt64>.self) }
     var stateWord: UnsafeMutablePointer<Atomic<UInt32>> { (base + 8).assumingMemoryBound(to: Atomic<UInt32>.self) }
 
+    // Acquire: each pairs with the releasing stores in publish(generation:state:); the
+    // state is stored before the generation, so a reader that sees a new generation and
+    // then loads the state sees that state or a later one.
     public var generation: UInt64 { generationWord.pointee.load(ordering: .acquiring) }
     public var state: SessionState? { SessionState(rawValue: stateWord.pointee.load(ordering: .acquiring)) }
 
@@ -107,6 +110,9 @@ public struct DriverPage: @unchecked Sendable {
     public func isInUse(_ index: Int) -> Bool {
         guard index >= 0, index < tableCapacity else { return false }
         atomicMemoryFence(ordering: .sequentiallyConsistent)
+        // Acquire: pairs with the releasing store in clearInUse (the driver's last use of
+        // the region happened before it cleared the mark); the fence above pairs with the
+        // one in markInUse.
         return inUseWord(index).pointee.load(ordering: .acquiring) != 0
     }
 }

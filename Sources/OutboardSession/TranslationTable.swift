@@ -101,6 +101,7 @@ public struct TranslationTable: @unchecked Sendable {
 
     // MARK: driver side
 
+    // Acquire: pair with the releasing stores in setGeneration and requestAbort.
     public var generation: UInt64 { u64(8).pointee.load(ordering: .acquiring) }
     public var abortGeneration: UInt64 { u64(16).pointee.load(ordering: .acquiring) }
 
@@ -110,6 +111,8 @@ public struct TranslationTable: @unchecked Sendable {
         guard index >= 0, index < capacity else { return nil }
         let at = Self.headerSize + index * Self.entrySize
         for _ in 0..<8 {
+            // Seqlock read. Acquire: pairs with the releasing store of the even sequence
+            // that ends write(_:_:), so the fields loaded below are at least that write's.
             let s1 = u32(at).pointee.load(ordering: .acquiring)
             if s1 & 1 != 0 { continue }
             let state = u32(at + 4).pointee.load(ordering: .relaxed)

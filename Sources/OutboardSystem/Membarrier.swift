@@ -22,7 +22,8 @@ public enum Membarrier {
         registration.store(true, ordering: .releasing)
     }
 
-    /// Whether register() succeeded in this process.
+    /// Whether register() succeeded in this process. Acquire: pairs with the releasing
+    /// store in register(), so a thread that sees true also sees the registration done.
     public static var isRegistered: Bool { registration.load(ordering: .acquiring) }
     private static let registration = Atomic<Bool>(false)
 

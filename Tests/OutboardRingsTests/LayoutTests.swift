@@ -49,9 +49,9 @@ import OutboardRings
         let l = try QueueLayout(capacity: 8)
         let mem = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 64)
         defer { mem.deallocate() }
-        #expect(throws: QueueError.self) { try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 4096 - 64, layout: l) }
-        #expect(throws: QueueError.self) { try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 32, layout: l) }
-        #expect(throws: QueueError.self) { try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: -64, layout: l) }
+        #expect(throws: QueueError.self) { _ = try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 4096 - 64, layout: l) }
+        #expect(throws: QueueError.self) { _ = try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 32, layout: l) }
+        #expect(throws: QueueError.self) { _ = try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: -64, layout: l) }
         _ = try QueueProducer<BufferDescriptor>(memory: mem, size: 4096, at: 4096 - l.byteCount, layout: l)
     }
 }
@@ -77,7 +77,7 @@ struct Entry24: QueueEntry, Equatable {  // three words: read by the generic wor
         let mem = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
         defer { mem.deallocate() }
         #expect(throws: QueueError.unsupportedEntry(size: 12)) {
-            try QueueProducer<Entry12>(memory: mem, size: l.byteCount, at: 0, layout: l)
+            _ = try QueueProducer<Entry12>(memory: mem, size: l.byteCount, at: 0, layout: l)
         }
     }
 
