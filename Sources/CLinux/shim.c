@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <spawn.h>
 #include <string.h>
 #include <time.h>
@@ -501,4 +502,23 @@ long ob_probe_i386_getpid(void) {
        may come back zeroed. */
     __asm__ volatile("int $0x80" : "=a"(r) : "a"(20L) : "r8", "r9", "r10", "r11", "memory");
     return r;
+}
+
+static _Atomic unsigned long ob_counted_signals;
+
+static void ob_counting_handler(int sig) {
+    (void)sig;
+    atomic_fetch_add_explicit(&ob_counted_signals, 1, memory_order_relaxed);
+}
+
+int ob_count_signal(int sig) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = ob_counting_handler;  // no SA_RESTART: blocking calls fail with EINTR
+    sigemptyset(&sa.sa_mask);
+    return sigaction(sig, &sa, NULL);
+}
+
+unsigned long ob_signals_counted(void) {
+    return atomic_load_explicit(&ob_counted_signals, memory_order_relaxed);
 }

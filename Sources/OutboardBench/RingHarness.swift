@@ -133,7 +133,11 @@ public struct RingHarness: Sendable {
         // Ready: each worker sends one byte once it has mapped everything (or a result if
         // its set-up failed).
         for w in workers {
-            guard waitReadable(w.socket.fd.raw, until: deadline) else { run.watchdogFired = true; break }
+            let now = Clock.monotonicNanoseconds
+            let readable = now < deadline
+                ? (try? w.socket.waitReadable(timeoutMilliseconds: Int((deadline - now) / 1_000_000) + 1)) ?? false
+                : false
+            guard readable else { run.watchdogFired = true; break }
             if let m = try? w.socket.receive(maxBytes: 4096) {
                 if m.bytes != [0x52] { run.results[w.role] = RingWorkerResult.decode(m.bytes) }
             } else {
@@ -190,12 +194,5 @@ public struct RingHarness: Sendable {
             w.done = true
         }
         return run
-    }
-
-    private func waitReadable(_ fd: FileDescriptor, until deadline: UInt64) -> Bool {
-        let now = Clock.monotonicNanoseconds
-        guard now < deadline else { return false }
-        var pfd = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
-        return poll(&pfd, 1, CInt(clamping: (deadline - now) / 1_000_000 + 1)) > 0
     }
 }

@@ -56,9 +56,10 @@ public struct ChildProcess: ~Copyable, Sendable {
             let p = pid
             pidfdRaw = try sys { ob_pidfd_open(p, 0) }
         } catch {
-            kill(pid, SIGKILL)
+            let p = pid
+            _ = try? sys { kill(p, SIGKILL) }
             var st: CInt = 0
-            waitpid(pid, &st, 0)
+            _ = try? sys { waitpid(p, &st, 0) }
             throw error
         }
         self.pid = pid
@@ -69,9 +70,10 @@ public struct ChildProcess: ~Copyable, Sendable {
         if !reaped {
             // Never leave a zombie or an orphan behind: a child still running when its
             // owner goes away is killed and reaped.
-            _ = ob_pidfd_send_signal(pidfd.raw.rawValue, SIGKILL)
+            let raw = pidfd.raw.rawValue, p = pid
+            _ = try? sys { ob_pidfd_send_signal(raw, SIGKILL) }
             var st: CInt = 0
-            waitpid(pid, &st, 0)
+            _ = try? sys { waitpid(p, &st, 0) }  // retried on EINTR: a signal must not leave a zombie
         }
     }
 
@@ -97,7 +99,7 @@ public struct ChildProcess: ~Copyable, Sendable {
     public mutating func wait(timeoutMilliseconds: Int = -1) throws(Errno) -> ExitStatus? {
         if reaped { throw Errno.noChildProcess }
         var pfd = pollfd(fd: pidfd.raw.rawValue, events: Int16(POLLIN), revents: 0)
-        let n = try sys { poll(&pfd, 1, CInt(clamping: timeoutMilliseconds)) }
+        let n = try sysWaiting(timeoutMilliseconds: timeoutMilliseconds) { poll(&pfd, 1, $0) }
         if n == 0 { return nil }
         var st: CInt = 0
         let p = pid

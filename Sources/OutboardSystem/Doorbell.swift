@@ -52,7 +52,7 @@ public struct Doorbell: ~Copyable, Sendable {
     @inline(never)
     public func wait(timeoutMilliseconds: Int) throws(Errno) -> Bool {
         var pfd = pollfd(fd: fd.raw.rawValue, events: Int16(POLLIN), revents: 0)
-        let n = try sys { poll(&pfd, 1, CInt(clamping: timeoutMilliseconds)) }
+        let n = try sysWaiting(timeoutMilliseconds: timeoutMilliseconds) { poll(&pfd, 1, $0) }
         if n == 0 { return false }
         try drain()
         return true

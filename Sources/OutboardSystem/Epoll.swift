@@ -59,7 +59,7 @@ public struct Epoll: ~Copyable, Sendable {
         var events = [UInt32](repeating: 0, count: count)
         var tokens = [UInt64](repeating: 0, count: count)
         let raw = fd.raw.rawValue
-        let n = try sys { ob_epoll_wait(raw, &events, &tokens, CInt(count), CInt(clamping: timeoutMilliseconds)) }
+        let n = try sysWaiting(timeoutMilliseconds: timeoutMilliseconds) { ob_epoll_wait(raw, &events, &tokens, CInt(count), $0) }
         return (0..<Int(n)).map { Event(token: tokens[$0], events: Events(rawValue: events[$0])) }
     }
 }
@@ -95,7 +95,7 @@ extension Epoll {
     public func wait(into out: inout EpollEvents, timeoutMilliseconds: Int) throws(Errno) -> Int {
         let raw = fd.raw.rawValue
         let events = out.events, tokens = out.tokens, capacity = CInt(out.capacity)
-        let n = try sys { ob_epoll_wait(raw, events, tokens, capacity, CInt(clamping: timeoutMilliseconds)) }
+        let n = try sysWaiting(timeoutMilliseconds: timeoutMilliseconds) { ob_epoll_wait(raw, events, tokens, capacity, $0) }
         out.count = Int(n)
         return Int(n)
     }

@@ -22,6 +22,27 @@ func sys<T: FixedWidthInteger>(_ call: () -> T) throws(Errno) -> T {
     }
 }
 
+/// As `sys`, for calls that wait at most a timeout in milliseconds (negative: no limit),
+/// which `call` gets as its argument: poll(2), epoll_wait(2). A call interrupted by a signal
+/// is retried with what is left of the timeout, not the whole of it again, so signals that
+/// keep coming cannot stretch the wait.
+@inline(never)
+@usableFromInline
+func sysWaiting<T: FixedWidthInteger>(timeoutMilliseconds: Int, _ call: (CInt) -> T) throws(Errno) -> T {
+    let start = timeoutMilliseconds > 0 ? Clock.monotonicNanoseconds : 0
+    var timeout = CInt(clamping: timeoutMilliseconds)
+    while true {
+        let r = call(timeout)
+        if r != -1 { return r }
+        let e = Errno(rawValue: errno)
+        if e != .interrupted { throw e }
+        if timeoutMilliseconds > 0 {
+            let elapsed = Int(clamping: (Clock.monotonicNanoseconds &- start) / 1_000_000)
+            timeout = CInt(clamping: max(0, timeoutMilliseconds - elapsed))
+        }
+    }
+}
+
 /// As `sys`, for calls that return 0 or an errno value directly (posix_spawn).
 @inline(never)
 func sysReturningErrno(_ call: () -> CInt) throws(Errno) {

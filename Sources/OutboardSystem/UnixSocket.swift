@@ -183,6 +183,6 @@ extension UnixSocket {
     /// `timeoutMilliseconds` (negative: no limit). Returns false on timeout. poll(2).
     public func waitReadable(timeoutMilliseconds: Int) throws(Errno) -> Bool {
         var pfd = pollfd(fd: fd.raw.rawValue, events: Int16(POLLIN), revents: 0)
-        return try sys { poll(&pfd, 1, CInt(clamping: timeoutMilliseconds)) } > 0
+        return try sysWaiting(timeoutMilliseconds: timeoutMilliseconds) { poll(&pfd, 1, $0) } > 0
     }
 }

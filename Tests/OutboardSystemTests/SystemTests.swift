@@ -1,5 +1,7 @@
 import CLinux
+import Foundation
 import OutboardSystem
+import Synchronization
 import SystemPackage
 import Testing
 
@@ -17,7 +19,7 @@ func descriptorsReferring(toMemfd name: String) -> Int {
         let fd = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
         var buf = [CChar](repeating: 0, count: 512)
         let len = readlink("/proc/self/fd/\(fd)", &buf, 511)
-        if len > 0, String(cString: buf).hasPrefix("/memfd:\(name) ") { n += 1 }
+        if len > 0, String(decoding: buf.prefix(len).map { UInt8(bitPattern: $0) }, as: UTF8.self).hasPrefix("/memfd:\(name) ") { n += 1 }
     }
     return n
 }
@@ -83,6 +85,32 @@ func descriptorsReferring(toMemfd name: String) -> Int {
         try d.ring()
         #expect(try d.wait(timeoutMilliseconds: 10_000) == true)
         #expect(try d.drain() == 0)
+    }
+
+    /// A wait with a timeout ends at its timeout even while signals keep interrupting it:
+    /// poll(2) and epoll_wait(2) are retried after EINTR with what is left of the timeout,
+    /// not the whole of it again (then a signal every 10 ms would keep a 300 ms wait going
+    /// for as long as the signals came: here until the signaller gives up after 10 s).
+    @Test func signalsDoNotStretchAWait() throws {
+        #expect(ob_count_signal(SIGURG) == 0)
+        let d = try Doorbell()
+        let e = try Epoll()
+        try e.add(d.fd.raw, events: .readable, token: 1)
+        var events = EpollEvents(capacity: 4)
+        // The test runner's threads block signals such as this one: let it through here.
+        var only = sigset_t(), old = sigset_t()
+        sigemptyset(&only)
+        sigaddset(&only, SIGURG)
+        #expect(pthread_sigmask(SIG_UNBLOCK, &only, &old) == 0)
+        defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
+        let signaller = Signaller(target: pthread_self(), signal: SIGURG, giveUpAfterSeconds: 10)
+        let counted = ob_signals_counted()
+        let rang = try d.wait(timeoutMilliseconds: 300)
+        let n = try e.wait(into: &events, timeoutMilliseconds: 300)
+        let gaveUp = signaller.stop()
+        #expect(!rang && n == 0)
+        #expect(!gaveUp, "a wait ran until the signals stopped")
+        #expect(ob_signals_counted() - counted >= 4, "the waits must actually have been interrupted")
     }
 
     @Test func epollSeesADoorbell() throws {
@@ -203,5 +231,32 @@ func descriptorsReferring(toMemfd name: String) -> Int {
             arguments: ["-c", "test \"$(ls /proc/self/fd | tr '\\n' ' ')\" = '0 1 2 200 3 4 '"],
             descriptors: [(bell.fd.raw, 3), (other.fd.raw, 200)])
         #expect(try c.wait(timeoutMilliseconds: 10_000) == .exited(0), "fd \(gap) reached the child")
+    }
+}
+
+/// Sends `signal` to one thread every 10 ms until stopped, or until it gives up.
+final class Signaller: @unchecked Sendable {
+    private let stopping = Atomic<Bool>(false)
+    private let finished = Atomic<Bool>(false)
+    private let gaveUp = Atomic<Bool>(false)
+
+    init(target: pthread_t, signal: CInt, giveUpAfterSeconds: UInt64) {
+        let thread = Thread { [self] in
+            let end = Clock.monotonicNanoseconds + giveUpAfterSeconds * 1_000_000_000
+            while !stopping.load(ordering: .acquiring) {
+                if Clock.monotonicNanoseconds > end { gaveUp.store(true, ordering: .relaxed); break }
+                pthread_kill(target, signal)
+                usleep(10_000)
+            }
+            finished.store(true, ordering: .releasing)
+        }
+        thread.start()
+    }
+
+    /// Stops the signals and waits until none can come any more; true if it had given up.
+    func stop() -> Bool {
+        stopping.store(true, ordering: .releasing)
+        while !finished.load(ordering: .acquiring) { usleep(1000) }
+        return gaveUp.load(ordering: .relaxed)
     }
 }

@@ -204,4 +204,10 @@ long ob_probe_x32_getpid(void);
 /// architecture tag and kills the process (SIGSYS).
 long ob_probe_i386_getpid(void);
 
+// Tests: makes `sig` interrupt blocking calls in the thread it is sent to (a handler
+// without SA_RESTART that only counts), so that they fail with EINTR. 0, or -1 with errno.
+int ob_count_signal(int sig);
+/// How many signals the handler of ob_count_signal has counted.
+unsigned long ob_signals_counted(void);
+
 #endif
