@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 batch=${1:-32}
 count=${2:-1000000}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+. scripts/toolchain.sh
 [ -x .build/release/outboard ] || swift build -c release
 work=$(mktemp -d /tmp/outboard-ringcg.XXXXXX)
 trap 'rm -rf "$work"' EXIT

@@ -22,11 +22,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 
-if ! command -v swift >/dev/null; then
-  for d in /opt/swift/usr/bin /usr/share/swift/usr/bin; do
-    [ -x "$d/swift" ] && export PATH="$d:$PATH" && break
-  done
-fi
+. scripts/toolchain.sh
 command -v swift >/dev/null || { echo "setup: the Swift 6 toolchain is required (swift not on PATH)" >&2; exit 1; }
 
 swift build -c release

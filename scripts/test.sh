@@ -5,4 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+. scripts/toolchain.sh  # setup.sh's PATH went with its process
 swift test -c release "$@"
