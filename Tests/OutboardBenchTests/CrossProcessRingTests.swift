@@ -10,7 +10,8 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
 @Suite(.serialized) struct CrossProcessRingTests {
     /// 10^8 descriptors between two processes, both polling: no loss, duplication or
     /// reordering (the consumer checks every descriptor's sequence number and the number
-    /// written into its buffer, and the producer every buffer it gets back).
+    /// written into its buffer; the producer takes back only buffers inside the data region
+    /// and long enough to write into).
     @Test func hundredMillionDescriptorsBusyPolling() throws {
         let h = RingHarness(executable: try outboardExecutable())
         let p = RingParameters(role: .producer, implementation: .swift, mode: .busy, batch: 32,

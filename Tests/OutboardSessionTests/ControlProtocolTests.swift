@@ -128,6 +128,49 @@ struct Generator {
 }
 
 @Suite struct SharedLayoutTests {
+    /// The pages the manager, driver and client share, byte by byte as their documentation
+    /// gives them: written through the API, read back raw at the documented offsets.
+    @Test func sharedPagesAtTheirDocumentedOffsets() {
+        let mem = UnsafeMutableRawPointer.allocate(byteCount: 8192, alignment: 4096)
+        defer { mem.deallocate() }
+        func u32(_ at: Int) -> UInt32 { mem.load(fromByteOffset: at, as: UInt32.self) }
+        func u64(_ at: Int) -> UInt64 { mem.load(fromByteOffset: at, as: UInt64.self) }
+
+        mem.initializeMemory(as: UInt8.self, repeating: 0, count: 8192)
+        #expect(SessionHeaderPage.byteCount == 4096)
+        SessionHeaderPage(mem).publish(generation: 0x1122_3344_5566_7788, state: .recovering)
+        #expect(u64(0) == 0x1122_3344_5566_7788 && u32(8) == SessionState.recovering.rawValue)
+        #expect(SessionState.serving.rawValue == 0 && SessionState.failed.rawValue == 2 && SessionState.closed.rawValue == 3)
+
+        mem.initializeMemory(as: UInt8.self, repeating: 0, count: 8192)
+        let d = DriverPage(mem, tableCapacity: 4)
+        #expect(DriverPage.inUseOffset == 64 && DriverPage.byteCount(tableCapacity: 4) == 64 + 16)
+        d.beat(); d.beat()
+        d.addCompleted(3)
+        d.add(.kicks, 4); d.add(.interrupts, 5); d.add(.signals, 6); d.add(.submitted, 7)
+        d.markInUse(2)
+        #expect(u64(0) == 2 && u64(8) == 3 && u64(16) == 4 && u64(24) == 5 && u64(32) == 6 && u64(40) == 7)
+        #expect(u32(64) == 0 && u32(64 + 4 * 2) == 1 && u32(64 + 4 * 3) == 0)
+        d.clearInUse(2)
+        #expect(u32(64 + 4 * 2) == 0)
+
+        mem.initializeMemory(as: UInt8.self, repeating: 0xAA, count: 8192)
+        let t = TranslationTable(mem, capacity: 4)
+        #expect(TranslationTable.headerSize == 64 && TranslationTable.entrySize == 64)
+        #expect(TranslationTable.byteCount(capacity: 4) == 64 + 4 * 64)
+        t.format(generation: 9)
+        #expect(u32(0) == 0x5454_424F && u32(4) == 4 && u64(8) == 9 && u64(16) == 0)
+        t.requestAbort(generation: 10)
+        #expect(u64(16) == 10)
+        t.write(1, .init(state: .revoking, sessionID: 0xA1, ioAddress: 0xB2, length: 0xC3, leaseEnd: 0xD4, writable: true))
+        let e = 64 + 64
+        #expect(u32(e) != 0 && u32(e) % 2 == 0, "seqlock even (and moved) after a write")
+        #expect(u32(e + 4) == TranslationTable.EntryState.revoking.rawValue && u64(e + 8) == 0xA1 && u64(e + 16) == 0xB2)
+        #expect(u64(e + 24) == 0xC3 && u64(e + 32) == 0xD4 && u32(e + 40) == 1)
+        #expect(u32(64) == 0 && u32(64 + 4) == 0, "entry 0 left free")
+        #expect(TranslationTable.EntryState.free.rawValue == 0 && TranslationTable.EntryState.active.rawValue == 1)
+    }
+
     @Test func blockEntryLayouts() {
         #expect(MemoryLayout<BlockRequest>.size == 32 && MemoryLayout<BlockRequest>.stride == 32)
         #expect(MemoryLayout<BlockRequest>.offset(of: \.sector) == 8)
