@@ -98,9 +98,12 @@ public struct RingHarness: Sendable {
     }
 
     /// Runs a producer and a consumer with `parameters` (its `role` and `cpu` are set per
-    /// worker), plus a hostile writer when `hostile` is true.
+    /// worker), plus a hostile writer when `hostile` is true. Once the producer or the
+    /// consumer has reported a failure, the other gets `graceMilliseconds` to stop by
+    /// itself (it may be waiting for the one that stopped) before it is killed.
     public func run(_ parameters: RingParameters, hostile: Bool = false, producerCPU: Int = -1,
-                    consumerCPU: Int = -1, watchdogMilliseconds: Int = 300_000) throws -> RingRun {
+                    consumerCPU: Int = -1, watchdogMilliseconds: Int = 300_000,
+                    graceMilliseconds: Int = 1000) throws -> RingRun {
         if let problem = parameters.problem { throw RingWorkerFailure.setup(problem) }
         let layout = try parameters.pairLayout
         let queues = try SharedRegion(name: "outboard-ring-queues", size: layout.endOffset)
@@ -177,7 +180,7 @@ public struct RingHarness: Sendable {
                        let r = RingWorkerResult.decode(m.bytes) {
                         run.results[w.role] = r
                         if r.status != .ok && w.role != .hostile && graceDeadline == nil {
-                            graceDeadline = Clock.monotonicNanoseconds + 1_000_000_000
+                            graceDeadline = Clock.monotonicNanoseconds + UInt64(max(graceMilliseconds, 0)) * 1_000_000
                         }
                     } else {
                         try? epoll.remove(w.socket.fd.raw)
