@@ -74,7 +74,8 @@ let package = Package(
             ]
         ),
         // Shared by the test targets that run the `outboard` executable.
-        .target(name: "OutboardTestSupport", path: "Tests/OutboardTestSupport"),
+        .target(name: "OutboardTestSupport", dependencies: ["Outboard", "OutboardSession", "OutboardSystem"],
+                path: "Tests/OutboardTestSupport"),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio"]),
@@ -84,7 +85,18 @@ let package = Package(
         // End to end: a manager process, sandboxed drivers, clients, faults.
         .testTarget(
             name: "ManagerTests",
-            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardBench", "OutboardTestSupport"]
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
+        ),
+        // The drivers, as the manager runs them: the virtio-blk driver against a real
+        // qemu-storage-daemon (the memory driver serves the manager's and client tests).
+        .testTarget(
+            name: "DriversTests",
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardBench", "OutboardTestSupport"]
+        ),
+        // The client library against a real manager: sessions, the partitioner, the admin client.
+        .testTarget(
+            name: "OutboardTests",
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
         ),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(

@@ -3,6 +3,7 @@ import Outboard
 import OutboardRings
 import OutboardSession
 import OutboardSystem
+import OutboardTestSupport
 import Testing
 
 /// End to end: a real manager process, sandboxed driver processes, clients in this process.
@@ -37,44 +38,6 @@ import Testing
     /// gives the driver a descriptor limit that fits them (with the default of 64 the
     /// driver ran out after about a dozen, lost an attach's descriptors, and crash-looped
     /// the device).
-    /// The completion queue's asymmetric ordering, end to end: the driver registers for
-    /// membarrier(2) before it enters its sandbox, so a client that waits rarely (here: it
-    /// polls 5,000 requests without waiting once) spares the driver its per-batch fence,
-    /// and its next wait runs the heavy barrier instead. Waits that follow one another
-    /// closely drop back to fences; every request completes either way.
-    @Test func completionsTakeTheAsymmetricOrderingWhileTheClientWaitsRarely() throws {
-        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
-        var s = try m.open("m0")
-        let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 16)
-        defer { out.deallocate() }
-        let deadline = Clock.monotonicNanoseconds + 60_000_000_000
-        var completed = 0
-        for i in 0..<5000 {
-            #expect(try s.submit(.read, sector: UInt64(i % 64) * 8, offset: 0, length: 4096) != nil)
-            var n = 0
-            while n == 0 && Clock.monotonicNanoseconds < deadline { n = try s.poll(into: out) }
-            completed += n
-            for k in 0..<n { #expect(out[k].status == .ok) }
-        }
-        #expect(completed == 5000)
-        #expect(s.heavyBarriers == 0)
-        // The next wait that finds nothing yet runs the heavy barrier.
-        var rounds = 0
-        while s.heavyBarriers == 0 && rounds < 1000 {
-            #expect(try s.submit(.read, sector: 0, offset: 0, length: 4096) != nil)
-            while s.inFlight > 0 {
-                for k in 0..<(try s.wait(into: out, timeoutMilliseconds: 5000)) { #expect(out[k].status == .ok) }
-            }
-            rounds += 1
-        }
-        #expect(s.heavyBarriers >= 1, "the driver's completion queue never took the asymmetric ordering")
-        // Waits close together: fences again, and no more heavy barriers.
-        for i in 0..<200 { #expect(try io(&s, .write, sector: UInt64(i % 64) * 8) == .ok) }
-        let heavy = s.heavyBarriers
-        for i in 0..<200 { #expect(try io(&s, .read, sector: UInt64(i % 64) * 8) == .ok) }
-        #expect(s.heavyBarriers == heavy)
-    }
-
     @Test func maximumSessionsFitTheDriversDescriptorLimit() throws {
         let m = try ManagerFixture(devices: "[\(memDevice("m0", limits: #"{"max_sessions": 64}"#))]")
         let admin = try m.admin()
@@ -328,114 +291,5 @@ import Testing
         #expect(status.state == "running")
         var another = try m.open("m0")
         do { let st = try io(&another, .read, sector: 16); #expect(st == .ok) }
-    }
-
-    /// Chaining: a partitioner holds one session to the driver and serves a session per
-    /// partition; each client sees its own device from sector 0 and cannot leave it.
-    @Test func partitionerChainsSessions() throws {
-        let m = try ManagerFixture(devices: "[\(memDevice("m0", sizeMib: 16))]")
-        let upstream = try m.open("m0", dataBytes: 32 * 65536, depth: 32)
-        let half = UInt64(8 << 20) / 512
-        let path = m.directory + "/partitions.sock"
-        let box = PartitionerBox(try BlockPartitioner(
-            upstream: upstream,
-            partitions: [.init(name: "p0", firstSector: 0, sectorCount: half), .init(name: "p1", firstSector: half, sectorCount: half)],
-            socketPath: path))
-        let thread = Thread { box.run() }
-        thread.start()
-        defer { box.stop() }
-
-        var a = VerifiedWorkload(session: try BlockSession.open(socketPath: path, device: "p0", writable: true, dataBytes: 16 * 4096, queueDepth: 16),
-                                 blocks: 2048, seed: 1)
-        var b = VerifiedWorkload(session: try BlockSession.open(socketPath: path, device: "p1", writable: true, dataBytes: 16 * 4096, queueDepth: 16),
-                                 blocks: 2048, seed: 2)
-        #expect(a.session.info.blockCount == half)
-        try a.prepare()
-        try b.prepare()
-        try a.run(operations: 2000)
-        try b.run(operations: 2000)
-        // Both wrote their block 0 (version >= 1): the partitions do not overlap, so a's
-        // reads never saw b's data (a block header names its block and version).
-        try a.run(operations: 1000)
-        #expect(a.verifyErrors == 0 && b.verifyErrors == 0, "\(a.firstError ?? "") \(b.firstError ?? "")")
-        #expect(a.clientErrors == 0 && b.clientErrors == 0, "\(a.firstError ?? "") \(b.firstError ?? "")")
-        // Outside the partition: refused per request.
-        var s = try BlockSession.open(socketPath: path, device: "p0", writable: true, dataBytes: 4096, queueDepth: 2)
-        do { let st = try io(&s, .read, sector: half); #expect(st == .invalid) }
-        do { let st = try io(&s, .read, sector: half - 8); #expect(st == .ok) }
-        // A driver restart under the partitioner is invisible to its clients.
-        let hit = try m.admin().injectFault(device: "m0", .kill)
-        try a.run { $0.lastCompletionGeneration > hit.generation }
-        try a.run(operations: 500)
-        #expect(a.verifyErrors == 0 && a.clientErrors == 0, "\(a.firstError ?? "")")
-        // A client that reuses a tag still in flight loses its session; the others go on.
-        // (A raw client: the library would never do this.)
-        do {
-            let sock = try UnixSocket.connect(path: path)
-            try sock.send(.openBlock(OpenBlock(device: "p1", writable: true, dataBytes: 8192, queueDepth: 2)))
-            var d = try sock.receiveControl()
-            guard case .blockOpened = d.message else { Issue.record("open refused: \(d.message)"); return }
-            let layout = try BlockQueueLayout(queueDepth: 2)
-            let queues = try SharedRegion(adopting: d.take(1), minimumSize: layout.byteCount).map(.readWrite)
-            let bell = Doorbell(adopting: d.take(3))
-            var producer = try QueueProducer<BlockRequest>(memory: queues.base, size: queues.size, at: layout.requestOffset,
-                                                           layout: layout.requests)
-            let r = BlockRequest(tag: 0, op: .read, sector: 0, offset: 0, length: 512)
-            #expect(producer.enqueue(r) && producer.enqueue(r))
-            try bell.ring()
-            var closed = false
-            if try sock.waitReadable(timeoutMilliseconds: 5000) {
-                do { _ = try sock.receiveControl() } catch .socket(.closed) { closed = true } catch {}
-            }
-            #expect(closed, "a client reusing an in-flight tag kept its session")
-        }
-        try a.run(operations: 200)
-        #expect(a.verifyErrors == 0 && a.clientErrors == 0, "\(a.firstError ?? "")")
-        box.stop()
-        #expect(box.error == nil, "\(box.error.map { "\($0)" } ?? "")")
-    }
-}
-
-/// Runs a partitioner on its own thread.
-final class PartitionerBox: @unchecked Sendable {
-    let partitioner: BlockPartitioner
-    let lock = NSLock()
-    let done = DispatchSemaphore(value: 0)
-    var stopped = false
-    var failure: BlockSessionError?
-    init(_ p: BlockPartitioner) { partitioner = p }
-    func run() {
-        defer { done.signal() }
-        while !lock.withLock({ stopped }) {
-            do { try partitioner.serve(milliseconds: 50) } catch {
-                lock.withLock { failure = error }
-                return
-            }
-        }
-    }
-    var error: BlockSessionError? { lock.withLock { failure } }
-    /// Stops the loop and waits for the thread to leave it (once).
-    func stop() {
-        let first = lock.withLock { () -> Bool in
-            defer { stopped = true }
-            return !stopped
-        }
-        if first { done.wait() }
-    }
-}
-
-/// The admin client against a manager that accepts the connection and never answers:
-/// the request fails after its timeout instead of hanging.
-@Suite struct AdminConnectionTests {
-    @Test func aSilentManagerIsAnErrorNotAHang() throws {
-        let path = NSTemporaryDirectory() + "outboard-silent-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
-        let listener = try UnixListener(path: path)
-        let admin = try AdminConnection(socketPath: path, timeoutMilliseconds: 200)
-        let peer = try listener.accept()  // connected, reads nothing, sends nothing
-        #expect(throws: BlockSessionError.failed("manager did not answer within 200 ms")) { _ = try admin.status() }
-        // The connection is done: a late answer cannot be mistaken for the next reply.
-        try? peer.send(.statusReport("{}"))
-        #expect(throws: (any Error).self) { _ = try admin.status() }
-        _ = peer
     }
 }

@@ -3,6 +3,7 @@ import Foundation
 import OutboardBench
 import OutboardSession
 import OutboardSystem
+import OutboardTestSupport
 import Testing
 
 /// A real qemu-storage-daemon serving an image file as a vhost-user-blk device, and a

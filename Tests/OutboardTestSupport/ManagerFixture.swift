@@ -2,24 +2,24 @@ import Foundation
 import Outboard
 import OutboardSession
 import OutboardSystem
-import OutboardTestSupport
-import Testing
 
-struct FixtureError: Error, CustomStringConvertible {
-    let description: String
-    init(_ s: String) { description = s }
+public struct FixtureError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ s: String) { description = s }
 }
+
+/// Shared by the test targets that run a manager: ManagerTests, OutboardTests, DriversTests.
 
 /// A real manager process (`outboard run`) with a config of the test's making, its
 /// drivers sandboxed as in production. Stopped (SIGTERM, then SIGKILL) when dropped.
-final class ManagerFixture {
-    let directory: String
-    let socketPath: String
-    let configPath: String
+public final class ManagerFixture {
+    public let directory: String
+    public let socketPath: String
+    public let configPath: String
     var process: ChildProcess?
 
     /// `devices`: the JSON of the "devices" array. `extra`: more top-level keys.
-    init(devices: String, extra: String = "") throws {
+    public init(devices: String, extra: String = "") throws {
         directory = NSTemporaryDirectory() + "outboard-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         socketPath = directory + "/control.sock"
@@ -65,29 +65,29 @@ final class ManagerFixture {
         try? FileManager.default.removeItem(atPath: directory)
     }
 
-    func admin() throws -> AdminConnection { try AdminConnection(socketPath: socketPath) }
+    public func admin() throws -> AdminConnection { try AdminConnection(socketPath: socketPath) }
 
     /// The status report, parsed.
-    func report() throws -> [String: Any] {
+    public func report() throws -> [String: Any] {
         let json = try admin().status()
         return try JSONSerialization.jsonObject(with: Data(json.utf8)) as! [String: Any]
     }
 
-    struct DeviceStatus {
-        var name: String
-        var state: String
-        var generation: Int
-        var restarts: Int
-        var failures: Int
-        var lastFailure: String?
-        var revokedIdle: Int
-        var revokedAtLeaseEnd: Int
-        var registeredBytes: Int
-        var probes: [String]
-        var pid: Int?
+    public struct DeviceStatus {
+        public var name: String
+        public var state: String
+        public var generation: Int
+        public var restarts: Int
+        public var failures: Int
+        public var lastFailure: String?
+        public var revokedIdle: Int
+        public var revokedAtLeaseEnd: Int
+        public var registeredBytes: Int
+        public var probes: [String]
+        public var pid: Int?
     }
 
-    func status() throws -> [DeviceStatus] {
+    public func status() throws -> [DeviceStatus] {
         let r = try report()
         return (r["devices"] as! [[String: Any]]).map { d in
             DeviceStatus(name: d["name"] as! String, state: d["state"] as! String, generation: d["generation"] as! Int,
@@ -98,15 +98,15 @@ final class ManagerFixture {
         }
     }
 
-    func device(_ name: String) throws -> DeviceStatus {
+    public func device(_ name: String) throws -> DeviceStatus {
         guard let d = try status().first(where: { $0.name == name }) else { throw FixtureError("no device \(name)") }
         return d
     }
 
-    func sessions() throws -> [[String: Any]] { try report()["sessions"] as! [[String: Any]] }
+    public func sessions() throws -> [[String: Any]] { try report()["sessions"] as! [[String: Any]] }
 
     /// Polls `condition` until it holds or `seconds` pass (state, not timing, is asserted).
-    func waitFor(_ what: String, seconds: Double = 20, _ condition: () throws -> Bool) throws {
+    public func waitFor(_ what: String, seconds: Double = 20, _ condition: () throws -> Bool) throws {
         let deadline = Date().addingTimeInterval(seconds)
         while Date() < deadline {
             if try condition() { return }
@@ -115,13 +115,13 @@ final class ManagerFixture {
         throw FixtureError("timed out waiting for \(what)")
     }
 
-    func open(_ device: String, writable: Bool = true, dataBytes: Int = 16 * 4096, depth: Int = 16) throws(BlockSessionError) -> BlockSession {
+    public func open(_ device: String, writable: Bool = true, dataBytes: Int = 16 * 4096, depth: Int = 16) throws(BlockSessionError) -> BlockSession {
         try BlockSession.open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes, queueDepth: depth)
     }
 }
 
 /// A device entry for the fixture's config.
-func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"uid": 0, "mode": "rw"}]"#,
+public func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"uid": 0, "mode": "rw"}]"#,
                limits: String = "{}", extra: String = "") -> String {
     """
     {"name": "\(name)", "driver": "memblock", "size_mib": \(sizeMib), "access": \(access), "limits": \(limits)\(extra.isEmpty ? "" : ", " + extra)}
@@ -129,7 +129,7 @@ func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"uid": 0,
 }
 
 /// Runs one request and waits for it.
-func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int = 4096) throws(BlockSessionError) -> BlockStatus? {
+public func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int = 4096) throws(BlockSessionError) -> BlockStatus? {
     guard try s.submit(op, sector: sector, offset: offset, length: length) != nil else { throw .invalidRequest("queue full") }
     var result: BlockStatus?? = nil
     try s.drain { r in result = r.status }
@@ -138,12 +138,12 @@ func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0,
 
 /// Values held together that an Array cannot hold (BlockSession, UnixSocket and other
 /// ~Copyable types): kept in raw storage, ended (deinit) with the holder.
-struct Held<Element: ~Copyable>: ~Copyable {
+public struct Held<Element: ~Copyable>: ~Copyable {
     private let storage: UnsafeMutablePointer<Element>
-    let capacity: Int
-    private(set) var count = 0
+    public let capacity: Int
+    public private(set) var count = 0
 
-    init(capacity: Int) {
+    public init(capacity: Int) {
         storage = .allocate(capacity: capacity)
         self.capacity = capacity
     }
@@ -153,14 +153,14 @@ struct Held<Element: ~Copyable>: ~Copyable {
         storage.deallocate()
     }
 
-    mutating func append(_ element: consuming Element) {
+    public mutating func append(_ element: consuming Element) {
         precondition(count < capacity, "more than capacity \(capacity)")
         (storage + count).initialize(to: element)
         count += 1
     }
 
     /// Runs `body` on the `k`th element.
-    func with<R>(_ k: Int, _ body: (inout Element) throws -> R) rethrows -> R {
+    public func with<R>(_ k: Int, _ body: (inout Element) throws -> R) rethrows -> R {
         precondition(k >= 0 && k < count)
         return try body(&storage[k])
     }
