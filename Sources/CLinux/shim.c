@@ -504,6 +504,8 @@ long ob_probe_i386_getpid(void) {
     return r;
 }
 
+int ob_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
+
 static _Atomic unsigned long ob_counted_signals;
 
 static void ob_counting_handler(int sig) {

@@ -83,51 +83,41 @@ public func parseFioReport(_ output: [UInt8]) throws -> KernelReferenceResult {
 /// Runs a program with stdin from /dev/null, stdout into a pipe, stderr inherited, and
 /// returns everything it wrote to stdout. Throws if it does not exit 0 in time.
 func captureStdout(executable: String, arguments: [String], timeoutMilliseconds: Int) throws -> [UInt8] {
-    var fds: [CInt] = [-1, -1]
-    // pipe2(2) is not in Glibc's Swift module; set FD_CLOEXEC right after (ChildProcess
-    // closes every descriptor it is not given anyway).
-    guard pipe(&fds) == 0 else { throw LabError("pipe: \(Errno(rawValue: errno))") }
-    _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
-    _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
-    let readEnd = OwnedFD(adopting: fds[0])
+    let pipe: Pipe
+    do { pipe = try OwnedFD.pipe() } catch { throw LabError("pipe: \(error)") }
     var child: ChildProcess
     do {
-        let writeEnd = OwnedFD(adopting: fds[1])
-        let null = open("/dev/null", O_RDONLY | O_CLOEXEC)
-        guard null >= 0 else { throw LabError("open /dev/null: \(Errno(rawValue: errno))") }
-        defer { close(null) }
+        let writeEnd = pipe.write
+        let null: OwnedFD
+        do { null = try OwnedFD.open("/dev/null", O_RDONLY) } catch { throw LabError("open /dev/null: \(error)") }
         do {
             child = try ChildProcess(
                 executable: executable, arguments: arguments,
-                descriptors: [(FileDescriptor(rawValue: null), 0), (writeEnd.raw, 1), (FileDescriptor.standardError, 2)])
+                descriptors: [(null.raw, 0), (writeEnd.raw, 1), (FileDescriptor.standardError, 2)])
         } catch {
             throw LabError("cannot start \(executable): \(error)")
         }
-        // writeEnd closes here: EOF on readEnd when the child exits.
+        // writeEnd closes here: EOF on the read end when the child exits.
     }
+    let readEnd = pipe.read
     let deadline = OutboardSystem.Clock.monotonicNanoseconds + UInt64(timeoutMilliseconds) * 1_000_000
     var output: [UInt8] = []
     var buffer = [UInt8](repeating: 0, count: 65536)
-    let fd = readEnd.raw.rawValue
     while true {
-        let now = OutboardSystem.Clock.monotonicNanoseconds
-        if now >= deadline {
+        let ready: Bool
+        do { ready = try readEnd.waitReadable(until: deadline) } catch { throw LabError("poll: \(error)") }
+        guard ready else {
             try? child.signal(SIGKILL)
             _ = try? child.wait()
             throw LabError("\(executable) did not finish within \(timeoutMilliseconds) ms")
         }
-        var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        let ms = CInt(clamping: (deadline - now) / 1_000_000 + 1)
-        let p = poll(&pfd, 1, ms)
-        if p < 0 {
-            if errno == EINTR { continue }
-            throw LabError("poll: \(Errno(rawValue: errno))")
-        }
-        if p == 0 { continue }
-        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n < 0 {
-            if errno == EINTR || errno == EAGAIN { continue }
-            throw LabError("read: \(Errno(rawValue: errno))")
+        let n: Int
+        do throws(Errno) {
+            n = try buffer.withUnsafeMutableBytes { b in Result { () throws(Errno) in try readEnd.read(into: b) } }.get()
+        } catch .resourceTemporarilyUnavailable {
+            continue
+        } catch {
+            throw LabError("read: \(error)")
         }
         if n == 0 { break }
         output.append(contentsOf: buffer[0..<n])

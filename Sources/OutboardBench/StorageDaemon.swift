@@ -95,10 +95,9 @@ public struct LabError: Error, CustomStringConvertible, Sendable {
 /// Creates (or replaces) an image file of `bytes`. `fill`: pseudo-random contents
 /// (written, so reads hit real data in the page cache) instead of a sparse file.
 public func makeImage(path: String, bytes: Int, fill: Bool, seed: UInt64 = 1) throws(LabError) {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-    guard fd >= 0 else { throw LabError("cannot create \(path): \(Errno(rawValue: errno))") }
-    defer { close(fd) }
-    guard ftruncate(fd, off_t(bytes)) == 0 else { throw LabError("cannot size \(path): \(Errno(rawValue: errno))") }
+    let fd: OwnedFD
+    do { fd = try OwnedFD.open(path, O_WRONLY | O_CREAT | O_TRUNC) } catch { throw LabError("cannot create \(path): \(error)") }
+    do { try fd.truncate(to: bytes) } catch { throw LabError("cannot size \(path): \(error)") }
     guard fill else { return }
     let chunk = 1 << 20
     let buf = UnsafeMutableBufferPointer<UInt64>.allocate(capacity: chunk / 8)
@@ -111,7 +110,9 @@ public func makeImage(path: String, bytes: Int, fill: Bool, seed: UInt64 = 1) th
             buf[i] = x
         }
         let n = min(chunk, bytes - done)
-        guard pwrite(fd, buf.baseAddress, n, off_t(done)) == n else { throw LabError("cannot write \(path): \(Errno(rawValue: errno))") }
+        do { try fd.writeAll(UnsafeRawBufferPointer(start: buf.baseAddress, count: n), at: done) } catch {
+            throw LabError("cannot write \(path): \(error)")
+        }
         done += n
     }
 }
@@ -119,12 +120,8 @@ public func makeImage(path: String, bytes: Int, fill: Bool, seed: UInt64 = 1) th
 /// CPU time (user + system) a process has used so far, from /proc/PID/stat; nil when it
 /// is gone.
 public func processCPUNanoseconds(pid: pid_t) -> UInt64? {
-    let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
-    defer { close(fd) }
-    var buf = [UInt8](repeating: 0, count: 1024)
-    let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-    guard n > 0 else { return nil }
+    guard let buf = try? OwnedFD.open("/proc/\(pid)/stat", O_RDONLY).readToEnd(limit: 4096), !buf.isEmpty else { return nil }
+    let n = buf.count
     // Fields after the command name (which is in parentheses and may hold spaces).
     guard let close = buf[0..<n].lastIndex(of: UInt8(ascii: ")")) else { return nil }
     let fields = buf[(close + 2)..<n].split(separator: UInt8(ascii: " "))

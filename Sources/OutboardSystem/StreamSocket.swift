@@ -53,16 +53,6 @@ public enum StreamSocket {
     /// failed, which the next send or receive reports: true. False once `deadline`
     /// (Clock.monotonicNanoseconds) has passed. poll(2).
     public static func wait(_ fd: FileDescriptor, for events: Int16, until deadline: UInt64) throws(Errno) -> Bool {
-        while true {
-            let now = Clock.monotonicNanoseconds
-            guard now < deadline else { return false }
-            // Round up, so as never to spin on a 0 ms poll just before the deadline.
-            let remaining = deadline - now
-            let ms = Int(clamping: remaining / 1_000_000 + (remaining % 1_000_000 == 0 ? 0 : 1))
-            var pfd = pollfd(fd: fd.rawValue, events: events, revents: 0)
-            if try sysWaiting(timeoutMilliseconds: ms, { poll(&pfd, 1, $0) }) == 0 { continue }
-            if pfd.revents & Int16(POLLNVAL) != 0 { throw Errno.badFileDescriptor }
-            return true
-        }
+        try pollUntil(fd.rawValue, events, deadline: deadline)
     }
 }

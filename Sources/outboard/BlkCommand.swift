@@ -94,11 +94,10 @@ struct BlkRead: ParsableCommand {
             done += n
         }
         if let output {
-            let fd = Glibc.open(output, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-            guard fd >= 0 else { throw CommandFailure("cannot open \(output): \(Errno(rawValue: errno))") }
-            defer { close(fd) }
-            guard data.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == data.count else {
-                throw CommandFailure("short write to \(output)")
+            do {
+                try OwnedFD.open(output, O_WRONLY | O_CREAT | O_TRUNC).writeAll(data)
+            } catch {
+                throw CommandFailure("cannot write \(output): \(error)")
             }
         } else {
             for line in stride(from: 0, to: data.count, by: 16) {
@@ -124,15 +123,9 @@ struct BlkWrite: ParsableCommand {
     func run() throws {
         var data: [UInt8]
         if let input {
-            let fd = Glibc.open(input, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { throw CommandFailure("cannot open \(input): \(Errno(rawValue: errno))") }
-            defer { close(fd) }
-            data = []
-            var buf = [UInt8](repeating: 0, count: 1 << 16)
-            while true {
-                let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-                if n <= 0 { break }
-                data.append(contentsOf: buf[0..<n])
+            // A read error is an error, not the end of the input (which would write a cut file).
+            do { data = try OwnedFD.open(input, O_RDONLY).readToEnd() } catch {
+                throw CommandFailure("cannot read \(input): \(error)")
             }
         } else if let pattern {
             data = [UInt8](repeating: pattern, count: count * 512)

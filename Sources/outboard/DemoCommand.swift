@@ -306,11 +306,9 @@ struct Lab {
               ]
             }
             """
-        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw CommandFailure("cannot write \(path)") }
-        defer { close(fd) }
-        let bytes = Array(text.utf8)
-        guard Glibc.write(fd, bytes, bytes.count) == bytes.count else { throw CommandFailure("cannot write \(path)") }
+        do { try OwnedFD.open(path, O_WRONLY | O_CREAT | O_TRUNC).writeAll(Array(text.utf8)) } catch {
+            throw CommandFailure("cannot write \(path): \(error)")
+        }
         return path
     }
 }

@@ -204,6 +204,9 @@ long ob_probe_x32_getpid(void);
 /// architecture tag and kills the process (SIGSYS).
 long ob_probe_i386_getpid(void);
 
+/// pipe2(2) with O_CLOEXEC (Glibc's Swift module does not offer pipe2).
+int ob_pipe_cloexec(int fds[2]);
+
 // Tests: makes `sig` interrupt blocking calls in the thread it is sent to (a handler
 // without SA_RESTART that only counts), so that they fail with EINTR. 0, or -1 with errno.
 int ob_count_signal(int sig);
