@@ -235,7 +235,7 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
     if (confirm_sleep(c)) {
         r->sleeps++;
         struct pollfd pfd = { .fd = bell, .events = POLLIN };
-        int n = poll(&pfd, 1, 100);
+        int n = poll(&pfd, 1, (int)p->sleep_timeout_ms);
         if (n > 0) { uint64_t v; (void)!read(bell, &v, 8); }
         else if (n == 0) r->timeouts++;
         atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);

@@ -59,11 +59,16 @@ public struct RingParameters: Sendable, Equatable {
     /// sleeper runs membarrier(2), the producer skips its fence); 0 never does (fences
     /// only); 1 always does, as long as something was dequeued since the last sleep.
     public var heavyBarrierThreshold: UInt32
+    /// Sleep mode: how long a sleep on the doorbell may last before the worker looks again
+    /// by itself (counted as a timeout). A lost wake-up that nothing else rescues then
+    /// shows as a timeout of this length rather than a hang.
+    public var sleepTimeoutMilliseconds: UInt32
 
     public init(role: RingRole, implementation: RingImplementation, mode: RingMode, batch: Int, count: UInt64,
                 capacity: Int = 512, bufferSize: Int = 2048, spin: Int = 2000, cpu: Int = -1,
                 timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1, pauseEvery: UInt64 = 0,
-                pauseNanoseconds: UInt64 = 300_000, heavyBarrierThreshold: UInt32 = 4096) {
+                pauseNanoseconds: UInt64 = 300_000, heavyBarrierThreshold: UInt32 = 4096,
+                sleepTimeoutMilliseconds: UInt32 = 100) {
         self.role = role
         self.implementation = implementation
         self.mode = mode
@@ -78,6 +83,7 @@ public struct RingParameters: Sendable, Equatable {
         self.pauseEvery = pauseEvery
         self.pauseNanoseconds = pauseNanoseconds
         self.heavyBarrierThreshold = heavyBarrierThreshold
+        self.sleepTimeoutMilliseconds = sleepTimeoutMilliseconds
     }
 
     /// As many buffers as queue slots: neither queue of the pair can overflow.
@@ -86,7 +92,7 @@ public struct RingParameters: Sendable, Equatable {
     public var dataRegionSize: Int { bufferCount * bufferSize }
 
     static let magic: UInt32 = 0x5752_424f  // "OBRW"
-    static let version: UInt16 = 3
+    static let version: UInt16 = 4
 
     var encoded: [UInt8] {
         var w = WireWriter()
@@ -94,7 +100,7 @@ public struct RingParameters: Sendable, Equatable {
         w.put(role.rawValue); w.put(implementation.rawValue); w.put(mode.rawValue)
         w.put(UInt32(batch)); w.put(count); w.put(UInt32(capacity)); w.put(UInt32(bufferSize))
         w.put(UInt32(spin)); w.put(Int32(cpu)); w.put(UInt32(timeoutMilliseconds)); w.put(seed)
-        w.put(pauseEvery); w.put(pauseNanoseconds); w.put(heavyBarrierThreshold)
+        w.put(pauseEvery); w.put(pauseNanoseconds); w.put(heavyBarrierThreshold); w.put(sleepTimeoutMilliseconds)
         return w.bytes
     }
 
@@ -110,12 +116,13 @@ public struct RingParameters: Sendable, Equatable {
               let spin = r.get(UInt32.self), let cpu = r.get(Int32.self),
               let timeout = r.get(UInt32.self), let seed = r.get(UInt64.self),
               let pauseEvery = r.get(UInt64.self), let pauseNs = r.get(UInt64.self),
-              let heavy = r.get(UInt32.self), r.rest.isEmpty
+              let heavy = r.get(UInt32.self), let sleepTimeout = r.get(UInt32.self), r.rest.isEmpty
         else { return .failure(.setup("malformed parameter message")) }
         let p = RingParameters(role: role, implementation: impl, mode: mode, batch: Int(batch), count: count,
                                capacity: Int(capacity), bufferSize: Int(bufferSize), spin: Int(spin),
                                cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed, pauseEvery: pauseEvery,
-                               pauseNanoseconds: pauseNs, heavyBarrierThreshold: heavy)
+                               pauseNanoseconds: pauseNs, heavyBarrierThreshold: heavy,
+                               sleepTimeoutMilliseconds: sleepTimeout)
         if let problem = p.problem { return .failure(.setup(problem)) }
         return .success(p)
     }
@@ -127,6 +134,9 @@ public struct RingParameters: Sendable, Equatable {
         if bufferSize < 8 || bufferSize > 1 << 20 { return "buffer size \(bufferSize) outside 8...1 MiB" }
         if count == 0 { return "count is 0" }
         if pauseNanoseconds > 1_000_000_000 { return "pause of \(pauseNanoseconds) ns is over a second" }
+        if sleepTimeoutMilliseconds == 0 || sleepTimeoutMilliseconds > 600_000 {
+            return "sleep timeout of \(sleepTimeoutMilliseconds) ms outside 1 ms...10 min"
+        }
         return nil
     }
 }

@@ -43,8 +43,8 @@ public struct RingWorkerResult: Sendable, Equatable {
     public var processed: UInt64 = 0
     public var doorbells: UInt64 = 0
     public var sleeps: UInt64 = 0
-    /// Sleeps that ended by the wait's 100 ms timeout rather than a doorbell. A lost
-    /// wake-up shows here.
+    /// Sleeps that ended by the wait's timeout (RingParameters.sleepTimeoutMilliseconds)
+    /// rather than a doorbell. A lost wake-up that nothing else rescued shows here.
     public var timeouts: UInt64 = 0
     /// Heavy barriers (membarrier(2)) run before sleeps: the asymmetric signal ordering.
     public var heavyBarriers: UInt64 = 0
@@ -312,7 +312,7 @@ struct SwiftRingLoop {
         if q.confirmSleep() {
             r.sleeps &+= 1
             do {
-                if try !bell.wait(timeoutMilliseconds: 100) { r.timeouts &+= 1 }
+                if try !bell.wait(timeoutMilliseconds: Int(params.sleepTimeoutMilliseconds)) { r.timeouts &+= 1 }
             } catch {
                 r.detail = "doorbell wait: \(error)"
                 return .systemError
@@ -353,7 +353,8 @@ private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UI
         buffer_count: UInt32(p.bufferCount), buffer_size: UInt32(p.bufferSize), spin: UInt32(p.spin),
         deadline_ns: deadline, free_offset: layout.freeOffset, active_offset: layout.activeOffset,
         registered: barriers.registered ? 1 : 0, heavy_threshold: barriers.threshold,
-        pause_every: p.pauseEvery, pause_ns: p.pauseNanoseconds, seed: p.seed)
+        pause_every: p.pauseEvery, pause_ns: p.pauseNanoseconds, seed: p.seed,
+        sleep_timeout_ms: p.sleepTimeoutMilliseconds)
     var cr = ref_result()
     if p.role == .producer {
         ref_run_producer(&cp, queues.base, queues.size, data.base, data.size,

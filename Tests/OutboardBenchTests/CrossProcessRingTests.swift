@@ -23,8 +23,9 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
 
     /// 10^8 descriptors with both sides sleeping on their doorbell whenever their queue is
     /// empty (no spinning first), so the request-signal protocol runs on every lull. A side
-    /// that is never rung out of its sleep fails the test (the workers count waits that
-    /// ran into their 100 ms timeout; a watchdog fails the test instead of hanging CI).
+    /// that is never rung out of its sleep fails the test: each sleep may last 10 s, far
+    /// longer than any lull here (the producer's pauses are 300 us), and none may run
+    /// into that timeout; a watchdog fails the test instead of hanging CI.
     /// Lulls come by themselves, but a fast enough run has few, so the producer also
     /// pauses every 50,000 descriptors (2,000 pauses): each is a lull the consumer must
     /// sleep through and be rung out of. A single lost wake-up is mostly rescued here by
@@ -41,7 +42,8 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
         let h = RingHarness(executable: try outboardExecutable())
         let p = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 32,
                                count: 100_000_000, capacity: 4096, spin: 0, timeoutMilliseconds: 240_000,
-                               pauseEvery: 50_000, heavyBarrierThreshold: heavyBarrierThreshold)
+                               pauseEvery: 50_000, heavyBarrierThreshold: heavyBarrierThreshold,
+                               sleepTimeoutMilliseconds: 10_000)
         let r = try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 300_000)
         #expect(r.succeeded, "\(r.summary)")
         let sleeps = (r.results[.producer]?.sleeps ?? 0) + (r.results[.consumer]?.sleeps ?? 0)
@@ -50,9 +52,7 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
         let heavy = (r.results[.producer]?.heavyBarriers ?? 0) + (r.results[.consumer]?.heavyBarriers ?? 0)
         #expect(sleeps > 1000, "the sleeping path must actually run: \(r.summary)")
         #expect(rings > 1000, "\(r.summary)")
-        // A sleep ends by its 100 ms timeout only when the peer did nothing for that long:
-        // with a lost wake-up, every pause would end that way.
-        #expect(timeouts * 100 <= sleeps, "wake-ups by timeout, not by doorbell: \(r.summary)")
+        #expect(timeouts == 0, "a sleep that no doorbell ended: \(r.summary)")
         switch heavyBarrierThreshold {
         case 0: #expect(heavy == 0, "\(r.summary)")
         // Each pause ends a stretch of 50,000 descriptors: the consumer's next sleep runs
@@ -195,5 +195,8 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
                                count: 10, capacity: 512)
         #expect(p.problem != nil)
         #expect(throws: RingWorkerFailure.self) { _ = try h.run(p) }
+        let never = RingParameters(role: .producer, implementation: .swift, mode: .sleep, batch: 1, count: 10,
+                                   sleepTimeoutMilliseconds: 0)
+        #expect(never.problem != nil)
     }
 }

@@ -50,6 +50,8 @@ struct ref_params {
     uint64_t pause_every;
     uint64_t pause_ns;
     uint64_t seed;
+    /// RingParameters.sleepTimeoutMilliseconds: the longest sleep on the doorbell.
+    uint32_t sleep_timeout_ms;
 };
 
 struct ref_result {
@@ -57,7 +59,7 @@ struct ref_result {
     uint64_t processed;
     uint64_t doorbells;
     uint64_t sleeps;
-    /// Sleeps that ended by the wait's 100 ms timeout rather than a doorbell.
+    /// Sleeps that ended by the wait's timeout (sleep_timeout_ms) rather than a doorbell.
     uint64_t timeouts;
     /// Heavy barriers (membarrier) run before sleeps.
     uint64_t heavy_barriers;
