@@ -1,18 +1,43 @@
 import Testing
 import OutboardRings
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a guarded test queue sits in its mapping: flush against the inaccessible page
+/// before it, or against the one after it, so that a single byte read or written outside
+/// the queue on that side kills the test process (SIGSEGV).
+enum GuardPlacement { case atStart, atEnd }
+
 /// A queue in private memory, both ends in this process: the deterministic half of the
 /// queue tests (the cross-process half is in OutboardBenchTests).
 struct TestQueue: ~Copyable {
     let memory: UnsafeMutableRawPointer
     let layout: QueueLayout
+    /// The whole mapping of a guarded queue (guard pages included), or nil.
+    let mapping: (base: UnsafeMutableRawPointer, length: Int)?
     var producer: QueueProducer<BufferDescriptor>
     var consumer: QueueConsumer<BufferDescriptor>
 
     init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max, startIndex: UInt32 = 0,
-         registeredForHeavyBarrier: Bool = false) throws {
+         registeredForHeavyBarrier: Bool = false, guarded: GuardPlacement? = nil) throws {
         let l = try QueueLayout(capacity: capacity)
-        let m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
+        let m: UnsafeMutableRawPointer
+        if let guarded {
+            let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+            let body = (l.byteCount + page - 1) / page * page
+            let length = page + body + page
+            guard let base = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+                  base != MAP_FAILED,
+                  mprotect(base, page, PROT_NONE) == 0, mprotect(base + page + body, page, PROT_NONE) == 0
+            else { throw QueueError.unsupportedEntry(size: -1) }
+            mapping = (base, length)
+            m = guarded == .atStart ? base + page : base + page + body - l.byteCount
+        } else {
+            mapping = nil
+            m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
+        }
         // Exactly sized and a fresh layout: these cannot fail.
         try! l.initialize(memory: m, size: l.byteCount, at: 0, startIndex: startIndex)
         let p = try! QueueProducer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex,
@@ -26,7 +51,9 @@ struct TestQueue: ~Copyable {
         consumer = c
     }
 
-    deinit { memory.deallocate() }
+    deinit {
+        if let mapping { munmap(mapping.base, mapping.length) } else { memory.deallocate() }
+    }
 
     func poke<T: FixedWidthInteger>(_ value: T, at offset: Int) {
         memory.storeBytes(of: value, toByteOffset: offset, as: T.self)
@@ -316,13 +343,15 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
 
     /// Random garbage written between operations, as by a hostile peer: the endpoints
     /// either keep working or stop with an error; every descriptor handed on is in bounds,
-    /// and nothing outside the queue's bytes is touched (the queue is allocated exactly,
-    /// and the test runs under the same checks as the rest of the suite).
+    /// and nothing outside the queue's bytes is touched: each queue sits flush against an
+    /// inaccessible page (before it in half the rounds, after it in the other half), so a
+    /// read or write of a single byte beyond it would kill the test process.
     @Test func randomCorruptionNeverEscapesTheBounds() throws {
         var rng = SystemRandomNumberGenerator()
         var failures = 0
-        for _ in 0..<2_000 {
-            var q = try TestQueue(capacity: 16, regionSize: 1 << 16, maxLength: 4096)
+        for round in 0..<2_000 {
+            var q = try TestQueue(capacity: 16, regionSize: 1 << 16, maxLength: 4096,
+                                  guarded: round % 2 == 0 ? .atStart : .atEnd)
             var out = [BufferDescriptor](repeating: desc(0), count: 16)
             for step in 0..<50 {
                 let batch = (0..<Int.random(in: 1...8, using: &rng)).map { _ in
