@@ -83,7 +83,7 @@ public func parseFioReport(_ output: [UInt8]) throws -> KernelReferenceResult {
 /// Runs a program with stdin from /dev/null, stdout into a pipe, stderr inherited, and
 /// returns everything it wrote to stdout. Throws if it does not exit 0 in time.
 func captureStdout(executable: String, arguments: [String], timeoutMilliseconds: Int) throws -> [UInt8] {
-    let pipe: Pipe
+    let pipe: PipeEnds
     do { pipe = try OwnedFD.pipe() } catch { throw LabError("pipe: \(error)") }
     var child: ChildProcess
     do {

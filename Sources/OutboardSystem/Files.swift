@@ -17,10 +17,10 @@ extension OwnedFD {
     }
 
     /// Both ends of a new pipe (pipe2(2), O_CLOEXEC).
-    public static func pipe() throws(Errno) -> Pipe {
+    public static func pipe() throws(Errno) -> PipeEnds {
         var fds: [CInt] = [-1, -1]
         _ = try sys { ob_pipe_cloexec(&fds) }
-        return Pipe(read: OwnedFD(adopting: fds[0]), write: OwnedFD(adopting: fds[1]))
+        return PipeEnds(read: OwnedFD(adopting: fds[0]), write: OwnedFD(adopting: fds[1]))
     }
 
     /// Reads what is there, up to `buffer.count` bytes (read(2)); 0 at the end.
@@ -81,7 +81,7 @@ extension OwnedFD {
 
 /// The two ends of a pipe, each owned.
 @frozen
-public struct Pipe: ~Copyable, Sendable {
+public struct PipeEnds: ~Copyable, Sendable {
     public var read: OwnedFD
     public var write: OwnedFD
 }

@@ -115,7 +115,7 @@ struct BlkWrite: ParsableCommand {
                                                     abstract: "Write a file (padded to whole sectors) or a byte pattern.")
     @OptionGroup var target: BlkTarget
     @Option(help: "First sector (512 bytes).") var sector: UInt64 = 0
-    @Option(help: "File to write.") var input: String?
+    @Option(help: "File to write (up to 1 GiB).") var input: String?
     @Option(help: "Write this byte value instead of a file...") var pattern: UInt8?
     @Option(help: "...over this many sectors.") var count: Int = 1
     @Flag(help: "Flush afterwards.") var flush = false

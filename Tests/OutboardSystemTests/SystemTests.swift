@@ -104,6 +104,7 @@ func descriptorsReferring(toMemfd name: String) -> Int {
         #expect(pthread_sigmask(SIG_UNBLOCK, &only, &old) == 0)
         defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
         let signaller = Signaller(target: pthread_self(), signal: SIGURG, giveUpAfterSeconds: 10)
+        defer { _ = signaller.stop() }  // also when a wait throws
         let counted = ob_signals_counted()
         let rang = try d.wait(timeoutMilliseconds: 300)
         let n = try e.wait(into: &events, timeoutMilliseconds: 300)
@@ -254,6 +255,7 @@ final class Signaller: @unchecked Sendable {
     }
 
     /// Stops the signals and waits until none can come any more; true if it had given up.
+    /// Calling it again changes nothing.
     func stop() -> Bool {
         stopping.store(true, ordering: .releasing)
         while !finished.load(ordering: .acquiring) { usleep(1000) }
