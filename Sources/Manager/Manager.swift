@@ -62,14 +62,18 @@ public final class Manager {
         driverGID = identity.gid
         epoll = try Epoll()
         let dir = config.controlSocket.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
-        if !dir.isEmpty { mkdir(dir, 0o755) }
+        if !dir.isEmpty {
+            do { try FileSystem.makeDirectory(dir) } catch { throw ConfigError("cannot create \(dir): \(error)") }
+        }
         if let probe = try? UnixSocket.connect(path: config.controlSocket) {
             _ = probe
             throw ConfigError("another manager is already listening on \(config.controlSocket)")
         }
         listener = try UnixListener(path: config.controlSocket)
         // Clients of any uid may connect; the policy decides what they get.
-        chmod(config.controlSocket, 0o666)
+        do { try FileSystem.setMode(config.controlSocket, 0o666) } catch {
+            throw ConfigError("cannot open \(config.controlSocket) to every user: \(error)")
+        }
         shutdownBell = try Doorbell()
         try epoll.add(listener.fd.raw, events: .readable, token: Token.listener)
         try epoll.add(shutdownBell.fd.raw, events: .readable, token: Token.shutdown)

@@ -79,6 +79,19 @@ extension OwnedFD {
     }
 }
 
+/// Paths.
+public enum FileSystem {
+    /// Creates the directory `path` (mkdir(2)); one that exists already is fine.
+    public static func makeDirectory(_ path: String, mode: mode_t = 0o755) throws(Errno) {
+        do { _ = try sys { mkdir(path, mode) } } catch .fileExists { return }
+    }
+
+    /// Sets the permission bits of `path` (chmod(2)).
+    public static func setMode(_ path: String, _ mode: mode_t) throws(Errno) {
+        _ = try sys { chmod(path, mode) }
+    }
+}
+
 /// The two ends of a pipe, each owned.
 @frozen
 public struct PipeEnds: ~Copyable, Sendable {
