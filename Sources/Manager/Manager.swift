@@ -140,9 +140,10 @@ public final class Manager {
                 logger.warning("connection refused: too many connections", metadata: ["uid": "\(creds.uid)", "pid": "\(creds.pid)"])
                 try? s.send(.failure(.limitExceeded, "too many connections"), nonBlocking: true)
                 // Read what the client already sent (its open request) before closing:
-                // closing a socket with unread messages resets the connection, and the
-                // client would see "connection reset" instead of the refusal above. A
-                // request that arrives after this still meets the reset.
+                // closing a socket with unread messages resets the connection. A request
+                // that arrives after this still meets the reset (or, after the close, a
+                // broken pipe); UnixSocket.receive and the client library then still find
+                // the refusal above, which the kernel keeps queued behind the reset.
                 for _ in 0..<4 {
                     guard (try? s.receive(maxBytes: ControlProtocol.maxMessageBytes,
                                           maxDescriptors: ControlProtocol.maxDescriptors, nonBlocking: true)) != nil else { break }

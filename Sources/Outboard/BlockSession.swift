@@ -126,7 +126,7 @@ public struct BlockSession: ~Copyable {
             try socket.send(.openBlock(OpenBlock(device: device, writable: writable, dataBytes: UInt64(max(dataBytes, 0)),
                                                  queueDepth: UInt32(clamping: queueDepth))))
         } catch {
-            throw .system(error)
+            throw refusalWaiting(on: socket) ?? .system(error)
         }
         var reply: ControlDelivery
         do { reply = try socket.receiveControl() } catch { throw .protocolError("no answer to open: \(error)") }
@@ -138,6 +138,16 @@ public struct BlockSession: ~Copyable {
         default:
             throw .protocolError("unexpected \(reply.message.type) in answer to open")
         }
+    }
+
+    /// A server that refuses a connection (the manager at its connection cap) answers and
+    /// closes at once, possibly before our request went out, which then fails (EPIPE):
+    /// its answer is still queued for us, and says more than the failed send.
+    static func refusalWaiting(on socket: borrowing UnixSocket) -> BlockSessionError? {
+        guard let d = try? socket.receiveControl(nonBlocking: true), case .failure(let code, let message) = d.message else {
+            return nil
+        }
+        return .refused(code, message)
     }
 
     /// As `open`, but while the device is not ready yet (its driver is starting or has not

@@ -108,7 +108,22 @@ public struct UnixSocket: ~Copyable, Sendable {
     /// Receives one message of at most `maxBytes` bytes and `maxDescriptors` descriptors.
     /// A larger message or more descriptors are an error, with nothing leaked.
     /// `nonBlocking`: return `.system(.wouldBlock)` instead of waiting.
+    ///
+    /// A peer that closed with messages of ours still unread makes the kernel report
+    /// ECONNRESET once, ahead of the messages the peer sent before it closed (a server
+    /// refusing a client, for instance, and closing before it read the client's request).
+    /// Those messages are what the caller needs, so the reset is passed over once: the
+    /// next receive returns them, and then the end of the connection (`.closed`).
     public func receive(maxBytes: Int, maxDescriptors: Int = 0, nonBlocking: Bool = false) throws(SocketError) -> ReceivedMessage {
+        do {
+            return try receiveOnce(maxBytes: maxBytes, maxDescriptors: maxDescriptors, nonBlocking: nonBlocking)
+        } catch .system(.connectionReset) {
+            // The peer is gone, so this cannot block: its last messages, or the end.
+            return try receiveOnce(maxBytes: maxBytes, maxDescriptors: maxDescriptors, nonBlocking: true)
+        }
+    }
+
+    private func receiveOnce(maxBytes: Int, maxDescriptors: Int, nonBlocking: Bool) throws(SocketError) -> ReceivedMessage {
         var bytes = [UInt8](repeating: 0, count: maxBytes)
         var fds = [CInt](repeating: -1, count: max(maxDescriptors, 1))
         var nfds = 0

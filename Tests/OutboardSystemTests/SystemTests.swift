@@ -131,6 +131,21 @@ func descriptorsReferring(toMemfd name: String) -> Int {
 }
 
 @Suite struct UnixSocketTests {
+    /// A peer that answers and closes before it read what we sent: the kernel reports the
+    /// reset first (ECONNRESET), then still holds the peer's answer. The receive passes the
+    /// reset over and returns the answer, then the end of the connection.
+    @Test func theLastWordsOfAPeerThatClosedUnreadAreDelivered() throws {
+        let pair = try UnixSocket.pair()
+        var first: UnixSocket? = pair.first
+        let second = pair.second
+        try first!.send(Array("refused".utf8))
+        try second.send(Array("request".utf8))
+        first = nil  // closes with our request unread
+        let m = try second.receive(maxBytes: 64)
+        #expect(m.bytes == Array("refused".utf8))
+        #expect(throws: SocketError.closed) { _ = try second.receive(maxBytes: 64) }
+    }
+
     @Test func regionsAndDoorbellsTravelWithAMessage() throws {
         let pair = try UnixSocket.pair()
         let region = try SharedRegion(name: "passed", size: 4096)

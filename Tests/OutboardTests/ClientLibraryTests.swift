@@ -156,3 +156,27 @@ final class PartitionerBox: @unchecked Sendable {
         _ = peer
     }
 }
+
+/// A server that refuses a client answers and closes at once (the manager at its
+/// connection cap), so the client's request is either still unread when it closes (the
+/// client's receive meets a reset first) or goes out after the close (the send fails):
+/// either way the client reports the refusal, not the reset or the broken pipe.
+@Suite struct RefusalTests {
+    @Test func aRefusalThatClosesAtOnceReachesTheClient() throws {
+        let path = NSTemporaryDirectory() + "outboard-refusing-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        let listener = try UnixListener(path: path)
+        let served = DispatchSemaphore(value: 0)
+        let server = Thread {
+            defer { served.signal() }
+            guard let s = try? listener.accept() else { return }
+            usleep(100_000)  // the client's open request is queued by now, and stays unread
+            try? s.send(.failure(.limitExceeded, "too many connections"), nonBlocking: true)
+        }  // s closes here
+        server.start()
+        #expect(throws: BlockSessionError.refused(.limitExceeded, "too many connections")) {
+            _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2)
+        }
+        served.wait()
+        _ = listener
+    }
+}
