@@ -112,10 +112,8 @@ func captureStdout(executable: String, arguments: [String], timeoutMilliseconds:
             throw LabError("\(executable) did not finish within \(timeoutMilliseconds) ms")
         }
         let n: Int
-        do throws(Errno) {
+        do {
             n = try buffer.withUnsafeMutableBytes { b in Result { () throws(Errno) in try readEnd.read(into: b) } }.get()
-        } catch .resourceTemporarilyUnavailable {
-            continue
         } catch {
             throw LabError("read: \(error)")
         }

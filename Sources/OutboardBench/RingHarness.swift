@@ -136,11 +136,7 @@ public struct RingHarness: Sendable {
         // Ready: each worker sends one byte once it has mapped everything (or a result if
         // its set-up failed).
         for w in workers {
-            let now = Clock.monotonicNanoseconds
-            let readable = now < deadline
-                ? (try? w.socket.waitReadable(timeoutMilliseconds: Int((deadline - now) / 1_000_000) + 1)) ?? false
-                : false
-            guard readable else { run.watchdogFired = true; break }
+            guard (try? w.socket.fd.waitReadable(until: deadline)) == true else { run.watchdogFired = true; break }
             if let m = try? w.socket.receive(maxBytes: 4096) {
                 if m.bytes != [0x52] { run.results[w.role] = RingWorkerResult.decode(m.bytes) }
             } else {

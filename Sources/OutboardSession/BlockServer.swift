@@ -28,16 +28,13 @@ public struct BlockServerEndpoint: ~Copyable {
     /// queues, data, request doorbell, completion doorbell. Sizes come from `attach`, and
     /// the regions must carry the size seals and be at least that large.
     ///
-    /// `registeredForHeavyBarrier` (by default: whether this process registered with
-    /// `Membarrier.register()`) lets a client that waits rarely take the cost of the
-    /// completion queue's wake-up check, which spares us a fence per completion batch
-    /// (QueueProducer.consumerWantsSignal). Only if the process did register: a true here
-    /// without it would make the client lose wake-ups. Requests are checked with fences: a
-    /// driver's sandbox does not let it run the heavy barrier.
+    /// If this process registered with `Membarrier.register()`, a client that waits rarely
+    /// may take the cost of the completion queue's wake-up check, which spares us a fence
+    /// per completion batch (QueueProducer.consumerWantsSignal). Requests are checked with
+    /// fences: a driver's sandbox does not let it run the heavy barrier.
     public init(_ attach: Attach, queues queuesFD: consuming OwnedFD, data dataFD: consuming OwnedFD,
                 requestBell: consuming OwnedFD, completionBell: consuming OwnedFD,
-                keepDataDescriptor: Bool = false,
-                registeredForHeavyBarrier: Bool = Membarrier.isRegistered) throws(SessionSetupError) {
+                keepDataDescriptor: Bool = false) throws(SessionSetupError) {
         // Every descriptor is taken over first (a noncopyable value must be consumed on
         // every path alike); the checks follow.
         let depthOK = attach.queueDepth.nonzeroBitCount == 1 && attach.queueDepth >= 2 && attach.queueDepth <= 4096
@@ -64,7 +61,7 @@ public struct BlockServerEndpoint: ~Copyable {
         do {
             cq = try QueueProducer<BlockCompletion>(memory: qm.base, size: qm.size, at: layout.completionOffset,
                                                     layout: layout.completions,
-                                                    registeredForHeavyBarrier: registeredForHeavyBarrier && Membarrier.isRegistered)
+                                                    registeredForHeavyBarrier: Membarrier.isRegistered)
         } catch {
             throw .queue(error)
         }
