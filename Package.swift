@@ -77,8 +77,8 @@ let package = Package(
         .target(name: "OutboardTestSupport", dependencies: ["Outboard", "OutboardSession", "OutboardSystem"],
                 path: "Tests/OutboardTestSupport"),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
-        .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio"]),
+        .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings", "OutboardTestSupport"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "OutboardTestSupport"]),
         // Against a real qemu-storage-daemon, and a hostile backend double.
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),

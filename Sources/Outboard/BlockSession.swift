@@ -306,6 +306,11 @@ public struct BlockSession: ~Copyable {
         return n
     }
 
+    /// Tests only: whether the completion queue has published the asymmetric ordering of
+    /// its wake-up check (the driver skips its fence per completion batch).
+    @_spi(Testing)
+    public var completionsUseAsymmetricOrdering: Bool { completions.usesAsymmetricOrdering }
+
     /// Tests only: puts `request` on the queue as it is, skipping this library's checks, to
     /// see what a driver does with a request a hostile client could write. The tag is taken
     /// as usual.

@@ -63,10 +63,12 @@ final class VirtioFixture {
 
     var daemonPID: pid_t? { daemon?.pid }
 
-    /// Waits (up to 10 s) until the status report shows the device connection `connected`.
+    /// Waits (up to 10 s) until the status report shows the device connection `connected`;
+    /// throws if it does not.
     func waitForDeviceConnected(_ connected: Bool) throws {
-        let deadline = Date().addingTimeInterval(10)
-        while try device()["device_connected"] as? Bool != connected && Date() < deadline { usleep(5_000) }
+        try manager.waitFor("device_connected == \(connected)", seconds: 10) {
+            try device()["device_connected"] as? Bool == connected
+        }
     }
 
     /// The device entry of the status report.

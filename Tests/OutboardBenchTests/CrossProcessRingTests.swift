@@ -68,8 +68,9 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
     /// queue is empty, so requests for a signal keep meeting enqueues at every distance
     /// (tens of thousands of sleeps). With so few buffers nothing comes after a lost
     /// wake-up to rescue it (in the other tests the producer's next enqueue answers a
-    /// request it missed), so each one shows as a wait that ran into its 100 ms timeout,
-    /// and none may. Once with fences, once with the asymmetric ordering (a heavy barrier
+    /// request it missed), so each one shows as a wait that ran into its timeout, and none
+    /// may. The timeout is 2 s, far beyond any round trip, so that a process the host did
+    /// not schedule for a while is not taken for a lost wake-up. Once with fences, once with the asymmetric ordering (a heavy barrier
     /// before every sleep). Checked against the mutations: with both fences taken out of
     /// the wake-up check, or the heavy barrier not run, every Swift run (130,000 to 200,000
     /// descriptors) showed 1 to 3 timeouts; without the re-check before sleeping, dozens.
@@ -81,7 +82,8 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
         func run(_ count: UInt64) throws -> RingRun {
             let p = RingParameters(role: .producer, implementation: implementation, mode: .sleep, batch: 1,
                                    count: count, capacity: 2, spin: 0, timeoutMilliseconds: 120_000,
-                                   pauseEvery: 1, pauseNanoseconds: 4_000, heavyBarrierThreshold: heavyBarrierThreshold)
+                                   pauseEvery: 1, pauseNanoseconds: 4_000, heavyBarrierThreshold: heavyBarrierThreshold,
+                                   sleepTimeoutMilliseconds: 2_000)
             return try h.run(p, producerCPU: cpus.0, consumerCPU: cpus.1, watchdogMilliseconds: 180_000)
         }
         // A round trip takes 7 to 70 us on this VM, depending on the host's moment: a short

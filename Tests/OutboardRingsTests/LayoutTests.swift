@@ -57,7 +57,7 @@ import OutboardRings
 }
 
 /// Entries of other sizes: a consumer reads a slot as whole 8-byte words, each once.
-struct Entry12: QueueEntry, Equatable {  // 12 bytes and 4 of tail padding: refused
+struct Entry12: QueueEntry {  // 12 bytes and 4 of tail padding: refused
     var a: UInt64, b: UInt32
     static func admits(_ entry: Self, within bounds: Int) -> Bool { true }
     static func rejection(_ entry: Self, within bounds: Int) -> QueueError { .entryRejected("never") }

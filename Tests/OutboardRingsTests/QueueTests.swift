@@ -1,43 +1,23 @@
 import Testing
 import OutboardRings
+import OutboardTestSupport
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
-/// Where a guarded test queue sits in its mapping: flush against the inaccessible page
-/// before it, or against the one after it, so that a single byte read or written outside
-/// the queue on that side kills the test process (SIGSEGV).
-enum GuardPlacement { case atStart, atEnd }
-
-/// A queue in private memory, both ends in this process: the deterministic half of the
+/// A queue in private memory between guard pages, both ends in this process: the deterministic half of the
 /// queue tests (the cross-process half is in OutboardBenchTests).
 struct TestQueue: ~Copyable {
     let memory: UnsafeMutableRawPointer
     let layout: QueueLayout
-    /// The whole mapping of a guarded queue (guard pages included), or nil.
-    let mapping: (base: UnsafeMutableRawPointer, length: Int)?
+    /// Where the queue lives: flush against an inaccessible page, so that a byte read or
+    /// written past the queue on that side kills the test process.
+    let area: GuardedArea
     var producer: QueueProducer<BufferDescriptor>
     var consumer: QueueConsumer<BufferDescriptor>
 
     init(capacity: Int, regionSize: Int = 1 << 20, maxLength: UInt32 = .max, startIndex: UInt32 = 0,
-         registeredForHeavyBarrier: Bool = false, guarded: GuardPlacement? = nil) throws {
+         registeredForHeavyBarrier: Bool = false, flush: GuardedArea.Flush = .atEnd) throws {
         let l = try QueueLayout(capacity: capacity)
-        let m: UnsafeMutableRawPointer
-        if let guarded {
-            let page = Int(sysconf(Int32(_SC_PAGESIZE)))
-            let body = (l.byteCount + page - 1) / page * page
-            let length = page + body + page
-            guard let base = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-                  base != MAP_FAILED,
-                  mprotect(base, page, PROT_NONE) == 0, mprotect(base + page + body, page, PROT_NONE) == 0
-            else { throw QueueError.unsupportedEntry(size: -1) }
-            mapping = (base, length)
-            m = guarded == .atStart ? base + page : base + page + body - l.byteCount
-        } else {
-            mapping = nil
-            m = UnsafeMutableRawPointer.allocate(byteCount: l.byteCount, alignment: 64)
-        }
+        let a = GuardedArea(byteCount: l.byteCount, flush: flush)
+        let m = a.base
         // Exactly sized and a fresh layout: these cannot fail.
         try! l.initialize(memory: m, size: l.byteCount, at: 0, startIndex: startIndex)
         let p = try! QueueProducer<BufferDescriptor>(memory: m, size: l.byteCount, at: 0, layout: l, startIndex: startIndex,
@@ -47,12 +27,9 @@ struct TestQueue: ~Copyable {
                                    startIndex: startIndex)
         layout = l
         memory = m
+        area = a
         producer = p
         consumer = c
-    }
-
-    deinit {
-        if let mapping { munmap(mapping.base, mapping.length) } else { memory.deallocate() }
     }
 
     func poke<T: FixedWidthInteger>(_ value: T, at offset: Int) {
@@ -64,8 +41,8 @@ struct TestQueue: ~Copyable {
     /// Moves `n` descriptors through the queue.
     mutating func pass(_ n: Int) {
         for i in 0..<n {
-            _ = producer.enqueue(desc(i % 100))
-            _ = consumer.dequeue()
+            let moved = producer.enqueue(desc(i % 100)) && consumer.dequeue() == desc(i % 100)
+            #expect(moved)
         }
     }
 }
@@ -322,7 +299,10 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
         #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 0)
         do { let ok = q.consumer.confirmSleep(); #expect(ok) }
         q.consumer.cancelSignal()
-        do { let ok = q.consumer.prepareToSleep(); #expect(ok) }  // fences only from here
+        // Fences only from here (requestSignal, not prepareToSleep, whose precondition
+        // would stop the whole test process if this regressed).
+        do { let heavy = q.consumer.requestSignal(); #expect(!heavy) }
+        do { let ok = q.consumer.confirmSleep(); #expect(ok) }
     }
 
     @Test func noAsymmetricOrderingWithoutARegisteredProducer() throws {
@@ -351,7 +331,7 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
         var failures = 0
         for round in 0..<2_000 {
             var q = try TestQueue(capacity: 16, regionSize: 1 << 16, maxLength: 4096,
-                                  guarded: round % 2 == 0 ? .atStart : .atEnd)
+                                  flush: round % 2 == 0 ? .atStart : .atEnd)
             var out = [BufferDescriptor](repeating: desc(0), count: 16)
             for step in 0..<50 {
                 let batch = (0..<Int.random(in: 1...8, using: &rng)).map { _ in

@@ -8,10 +8,9 @@ public struct FixtureError: Error, CustomStringConvertible {
     public init(_ s: String) { description = s }
 }
 
-/// Shared by the test targets that run a manager: ManagerTests, OutboardTests, DriversTests.
-
 /// A real manager process (`outboard run`) with a config of the test's making, its
 /// drivers sandboxed as in production. Stopped (SIGTERM, then SIGKILL) when dropped.
+/// Shared by the test targets that run a manager: ManagerTests, OutboardTests, DriversTests.
 public final class ManagerFixture {
     public let directory: String
     public let socketPath: String

@@ -1,5 +1,5 @@
 import Foundation
-import Outboard
+@_spi(Testing) import Outboard
 import OutboardRings
 import OutboardSession
 import OutboardSystem
@@ -29,7 +29,9 @@ import Testing
             for k in 0..<n { #expect(out[k].status == .ok) }
         }
         #expect(completed == 5000)
-        #expect(s.heavyBarriers == 0)
+        // 5,000 completions without a wait: dequeue took the asymmetric ordering up, which
+        // it does only if the driver registered.
+        do { let ok = s.completionsUseAsymmetricOrdering; #expect(ok, "the driver's completion queue never took the asymmetric ordering") }
         // The next wait that finds nothing yet runs the heavy barrier.
         var rounds = 0
         while s.heavyBarriers == 0 && rounds < 1000 {
@@ -39,12 +41,13 @@ import Testing
             }
             rounds += 1
         }
-        #expect(s.heavyBarriers >= 1, "the driver's completion queue never took the asymmetric ordering")
+        #expect(s.heavyBarriers >= 1, "no wait ran the heavy barrier")
         // Waits close together: fences again, and no more heavy barriers.
         for i in 0..<200 { #expect(try io(&s, .write, sector: UInt64(i % 64) * 8) == .ok) }
         let heavy = s.heavyBarriers
         for i in 0..<200 { #expect(try io(&s, .read, sector: UInt64(i % 64) * 8) == .ok) }
         #expect(s.heavyBarriers == heavy)
+        do { let ok = !s.completionsUseAsymmetricOrdering; #expect(ok) }
     }
 
     /// Chaining: a partitioner holds one session to the driver and serves a session per
@@ -158,25 +161,42 @@ final class PartitionerBox: @unchecked Sendable {
 }
 
 /// A server that refuses a client answers and closes at once (the manager at its
-/// connection cap), so the client's request is either still unread when it closes (the
-/// client's receive meets a reset first) or goes out after the close (the send fails):
-/// either way the client reports the refusal, not the reset or the broken pipe.
+/// connection cap). Either the client's request is still unread when it closes, and the
+/// client's receive meets a reset first, or the request goes out after the close, and the
+/// send fails: either way the client reports the refusal, not the reset or the broken pipe.
 @Suite struct RefusalTests {
-    @Test func aRefusalThatClosesAtOnceReachesTheClient() throws {
-        let path = NSTemporaryDirectory() + "outboard-refusing-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+    static func socketPath() -> String {
+        NSTemporaryDirectory() + "outboard-refusing-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+    }
+
+    /// The request arrives before the close and stays unread: the reset path.
+    @Test func aRefusalAfterTheRequestReachesTheClient() throws {
+        let path = Self.socketPath()
         let listener = try UnixListener(path: path)
         let served = DispatchSemaphore(value: 0)
         let server = Thread {
             defer { served.signal() }
             guard let s = try? listener.accept() else { return }
-            usleep(100_000)  // the client's open request is queued by now, and stays unread
+            _ = try? s.waitReadable(timeoutMilliseconds: 10_000)  // the open request, left unread
             try? s.send(.failure(.limitExceeded, "too many connections"), nonBlocking: true)
-        }  // s closes here
+        }  // s closes here, with the request unread
         server.start()
         #expect(throws: BlockSessionError.refused(.limitExceeded, "too many connections")) {
             _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2)
         }
         served.wait()
         _ = listener
+    }
+
+    /// The close comes before the request: the send fails (EPIPE), the refusal is queued.
+    @Test func aRefusalBeforeTheRequestReachesTheClient() throws {
+        let path = Self.socketPath()
+        let listener = try UnixListener(path: path)
+        let admin = try AdminConnection(socketPath: path, timeoutMilliseconds: 10_000)
+        do {
+            let s = try listener.accept()
+            try s.send(.failure(.limitExceeded, "too many connections"))
+        }  // closed before the client sends anything
+        #expect(throws: BlockSessionError.refused(.limitExceeded, "too many connections")) { _ = try admin.status() }
     }
 }

@@ -1,32 +1,8 @@
 import Glibc
 import Synchronization
 import Testing
+import OutboardTestSupport
 import Virtio
-
-/// A virtqueue area of exactly `layout.byteCount` bytes between two inaccessible guard
-/// pages: any read or write outside the area kills the test process.
-struct GuardedArea: ~Copyable {
-    let base: UnsafeMutableRawPointer
-    let byteCount: Int
-    let mapping: UnsafeMutableRawPointer
-    let mappingBytes: Int
-
-    init(byteCount: Int) {
-        let page = 4096
-        precondition(byteCount % page == 0)
-        mappingBytes = byteCount + 2 * page
-        let p = mmap(nil, mappingBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
-        precondition(p != MAP_FAILED, "mmap failed")
-        mapping = p!
-        base = mapping + page
-        self.byteCount = byteCount
-        precondition(mprotect(base, byteCount, PROT_READ | PROT_WRITE) == 0, "mprotect failed")
-        // Fill with garbage: init must zero it.
-        base.initializeMemory(as: UInt8.self, repeating: 0xA5, count: byteCount)
-    }
-
-    deinit { munmap(mapping, mappingBytes) }
-}
 
 /// Deterministic PRNG (SplitMix64), so a failure reproduces.
 struct SplitMix: RandomNumberGenerator {

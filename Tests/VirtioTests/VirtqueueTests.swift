@@ -1,3 +1,4 @@
+import OutboardTestSupport
 import Testing
 import Virtio
 
