@@ -11,6 +11,21 @@ public struct RegionOffset: RawRepresentable, Hashable, Comparable, Sendable, Cu
     public var description: String { "0x" + String(rawValue, radix: 16) }
 }
 
+/// An address the device resolves (vhost-user: a "guest physical" address of the memory
+/// table; VFIO: an IOVA the IOMMU maps). Never a pointer of this process: the driver puts
+/// these in descriptors, the device turns them into memory through a table the driver
+/// cannot write (the manager's translation table, the vhost-user memory table, the IOMMU).
+@frozen
+public struct IOAddress: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
+    @inlinable public static func < (a: Self, b: Self) -> Bool { a.rawValue < b.rawValue }
+    /// The address `bytes` further on (the caller checked the range).
+    @inlinable public func advanced(by bytes: Int) -> IOAddress { IOAddress(rawValue: rawValue &+ UInt64(bytes)) }
+    @inlinable public func advanced(by offset: RegionOffset) -> IOAddress { IOAddress(rawValue: rawValue &+ offset.rawValue) }
+    public var description: String { "io:0x" + String(rawValue, radix: 16) }
+}
+
 /// What a queue carries: a fixed-layout value (no references, no padding that matters),
 /// copied whole into and out of shared memory, and the rule a consumer checks every
 /// copy against before handing it on. The rule's parameters (`Bounds`) come from the
