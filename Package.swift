@@ -33,12 +33,13 @@ let package = Package(
         // Session protocol: control messages, block queues, translation table, shared pages,
         // the serving end of a session.
         .target(name: "OutboardSession", dependencies: ["OutboardRings", "OutboardSystem"]),
-        // Virtio 1.2 spec structures and the split virtqueue, driver side. No syscalls.
-        .target(name: "Virtio"),
+        // Virtio 1.2 spec structures, the split virtqueue (driver side) and the transport
+        // seam (VirtioTransport). No syscalls.
+        .target(name: "Virtio", dependencies: ["OutboardRings"]),
         // The vhost-user frontend (driver-role) transport over a connected Unix stream socket.
         .target(
             name: "VhostUser",
-            dependencies: ["OutboardSystem", "CLinux", .product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["OutboardSystem", "OutboardRings", "Virtio", "CLinux", .product(name: "SystemPackage", package: "swift-system")]
         ),
         // Drivers: the processes the manager spawns and sandboxes.
         .target(
@@ -78,7 +79,7 @@ let package = Package(
                 path: "Tests/OutboardTestSupport"),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings", "OutboardTestSupport"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "OutboardTestSupport"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "OutboardRings", "OutboardTestSupport"]),
         // Against a real qemu-storage-daemon, and a hostile backend double.
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),

@@ -1,3 +1,4 @@
+import OutboardRings
 // The split virtqueue's shared structures (virtio 1.2 §2.7) and where they lie.
 //
 // All fields are little-endian in memory (§2.7: le16/le32/le64; §2.7.3: only legacy
@@ -81,12 +82,12 @@ public enum VirtqUsedFlags {
 /// One buffer of a chain, as the caller describes it to `SplitVirtqueue.add`.
 public struct VirtqBuffer: Equatable, Sendable {
     /// Device-visible address.
-    public var address: UInt64
+    public var address: IOAddress
     public var length: UInt32
     /// Device-writable (VIRTQ_DESC_F_WRITE) rather than device-readable.
     public var deviceWritable: Bool
 
-    public init(address: UInt64, length: UInt32, deviceWritable: Bool) {
+    public init(address: IOAddress, length: UInt32, deviceWritable: Bool) {
         self.address = address
         self.length = length
         self.deviceWritable = deviceWritable

@@ -1,3 +1,4 @@
+import OutboardRings
 import Synchronization
 
 // The driver side of a split virtqueue (virtio 1.2 §2.7), over memory the driver maps and
@@ -51,7 +52,7 @@ public struct SplitVirtqueue: ~Copyable {
     public let memory: UnsafeMutableRawPointer
     /// Start of the area as the device addresses it (the "guest physical" address the
     /// driver registered in the device's memory table).
-    public let ioAddress: UInt64
+    public let ioAddress: IOAddress
     /// VIRTIO_F_EVENT_IDX was negotiated (§2.7.7, §2.7.10).
     public let usesEventIdx: Bool
     /// Chains of more than one buffer go into indirect tables (§2.7.5.3).
@@ -101,12 +102,12 @@ public struct SplitVirtqueue: ~Copyable {
     /// - `eventIdx`: VIRTIO_F_EVENT_IDX was negotiated (§2.7.7, §2.7.10).
     /// - `indirect`: put chains of more than one buffer into the head's indirect table
     ///   (§2.7.5.3); needs VIRTIO_F_INDIRECT_DESC and `layout.indirectSlots > 0`.
-    public init(memory: UnsafeMutableRawPointer, ioAddress: UInt64, layout: SplitQueueLayout,
+    public init(memory: UnsafeMutableRawPointer, ioAddress: IOAddress, layout: SplitQueueLayout,
                 eventIdx: Bool, indirect: Bool) {
         precondition(Int(bitPattern: memory) % 16 == 0, "virtqueue memory must be 16-byte aligned")
         // §2.7 / §2.7.1: the device-visible descriptor table is 16-aligned, the rings follow.
-        precondition(ioAddress % 16 == 0, "virtqueue ioAddress must be 16-byte aligned")
-        precondition(ioAddress <= UInt64.max - UInt64(layout.byteCount), "virtqueue ioAddress range overflows")
+        precondition(ioAddress.rawValue % 16 == 0, "virtqueue ioAddress must be 16-byte aligned")
+        precondition(ioAddress.rawValue <= UInt64.max - UInt64(layout.byteCount), "virtqueue ioAddress range overflows")
         precondition(!indirect || layout.indirectSlots > 0, "indirect descriptors need layout.indirectSlots > 0")
         self.layout = layout
         self.memory = memory
@@ -170,11 +171,11 @@ public struct SplitVirtqueue: ~Copyable {
     // MARK: Addresses (vhost-user SET_VRING_ADDR, virtio-pci queue_desc/driver/device)
 
     /// Device-visible address of the descriptor table.
-    public var descriptorTableAddress: UInt64 { ioAddress + UInt64(layout.descriptorOffset) }
+    public var descriptorTableAddress: IOAddress { ioAddress.advanced(by: layout.descriptorOffset) }
     /// Device-visible address of the available ring (the "driver area").
-    public var availRingAddress: UInt64 { ioAddress + UInt64(layout.availOffset) }
+    public var availRingAddress: IOAddress { ioAddress.advanced(by: layout.availOffset) }
     /// Device-visible address of the used ring (the "device area").
-    public var usedRingAddress: UInt64 { ioAddress + UInt64(layout.usedOffset) }
+    public var usedRingAddress: IOAddress { ioAddress.advanced(by: layout.usedOffset) }
     /// The descriptor table in the driver's address space.
     public var descriptorTablePointer: UnsafeMutableRawPointer { memory + layout.descriptorOffset }
     /// The available ring in the driver's address space.
@@ -232,8 +233,8 @@ public struct SplitVirtqueue: ~Copyable {
         var sawWritable = false
         for b in buffers {
             guard b.length > 0 else { throw .invalidChain("zero-length buffer") }
-            guard b.address <= UInt64.max - UInt64(b.length - 1) else {
-                throw .invalidChain("buffer at 0x\(String(b.address, radix: 16)) wraps the address space")
+            guard b.address.rawValue <= UInt64.max - UInt64(b.length - 1) else {
+                throw .invalidChain("buffer at 0x\(String(b.address.rawValue, radix: 16)) wraps the address space")
             }
             if b.deviceWritable {
                 sawWritable = true
@@ -264,7 +265,7 @@ public struct SplitVirtqueue: ~Copyable {
                 let b = buffers[i]
                 let last = i == count - 1
                 let d = VirtqDescriptor(
-                    addr: b.address, len: b.length,
+                    addr: b.address.rawValue, len: b.length,
                     flags: (b.deviceWritable ? VirtqDescriptor.flagWrite : 0) | (last ? 0 : VirtqDescriptor.flagNext),
                     next: last ? 0 : UInt16(i + 1))
                 table.storeBytes(of: d.littleEndian, toByteOffset: i * SplitQueueLayout.descriptorSize,
@@ -272,7 +273,7 @@ public struct SplitVirtqueue: ~Copyable {
             }
             // §2.7.5.3: the ring descriptor has INDIRECT, addr/len locate the table; not
             // NEXT as well (§2.7.5.3.1); the device ignores WRITE on it (§2.7.5.3.2).
-            let d = VirtqDescriptor(addr: ioAddress + UInt64(tableOffset),
+            let d = VirtqDescriptor(addr: ioAddress.advanced(by: tableOffset).rawValue,
                                     len: UInt32(count * SplitQueueLayout.descriptorSize),
                                     flags: VirtqDescriptor.flagIndirect, next: 0)
             storeDescriptor(d, at: head)
@@ -285,7 +286,7 @@ public struct SplitVirtqueue: ~Copyable {
                 let last = i == count - 1
                 let next = last ? 0 : freeStack[freeCount - 2 - i]
                 let d = VirtqDescriptor(
-                    addr: b.address, len: b.length,
+                    addr: b.address.rawValue, len: b.length,
                     flags: (b.deviceWritable ? VirtqDescriptor.flagWrite : 0) | (last ? 0 : VirtqDescriptor.flagNext),
                     next: next)
                 storeDescriptor(d, at: id)

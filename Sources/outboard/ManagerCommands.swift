@@ -104,62 +104,17 @@ struct DriverCommand: ParsableCommand {
     @Flag var testExitAtStart = false
 
     func run() throws {
-        // The sandbox comes first, before a single byte from anyone else is read.
+        guard let k = DriverProcess.Kind(rawValue: kind) else {
+            writeStderr("outboard driver \(device): unknown driver kind \(kind)\n")
+            Glibc.exit(2)
+        }
         // No file size limit: the driver cannot open files, and its stderr (inherited from
         // the manager) may be a log file, where a limit of 0 would mean SIGXFSZ on the first
         // message.
-        // The kernel objects a driver needs and its filter would refuse to create (epoll_create1,
-        // eventfd2) are made first, before anything is read, so the filter allows no extras.
-        let epoll: Epoll
-        var kick: Doorbell? = nil, call: Doorbell? = nil
-        do {
-            epoll = try Epoll()
-            if kind == "virtio-blk" {
-                kick = try Doorbell()
-                call = try Doorbell()
-            }
-        } catch {
-            writeStderr("outboard driver \(device): cannot create its epoll or doorbells: \(error)\n")
-            Glibc.exit(3)
-        }
-        // Registered for clients' heavy barriers (membarrier(2)), so that a client that waits
-        // rarely spares the driver a fence per completion batch. Registering is refused
-        // inside the sandbox; without it, the completion queues keep their fences.
-        do { try Membarrier.register() } catch {
-            writeStderr("outboard driver \(device): membarrier registration refused (\(error)); completion queues use fences only\n")
-        }
         let policy = SandboxPolicy(uid: uid, gid: gid, isolateNamespaces: !noNamespaces, maxOpenFiles: maxOpenFiles,
                                    maxFileSize: .max)
-        do {
-            try Sandbox.enter(policy)
-        } catch {
-            writeStderr("outboard driver \(device): cannot enter sandbox: \(error)\n")
-            Glibc.exit(3)
-        }
-        if testExitAtStart {
-            writeStderr("outboard driver \(device): exiting at start (test_exit_at_start)\n")
-            Glibc.exit(1)
-        }
-        let probes = probeSandbox ? Sandbox.probe(otherProcess: getppid()).map { "\($0.name) \($0.errno)" } : []
-        let socket = UnixSocket(adopting: OwnedFD(adopting: 3))
-        do {
-            switch kind {
-            case "memblock":
-                var driver = try MemBlockDriver.start(manager: socket, epoll: epoll, probes: probes)
-                try driver.run()
-            case "virtio-blk":
-                var driver = try VirtioBlkDriver.start(manager: socket, epoll: epoll, kick: kick.take()!, call: call.take()!,
-                                                       probes: probes)
-                try driver.run()
-            default:
-                writeStderr("outboard driver \(device): unknown driver kind \(kind)\n")
-                Glibc.exit(2)
-            }
-        } catch {
-            writeStderr("outboard driver \(device): \(error)\n")
-            Glibc.exit(1)
-        }
-        Glibc.exit(0)
+        Glibc.exit(DriverProcess.main(.init(kind: k, device: device, sandbox: policy, probeSandbox: probeSandbox,
+                                            exitAtStart: testExitAtStart)))
     }
 }
 

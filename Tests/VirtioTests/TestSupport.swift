@@ -2,6 +2,7 @@ import Glibc
 import Synchronization
 import Testing
 import OutboardTestSupport
+import OutboardRings
 import Virtio
 
 /// Deterministic PRNG (SplitMix64), so a failure reproduces.
@@ -101,7 +102,7 @@ struct TestDevice {
             for step in 0..<n {
                 let d = VirtqDescriptor(littleEndian: table.load(fromByteOffset: 16 * i, as: VirtqDescriptor.self))
                 #expect(d.flags & VirtqDescriptor.flagIndirect == 0)
-                buffers.append(VirtqBuffer(address: d.addr, length: d.len, deviceWritable: d.flags & VirtqDescriptor.flagWrite != 0))
+                buffers.append(VirtqBuffer(address: IOAddress(rawValue: d.addr), length: d.len, deviceWritable: d.flags & VirtqDescriptor.flagWrite != 0))
                 if d.flags & VirtqDescriptor.flagNext == 0 {
                     #expect(step == n - 1, "indirect table longer than its chain")
                     break
@@ -115,7 +116,7 @@ struct TestDevice {
             var d = first
             var steps = 0
             while true {
-                buffers.append(VirtqBuffer(address: d.addr, length: d.len, deviceWritable: d.flags & VirtqDescriptor.flagWrite != 0))
+                buffers.append(VirtqBuffer(address: IOAddress(rawValue: d.addr), length: d.len, deviceWritable: d.flags & VirtqDescriptor.flagWrite != 0))
                 steps += 1
                 if d.flags & VirtqDescriptor.flagNext == 0 { break }
                 #expect(Int(d.next) < size && steps < size)

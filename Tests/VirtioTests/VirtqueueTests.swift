@@ -1,5 +1,6 @@
 import OutboardTestSupport
 import Testing
+import OutboardRings
 import Virtio
 
 /// A queue over a guarded area of exactly its layout size, and a spec-following device on
@@ -12,7 +13,7 @@ struct Harness: ~Copyable {
     init(size: Int, slots: Int = 0, eventIdx: Bool = false, indirect: Bool = false) throws {
         let layout = try SplitQueueLayout(size: size, indirectSlots: slots)
         let area = GuardedArea(byteCount: layout.byteCount)
-        queue = SplitVirtqueue(memory: area.base, ioAddress: testIOAddress, layout: layout,
+        queue = SplitVirtqueue(memory: area.base, ioAddress: IOAddress(rawValue: testIOAddress), layout: layout,
                                eventIdx: eventIdx, indirect: indirect)
         device = TestDevice(memory: area.base, size: size, eventIdx: eventIdx)
         self.area = area
@@ -22,13 +23,13 @@ struct Harness: ~Copyable {
 func randomChain(_ n: Int, using rng: inout SplitMix) -> [VirtqBuffer] {
     let readable = Int.random(in: 0...n, using: &rng)
     return (0..<n).map { i in
-        VirtqBuffer(address: UInt64.random(in: 0...(1 << 40), using: &rng) & ~511,
+        VirtqBuffer(address: IOAddress(rawValue: UInt64.random(in: 0...(1 << 40), using: &rng) & ~511),
                     length: UInt32.random(in: 1...65536, using: &rng), deviceWritable: i >= readable)
     }
 }
 
-func r(_ a: UInt64, _ l: UInt32) -> VirtqBuffer { VirtqBuffer(address: a, length: l, deviceWritable: false) }
-func w(_ a: UInt64, _ l: UInt32) -> VirtqBuffer { VirtqBuffer(address: a, length: l, deviceWritable: true) }
+func r(_ a: UInt64, _ l: UInt32) -> VirtqBuffer { VirtqBuffer(address: IOAddress(rawValue: a), length: l, deviceWritable: false) }
+func w(_ a: UInt64, _ l: UInt32) -> VirtqBuffer { VirtqBuffer(address: IOAddress(rawValue: a), length: l, deviceWritable: true) }
 
 @Suite struct VirtqueueTests {
     @Test func initZeroesTheAreaAndReportsAddresses() throws {
@@ -36,9 +37,9 @@ func w(_ a: UInt64, _ l: UInt32) -> VirtqBuffer { VirtqBuffer(address: a, length
         let raw = UnsafeRawBufferPointer(start: h.area.base, count: h.area.byteCount)
         #expect(raw.allSatisfy { $0 == 0 })
         let l = h.queue.layout
-        check(h.queue.descriptorTableAddress == testIOAddress)
-        check(h.queue.availRingAddress == testIOAddress + UInt64(l.availOffset))
-        check(h.queue.usedRingAddress == testIOAddress + UInt64(l.usedOffset))
+        check(h.queue.descriptorTableAddress.rawValue == testIOAddress)
+        check(h.queue.availRingAddress.rawValue == testIOAddress + UInt64(l.availOffset))
+        check(h.queue.usedRingAddress.rawValue == testIOAddress + UInt64(l.usedOffset))
         check(h.queue.descriptorTablePointer == h.area.base)
         check(h.queue.availRingPointer == h.area.base + l.availOffset)
         check(h.queue.usedRingPointer == h.area.base + l.usedOffset)
@@ -86,7 +87,7 @@ func w(_ a: UInt64, _ l: UInt32) -> VirtqBuffer { VirtqBuffer(address: a, length
         let table = h.area.base + l.indirectOffset + Int(head) * 64
         for i in 0..<3 {
             let d = VirtqDescriptor(littleEndian: table.load(fromByteOffset: 16 * i, as: VirtqDescriptor.self))
-            #expect(d.addr == bufs[i].address && d.len == bufs[i].length)
+            #expect(d.addr == bufs[i].address.rawValue && d.len == bufs[i].length)
             #expect(d.flags & VirtqDescriptor.flagNext == (i < 2 ? VirtqDescriptor.flagNext : 0))
             #expect(d.flags & VirtqDescriptor.flagWrite == (i > 0 ? VirtqDescriptor.flagWrite : 0))
             if i < 2 { #expect(d.next == UInt16(i + 1)) }

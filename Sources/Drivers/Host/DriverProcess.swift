@@ -1,0 +1,91 @@
+import OutboardSession
+import OutboardSystem
+import VhostUser
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The driver process (`outboard _driver`, started by the manager only; its control
+/// socket is descriptor 3): the sandbox first, before a single byte from anyone else is
+/// read, then the driver host with the device logic its kind names.
+public enum DriverProcess {
+    /// Device logic a driver process can run.
+    public enum Kind: String, Sendable, CaseIterable {
+        case memoryBlock = "memblock"
+        case virtioBlkVhostUser = "virtio-blk"
+    }
+
+    public struct Options: Sendable {
+        public var kind: Kind
+        public var device: String
+        public var sandbox: SandboxPolicy
+        public var probeSandbox: Bool
+        public var exitAtStart: Bool
+        public init(kind: Kind, device: String, sandbox: SandboxPolicy, probeSandbox: Bool, exitAtStart: Bool) {
+            self.kind = kind; self.device = device; self.sandbox = sandbox
+            self.probeSandbox = probeSandbox; self.exitAtStart = exitAtStart
+        }
+    }
+
+    /// Runs the driver; returns the process's exit status.
+    public static func main(_ o: Options) -> Int32 {
+        // The kernel objects a driver needs and its filter refuses to create (epoll_create1,
+        // eventfd2) are made first, before anything is read, so the filter allows no extras.
+        let epoll: Epoll
+        do { epoll = try Epoll() } catch {
+            log(o, "cannot create its epoll set: \(error)")
+            return 3
+        }
+        var link: VhostUserTransport? = nil
+        if o.kind == .virtioBlkVhostUser {
+            do { link = try VhostUserTransport(queues: 1) } catch {
+                log(o, "cannot create its doorbells: \(error)")
+                return 3
+            }
+        }
+        // Registered for clients' heavy barriers (membarrier(2)), so that a client that waits
+        // rarely spares the driver a fence per completion batch. Registering is refused
+        // inside the sandbox; without it, the completion queues keep their fences.
+        do { try Membarrier.register() } catch {
+            log(o, "membarrier registration refused (\(error)); completion queues use fences only")
+        }
+        do {
+            try Sandbox.enter(o.sandbox)
+        } catch {
+            log(o, "cannot enter sandbox: \(error)")
+            return 3
+        }
+        if o.exitAtStart {
+            log(o, "exiting at start (test_exit_at_start)")
+            return 1
+        }
+        let probes = o.probeSandbox ? Sandbox.probe(otherProcess: getppid()).map { "\($0.name) \($0.errno)" } : []
+        let socket = UnixSocket(adopting: OwnedFD(adopting: 3))
+        do throws(DriverError) {
+            switch o.kind {
+            case .memoryBlock:
+                var host = try DriverHost<MemBlockServer>(manager: socket, epoll: epoll, probes: probes) {
+                    (cfg, memory, ctx) throws(DriverError) in try MemBlockServer(start: cfg, memory: memory, context: ctx)
+                }
+                try host.run()
+            case .virtioBlkVhostUser:
+                var host = try DriverHost<VirtioBlkServer>(manager: socket, epoll: epoll, probes: probes) {
+                    (cfg, memory, ctx) throws(DriverError) in
+                    guard let l = link.take() else { throw .setup("the device link was used already") }
+                    return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
+                }
+                try host.run()
+            }
+        } catch {
+            log(o, "\(error)")
+            return 1
+        }
+        return 0
+    }
+
+    static func log(_ o: Options, _ s: String) {
+        var bytes = Array("outboard driver \(o.device): \(s)\n".utf8)
+        _ = Glibc.write(2, &bytes, bytes.count)
+    }
+}
