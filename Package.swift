@@ -75,7 +75,7 @@ let package = Package(
             ]
         ),
         // Shared by the test targets that run the `outboard` executable.
-        .target(name: "OutboardTestSupport", dependencies: ["Outboard", "OutboardSession", "OutboardSystem"],
+        .target(name: "OutboardTestSupport", dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "Virtio"],
                 path: "Tests/OutboardTestSupport"),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings", "OutboardTestSupport"]),
@@ -92,7 +92,8 @@ let package = Package(
         // qemu-storage-daemon (the memory driver serves the manager's and client tests).
         .testTarget(
             name: "DriversTests",
-            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardBench", "OutboardTestSupport"]
+            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardBench", "OutboardTestSupport",
+                           "Drivers", "Virtio", "OutboardRings"]
         ),
         // The client library against a real manager: sessions, the partitioner, the admin client.
         .testTarget(

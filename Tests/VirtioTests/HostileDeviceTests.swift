@@ -1,3 +1,5 @@
+import OutboardTestSupport
+import OutboardRings
 import Testing
 import Virtio
 

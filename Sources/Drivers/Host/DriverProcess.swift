@@ -28,20 +28,20 @@ public enum DriverProcess {
         }
     }
 
-    /// Runs the driver; returns the process's exit status.
+    /// Runs the driver; returns the process's exit status (`DriverExit`).
     public static func main(_ o: Options) -> Int32 {
         // The kernel objects a driver needs and its filter refuses to create (epoll_create1,
         // eventfd2) are made first, before anything is read, so the filter allows no extras.
         let epoll: Epoll
         do { epoll = try Epoll() } catch {
             log(o, "cannot create its epoll set: \(error)")
-            return 3
+            return DriverExit.status(for: .restartDriver)
         }
         var link: VhostUserTransport? = nil
         if o.kind == .virtioBlkVhostUser {
             do { link = try VhostUserTransport(queues: 1) } catch {
                 log(o, "cannot create its doorbells: \(error)")
-                return 3
+                return DriverExit.status(for: .restartDriver)
             }
         }
         // Registered for clients' heavy barriers (membarrier(2)), so that a client that waits
@@ -54,7 +54,7 @@ public enum DriverProcess {
             try Sandbox.enter(o.sandbox)
         } catch {
             log(o, "cannot enter sandbox: \(error)")
-            return 3
+            return DriverExit.status(for: .failDevice)
         }
         if o.exitAtStart {
             log(o, "exiting at start (test_exit_at_start)")
@@ -78,8 +78,8 @@ public enum DriverProcess {
                 try host.run()
             }
         } catch {
-            log(o, "\(error)")
-            return 1
+            log(o, "\(error) (\(error.recovery))")
+            return DriverExit.status(for: error.recovery)
         }
         return 0
     }

@@ -4,9 +4,19 @@ import OutboardSystem
 // What every driver process shares: its errors, how it maps what the manager sends, its
 // epoll set, and the lease margin.
 
-public enum DriverError: Error, CustomStringConvertible {
+public enum DriverError: RecoverableError, CustomStringConvertible {
+    /// What the manager sent cannot be served (bad parameters, a region that does not map):
+    /// a new driver would get the same.
     case setup(String)
+    /// The driver cannot go on (its epoll set failed, the manager spoke out of protocol).
     case fatal(String)
+
+    public var recovery: Recovery {
+        switch self {
+        case .setup: return .failDevice
+        case .fatal: return .restartDriver
+        }
+    }
     public var description: String {
         switch self {
         case .setup(let s): return "driver setup failed: \(s)"

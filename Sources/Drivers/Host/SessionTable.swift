@@ -127,8 +127,9 @@ struct SessionTable: ~Copyable {
         return .granted(io: IOAddress(rawValue: io), regionOffset: Int(regionOffset))
     }
 
-    /// Publishes the queued completions, one batch (and at most one doorbell) per session.
-    /// Returns the sessions that broke their queue protocol.
+    /// Publishes the queued completions, one batch (and at most one doorbell) per session,
+    /// and counts them on the driver page. Adds the sessions that broke their queue
+    /// protocol to `broken`.
     mutating func flush(page: DriverPage, broken: inout [Int]) {
         for i in 0..<Self.capacity where completionCounts[i] > 0 {
             let count = completionCounts[i]
@@ -137,6 +138,8 @@ struct SessionTable: ~Copyable {
             let signals = endpoints[i].signalsSent
             let ok = endpoints[i].complete(UnsafeBufferPointer(rebasing: completionBuffers[i][0..<count]))
             page.add(.signals, endpoints[i].signalsSent &- signals)
+            // What the manager's health rule counts ("healthy after N completions").
+            page.addCompleted(count)
             if !ok { broken.append(i) }
         }
     }
