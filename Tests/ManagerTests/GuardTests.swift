@@ -80,6 +80,34 @@ import Testing
         #expect(s.buffer[0] == 0)
     }
 
+    /// A slow write whose client goes away while it is in the device's wait: the manager
+    /// marks the region revoking and frees it when the lease ends (the driver still has
+    /// it in use). The driver checks the translation right before the transfer, so the
+    /// write's data never reaches the device, as another session's read of the sector shows
+    /// once the driver has finished the request.
+    @Test func aSlowWriteWhoseClientLeftNeverReachesTheDevice() throws {
+        let m = try ManagerFixture(devices: "[\(memDevice("slow", extra: #""latency_us": 2000000"#))]", leaseMs: 300,
+                                   heartbeatDeadlineMs: 10_000)
+        func completed() throws -> Int {
+            let d = (try m.report()["devices"] as! [[String: Any]]).first { $0["name"] as? String == "slow" }
+            return try #require(d?["requests_completed"] as? Int, "no requests_completed in the status report")
+        }
+        var client = try m.open("slow")
+        for k in 0..<4096 { client.buffer[k] = 0xA5 }
+        let before = try completed()
+        #expect(try client.submit(.write, sector: 64, offset: 0, length: 4096) != nil)
+        var a: BlockSession? = consume client
+        try m.waitFor("the driver to take the write (region in use)") { try m.sessions().first?["in_use"] as? Bool == true }
+        a = nil  // the client goes away with its write in the device's wait
+        try m.waitFor("revocation at the lease's end") { try m.device("slow").revokedAtLeaseEnd == 1 }
+        try m.waitFor("the driver to finish the write") { try completed() > before }
+        var b = try m.open("slow")
+        for k in 0..<4096 { b.buffer[k] = 0x5A }
+        #expect(try io(&b, .read, sector: 64, offset: 0, length: 4096) == .ok)
+        let zeros = (0..<4096).allSatisfy { b.buffer[$0] == 0 }
+        #expect(zeros, "the write of a revoked region reached the device (sector 64 holds \(b.buffer[0]), \(b.buffer[4095]) ...)")
+    }
+
     /// A transfer starts only with the driver's margin (20 ms) of lease left. The shortest
     /// lease the config allows, 10 ms, is shorter than that: the manager renews it every
     /// tick, it never lapses for long, and still no transfer may start. Every read ends
