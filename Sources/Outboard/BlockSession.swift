@@ -129,7 +129,17 @@ public struct BlockSession: ~Copyable {
             throw refusalWaiting(on: socket) ?? .system(error)
         }
         var reply: ControlDelivery
-        do { reply = try socket.receiveControl() } catch { throw .protocolError("no answer to open: \(error)") }
+        do {
+            // A server that never answers is an error, not a hang (as AdminConnection's requests).
+            guard try socket.waitReadable(timeoutMilliseconds: answerTimeoutMilliseconds) else {
+                throw BlockSessionError.failed("\(socketPath) did not answer the open within \(answerTimeoutMilliseconds) ms")
+            }
+            reply = try socket.receiveControl()
+        } catch let e as BlockSessionError {
+            throw e
+        } catch {
+            throw .protocolError("no answer to open: \(error)")
+        }
         switch reply.message {
         case .blockOpened(let info):
             return try BlockSession(info: info, control: socket, &reply)
@@ -139,6 +149,9 @@ public struct BlockSession: ~Copyable {
             throw .protocolError("unexpected \(reply.message.type) in answer to open")
         }
     }
+
+    /// How long `open` waits for the server's answer.
+    public static let answerTimeoutMilliseconds = 30_000
 
     /// A server that refuses a connection (the manager at its connection cap) answers and
     /// closes at once, possibly before our request went out, which then fails (EPIPE):

@@ -29,6 +29,12 @@ public struct VerifiedWorkload: ~Copyable {
     public private(set) var firstError: String?
     /// Highest driver generation seen on a completion.
     public private(set) var lastCompletionGeneration: UInt64 = 0
+    /// How long the workload waits with requests in flight and none finishing before it
+    /// throws `.failed`: a lost request is an error, not a hang. Recovery from a driver
+    /// restart takes well under a second.
+    public var stallLimitMilliseconds = 30_000
+    /// When a request last finished, or nothing was in flight.
+    var lastProgress: UInt64 = 0
 
     /// Uses the first `blocks` 4 KiB blocks of the device (at most the device's size).
     /// The session's data region must hold `queueDepth` blocks.
@@ -58,24 +64,24 @@ public struct VerifiedWorkload: ~Copyable {
     /// Writes every block once (version 1), so that what the device held before does not
     /// matter: from here on every read has one exact expected content.
     public mutating func prepare() throws(BlockSessionError) {
+        lastProgress = Clock.monotonicNanoseconds
         var block = 0
         while block < blocks || session.inFlight > 0 {
             while block < blocks, !freeSlots.isEmpty {
                 guard try submit(block: block, write: true) else { break }
                 block += 1
             }
-            let n = try session.wait(into: results, timeoutMilliseconds: 100)
-            for i in 0..<n { complete(results[i]) }
+            try collect()
         }
     }
 
     /// Keeps the queue full and handles completions until `stop` returns true (checked
     /// after every completion batch). Session errors (device failed) are thrown.
     public mutating func run(until stop: (borrowing VerifiedWorkload) -> Bool) throws(BlockSessionError) {
+        lastProgress = Clock.monotonicNanoseconds
         while !stop(self) {
             try fill()
-            let n = try session.wait(into: results, timeoutMilliseconds: 100)
-            for i in 0..<n { complete(results[i]) }
+            try collect()
         }
     }
 
@@ -88,9 +94,22 @@ public struct VerifiedWorkload: ~Copyable {
 
     /// Waits for everything in flight.
     public mutating func finish() throws(BlockSessionError) {
+        lastProgress = Clock.monotonicNanoseconds
         while session.inFlight > 0 {
-            let n = try session.wait(into: results, timeoutMilliseconds: 100)
-            for i in 0..<n { complete(results[i]) }
+            try collect()
+        }
+    }
+
+    /// Waits up to 100 ms for completions and handles them; throws once nothing has
+    /// finished for `stallLimitMilliseconds` with requests in flight.
+    mutating func collect() throws(BlockSessionError) {
+        let n = try session.wait(into: results, timeoutMilliseconds: 100)
+        for i in 0..<n { complete(results[i]) }
+        let now = Clock.monotonicNanoseconds
+        if n > 0 || session.inFlight == 0 { lastProgress = now; return }
+        if now &- lastProgress > UInt64(max(stallLimitMilliseconds, 0)) * 1_000_000 {
+            throw .failed("no request finished for \(stallLimitMilliseconds) ms with \(session.inFlight) in flight "
+                          + "(generation \(session.generation), \(session.recoveries) recoveries, \(session.reissued) reissued)")
         }
     }
 

@@ -91,6 +91,8 @@ struct FaultsCommand: ParsableCommand {
                                             dataBytes: depth * VerifiedWorkload.blockBytes, queueDepth: depth,
                                             waitMilliseconds: 20_000)
         var w = VerifiedWorkload(session: session, blocks: blocks, seed: seed)
+        // A recovery may take as long as it is allowed to before the workload calls it a stall.
+        w.stallLimitMilliseconds = max(w.stallLimitMilliseconds, recoveryTimeout * 1000)
         // Every block written once, so that earlier contents of the device do not matter.
         try w.prepare()
         try w.run(operations: opsBetween)

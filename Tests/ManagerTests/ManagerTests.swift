@@ -63,7 +63,7 @@ import Testing
         // Below the cap, connections are served: the first one still gets a status report.
         let status = try held.with(0) { s -> ControlMessage in
             try s.send(.statusRequest)
-            return try s.receiveControl(limit: ControlProtocol.maxReportBytes).message
+            return try receiveControl(s, limit: ControlProtocol.maxReportBytes).message
         }
         guard case .statusReport = status else { Issue.record("expected a status report, got \(status)"); return }
     }
@@ -264,7 +264,7 @@ import Testing
             let s = try UnixSocket.connect(path: m.socketPath)
             let bell = try Doorbell()
             try s.send(ControlMessage.statusRequest.encode(), descriptors: [bell.fd.raw])
-            let reply = try s.receiveControl()
+            let reply = try receiveControl(s)
             guard case .failure(.malformed, let reason) = reply.message else { Issue.record("fd case answered \(reply.message)"); return }
             #expect(reason.contains("descriptors"))
         }

@@ -18,7 +18,8 @@ public final class ManagerFixture {
     var process: ChildProcess?
 
     /// `devices`: the JSON of the "devices" array. `extra`: more top-level keys.
-    public init(devices: String, extra: String = "") throws {
+    /// `leaseMs` and `heartbeatDeadlineMs`: the manager's lease and hang-detection times.
+    public init(devices: String, extra: String = "", leaseMs: Int = 1000, heartbeatDeadlineMs: Int = 300) throws {
         directory = NSTemporaryDirectory() + "outboard-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         socketPath = directory + "/control.sock"
@@ -27,9 +28,9 @@ public final class ManagerFixture {
             {
               "control_socket": "\(socketPath)",
               "driver_user": "nobody",
-              "lease_ms": 1000,
+              "lease_ms": \(leaseMs),
               "heartbeat_interval_ms": 20,
-              "heartbeat_deadline_ms": 300,
+              "heartbeat_deadline_ms": \(heartbeatDeadlineMs),
               \(extra.isEmpty ? "" : extra + ",")
               "devices": \(devices)
             }
@@ -57,12 +58,20 @@ public final class ManagerFixture {
     deinit {
         if process != nil {
             try? process!.signal(SIGTERM)
+            try? process!.signal(SIGCONT)  // a test that paused it and then failed
             if (try? process!.wait(timeoutMilliseconds: 5000)) == nil {
                 try? process!.signal(SIGKILL)
             }
         }
         try? FileManager.default.removeItem(atPath: directory)
     }
+
+    /// Stops (SIGSTOP) the manager process: it renews no lease and answers nothing until
+    /// `resume()`. Its drivers and clients go on.
+    public func pause() throws { try process!.signal(SIGSTOP) }
+
+    /// Continues (SIGCONT) a manager stopped by `pause()`.
+    public func resume() throws { try process!.signal(SIGCONT) }
 
     public func admin() throws -> AdminConnection { try AdminConnection(socketPath: socketPath) }
 
@@ -127,11 +136,13 @@ public func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"u
     """
 }
 
-/// Runs one request and waits for it.
-public func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int = 4096) throws(BlockSessionError) -> BlockStatus? {
+/// Runs one request and waits for it, at most `seconds` (then throws: a lost request
+/// fails the test instead of hanging it).
+public func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int = 4096,
+               within seconds: Double = testDeadlineSeconds) throws(BlockSessionError) -> BlockStatus? {
     guard try s.submit(op, sector: sector, offset: offset, length: length) != nil else { throw .invalidRequest("queue full") }
     var result: BlockStatus?? = nil
-    try s.drain { r in result = r.status }
+    try drain(&s, within: seconds) { r in result = r.status }
     return result ?? nil
 }
 

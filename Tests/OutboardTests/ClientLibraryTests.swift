@@ -12,10 +12,18 @@ import Testing
     /// The completion queue's asymmetric ordering, end to end: the driver registers for
     /// membarrier(2) before it enters its sandbox, so a client that waits rarely (here: it
     /// polls 5,000 requests without waiting once) spares the driver its per-batch fence,
-    /// and its next wait runs the heavy barrier instead. Waits that follow one another
-    /// closely drop back to fences; every request completes either way.
+    /// and its next wait runs the heavy barrier instead. The next wait, close after it,
+    /// drops back to fences with one more heavy barrier; waits close together then run
+    /// none. Every request completes either way.
+    ///
+    /// A wait that finds its completion already there returns without going to sleep, and
+    /// only a wait that goes to sleep runs a barrier: a driver that is always quicker than
+    /// the client (it is woken by the doorbell and may run at once on the client's CPU)
+    /// would leave every wait without one. So the driver is stopped (the manager's hang
+    /// fault, SIGSTOP, with hang detection far away) while the waits that must sleep are
+    /// made, and continued after them.
     @Test func completionsTakeTheAsymmetricOrderingWhileTheClientWaitsRarely() throws {
-        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
+        let m = try ManagerFixture(devices: "[\(memDevice("m0"))]", heartbeatDeadlineMs: 60_000)
         var s = try m.open("m0")
         let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: 16)
         defer { out.deallocate() }
@@ -32,22 +40,41 @@ import Testing
         // 5,000 completions without a wait: dequeue took the asymmetric ordering up, which
         // it does only if the driver registered.
         do { let ok = s.completionsUseAsymmetricOrdering; #expect(ok, "the driver's completion queue never took the asymmetric ordering") }
-        // The next wait that finds nothing yet runs the heavy barrier.
-        var rounds = 0
-        while s.heavyBarriers == 0 && rounds < 1000 {
-            #expect(try s.submit(.read, sector: 0, offset: 0, length: 4096) != nil)
-            while s.inFlight > 0 {
-                for k in 0..<(try s.wait(into: out, timeoutMilliseconds: 5000)) { #expect(out[k].status == .ok) }
-            }
-            rounds += 1
-        }
-        #expect(s.heavyBarriers >= 1, "no wait ran the heavy barrier")
-        // Waits close together: fences again, and no more heavy barriers.
+        let admin = try m.admin()
+        // The first wait after them sleeps rarely: it runs the heavy barrier and keeps the ordering.
+        try Self.sleepingWait(&s, admin, out)
+        #expect(s.heavyBarriers == 1 && s.heavyBarrierFailures == 0,
+                "\(s.heavyBarriers) heavy barriers, \(s.heavyBarrierFailures) failed: the wait after 5,000 polls did not run one")
+        do { let ok = s.completionsUseAsymmetricOrdering; #expect(ok, "a rare wait dropped the asymmetric ordering") }
+        // The next one comes one request later: one more heavy barrier drops the ordering.
+        try Self.sleepingWait(&s, admin, out)
+        #expect(s.heavyBarriers == 2 && s.heavyBarrierFailures == 0,
+                "\(s.heavyBarriers) heavy barriers, \(s.heavyBarrierFailures) failed: dropping the ordering ran none")
+        do { let ok = !s.completionsUseAsymmetricOrdering; #expect(ok, "waits close together kept the asymmetric ordering") }
+        // Waits close together: fences, and no more heavy barriers, whether they sleep or not.
         for i in 0..<200 { #expect(try io(&s, .write, sector: UInt64(i % 64) * 8) == .ok) }
-        let heavy = s.heavyBarriers
         for i in 0..<200 { #expect(try io(&s, .read, sector: UInt64(i % 64) * 8) == .ok) }
-        #expect(s.heavyBarriers == heavy)
+        #expect(s.heavyBarriers == 2)
         do { let ok = !s.completionsUseAsymmetricOrdering; #expect(ok) }
+        #expect(s.recoveries == 0, "the driver was restarted during the test (\(s.recoveries) recoveries): its queue state was reset")
+    }
+
+    /// One wait that finds nothing and goes to sleep (for 20 ms): the driver is stopped
+    /// (the hang fault) while it is made. Then the driver continues and the completion is
+    /// polled for, without another wait.
+    static func sleepingWait(_ s: inout BlockSession, _ admin: borrowing AdminConnection,
+                             _ out: UnsafeMutableBufferPointer<BlockResult>) throws {
+        let hit = try admin.injectFault(device: "m0", .hang)
+        defer { kill(hit.pid, SIGCONT) }  // also when something below throws
+        try waitUntilStopped(pid: hit.pid)
+        #expect(try s.submit(.read, sector: 0, offset: 0, length: 4096) != nil)
+        #expect(try s.wait(into: out, timeoutMilliseconds: 20) == 0, "a stopped driver completed a request")
+        kill(hit.pid, SIGCONT)
+        let deadline = Clock.monotonicNanoseconds + UInt64(testDeadlineSeconds * 1e9)
+        while s.inFlight > 0 {
+            guard Clock.monotonicNanoseconds < deadline else { throw DeadlinePassed("the continued driver's completion", seconds: testDeadlineSeconds) }
+            for k in 0..<(try s.poll(into: out)) { #expect(out[k].status == .ok) }
+        }
     }
 
     /// Chaining: a partitioner holds one session to the driver and serves a session per
@@ -93,7 +120,7 @@ import Testing
         do {
             let sock = try UnixSocket.connect(path: path)
             try sock.send(.openBlock(OpenBlock(device: "p1", writable: true, dataBytes: 8192, queueDepth: 2)))
-            var d = try sock.receiveControl()
+            var d = try receiveControl(sock)
             guard case .blockOpened = d.message else { Issue.record("open refused: \(d.message)"); return }
             let layout = try BlockQueueLayout(queueDepth: 2)
             let queues = try SharedRegion(adopting: d.take(1), minimumSize: layout.byteCount).map(.readWrite)
@@ -134,13 +161,15 @@ final class PartitionerBox: @unchecked Sendable {
         }
     }
     var error: BlockSessionError? { lock.withLock { failure } }
-    /// Stops the loop and waits for the thread to leave it (once).
+    /// Stops the loop and waits (up to the test deadline) for the thread to leave it (once).
     func stop() {
         let first = lock.withLock { () -> Bool in
             defer { stopped = true }
             return !stopped
         }
-        if first { done.wait() }
+        if first, done.wait(timeout: .now() + testDeadlineSeconds) != .success {
+            Issue.record("the partitioner's thread did not leave its loop within \(testDeadlineSeconds) s")
+        }
     }
 }
 
@@ -184,7 +213,7 @@ final class PartitionerBox: @unchecked Sendable {
         #expect(throws: BlockSessionError.refused(.limitExceeded, "too many connections")) {
             _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2)
         }
-        served.wait()
+        try waitSignalled(served, for: "the refusing server's thread")
         _ = listener
     }
 
