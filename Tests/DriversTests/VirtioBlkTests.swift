@@ -176,7 +176,7 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
                                  (0, UInt32(1) << 31)] {
             guard try s.submitUnchecked(.read, sector: 0, offset: offset, length: length) != nil else { Issue.record("no tag"); return }
             var status: BlockStatus?? = nil
-            try s.drain { status = $0.status }
+            try drain(&s) { status = $0.status }
             #expect(status == .some(.invalid), "offset \(offset) length \(length): \(String(describing: status))")
             #expect(try f.device()["device_requests"] as! Int == sent, "a request outside the region reached the device")
         }
