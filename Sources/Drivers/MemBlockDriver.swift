@@ -43,6 +43,7 @@ public struct MemBlockDriver: ~Copyable {
         var start: ControlDelivery
         do { start = try manager.receiveControl() } catch { throw .setup("no start message: \(error)") }
         guard case .driverStart(let cfg) = start.message else { throw .setup("expected driverStart, got \(start.message.type)") }
+        guard case .memory = cfg.transport else { throw .setup("the memory driver cannot serve transport \(cfg.transport)") }
         guard cfg.tableCapacity >= 1, cfg.tableCapacity <= 4096, cfg.blockSize == UInt32(blockSectorSize),
               cfg.maxTransfer > 0, cfg.maxTransfer % UInt32(blockSectorSize) == 0,
               cfg.heartbeatIntervalMs >= 1 else {
@@ -221,7 +222,7 @@ public struct MemBlockDriver: ~Copyable {
         }
         // "DMA": the IO address resolves to our mapping of that region. Check against the
         // mapping as well as the table: the table is the manager's, the mapping is real.
-        let regionOffset = io &- entry.ioAddress
+        let regionOffset = io.rawValue &- entry.ioAddress.rawValue
         guard regionOffset <= UInt64(slots[i].data.size), UInt64(r.length) <= UInt64(slots[i].data.size) - regionOffset else {
             return .invalid
         }

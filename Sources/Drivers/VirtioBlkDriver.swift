@@ -96,7 +96,7 @@ public struct VirtioBlkDriver: ~Copyable {
     struct InFlight {
         var active = false
         var slot = 0
-        var request = BlockRequest(tag: 0, op: .read, sector: 0, offset: 0, length: 0)
+        var request = BlockRequest(tag: 0, op: .read, sector: 0, offset: RegionOffset(rawValue: 0), length: 0)
     }
 
     /// Receives DriverStart, maps the driver page, the translation table (read-only) and
@@ -108,6 +108,7 @@ public struct VirtioBlkDriver: ~Copyable {
         var start: ControlDelivery
         do { start = try manager.receiveControl() } catch { throw .setup("no start message: \(error)") }
         guard case .driverStart(let cfg) = start.message else { throw .setup("expected driverStart, got \(start.message.type)") }
+        guard cfg.virtio != nil else { throw .setup("the virtio-blk driver cannot serve transport \(cfg.transport)") }
         guard cfg.tableCapacity >= 1, cfg.tableCapacity <= 4096, cfg.maxTransfer >= UInt32(blockSectorSize),
               cfg.heartbeatIntervalMs >= 1, cfg.queueSize >= 8, cfg.queueSize <= 1024, cfg.queueSize.nonzeroBitCount == 1 else {
             throw .setup("bad start parameters \(cfg)")
@@ -329,7 +330,7 @@ public struct VirtioBlkDriver: ~Copyable {
         device = consume f
         deviceFD = raw
         connected = true
-        let info = DeviceInfo(blockCount: blockCount, blockSize: 512, maxTransfer: maxTransfer, flags: flags)
+        let info = ClassInfo.block(BlockInfo(blockSize: 512, blockCount: blockCount, maxTransfer: maxTransfer, flags: flags))
         try? manager.send(.deviceInfo(info))
         dropSessionsOverSlotLimit()
         resubmitAll()
@@ -452,7 +453,7 @@ public struct VirtioBlkDriver: ~Copyable {
     func regionEntry(_ i: Int) -> VhostUserMemoryRegion? {
         guard let e = table.readPatiently(slots[i].tableIndex), e.state == .active, e.sessionID == slots[i].sessionID,
               e.length > 0 else { return nil }
-        return VhostUserMemoryRegion(guestPhysicalAddress: e.ioAddress, size: UInt64(slots[i].data.size),
+        return VhostUserMemoryRegion(guestPhysicalAddress: e.ioAddress.rawValue, size: UInt64(slots[i].data.size),
                                      userAddress: UInt64(UInt(bitPattern: slots[i].data.base)), mmapOffset: 0)
     }
 
@@ -470,7 +471,7 @@ public struct VirtioBlkDriver: ~Copyable {
     }
 
     func reportLost(_ reason: String) {
-        try? manager.send(.deviceLost(reason: String(reason.prefix(ControlProtocol.maxReasonBytes - 16))))
+        try? manager.send(.deviceLost(reason: String(reason.prefix(ControlProtocol.maxReasonBytes - 16)), recovery: .reconnectDevice))
     }
 
     /// After (re)connecting: every recorded request goes to the new device, except those of
@@ -605,7 +606,7 @@ public struct VirtioBlkDriver: ~Copyable {
     /// The region as it was registered (the table entry may already be revoking).
     func lastRegion(_ i: Int) -> VhostUserMemoryRegion? {
         guard let e = table.readPatiently(slots[i].tableIndex), e.sessionID == slots[i].sessionID else { return nil }
-        return VhostUserMemoryRegion(guestPhysicalAddress: e.ioAddress, size: UInt64(slots[i].data.size),
+        return VhostUserMemoryRegion(guestPhysicalAddress: e.ioAddress.rawValue, size: UInt64(slots[i].data.size),
                                      userAddress: UInt64(UInt(bitPattern: slots[i].data.base)), mmapOffset: 0)
     }
 
@@ -731,10 +732,10 @@ public struct VirtioBlkDriver: ~Copyable {
             }
             // The device resolves the address through the region we registered, which is
             // our mapping: check against it as well as against the table.
-            guard r.offset <= UInt64(slots[i].data.size), UInt64(r.length) <= UInt64(slots[i].data.size) - r.offset else {
+            guard r.offset.rawValue <= UInt64(slots[i].data.size), UInt64(r.length) <= UInt64(slots[i].data.size) - r.offset.rawValue else {
                 return .invalid
             }
-            chain[1] = VirtqBuffer(address: address, length: r.length, deviceWritable: op == .read)
+            chain[1] = VirtqBuffer(address: address.rawValue, length: r.length, deviceWritable: op == .read)
             count = 2
         } else if op != .flush {
             let segment = VirtioBlkDiscardSegment(sector: r.sector, numSectors: r.length / UInt32(blockSectorSize), flags: 0)

@@ -77,7 +77,7 @@ struct StatusCommand: ParsableCommand {
         print("devices:")
         for d in r.devices {
             let pid = d.pid.map { "\($0)" } ?? "-"
-            print("  \(d.name)  driver \(d.driver)  state \(d.state)  pid \(pid)  generation \(d.generation)  restarts \(d.restarts)  failures \(d.failures)")
+            print("  \(d.name)  \(d.deviceClass) over \(d.transport)  state \(d.state)  pid \(pid)  generation \(d.generation)  restarts \(d.restarts)  failures \(d.failures)")
             print("    registered \(d.registeredBytes)/\(d.maxDeviceBytes) bytes  revoked \(d.revokedIdle) idle, \(d.revokedAtLeaseEnd) at lease end")
             if let f = d.lastFailure { print("    last failure: \(f)") }
             if !d.sandboxProbes.isEmpty { print("    sandbox probes: \(d.sandboxProbes.joined(separator: ", "))") }
@@ -94,7 +94,8 @@ struct StatusCommand: ParsableCommand {
 struct DriverCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "_driver", shouldDisplay: false)
 
-    @Option var kind: String
+    @Option var transport: String
+    @Option(name: .customLong("class")) var deviceClass: String
     @Option var device: String
     @Option var uid: UInt32
     @Option var gid: UInt32
@@ -114,7 +115,7 @@ struct DriverCommand: ParsableCommand {
         var kick: Doorbell? = nil, call: Doorbell? = nil
         do {
             epoll = try Epoll()
-            if kind == "virtio-blk" {
+            if transport == "vhost-user" {
                 kick = try Doorbell()
                 call = try Doorbell()
             }
@@ -143,21 +144,24 @@ struct DriverCommand: ParsableCommand {
         let probes = probeSandbox ? Sandbox.probe(otherProcess: getppid()).map { "\($0.name) \($0.errno)" } : []
         let socket = UnixSocket(adopting: OwnedFD(adopting: 3))
         do {
-            switch kind {
-            case "memblock":
+            switch (transport, deviceClass) {
+            case ("memory", "block"):
                 var driver = try MemBlockDriver.start(manager: socket, epoll: epoll, probes: probes)
                 try driver.run()
-            case "virtio-blk":
+            case ("vhost-user", "block"):
                 var driver = try VirtioBlkDriver.start(manager: socket, epoll: epoll, kick: kick.take()!, call: call.take()!,
                                                        probes: probes)
                 try driver.run()
             default:
-                writeStderr("outboard driver \(device): unknown driver kind \(kind)\n")
-                Glibc.exit(2)
+                writeStderr("outboard driver \(device): no driver for class \(deviceClass) over transport \(transport)\n")
+                Glibc.exit(DriverExit.status(for: .fatal))
             }
         } catch {
-            writeStderr("outboard driver \(device): \(error)\n")
-            Glibc.exit(1)
+            // The exit status carries the error's classification for the supervisor
+            // (DriverExit); an unclassified error asks for a new driver.
+            let recovery = (error as? RecoverableError)?.recovery ?? .restartDriver
+            writeStderr("outboard driver \(device): \(error) (\(recovery))\n")
+            Glibc.exit(DriverExit.status(for: recovery))
         }
         Glibc.exit(0)
     }

@@ -1,4 +1,5 @@
 import Foundation
+import Manager
 import Outboard
 import OutboardRings
 import OutboardSession
@@ -113,11 +114,11 @@ import Testing
             #expect(message.contains("device limit"))
         }
         #expect(try m.device("m0").registeredBytes == 131072)
-        #expect(a?.info.dataBytes == 65536)
+        #expect(a?.opened.dataBytes == 65536)
         a = nil  // closes the session
         try m.waitFor("the closed session's bytes to be released") { try m.device("m0").registeredBytes == 65536 }
         let c = try m.open("m0", dataBytes: 4096)
-        #expect(c.info.dataBytes == 4096 && b.info.dataBytes == 65536)
+        #expect(c.opened.dataBytes == 4096 && b.opened.dataBytes == 65536)
         #expect(try m.device("m0").registeredBytes == 65536 + 4096)
     }
 
@@ -228,7 +229,7 @@ import Testing
         var good = try m.open("m0")
         do { let st = try io(&good, .write, sector: 8); #expect(st == .ok) }
 
-        var valid = ControlMessage.openBlock(OpenBlock(device: "m0", writable: true, dataBytes: 4096, queueDepth: 8)).encode()
+        var valid = ControlMessage.openSession(OpenSession(device: "m0", deviceClass: .block, writable: true, dataBytes: 4096, queueDepth: 8)).encode()
         var cases: [(String, [UInt8])] = []
         cases.append(("garbage", Array("hello manager".utf8)))
         cases.append(("oversized", [UInt8](repeating: 0x41, count: ControlProtocol.maxMessageBytes + 1)))
@@ -280,7 +281,7 @@ import Testing
         let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
         var good = try m.open("m0")
         let flood = try UnixSocket.connect(path: m.socketPath)
-        let request = ControlMessage.openBlock(OpenBlock(device: "nonexistent", writable: true, dataBytes: 4096, queueDepth: 2)).encode()
+        let request = ControlMessage.openSession(OpenSession(device: "nonexistent", deviceClass: .block, writable: true, dataBytes: 4096, queueDepth: 2)).encode()
         var sent = 0
         for _ in 0..<5000 {
             do { try flood.send(request, nonBlocking: true); sent += 1 } catch { break }
@@ -291,5 +292,61 @@ import Testing
         #expect(status.state == "running")
         var another = try m.open("m0")
         do { let st = try io(&another, .read, sector: 16); #expect(st == .ok) }
+    }
+}
+
+/// The config names a device's transport and class; what does not fit is refused with an
+/// error that says which device and key.
+@Suite struct ManagerConfigTests {
+    static func parse(_ device: String) throws -> ManagerConfig {
+        try ManagerConfig.parse(Data(#"{"devices": [\#(device)]}"#.utf8))
+    }
+
+    static func refusal(_ device: String) -> String {
+        do {
+            _ = try parse(device)
+            return "accepted"
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    @Test func theExamplesParse() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let memory = try ManagerConfig.load(path: root.appendingPathComponent("examples/outboard.json").path)
+        #expect(memory.devices.map(\.transport) == [.memory] && memory.devices.map(\.deviceClass) == [.block])
+        let vhost = try ManagerConfig.load(path: root.appendingPathComponent("examples/virtio-blk.json").path)
+        #expect(vhost.devices.map(\.transport) == [.vhostUser] && vhost.devices.map(\.deviceClass) == [.block])
+    }
+
+    @Test func transportAndClass() throws {
+        let d = try Self.parse(#"{"name": "m0", "transport": "memory"}"#)
+        #expect(d.devices[0].deviceClass == .block, "class defaults to block")
+        let v = try Self.parse(#"{"name": "v0", "transport": "vhost-user", "class": "block", "socket": "/run/v0.sock"}"#)
+        #expect(v.devices[0].transport == .vhostUser && v.devices[0].socket == "/run/v0.sock")
+
+        let unknownTransport = Self.refusal(#"{"name": "m0", "transport": "pci"}"#)
+        #expect(unknownTransport.contains("unknown transport 'pci' (known: memory, vhost-user)"), "\(unknownTransport)")
+        let unknownClass = Self.refusal(#"{"name": "m0", "transport": "memory", "class": "net"}"#)
+        #expect(unknownClass.contains("unknown class 'net' (known: block)"), "\(unknownClass)")
+        let missing = Self.refusal(#"{"name": "m0"}"#)
+        #expect(missing.contains("missing key 'transport'"), "\(missing)")
+        let oldKey = Self.refusal(#"{"name": "m0", "driver": "memblock"}"#)
+        #expect(oldKey.contains("'driver' is not a device key: name a 'transport'"), "\(oldKey)")
+    }
+
+    @Test func keysOfAnotherTransportAreRefused() {
+        let noSocket = Self.refusal(#"{"name": "v0", "transport": "vhost-user"}"#)
+        #expect(noSocket.contains("device 'v0': transport vhost-user needs 'socket'"), "\(noSocket)")
+        let socketOnMemory = Self.refusal(#"{"name": "m0", "transport": "memory", "socket": "/run/x.sock"}"#)
+        #expect(socketOnMemory.contains("device 'm0': 'socket' is for transport vhost-user, this device's transport is memory"),
+                "\(socketOnMemory)")
+        let queueOnMemory = Self.refusal(#"{"name": "m0", "transport": "memory", "queue_size": 64}"#)
+        #expect(queueOnMemory.contains("'queue_size' is for transport vhost-user"), "\(queueOnMemory)")
+        let sizeOnVhost = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "size_mib": 8}"#)
+        #expect(sizeOnVhost.contains("device 'v0': 'size_mib' is for transport memory, this device's transport is vhost-user"),
+                "\(sizeOnVhost)")
+        let badNotify = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "notify": "often"}"#)
+        #expect(badNotify.contains("notify 'often'"), "\(badNotify)")
     }
 }
