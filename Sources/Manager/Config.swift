@@ -82,6 +82,10 @@ public struct ManagerConfig: Decodable, Sendable {
         public var probeSandbox: Bool = false
         /// Test knob: the driver exits right after start (a crash loop).
         public var testExitAtStart: Bool = false
+        /// Test knob: the driver exits right after start with the exit status of this
+        /// classification ("retry", "reconnect-device", "restart-driver", "fail-device",
+        /// "fatal"; see DriverExit).
+        public var testExitRecovery: String? = nil
         /// The keys the config file gave (decoded spelling), for the transport check.
         var givenKeys: [String] = []
     }
@@ -152,6 +156,9 @@ public struct ManagerConfig: Decodable, Sendable {
             }
             guard names.insert(d.name).inserted else { throw fail("device '\(d.name)' appears twice") }
             try d.validateTransport(fail)
+            if let r = d.testExitRecovery, Recovery(configName: r) == nil {
+                throw fail("device '\(d.name)': test_exit_recovery '\(r)' (use \(Recovery.allCases.map(\.configName).joined(separator: ", ")))")
+            }
             guard d.sizeMib >= 1, d.sizeMib <= 16384 else { throw fail("device '\(d.name)': size_mib must be in 1...16384") }
             for r in d.access {
                 guard r.mode == "rw" || r.mode == "ro" else { throw fail("device '\(d.name)': access mode '\(r.mode)' (use rw or ro)") }
@@ -205,6 +212,15 @@ extension ManagerConfig.DeviceConfig {
     static let memoryKeys = ["sizeMib": "size_mib", "latencyUs": "latency_us"]
     static let vhostUserKeys = ["socket": "socket", "queueSize": "queue_size", "notify": "notify", "pollUs": "poll_us",
                                 "reconnectMs": "reconnect_ms"]
+}
+
+extension Recovery {
+    /// The spelling in configs and command lines: "fail-device".
+    public var configName: String { description.split(separator: " ").joined(separator: "-") }
+    public init?(configName: String) {
+        guard let r = Recovery.allCases.first(where: { $0.configName == configName }) else { return nil }
+        self = r
+    }
 }
 
 public struct ConfigError: Error, CustomStringConvertible, RecoverableError {
@@ -287,7 +303,7 @@ extension ManagerConfig.SandboxConfig {
 extension ManagerConfig.DeviceConfig {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case name, transport, deviceClass = "class", sizeMib, socket, queueSize, notify, pollUs, reconnectMs, access, limits
-        case latencyUs, probeSandbox, testExitAtStart
+        case latencyUs, probeSandbox, testExitAtStart, testExitRecovery
     }
     public init(name: String, transport: ManagerConfig.Transport, deviceClass: DeviceClass = .block) {
         self.name = name; self.transport = transport; self.deviceClass = deviceClass
@@ -329,6 +345,7 @@ extension ManagerConfig.DeviceConfig {
         latencyUs = try c.value(.latencyUs, d.latencyUs)
         probeSandbox = try c.value(.probeSandbox, d.probeSandbox)
         testExitAtStart = try c.value(.testExitAtStart, d.testExitAtStart)
+        testExitRecovery = try c.decodeIfPresent(String.self, forKey: .testExitRecovery)
     }
 }
 

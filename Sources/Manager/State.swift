@@ -181,6 +181,7 @@ final class DriverProcess {
         if !sandbox.namespaces { args.append("--no-namespaces") }
         if d.config.probeSandbox { args.append("--probe-sandbox") }
         if d.config.testExitAtStart { args.append("--test-exit-at-start") }
+        if let r = d.config.testExitRecovery { args += ["--test-exit-recovery", r] }
         // A crashing driver should die at once: no backtracer (it would try to exec a helper
         // the sandbox forbids, and slow every restart).
         let env = ["SWIFT_BACKTRACE=enable=no", "PATH=/usr/bin:/bin"]

@@ -103,6 +103,7 @@ struct DriverCommand: ParsableCommand {
     @Flag var noNamespaces = false
     @Flag var probeSandbox = false
     @Flag var testExitAtStart = false
+    @Option var testExitRecovery: String?
 
     func run() throws {
         // The sandbox comes first, before a single byte from anyone else is read.
@@ -136,6 +137,10 @@ struct DriverCommand: ParsableCommand {
         } catch {
             writeStderr("outboard driver \(device): cannot enter sandbox: \(error)\n")
             Glibc.exit(3)
+        }
+        if let name = testExitRecovery, let r = Recovery(configName: name) {
+            writeStderr("outboard driver \(device): exiting at start as '\(r)' (test_exit_recovery)\n")
+            Glibc.exit(DriverExit.status(for: r))
         }
         if testExitAtStart {
             writeStderr("outboard driver \(device): exiting at start (test_exit_at_start)\n")

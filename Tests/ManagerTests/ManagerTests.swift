@@ -193,6 +193,25 @@ import Testing
     /// A driver that keeps dying before it is healthy: after the crash-loop limit the
     /// device is failed, its clients get an error instead of hanging, and new opens are
     /// refused.
+    /// A driver's exit status carries its classification (DriverExit): one that gives up
+    /// on the device fails it at once, without a crash loop; one that asks for a restart
+    /// is restarted as a crash is.
+    @Test func theSupervisorActsOnTheDriversClassification() throws {
+        let m = try ManagerFixture(
+            devices: "[\(memDevice("gaveup", extra: #""test_exit_recovery": "fail-device""#)), \(memDevice("restart", extra: #""test_exit_recovery": "restart-driver""#))]",
+            extra: #""restart": {"backoff_initial_ms": 5, "crash_loop_limit": 3, "healthy_after_ms": 600000}"#)
+        try m.waitFor("the device whose driver gave up to be failed") { try m.device("gaveup").state == "failed" }
+        let gaveUp = try m.device("gaveup")
+        #expect(gaveUp.failures == 1 && gaveUp.restarts == 0, "failures \(gaveUp.failures) restarts \(gaveUp.restarts)")
+        #expect(gaveUp.lastFailure?.contains("gave up") == true, "\(gaveUp.lastFailure ?? "")")
+        do { _ = try m.open("gaveup"); Issue.record("opened a failed device") } catch {
+            guard case .refused(.deviceFailed, _) = error else { Issue.record("wrong error \(error)"); return }
+            #expect(error.recovery == .failDevice)
+        }
+        try m.waitFor("the restarting device to crash-loop") { try m.device("restart").state == "failed" }
+        #expect(try m.device("restart").failures == 4)
+    }
+
     @Test func crashLoopFailsTheDevice() throws {
         let m = try ManagerFixture(
             devices: "[\(memDevice("m0")), \(memDevice("dead", extra: #""test_exit_at_start": true"#))]",
