@@ -369,3 +369,36 @@ import Testing
         #expect(badNotify.contains("notify 'often'"), "\(badNotify)")
     }
 }
+
+/// The client library retries by an error's classification: a server not listening yet
+/// (`.unreachable`, `.retry`) is waited for; a refusal that will not change (`.fatal`) ends
+/// the wait at once.
+@Suite struct ClientRetryTests {
+    @Test func openWaitsForAServerAndStopsAtAFinalRefusal() throws {
+        let path = NSTemporaryDirectory() + "outboard-late-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        do {
+            _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2)
+            Issue.record("opened a session on a socket nobody listens on")
+        } catch {
+            guard case .unreachable = error else { Issue.record("wrong error \(error)"); return }
+            #expect(error.recovery == .retry)
+        }
+        // The server comes up while the client waits, answers one open with a final
+        // refusal, and goes away (its socket file with it). A client that retried the
+        // refusal would find nobody and end with .unreachable at its deadline.
+        let served = DispatchSemaphore(value: 0)
+        let server = Thread {
+            defer { served.signal() }
+            usleep(100_000)
+            guard let listener = try? UnixListener(path: path), let s = try? listener.accept() else { return }
+            guard (try? s.waitReadable(timeoutMilliseconds: 10_000)) == true, (try? s.receiveControl()) != nil else { return }
+            try? s.send(.failure(.unknownDevice, "no device named 'd'"))
+        }
+        server.start()
+        #expect(throws: BlockSessionError.refused(.unknownDevice, "no device named 'd'")) {
+            _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2,
+                                      waitMilliseconds: 5000)
+        }
+        #expect(served.wait(timeout: .now() + 10) == .success, "the server thread did not finish")
+    }
+}
