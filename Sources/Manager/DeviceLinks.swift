@@ -12,14 +12,6 @@ enum DeviceLink {
     /// connects and hands the connection over, again whenever the driver reports it lost.
     case vhostUser(VhostUserLink)
 
-    /// Whether the driver can serve before the device reported itself.
-    var reportsDevice: Bool {
-        switch self {
-        case .memory: return false
-        case .vhostUser: return true
-        }
-    }
-
     var vhostUser: VhostUserLink? {
         if case .vhostUser(let l) = self { return l }
         return nil
