@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "OutboardRings", targets: ["OutboardRings"]),
         .library(name: "OutboardSession", targets: ["OutboardSession"]),
         .library(name: "Outboard", targets: ["Outboard"]),
+        .library(name: "Virtualizers", targets: ["Virtualizers"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -54,8 +55,11 @@ let package = Package(
                            .product(name: "Logging", package: "swift-log")]
         ),
         // The client library applications import: block sessions, reissue after a driver
-        // restart, and a block partitioner (a virtualizer: client and server at once).
+        // restart, the admin client.
         .target(name: "Outboard", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
+        // Virtualizers: client of one session and server of others at once (the block
+        // partitioner), built on the client library and the session layer's resources.
+        .target(name: "Virtualizers", dependencies: ["Outboard", "OutboardSession", "OutboardRings", "OutboardSystem"]),
         // The C reference queue the ring benchmark measures Outboard against: same layout,
         // same algorithm, same work per descriptor.
         .target(name: "CRefRing"),
@@ -86,7 +90,7 @@ let package = Package(
         // End to end: a manager process, sandboxed drivers, clients, faults.
         .testTarget(
             name: "ManagerTests",
-            dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
+            dependencies: ["Manager", "Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
         ),
         // The drivers, as the manager runs them: the virtio-blk driver against a real
         // qemu-storage-daemon (the memory driver serves the manager's and client tests).
@@ -95,10 +99,15 @@ let package = Package(
             dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardBench", "OutboardTestSupport",
                            "Drivers", "Virtio", "OutboardRings"]
         ),
-        // The client library against a real manager: sessions, the partitioner, the admin client.
+        // The client library against a real manager: sessions, the admin client.
         .testTarget(
             name: "OutboardTests",
             dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
+        ),
+        // Virtualizers against a real manager: the partitioner chains sessions.
+        .testTarget(
+            name: "VirtualizersTests",
+            dependencies: ["Virtualizers", "Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
         ),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(

@@ -1,9 +1,10 @@
 import FoundationEssentials
 import OutboardSession
+import OutboardSystem
 
 /// The manager's configuration, read from a JSON file (see `examples/outboard.json`).
 /// Keys are snake_case. Everything has a default except the devices.
-public struct ManagerConfig: Codable, Sendable {
+public struct ManagerConfig: Decodable, Sendable {
     /// Where clients connect (Unix SEQPACKET).
     public var controlSocket: String = "/run/outboard/control.sock"
     /// The unprivileged user and group drivers run as.
@@ -22,7 +23,7 @@ public struct ManagerConfig: Codable, Sendable {
     public var sandbox: SandboxConfig = SandboxConfig()
     public var devices: [DeviceConfig]
 
-    public struct RestartPolicy: Codable, Sendable {
+    public struct RestartPolicy: Decodable, Sendable {
         /// First restart delay; doubles with each consecutive failure.
         public var backoffInitialMs: UInt32 = 10
         public var backoffMaxMs: UInt32 = 2000
@@ -35,53 +36,70 @@ public struct ManagerConfig: Codable, Sendable {
         public init() {}
     }
 
-    public struct SandboxConfig: Codable, Sendable {
+    public struct SandboxConfig: Decodable, Sendable {
         /// New mount (empty root), network and IPC namespaces.
         public var namespaces: Bool = true
         public var maxOpenFiles: UInt64 = 64
         public init() {}
     }
 
-    public struct DeviceConfig: Codable, Sendable {
+    /// How the driver reaches a device. The driver serving a device follows from its
+    /// transport and class (memory + block: the test block driver on manager-owned memory;
+    /// vhost-user + block: the virtio-blk driver).
+    public enum Transport: String, Sendable, CaseIterable {
+        /// Manager-owned memory is the device (`size_mib`, `latency_us`).
+        case memory
+        /// A vhost-user device at `socket`, which the manager connects to and hands over.
+        case vhostUser = "vhost-user"
+    }
+
+    public struct DeviceConfig: Decodable, Sendable {
         public var name: String
-        /// Which driver serves it: "virtio-blk" (a vhost-user-blk device at `socket`) or
-        /// "memblock" (the test block driver on manager-owned memory).
-        public var driver: String
-        /// Size of the device in MiB (memblock; a virtio device reports its own).
+        public var transport: Transport
+        /// The device class: what its sessions carry. "block" (the default and, for now,
+        /// the only one).
+        public var deviceClass: DeviceClass = .block
+        /// Size of the device in MiB (memory transport; a vhost-user device reports its own).
         public var sizeMib: UInt64 = 64
-        /// virtio-blk: the device's vhost-user socket. The manager connects to it and hands
+        /// vhost-user: the device's socket. The manager connects to it and hands
         /// the connection to the sandboxed driver (again after every disconnection).
         public var socket: String? = nil
-        /// virtio-blk: virtqueue size (a power of two, 8...1024).
+        /// vhost-user: virtqueue size (a power of two, 8...1024).
         public var queueSize: UInt32 = 256
-        /// virtio-blk: how the driver learns of completions: "interrupt" (one per
+        /// vhost-user: how the driver learns of completions: "interrupt" (one per
         /// completion), "event-idx" (once per batch taken), "adaptive" (busy-poll while busy
         /// and for `poll_us` after, event-idx otherwise), "poll" (busy-poll while busy).
         public var notify: String = "adaptive"
         public var pollUs: UInt32 = 50
-        /// virtio-blk: how often the manager retries connecting to an absent device.
+        /// vhost-user: how often the manager retries connecting to an absent device.
         public var reconnectMs: UInt32 = 50
         public var access: [AccessRule] = []
         public var limits: Limits = Limits()
-        /// Emulated device latency per request (memblock), microseconds.
+        /// Emulated device latency per request (memory transport), microseconds.
         public var latencyUs: UInt32 = 0
         /// The driver tries to escape its sandbox at start and reports what it saw
         /// (shown in `outboard status`).
         public var probeSandbox: Bool = false
         /// Test knob: the driver exits right after start (a crash loop).
         public var testExitAtStart: Bool = false
+        /// Test knob: the driver exits right after start with the exit status of this
+        /// classification ("retry", "reconnect-device", "restart-driver", "fail-device",
+        /// "fatal"; see DriverExit).
+        public var testExitRecovery: String? = nil
+        /// The keys the config file gave (decoded spelling), for the transport check.
+        var givenKeys: [String] = []
     }
 
     /// Who may open a device. A rule matches a client's uid or gid (SO_PEERCRED); the first
     /// matching rule decides. No match: denied.
-    public struct AccessRule: Codable, Sendable {
+    public struct AccessRule: Decodable, Sendable {
         public var uid: UInt32? = nil
         public var gid: UInt32? = nil
         /// "rw" or "ro".
         public var mode: String
     }
 
-    public struct Limits: Codable, Sendable {
+    public struct Limits: Decodable, Sendable {
         /// Largest data region one session may register.
         public var maxSessionBytes: UInt64 = 64 << 20
         /// Registered bytes over all sessions of the device.
@@ -137,22 +155,9 @@ public struct ManagerConfig: Codable, Sendable {
                 throw fail("device name '\(d.name)': 1-64 letters, digits, '-' or '_'")
             }
             guard names.insert(d.name).inserted else { throw fail("device '\(d.name)' appears twice") }
-            guard d.driver == "memblock" || d.driver == "virtio-blk" else {
-                throw fail("device '\(d.name)': unknown driver '\(d.driver)' (known: virtio-blk, memblock)")
-            }
-            if d.driver == "virtio-blk" {
-                guard let path = d.socket, !path.isEmpty, path.utf8.count < 108 else {
-                    throw fail("device '\(d.name)': virtio-blk needs 'socket', the device's vhost-user socket path (under 108 bytes)")
-                }
-                guard d.queueSize >= 8, d.queueSize <= 1024, d.queueSize.nonzeroBitCount == 1 else {
-                    throw fail("device '\(d.name)': queue_size must be a power of two in 8...1024")
-                }
-                guard NotifyMode(name: d.notify) != nil else {
-                    throw fail("device '\(d.name)': notify '\(d.notify)' (use interrupt, event-idx, adaptive or poll)")
-                }
-                guard d.reconnectMs >= 1 else { throw fail("device '\(d.name)': reconnect_ms must be at least 1") }
-            } else if d.socket != nil {
-                throw fail("device '\(d.name)': 'socket' is for virtio-blk devices")
+            try d.validateTransport(fail)
+            if let r = d.testExitRecovery, Recovery(configName: r) == nil {
+                throw fail("device '\(d.name)': test_exit_recovery '\(r)' (use \(Recovery.allCases.map(\.configName).joined(separator: ", ")))")
             }
             guard d.sizeMib >= 1, d.sizeMib <= 16384 else { throw fail("device '\(d.name)': size_mib must be in 1...16384") }
             for r in d.access {
@@ -171,9 +176,58 @@ public struct ManagerConfig: Codable, Sendable {
     }
 }
 
-public struct ConfigError: Error, CustomStringConvertible {
+extension ManagerConfig.DeviceConfig {
+    /// The transport's own keys, checked; a key of another transport is an error, not
+    /// silently ignored (a `socket` on a memory device means the config is not what its
+    /// author thinks). Every (transport, class) pair is listed, so a new class or transport
+    /// must say which pairs exist.
+    func validateTransport(_ fail: (String) -> ConfigError) throws {
+        switch (transport, deviceClass) {
+        case (.memory, .block), (.vhostUser, .block):
+            break
+        }
+        switch transport {
+        case .vhostUser:
+            guard let path = socket, !path.isEmpty, path.utf8.count < 108 else {
+                throw fail("device '\(name)': transport vhost-user needs 'socket', the device's vhost-user socket path (under 108 bytes)")
+            }
+            guard queueSize >= 8, queueSize <= 1024, queueSize.nonzeroBitCount == 1 else {
+                throw fail("device '\(name)': queue_size must be a power of two in 8...1024")
+            }
+            guard NotifyMode(name: notify) != nil else {
+                throw fail("device '\(name)': notify '\(notify)' (use interrupt, event-idx, adaptive or poll)")
+            }
+            guard reconnectMs >= 1 else { throw fail("device '\(name)': reconnect_ms must be at least 1") }
+            if let key = givenKeys.compactMap({ Self.memoryKeys[$0] }).first {
+                throw fail("device '\(name)': '\(key)' is for transport memory, this device's transport is vhost-user")
+            }
+        case .memory:
+            if let key = givenKeys.compactMap({ Self.vhostUserKeys[$0] }).first {
+                throw fail("device '\(name)': '\(key)' is for transport vhost-user, this device's transport is memory")
+            }
+        }
+    }
+
+    /// Decoded key (the decoder converts snake_case) to the key as written.
+    static let memoryKeys = ["sizeMib": "size_mib", "latencyUs": "latency_us"]
+    static let vhostUserKeys = ["socket": "socket", "queueSize": "queue_size", "notify": "notify", "pollUs": "poll_us",
+                                "reconnectMs": "reconnect_ms"]
+}
+
+extension Recovery {
+    /// The spelling in configs and command lines: "fail-device".
+    public var configName: String { description.split(separator: " ").joined(separator: "-") }
+    public init?(configName: String) {
+        guard let r = Recovery.allCases.first(where: { $0.configName == configName }) else { return nil }
+        self = r
+    }
+}
+
+public struct ConfigError: Error, CustomStringConvertible, RecoverableError {
     public let description: String
     public init(_ s: String) { description = s }
+    /// A configuration the manager refuses stays refused until it is changed.
+    public var recovery: Recovery { .fatal }
 }
 
 // Synthesized Decodable would demand every key; these take defaults for missing keys and
@@ -248,16 +302,38 @@ extension ManagerConfig.SandboxConfig {
 
 extension ManagerConfig.DeviceConfig {
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, driver, sizeMib, socket, queueSize, notify, pollUs, reconnectMs, access, limits, latencyUs, probeSandbox
-        case testExitAtStart
+        case name, transport, deviceClass = "class", sizeMib, socket, queueSize, notify, pollUs, reconnectMs, access, limits
+        case latencyUs, probeSandbox, testExitAtStart, testExitRecovery
     }
-    public init(name: String, driver: String) { self.name = name; self.driver = driver }
+    public init(name: String, transport: ManagerConfig.Transport, deviceClass: DeviceClass = .block) {
+        self.name = name; self.transport = transport; self.deviceClass = deviceClass
+    }
     public init(from decoder: Decoder) throws {
+        let keys = try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue)
+        if keys.contains("driver") {
+            throw DecodingError.dataCorrupted(.init(
+                codingPath: decoder.codingPath + [AnyKey(stringValue: "driver")],
+                debugDescription: "'driver' is not a device key: name a 'transport' (memory, vhost-user) and a 'class' (block)"))
+        }
         try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
         name = try c.decode(String.self, forKey: .name)
-        driver = try c.decode(String.self, forKey: .driver)
-        let d = Self(name: name, driver: driver)
+        let t = try c.decode(String.self, forKey: .transport)
+        guard let transport = ManagerConfig.Transport(rawValue: t) else {
+            throw DecodingError.dataCorrupted(.init(
+                codingPath: decoder.codingPath + [CodingKeys.transport],
+                debugDescription: "unknown transport '\(t)' (known: \(ManagerConfig.Transport.allCases.map(\.rawValue).joined(separator: ", ")))"))
+        }
+        self.transport = transport
+        let k = try c.decodeIfPresent(String.self, forKey: .deviceClass) ?? DeviceClass.block.description
+        guard let deviceClass = DeviceClass(name: k) else {
+            throw DecodingError.dataCorrupted(.init(
+                codingPath: decoder.codingPath + [CodingKeys.deviceClass],
+                debugDescription: "unknown class '\(k)' (known: \(DeviceClass.allCases.map(\.description).joined(separator: ", ")))"))
+        }
+        self.deviceClass = deviceClass
+        givenKeys = keys
+        let d = Self(name: name, transport: transport, deviceClass: deviceClass)
         sizeMib = try c.value(.sizeMib, d.sizeMib)
         socket = try c.decodeIfPresent(String.self, forKey: .socket)
         queueSize = try c.value(.queueSize, d.queueSize)
@@ -269,6 +345,7 @@ extension ManagerConfig.DeviceConfig {
         latencyUs = try c.value(.latencyUs, d.latencyUs)
         probeSandbox = try c.value(.probeSandbox, d.probeSandbox)
         testExitAtStart = try c.value(.testExitAtStart, d.testExitAtStart)
+        testExitRecovery = try c.decodeIfPresent(String.self, forKey: .testExitRecovery)
     }
 }
 

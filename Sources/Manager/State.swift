@@ -28,20 +28,16 @@ final class DeviceState {
     var lastFailure: String?
     var sessions: [UInt64: Session] = [:]
     var registeredBytes: UInt64 = 0
-    var nextIOAddress: UInt64 = 1 << 32
+    var ioAddresses = IOAddressAllocator()
     var revokedIdle = 0
     var revokedAtLeaseEnd = 0
     var probes: [String] = []
-    /// Virtio devices: what the driver found the device to be (nil until the first
-    /// negotiation), and the connection the manager keeps handing the driver.
-    var info: DeviceInfo?
-    var deviceConnected = false
-    /// The current driver wants a (new) device connection; retried at `connectRetryAt`.
-    var wantsConnection = false
-    var connectRetryAt: UInt64 = 0
-    var connectAttempts: UInt64 = 0
-    var connectionsMade: UInt64 = 0
-    var deviceLosses = 0
+    /// How the manager links the device to its driver (one case per transport).
+    let link: DeviceLink
+    /// What the driver found the device to be at its last negotiation (devices that report
+    /// themselves; nil until the first).
+    var reported: ClassInfo?
+    /// Why the device cannot be reached, while it cannot.
     var lastDeviceError: String?
 
     enum State: CustomStringConvertible {
@@ -57,22 +53,64 @@ final class DeviceState {
     }
 
     var name: String { config.name }
-    var isVirtio: Bool { config.driver == "virtio-blk" }
-    /// The device as clients see it; nil while a virtio device has never been reached.
-    var blockCount: UInt64? { isVirtio ? info?.blockCount : config.sizeMib << 20 / UInt64(blockSectorSize) }
-    var deviceFlags: DeviceFlags { isVirtio ? info?.flags ?? [] : [.flush] }
-    func maxTransfer(limit: UInt32) -> UInt32 { min(limit, isVirtio ? info?.maxTransfer ?? limit : limit) }
+
+    /// The device as sessions see it: from the config for a memory device, as reported for
+    /// one that reports itself (nil until it has).
+    var classInfo: ClassInfo? {
+        switch config.transport {
+        case .memory:
+            let limit = config.limits.maxTransferBytes
+            switch config.deviceClass {
+            case .block:
+                return .block(BlockInfo(blockSize: UInt32(blockSectorSize), blockCount: config.sizeMib << 20 / UInt64(blockSectorSize),
+                                        maxTransfer: limit, flags: [.flush]))
+            }
+        case .vhostUser:
+            return reported
+        }
+    }
+
+    /// The class info a session is given: the device's, with the manager's transfer limit.
+    func sessionInfo() -> ClassInfo? {
+        switch classInfo {
+        case .block(var b)?:
+            b.maxTransfer = min(b.maxTransfer, config.limits.maxTransferBytes)
+            return .block(b)
+        case nil:
+            return nil
+        }
+    }
+
+    /// What the driver is told of the device's class at start.
+    var classParameters: ClassParameters {
+        switch config.deviceClass {
+        case .block:
+            let blockCount: UInt64
+            if case .block(let b)? = classInfo { blockCount = b.blockCount } else { blockCount = 0 }
+            return .block(BlockParameters(blockSize: UInt32(blockSectorSize), blockCount: blockCount,
+                                          maxTransfer: config.limits.maxTransferBytes))
+        }
+    }
+
     /// Driver memory of virtio drivers (rings, request headers, status bytes), registered
-    /// with the device at `dmaIOAddress`; session regions get IO addresses from 4 GiB up.
+    /// with the device at `dmaIOAddress`; session regions get IO addresses from 4 GiB up
+    /// (IOAddressAllocator), so the two never meet.
     static let virtioDMABytes = 1 << 20
-    static let dmaIOAddress: UInt64 = 1 << 20
+    static let dmaIOAddress = IOAddress(rawValue: 1 << 20)
 
     init(index: Int, config: ManagerConfig.DeviceConfig) throws {
         self.index = index
         self.config = config
-        // memblock: the device itself. virtio: the driver's DMA memory (rings, headers).
-        memory = try SharedRegion(name: "outboard-\(config.name)-memory",
-                                  size: config.driver == "virtio-blk" ? DeviceState.virtioDMABytes : Int(config.sizeMib << 20))
+        // Memory transport: the device itself. Vhost-user: the driver's DMA memory (rings,
+        // headers), which the driver registers with the device.
+        switch config.transport {
+        case .memory:
+            memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: Int(config.sizeMib << 20))
+            link = .memory
+        case .vhostUser:
+            memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: DeviceState.virtioDMABytes)
+            link = .vhostUser(VhostUserLink(path: config.socket ?? "", reconnectMs: config.reconnectMs))
+        }
         let capacity = Int(config.limits.maxSessions)
         tableRegion = try SharedRegion(name: "outboard-\(config.name)-table", size: TranslationTable.byteCount(capacity: capacity))
         tableMapping = try tableRegion.map(.readWrite)
@@ -83,12 +121,20 @@ final class DeviceState {
         tableSlots = Array(repeating: nil, count: capacity)
     }
 
-    /// IO addresses: each registered region gets its own range, 2 MiB aligned, with a
-    /// gap, so an address never belongs to two regions (an IOVA allocator in miniature;
-    /// the vhost-user and VFIO transports assign theirs the same way).
-    func allocateIOAddress(_ bytes: UInt64) -> UInt64 {
-        let a = nextIOAddress
-        nextIOAddress += ((bytes + (2 << 20) - 1) & ~((2 << 20) - 1)) + (2 << 20)
+}
+
+/// IO addresses for session regions: each registered region gets its own range, 2 MiB
+/// aligned, with a gap, so an address never belongs to two regions (an IOVA allocator in
+/// miniature; the vhost-user and VFIO transports assign theirs the same way). Addresses are
+/// not reused: 2^64 bytes of address space outlast any session churn.
+struct IOAddressAllocator {
+    static let first = IOAddress(rawValue: 1 << 32)
+    static let granule: UInt64 = 2 << 20
+    var next = IOAddressAllocator.first
+
+    mutating func allocate(_ bytes: UInt64) -> IOAddress {
+        let a = next
+        next = next.advanced(by: Int(((bytes + Self.granule - 1) & ~(Self.granule - 1)) + Self.granule))
         return a
     }
 }
@@ -129,11 +175,13 @@ final class DriverProcess {
         // would lose the descriptors of an attach in flight (the kernel truncates
         // SCM_RIGHTS) and could only exit, and every restart would hit the same wall.
         let openFiles = max(sandbox.maxOpenFiles, Self.descriptorsNeeded(sessions: Int(d.config.limits.maxSessions)))
-        var args = ["_driver", "--kind", d.config.driver, "--device", d.name, "--uid", "\(uid)", "--gid", "\(gid)",
+        var args = ["_driver", "--transport", d.config.transport.rawValue, "--class", d.config.deviceClass.description,
+                    "--device", d.name, "--uid", "\(uid)", "--gid", "\(gid)",
                     "--max-open-files", "\(openFiles)"]
         if !sandbox.namespaces { args.append("--no-namespaces") }
         if d.config.probeSandbox { args.append("--probe-sandbox") }
         if d.config.testExitAtStart { args.append("--test-exit-at-start") }
+        if let r = d.config.testExitRecovery { args += ["--test-exit-recovery", r] }
         // A crashing driver should die at once: no backtracer (it would try to exec a helper
         // the sandbox forbids, and slow every restart).
         let env = ["SWIFT_BACKTRACE=enable=no", "PATH=/usr/bin:/bin"]
@@ -145,8 +193,8 @@ final class DriverProcess {
     }
 }
 
-/// A block session: the manager owns every region and doorbell, so a restarted driver
-/// gets the same session back.
+/// A session: the manager owns every region and doorbell (SessionResources), so a
+/// restarted driver gets the same session back.
 final class Session {
     let id: UInt64
     let connection: UInt64
@@ -154,22 +202,16 @@ final class Session {
     let writable: Bool
     let queueDepth: UInt32
     let dataBytes: UInt64
-    let header: SharedRegion
-    let headerMapping: SharedMapping
-    let headerPage: SessionHeaderPage
-    var queues: SharedRegion
-    let data: SharedRegion
-    let requestBell: Doorbell
-    let completionBell: Doorbell
+    var resources: SessionResources
     let tableIndex: Int
-    let ioAddress: UInt64
+    let ioAddress: IOAddress
     let deviceName: String
     var leaseEnd: UInt64 = 0
     var attachSent = false
     var revokingSince: UInt64?
 
     init(id: UInt64, device: DeviceState, connection: UInt64, credentials: PeerCredentials, writable: Bool,
-         queueDepth: UInt32, dataBytes: UInt64, tableIndex: Int, ioAddress: UInt64, generation: UInt64) throws {
+         queueDepth: UInt32, dataBytes: UInt64, tableIndex: Int, ioAddress: IOAddress, generation: UInt64) throws(SessionSetupError) {
         self.id = id
         self.connection = connection
         self.credentials = credentials
@@ -179,33 +221,15 @@ final class Session {
         self.tableIndex = tableIndex
         self.ioAddress = ioAddress
         self.deviceName = device.name
-        header = try SharedRegion(name: "outboard-session-\(id)-header", size: SessionHeaderPage.byteCount)
-        headerMapping = try header.map(.readWrite)
-        try header.sealFutureWrites()
-        headerPage = SessionHeaderPage(headerMapping.base)
-        queues = try Session.makeQueues(id: id, depth: queueDepth)
-        data = try SharedRegion(name: "outboard-session-\(id)-data", size: Int(dataBytes))
-        requestBell = try Doorbell()
-        completionBell = try Doorbell()
+        resources = try SessionResources(name: "outboard-session-\(id)", deviceClass: device.config.deviceClass,
+                                         queueDepth: queueDepth, dataBytes: Int(dataBytes))
         let driverUp: Bool
         if case .running = device.state { driverUp = true } else { driverUp = false }
         publish(generation: generation, state: driverUp ? .serving : .recovering)
     }
 
-    static func makeQueues(id: UInt64, depth: UInt32) throws -> SharedRegion {
-        let layout = try BlockQueueLayout(queueDepth: Int(depth))
-        let region = try SharedRegion(name: "outboard-session-\(id)-queues", size: layout.byteCount)
-        let m = try region.map(.readWrite)
-        try layout.initialize(memory: m.base, size: m.size)
-        return region
-    }
-
-    func replaceQueues() throws {
-        queues = try Session.makeQueues(id: id, depth: queueDepth)
-    }
-
     func publish(generation: UInt64, state: SessionState) {
-        headerPage.publish(generation: generation, state: state)
+        resources.publish(generation: generation, state: state)
     }
 
     func translationEntry(state: TranslationTable.EntryState) -> TranslationTable.Entry {

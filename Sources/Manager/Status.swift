@@ -6,7 +6,10 @@ import OutboardSystem
 public struct StatusReport: Codable, Sendable {
     public struct Device: Codable, Sendable {
         public var name: String
-        public var driver: String
+        /// "memory" or "vhost-user" (the config's `transport`).
+        public var transport: String
+        /// "block" (the config's `class`).
+        public var deviceClass: String
         public var state: String
         public var pid: Int32?
         public var generation: UInt64
@@ -20,7 +23,8 @@ public struct StatusReport: Codable, Sendable {
         public var revokedAtLeaseEnd: Int
         public var requestsCompleted: UInt64?
         public var sandboxProbes: [String]
-        /// Virtio devices: the device as negotiated, and the connection's history.
+        /// Block devices: the size as sessions see it. Vhost-user devices: the device as
+        /// negotiated, and the connection's history.
         public var blockCount: UInt64?
         public var deviceFlags: String?
         public var deviceConnected: Bool?
@@ -59,15 +63,20 @@ public struct StatusReport: Codable, Sendable {
         socket = m.config.controlSocket
         managerPid = getpid()
         devices = m.devices.map { d in
-            Device(name: d.name, driver: d.config.driver, state: d.state.description, pid: d.driver?.child.pid,
+            let link = d.link.vhostUser
+            var blockCount: UInt64? = nil, flags: String? = nil
+            if case .block(let b)? = d.classInfo {
+                blockCount = b.blockCount
+                if link != nil { flags = "\(b.flags)" }
+            }
+            return Device(name: d.name, transport: d.config.transport.rawValue, deviceClass: d.config.deviceClass.description, state: d.state.description, pid: d.driver?.child.pid,
                    generation: d.generation, restarts: d.restarts, failures: d.failures,
                    consecutiveFailures: d.consecutiveFailures, lastFailure: d.lastFailure,
                    registeredBytes: d.registeredBytes, maxDeviceBytes: d.config.limits.maxDeviceBytes,
                    revokedIdle: d.revokedIdle, revokedAtLeaseEnd: d.revokedAtLeaseEnd,
                    requestsCompleted: d.driver?.page.completed, sandboxProbes: d.probes,
-                   blockCount: d.blockCount, deviceFlags: d.isVirtio ? d.info.map { "\($0.flags)" } : nil,
-                   deviceConnected: d.isVirtio ? d.deviceConnected : nil,
-                   deviceConnections: d.isVirtio ? d.connectionsMade : nil, deviceLosses: d.isVirtio ? d.deviceLosses : nil,
+                   blockCount: blockCount, deviceFlags: flags, deviceConnected: link?.connected,
+                   deviceConnections: link?.made, deviceLosses: link?.losses,
                    lastDeviceError: d.lastDeviceError, deviceKicks: d.driver?.page.count(.kicks),
                    deviceInterrupts: d.driver?.page.count(.interrupts), clientSignals: d.driver?.page.count(.signals),
                    deviceRequests: d.driver?.page.count(.submitted))
@@ -75,8 +84,8 @@ public struct StatusReport: Codable, Sendable {
         sessions = m.devices.flatMap { d in
             d.sessions.values.sorted { $0.id < $1.id }.map { s in
                 Session(id: s.id, device: d.name, clientPid: s.credentials.pid, clientUid: s.credentials.uid,
-                        writable: s.writable, state: s.revokingSince != nil ? "revoking" : s.headerPage.state?.description ?? "unknown",
-                        registeredBytes: s.dataBytes, queueDepth: s.queueDepth, ioAddress: s.ioAddress,
+                        writable: s.writable, state: s.revokingSince != nil ? "revoking" : s.resources.headerPage.state?.description ?? "unknown",
+                        registeredBytes: s.dataBytes, queueDepth: s.queueDepth, ioAddress: s.ioAddress.rawValue,
                         leaseExpiresInMs: (Int64(bitPattern: s.leaseEnd) - Int64(bitPattern: now)) / 1_000_000,
                         revoking: s.revokingSince != nil, inUse: d.driver?.page.isInUse(s.tableIndex) ?? false)
             }

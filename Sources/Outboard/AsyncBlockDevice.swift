@@ -20,7 +20,7 @@ public actor AsyncBlockDevice {
     var pumping = false
     /// Bytes of the data region each call may use.
     public nonisolated let chunkBytes: Int
-    public nonisolated let info: BlockOpened
+    public nonisolated let info: BlockInfo
 
     public init(session: consuming BlockSession) {
         let depth = session.queueDepth

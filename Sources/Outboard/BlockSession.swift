@@ -7,8 +7,10 @@ import SystemPackage
 import Glibc
 #endif
 
-/// Why a block session call failed.
-public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertible {
+/// Why a block session call failed. `recovery` says what a caller can do about it.
+public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertible, RecoverableError {
+    /// Nobody listens on the socket (yet): the manager is starting, or not running.
+    case unreachable(path: String, Errno)
     /// The manager (or virtualizer) refused the request.
     case refused(ErrorCode, String)
     /// The session ended: the device failed, the manager went away or shut down.
@@ -21,11 +23,23 @@ public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertib
 
     public var description: String {
         switch self {
+        case .unreachable(let path, let e): return "cannot connect to \(path): \(e)"
         case .refused(let code, let m): return "refused (\(code)): \(m)"
         case .failed(let m): return "session failed: \(m)"
         case .protocolError(let m): return "protocol error: \(m)"
         case .invalidRequest(let m): return "invalid request: \(m)"
         case .system(let e): return "system error: \(e)"
+        }
+    }
+
+    public var recovery: Recovery {
+        switch self {
+        case .unreachable: return .retry
+        case .refused(let code, _): return code.recovery
+        // The session is over; a new one may be refused with a reason.
+        case .failed: return .failDevice
+        case .protocolError, .invalidRequest: return .fatal
+        case .system(let e): return e == .wouldBlock || e == .interrupted ? .retry : .fatal
         }
     }
 }
@@ -51,13 +65,13 @@ public struct BlockResult: Sendable, Equatable {
     public var status: BlockStatus?
     public var op: BlockOp
     public var sector: UInt64
-    public var offset: UInt64
+    public var offset: RegionOffset
     public var length: UInt32
     /// The caller's value from `submit`.
     public var userData: UInt64
     /// Driver generation that completed it.
     public var generation: UInt64
-    public init(tag: UInt32, status: BlockStatus?, op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32,
+    public init(tag: UInt32, status: BlockStatus?, op: BlockOp, sector: UInt64, offset: RegionOffset, length: UInt32,
                 userData: UInt64, generation: UInt64) {
         self.tag = tag; self.status = status; self.op = op; self.sector = sector; self.offset = offset
         self.length = length; self.userData = userData; self.generation = generation
@@ -76,7 +90,10 @@ public struct BlockResult: Sendable, Equatable {
 /// reads and writes are idempotent). Callers see a pause, not an error. If the device
 /// fails for good, calls throw `.failed` instead of hanging.
 public struct BlockSession: ~Copyable {
-    public let info: BlockOpened
+    /// The session as the server opened it (common part).
+    public let opened: SessionOpened
+    /// The block device as this session sees it.
+    public let info: BlockInfo
     let control: UnixSocket
     let headerMapping: SharedMapping
     let header: SessionHeaderPage
@@ -120,11 +137,11 @@ public struct BlockSession: ~Copyable {
                             queueDepth: Int = 32) throws(BlockSessionError) -> BlockSession {
         let socket: UnixSocket
         do { socket = try UnixSocket.connect(path: socketPath) } catch {
-            throw .failed("cannot connect to \(socketPath): \(error)")
+            throw .unreachable(path: socketPath, error)
         }
         do {
-            try socket.send(.openBlock(OpenBlock(device: device, writable: writable, dataBytes: UInt64(max(dataBytes, 0)),
-                                                 queueDepth: UInt32(clamping: queueDepth))))
+            try socket.send(.openSession(OpenSession(device: device, deviceClass: .block, writable: writable,
+                                                     dataBytes: UInt64(max(dataBytes, 0)), queueDepth: UInt32(clamping: queueDepth))))
         } catch {
             throw refusalWaiting(on: socket) ?? .system(error)
         }
@@ -141,8 +158,11 @@ public struct BlockSession: ~Copyable {
             throw .protocolError("no answer to open: \(error)")
         }
         switch reply.message {
-        case .blockOpened(let info):
-            return try BlockSession(info: info, control: socket, &reply)
+        case .sessionOpened(let opened):
+            guard case .block(let info) = opened.classInfo else {
+                throw .protocolError("asked for a block session, got \(opened.classInfo.deviceClass)")
+            }
+            return try BlockSession(opened: opened, info: info, control: socket, &reply)
         case .failure(let code, let message):
             throw .refused(code, message)
         default:
@@ -163,9 +183,9 @@ public struct BlockSession: ~Copyable {
         return .refused(code, message)
     }
 
-    /// As `open`, but while the device is not ready yet (its driver is starting or has not
-    /// reached the device: the manager answers `busy`) it tries again, for up to
-    /// `waitMilliseconds`.
+    /// As `open`, but while the failure is one to retry (the manager is not listening yet,
+    /// or the device is not ready: its driver is starting or has not reached the device) it
+    /// tries again, for up to `waitMilliseconds`.
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int, queueDepth: Int = 32,
                             waitMilliseconds: Int) throws(BlockSessionError) -> BlockSession {
         let deadline = Clock.monotonicNanoseconds + UInt64(max(0, waitMilliseconds)) * 1_000_000
@@ -173,33 +193,31 @@ public struct BlockSession: ~Copyable {
             do {
                 return try open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes,
                                 queueDepth: queueDepth)
-            } catch .refused(.busy, let why) {
-                if Clock.monotonicNanoseconds > deadline { throw .refused(.busy, why) }
-            } catch .failed(let why) where why.hasPrefix("cannot connect") {
-                if Clock.monotonicNanoseconds > deadline { throw .failed(why) }
+            } catch let e where e.recovery == .retry {
+                if Clock.monotonicNanoseconds > deadline { throw e }
             }
             usleep(20_000)
         }
     }
 
-    init(info: BlockOpened, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(BlockSessionError) {
+    init(opened: SessionOpened, info: BlockInfo, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(BlockSessionError) {
         // The server's numbers are checked before anything is sized by them.
-        guard info.queueDepth >= 2, info.queueDepth <= 4096, info.queueDepth.nonzeroBitCount == 1,
-              info.dataBytes > 0, info.dataBytes <= UInt64(Int.max / 2), info.blockSize == UInt32(blockSectorSize),
+        guard opened.queueDepth >= 2, opened.queueDepth <= 4096, opened.queueDepth.nonzeroBitCount == 1,
+              opened.dataBytes > 0, opened.dataBytes <= UInt64(Int.max / 2), info.blockSize == UInt32(blockSectorSize),
               info.maxTransfer >= UInt32(blockSectorSize) else {
-            throw .protocolError("session parameters out of range: \(info)")
+            throw .protocolError("session parameters out of range: \(opened)")
         }
         let layout: BlockQueueLayout
-        do { layout = try BlockQueueLayout(queueDepth: Int(info.queueDepth)) } catch { throw .protocolError("\(error)") }
+        do { layout = try BlockQueueLayout(queueDepth: Int(opened.queueDepth)) } catch { throw .protocolError("\(error)") }
         // Noncopyable members are built as locals on one straight path, then stored.
         let hm = try Self.map(d.take(0), minimumSize: SessionHeaderPage.byteCount, .readOnly)
         let qm = try Self.map(d.take(1), minimumSize: layout.byteCount, .readWrite)
-        let dm = try Self.map(d.take(2), minimumSize: Int(info.dataBytes), .readWrite)
+        let dm = try Self.map(d.take(2), minimumSize: Int(opened.dataBytes), .readWrite)
         let rb = Doorbell(adopting: d.take(3))
         let cb = Doorbell(adopting: d.take(4))
         let ep = try Self.epoll(cb, control)
         let rq = try Self.requestQueue(qm, layout)
-        let cq = try Self.completionQueue(qm, layout, depth: info.queueDepth)
+        let cq = try Self.completionQueue(qm, layout, depth: opened.queueDepth)
         headerMapping = hm
         queueMapping = qm
         dataMapping = dm
@@ -208,11 +226,12 @@ public struct BlockSession: ~Copyable {
         epoll = ep
         requests = rq
         completions = cq
+        self.opened = opened
         self.info = info
         self.control = control
         header = SessionHeaderPage(headerMapping.base)
-        generation = info.generation
-        depth = Int(info.queueDepth)
+        generation = opened.generation
+        depth = Int(opened.queueDepth)
         inflight = .allocate(capacity: depth)
         inflightSeq = .allocate(capacity: depth)
         inflightSeq.initialize(repeating: 0, count: depth)
@@ -328,12 +347,13 @@ public struct BlockSession: ~Copyable {
     /// see what a driver does with a request a hostile client could write. The tag is taken
     /// as usual.
     @_spi(Testing)
+    /// `offset` is the raw bit pattern a hostile client would write.
     public mutating func submitUnchecked(_ op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) throws(BlockSessionError) -> UInt32? {
         try checkGeneration()
         guard freeCount > 0 else { return nil }
         freeCount -= 1
         let tag = freeTags[freeCount]
-        let r = BlockRequest(tag: tag, op: op, sector: sector, offset: offset, length: length)
+        let r = BlockRequest(tag: tag, op: op, sector: sector, offset: RegionOffset(rawValue: offset), length: length)
         inflight[Int(tag)] = r
         inflightSeq[Int(tag)] = nextSeq
         inflightUser[Int(tag)] = 0
@@ -365,7 +385,7 @@ public struct BlockSession: ~Copyable {
         freeCount -= 1
         let tag = freeTags[freeCount]
         let r = BlockRequest(tag: tag, op: b.op, sector: b.op == .flush ? 0 : b.sector,
-                             offset: b.op.hasBuffer ? UInt64(b.offset) : 0, length: UInt32(b.op == .flush ? 0 : b.length))
+                             offset: RegionOffset(b.op.hasBuffer ? b.offset : 0), length: UInt32(b.op == .flush ? 0 : b.length))
         inflight[Int(tag)] = r
         inflightSeq[Int(tag)] = nextSeq
         inflightUser[Int(tag)] = b.userData

@@ -48,12 +48,14 @@ public struct BlockRequest: Equatable, QueueEntry {
     public var flags: UInt8 = 0
     public var reserved: UInt16 = 0
     public var sector: UInt64
-    public var offset: UInt64
+    /// Into the session's data region; the driver checks it against the region (RegionOffset
+    /// is a UInt64 wrapper: any bit pattern is a value, as QueueEntry requires).
+    public var offset: RegionOffset
     public var length: UInt32
     public var reserved2: UInt32 = 0
 
     @inlinable
-    public init(tag: UInt32, op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) {
+    public init(tag: UInt32, op: BlockOp, sector: UInt64, offset: RegionOffset, length: UInt32) {
         self.tag = tag
         self.op = op.rawValue
         self.sector = sector

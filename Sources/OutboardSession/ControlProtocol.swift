@@ -1,3 +1,6 @@
+import OutboardRings
+import OutboardSystem
+
 /// The control protocol: messages between clients, the manager and drivers over Unix
 /// SEQPACKET sockets, one message per datagram.
 ///
@@ -10,12 +13,23 @@
 ///   +12 reserved UInt32  zero
 /// payload: the message's fields in order (see `encode`)
 /// ```
+/// Integers are little-endian, booleans one byte (0 or 1), strings a UInt32 byte count and
+/// UTF-8. Parts that differ by device class or transport are tagged sections:
+/// ```
+///   +0 tag     UInt8   DeviceClass (class info, class parameters) or transport tag
+///   +1 length  UInt16  bytes of the body that follow
+///   +3 body    the case's fields; must consume exactly `length`
+/// ```
+/// An unknown tag, or a body of another length than its tag's, is malformed: a new class or
+/// transport is a new tag (and, as every change of a message, a new protocol version).
 /// Every message is decoded from a private copy of the datagram, checked field by field,
 /// and must consume its payload exactly. Descriptors (SCM_RIGHTS) travel with the
 /// messages that need them; the number is fixed per type and checked by the receiver.
 public enum ControlProtocol {
     public static let magic: UInt32 = 0x3143_424F  // "OBC1" little-endian
-    public static let version: UInt16 = 1
+    /// 2: sessions and driver starts carry a device class, driver starts a transport,
+    /// `deviceLost` a recovery.
+    public static let version: UInt16 = 2
     public static let headerSize = 16
     /// Limit for every message except status reports.
     public static let maxMessageBytes = 4096
@@ -31,11 +45,11 @@ public enum ControlProtocol {
 
 public enum MessageType: UInt16, Sendable, CaseIterable {
     // client -> manager
-    case openBlock = 1
+    case openSession = 1
     case statusRequest = 2
     case injectFault = 3
     // manager -> client
-    case blockOpened = 16
+    case sessionOpened = 16
     case queuesReplaced = 17
     case sessionFailed = 18
     case failure = 19
@@ -57,7 +71,7 @@ public enum MessageType: UInt16, Sendable, CaseIterable {
     /// Descriptors a message of this type carries.
     public var descriptorCount: Int {
         switch self {
-        case .blockOpened: return BlockOpened.descriptorCount
+        case .sessionOpened: return SessionOpened.descriptorCount
         case .queuesReplaced: return 1
         case .driverStart: return DriverStart.descriptorCount
         case .attach: return Attach.descriptorCount
@@ -109,38 +123,80 @@ public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     }
 }
 
-/// A client asks for a block session on a device.
-public struct OpenBlock: Equatable, Sendable {
+/// The kind of device a session serves: what its queues carry and what the class info in
+/// `SessionOpened`, `DeviceInfo` and `DriverStart` holds. On the wire a UInt8; values
+/// not listed are refused (malformed), so a new class (net next) is a new case, never a
+/// reinterpretation of an old one.
+public enum DeviceClass: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+    case block = 1
+
+    public var description: String {
+        switch self {
+        case .block: return "block"
+        }
+    }
+    public init?(name: String) {
+        guard let c = DeviceClass.allCases.first(where: { $0.description == name }) else { return nil }
+        self = c
+    }
+}
+
+/// A client asks for a session on a device of a class.
+public struct OpenSession: Equatable, Sendable {
     public var device: String
+    /// The class the client speaks; the manager refuses a device of another class.
+    public var deviceClass: DeviceClass
     public var writable: Bool
     /// Size of the data region the client wants for its buffers.
     public var dataBytes: UInt64
     /// Requests in flight at most; a power of two.
     public var queueDepth: UInt32
-    public init(device: String, writable: Bool, dataBytes: UInt64, queueDepth: UInt32) {
-        self.device = device; self.writable = writable; self.dataBytes = dataBytes; self.queueDepth = queueDepth
+    public init(device: String, deviceClass: DeviceClass, writable: Bool, dataBytes: UInt64, queueDepth: UInt32) {
+        self.device = device; self.deviceClass = deviceClass; self.writable = writable
+        self.dataBytes = dataBytes; self.queueDepth = queueDepth
     }
 }
 
-/// The manager's answer to OpenBlock. Descriptors, in order: session header (map
-/// read-only), queues, data, request doorbell, completion doorbell.
-public struct BlockOpened: Equatable, Sendable {
+/// A block device as a session sees it (and as a driver found it: `DeviceInfo`).
+public struct BlockInfo: Equatable, Sendable {
+    /// The device's preferred block size (a hint; addressing is in 512-byte sectors).
+    public var blockSize: UInt32
+    public var blockCount: UInt64
+    /// Largest single transfer the device takes.
+    public var maxTransfer: UInt32
+    /// What the device can do beyond read and write.
+    public var flags: DeviceFlags
+    public init(blockSize: UInt32, blockCount: UInt64, maxTransfer: UInt32, flags: DeviceFlags) {
+        self.blockSize = blockSize; self.blockCount = blockCount; self.maxTransfer = maxTransfer; self.flags = flags
+    }
+}
+
+/// What a session's (or a device's) class adds to the common part.
+public enum ClassInfo: Equatable, Sendable {
+    case block(BlockInfo)
+
+    public var deviceClass: DeviceClass {
+        switch self {
+        case .block: return .block
+        }
+    }
+}
+
+/// The manager's (or a virtualizer's) answer to OpenSession. Descriptors, in order:
+/// session header (map read-only), queues, data, request doorbell, completion doorbell;
+/// the same for every class.
+public struct SessionOpened: Equatable, Sendable {
     public static let descriptorCount = 5
     public var sessionID: UInt64
     public var generation: UInt64
     public var queueDepth: UInt32
     public var writable: Bool
-    public var blockSize: UInt32
-    public var blockCount: UInt64
     public var dataBytes: UInt64
-    public var maxTransfer: UInt32
-    /// What the device can do beyond read and write.
-    public var deviceFlags: DeviceFlags
-    public init(sessionID: UInt64, generation: UInt64, queueDepth: UInt32, writable: Bool, blockSize: UInt32,
-                blockCount: UInt64, dataBytes: UInt64, maxTransfer: UInt32, deviceFlags: DeviceFlags = [.flush]) {
+    public var classInfo: ClassInfo
+    public init(sessionID: UInt64, generation: UInt64, queueDepth: UInt32, writable: Bool, dataBytes: UInt64,
+                classInfo: ClassInfo) {
         self.sessionID = sessionID; self.generation = generation; self.queueDepth = queueDepth
-        self.writable = writable; self.blockSize = blockSize; self.blockCount = blockCount
-        self.dataBytes = dataBytes; self.maxTransfer = maxTransfer; self.deviceFlags = deviceFlags
+        self.writable = writable; self.dataBytes = dataBytes; self.classInfo = classInfo
     }
 }
 
@@ -160,20 +216,6 @@ public struct DeviceFlags: OptionSet, Equatable, Sendable, CustomStringConvertib
         if contains(.writeZeroes) { names.append("write-zeroes") }
         if contains(.readOnly) { names.append("read-only") }
         return names.isEmpty ? "none" : names.joined(separator: ",")
-    }
-}
-
-/// A block device as its driver found it (driver to manager, after every negotiation with
-/// the device). The manager sizes sessions by it.
-public struct DeviceInfo: Equatable, Sendable {
-    public var blockCount: UInt64
-    /// The device's preferred block size (a hint; addressing is in 512-byte sectors).
-    public var blockSize: UInt32
-    /// Largest single transfer the device takes.
-    public var maxTransfer: UInt32
-    public var flags: DeviceFlags
-    public init(blockCount: UInt64, blockSize: UInt32, maxTransfer: UInt32, flags: DeviceFlags) {
-        self.blockCount = blockCount; self.blockSize = blockSize; self.maxTransfer = maxTransfer; self.flags = flags
     }
 }
 
@@ -204,36 +246,79 @@ public enum NotifyMode: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     }
 }
 
-/// First message to a new driver process. Descriptors: driver page (read-write),
-/// translation table (read-only), device memory (read-write; memory-backed devices only,
-/// otherwise a placeholder region).
+/// Virtio transports: how the driver runs its virtqueue.
+public struct VirtioParameters: Equatable, Sendable {
+    /// Virtqueue size: a power of two in 8...1024.
+    public var queueSize: UInt32
+    public var notifyMode: NotifyMode
+    /// Busy-poll window after the last completion (adaptive mode).
+    public var pollMicroseconds: UInt32
+    /// The IO address at which the driver registers its own memory (the third descriptor
+    /// of DriverStart: rings, request headers, status bytes) with the device. Session
+    /// regions get theirs from the translation table; the manager keeps the two apart.
+    public var dmaIOAddress: IOAddress
+    public init(queueSize: UInt32, notifyMode: NotifyMode, pollMicroseconds: UInt32, dmaIOAddress: IOAddress) {
+        self.queueSize = queueSize; self.notifyMode = notifyMode; self.pollMicroseconds = pollMicroseconds
+        self.dmaIOAddress = dmaIOAddress
+    }
+}
+
+/// How a driver reaches its device.
+public enum TransportParameters: Equatable, Sendable {
+    /// The device is manager-owned memory (the third descriptor of DriverStart): the test
+    /// device. `latencyMicroseconds`: emulated device time per request (0: none).
+    case memory(latencyMicroseconds: UInt32)
+    /// A vhost-user device: the manager connects to its socket and hands the connection
+    /// over (`deviceConnection`).
+    case vhostUser(VirtioParameters)
+
+    /// The tag on the wire (TransportTag in `encode`).
+    var tag: UInt8 {
+        switch self {
+        case .memory: return 1
+        case .vhostUser: return 2
+        }
+    }
+}
+
+/// Block devices: the device as the manager configured it. Memory devices are this size;
+/// a virtio device reports its own (`deviceInfo`) and `blockCount` is 0 until then.
+public struct BlockParameters: Equatable, Sendable {
+    public var blockSize: UInt32
+    public var blockCount: UInt64
+    /// Largest single transfer sessions may ask for (the manager's limit).
+    public var maxTransfer: UInt32
+    public init(blockSize: UInt32, blockCount: UInt64, maxTransfer: UInt32) {
+        self.blockSize = blockSize; self.blockCount = blockCount; self.maxTransfer = maxTransfer
+    }
+}
+
+/// What a driver of a device class needs to know of its device.
+public enum ClassParameters: Equatable, Sendable {
+    case block(BlockParameters)
+
+    public var deviceClass: DeviceClass {
+        switch self {
+        case .block: return .block
+        }
+    }
+}
+
+/// First message to a new driver process: common part, transport, class. Descriptors:
+/// driver page (read-write), translation table (read-only), device memory (read-write:
+/// the device itself for `.memory`, the driver's DMA memory for `.vhostUser`).
 public struct DriverStart: Equatable, Sendable {
     public static let descriptorCount = 3
     public var device: String
     public var generation: UInt64
-    public var blockSize: UInt32
-    public var blockCount: UInt64
-    public var maxTransfer: UInt32
     public var tableCapacity: UInt32
     public var heartbeatIntervalMs: UInt32
-    /// Emulated device latency per request, microseconds (0: none).
-    public var latencyMicroseconds: UInt32
-    /// Virtio drivers: virtqueue size, notification mode, busy-poll window.
-    public var queueSize: UInt32
-    public var notifyMode: NotifyMode
-    public var pollMicroseconds: UInt32
-    /// Virtio drivers: the IO address at which the driver registers its own memory (the
-    /// third descriptor: rings, request headers, status bytes) with the device. Session
-    /// regions get theirs from the translation table; the manager keeps the two apart.
-    public var dmaIOAddress: UInt64
-    public init(device: String, generation: UInt64, blockSize: UInt32, blockCount: UInt64, maxTransfer: UInt32,
-                tableCapacity: UInt32, heartbeatIntervalMs: UInt32, latencyMicroseconds: UInt32,
-                queueSize: UInt32 = 0, notifyMode: NotifyMode = .eventIndex, pollMicroseconds: UInt32 = 0, dmaIOAddress: UInt64 = 0) {
-        self.device = device; self.generation = generation; self.blockSize = blockSize; self.blockCount = blockCount
-        self.maxTransfer = maxTransfer; self.tableCapacity = tableCapacity
-        self.heartbeatIntervalMs = heartbeatIntervalMs; self.latencyMicroseconds = latencyMicroseconds
-        self.queueSize = queueSize; self.notifyMode = notifyMode; self.pollMicroseconds = pollMicroseconds
-        self.dmaIOAddress = dmaIOAddress
+    public var transport: TransportParameters
+    public var deviceClass: ClassParameters
+    public init(device: String, generation: UInt64, tableCapacity: UInt32, heartbeatIntervalMs: UInt32,
+                transport: TransportParameters, deviceClass: ClassParameters) {
+        self.device = device; self.generation = generation; self.tableCapacity = tableCapacity
+        self.heartbeatIntervalMs = heartbeatIntervalMs; self.transport = transport; self.deviceClass = deviceClass
     }
 }
 
@@ -254,10 +339,10 @@ public struct Attach: Equatable, Sendable {
 }
 
 public enum ControlMessage: Equatable, Sendable {
-    case openBlock(OpenBlock)
+    case openSession(OpenSession)
     case statusRequest
     case injectFault(device: String, fault: FaultKind)
-    case blockOpened(BlockOpened)
+    case sessionOpened(SessionOpened)
     case queuesReplaced(generation: UInt64)
     case sessionFailed(reason: String)
     case failure(ErrorCode, String)
@@ -276,18 +361,21 @@ public enum ControlMessage: Equatable, Sendable {
     case detached(sessionID: UInt64)
     /// The driver stopped serving a session because its client broke the queue protocol.
     case sessionError(sessionID: UInt64, reason: String)
-    /// The driver negotiated with the device: what the device is.
-    case deviceInfo(DeviceInfo)
-    /// The device connection broke (the device went away or misbehaved): the driver
-    /// asks for a new one.
-    case deviceLost(reason: String)
+    /// The driver negotiated with the device: what the device is (its class must be the
+    /// device's configured class).
+    case deviceInfo(ClassInfo)
+    /// The device connection broke or the device refused the driver. `recovery` is the
+    /// driver's classification and what the manager does: `.retry` or `.reconnectDevice`,
+    /// a new connection (after the device's reconnect delay for `.retry`); `.restartDriver`,
+    /// a new driver; `.failDevice` or `.fatal`, the device fails and its clients are told.
+    case deviceLost(reason: String, recovery: Recovery)
 
     public var type: MessageType {
         switch self {
-        case .openBlock: return .openBlock
+        case .openSession: return .openSession
         case .statusRequest: return .statusRequest
         case .injectFault: return .injectFault
-        case .blockOpened: return .blockOpened
+        case .sessionOpened: return .sessionOpened
         case .queuesReplaced: return .queuesReplaced
         case .sessionFailed: return .sessionFailed
         case .failure: return .failure
@@ -314,15 +402,15 @@ public enum ControlMessage: Equatable, Sendable {
         w.u32(0)  // length, patched below
         w.u32(0)
         switch self {
-        case .openBlock(let m):
-            w.string(m.device); w.bool(m.writable); w.u64(m.dataBytes); w.u32(m.queueDepth)
+        case .openSession(let m):
+            w.string(m.device); w.u8(m.deviceClass.rawValue); w.bool(m.writable); w.u64(m.dataBytes); w.u32(m.queueDepth)
         case .statusRequest:
             break
         case .injectFault(let device, let fault):
             w.string(device); w.u8(fault.rawValue)
-        case .blockOpened(let m):
-            w.u64(m.sessionID); w.u64(m.generation); w.u32(m.queueDepth); w.bool(m.writable)
-            w.u32(m.blockSize); w.u64(m.blockCount); w.u64(m.dataBytes); w.u32(m.maxTransfer); w.u32(m.deviceFlags.rawValue)
+        case .sessionOpened(let m):
+            w.u64(m.sessionID); w.u64(m.generation); w.u32(m.queueDepth); w.bool(m.writable); w.u64(m.dataBytes)
+            Self.encode(m.classInfo, &w)
         case .queuesReplaced(let g):
             w.u64(g)
         case .sessionFailed(let reason):
@@ -334,9 +422,9 @@ public enum ControlMessage: Equatable, Sendable {
         case .faultInjected(let g, let pid):
             w.u64(g); w.i32(pid)
         case .driverStart(let m):
-            w.string(m.device); w.u64(m.generation); w.u32(m.blockSize); w.u64(m.blockCount)
-            w.u32(m.maxTransfer); w.u32(m.tableCapacity); w.u32(m.heartbeatIntervalMs); w.u32(m.latencyMicroseconds)
-            w.u32(m.queueSize); w.u8(m.notifyMode.rawValue); w.u32(m.pollMicroseconds); w.u64(m.dmaIOAddress)
+            w.string(m.device); w.u64(m.generation); w.u32(m.tableCapacity); w.u32(m.heartbeatIntervalMs)
+            Self.encode(m.transport, &w)
+            Self.encode(m.deviceClass, &w)
         case .attach(let m):
             w.u64(m.sessionID); w.u32(m.tableIndex); w.u32(m.queueDepth); w.bool(m.writable); w.u64(m.dataBytes)
         case .detach(let id), .attached(let id), .detached(let id):
@@ -348,9 +436,9 @@ public enum ControlMessage: Equatable, Sendable {
         case .deviceConnection(let attempt):
             w.u64(attempt)
         case .deviceInfo(let i):
-            w.u64(i.blockCount); w.u32(i.blockSize); w.u32(i.maxTransfer); w.u32(i.flags.rawValue)
-        case .deviceLost(let reason):
-            w.string(reason)
+            Self.encode(i, &w)
+        case .deviceLost(let reason, let recovery):
+            w.u8(recovery.rawValue); w.string(reason)
         }
         w.patchU32(at: 8, UInt32(w.bytes.count - ControlProtocol.headerSize))
         return w.bytes
@@ -374,9 +462,10 @@ public enum ControlMessage: Equatable, Sendable {
         let name = ControlProtocol.maxNameBytes, reasonLimit = ControlProtocol.maxReasonBytes
         let m: ControlMessage
         switch type {
-        case .openBlock:
-            m = .openBlock(OpenBlock(device: try r.string("device", maxBytes: name), writable: try r.bool("writable"),
-                                     dataBytes: try r.u64("dataBytes"), queueDepth: try r.u32("queueDepth")))
+        case .openSession:
+            m = .openSession(OpenSession(device: try r.string("device", maxBytes: name),
+                                         deviceClass: try Self.deviceClass(r.u8("deviceClass")), writable: try r.bool("writable"),
+                                         dataBytes: try r.u64("dataBytes"), queueDepth: try r.u32("queueDepth")))
         case .statusRequest:
             m = .statusRequest
         case .injectFault:
@@ -384,12 +473,10 @@ public enum ControlMessage: Equatable, Sendable {
             let raw = try r.u8("fault")
             guard let fault = FaultKind(rawValue: raw) else { throw .malformed("fault: unknown kind \(raw)") }
             m = .injectFault(device: device, fault: fault)
-        case .blockOpened:
-            m = .blockOpened(BlockOpened(
+        case .sessionOpened:
+            m = .sessionOpened(SessionOpened(
                 sessionID: try r.u64("sessionID"), generation: try r.u64("generation"), queueDepth: try r.u32("queueDepth"),
-                writable: try r.bool("writable"), blockSize: try r.u32("blockSize"), blockCount: try r.u64("blockCount"),
-                dataBytes: try r.u64("dataBytes"), maxTransfer: try r.u32("maxTransfer"),
-                deviceFlags: try Self.flags(r.u32("deviceFlags"))))
+                writable: try r.bool("writable"), dataBytes: try r.u64("dataBytes"), classInfo: try Self.classInfo(&r)))
         case .queuesReplaced:
             m = .queuesReplaced(generation: try r.u64("generation"))
         case .sessionFailed:
@@ -405,11 +492,8 @@ public enum ControlMessage: Equatable, Sendable {
         case .driverStart:
             m = .driverStart(DriverStart(
                 device: try r.string("device", maxBytes: name), generation: try r.u64("generation"),
-                blockSize: try r.u32("blockSize"), blockCount: try r.u64("blockCount"), maxTransfer: try r.u32("maxTransfer"),
                 tableCapacity: try r.u32("tableCapacity"), heartbeatIntervalMs: try r.u32("heartbeatIntervalMs"),
-                latencyMicroseconds: try r.u32("latencyMicroseconds"), queueSize: try r.u32("queueSize"),
-                notifyMode: try Self.notifyMode(r.u8("notifyMode")), pollMicroseconds: try r.u32("pollMicroseconds"),
-                dmaIOAddress: try r.u64("dmaIOAddress")))
+                transport: try Self.transport(&r), deviceClass: try Self.classParameters(&r)))
         case .attach:
             m = .attach(Attach(sessionID: try r.u64("sessionID"), tableIndex: try r.u32("tableIndex"),
                                queueDepth: try r.u32("queueDepth"), writable: try r.bool("writable"),
@@ -432,10 +516,11 @@ public enum ControlMessage: Equatable, Sendable {
         case .deviceConnection:
             m = .deviceConnection(attempt: try r.u64("attempt"))
         case .deviceInfo:
-            m = .deviceInfo(DeviceInfo(blockCount: try r.u64("blockCount"), blockSize: try r.u32("blockSize"),
-                                       maxTransfer: try r.u32("maxTransfer"), flags: try Self.flags(r.u32("flags"))))
+            m = .deviceInfo(try Self.classInfo(&r))
         case .deviceLost:
-            m = .deviceLost(reason: try r.string("reason", maxBytes: reasonLimit))
+            let raw = try r.u8("recovery")
+            guard let recovery = Recovery(rawValue: raw) else { throw .malformed("recovery: unknown \(raw)") }
+            m = .deviceLost(reason: try r.string("reason", maxBytes: reasonLimit), recovery: recovery)
         }
         try r.finish(String(describing: type))
         return m
@@ -450,5 +535,108 @@ public enum ControlMessage: Equatable, Sendable {
     static func notifyMode(_ raw: UInt8) throws(ControlError) -> NotifyMode {
         guard let m = NotifyMode(rawValue: raw) else { throw .malformed("notify mode: unknown \(raw)") }
         return m
+    }
+
+    static func deviceClass(_ raw: UInt8) throws(ControlError) -> DeviceClass {
+        guard let c = DeviceClass(rawValue: raw) else { throw .malformed("device class: unknown \(raw)") }
+        return c
+    }
+
+    // MARK: tagged sections
+
+    /// Body sizes per tag: a body of any other length is refused before it is read.
+    static let blockInfoBytes = 4 + 8 + 4 + 4
+    static let blockParametersBytes = 4 + 8 + 4
+    static let memoryTransportBytes = 4
+    static let virtioParametersBytes = 4 + 1 + 4 + 8
+
+    static func section(_ w: inout WireWriter, tag: UInt8, _ body: (inout WireWriter) -> Void) {
+        var b = WireWriter()
+        body(&b)
+        w.u8(tag); w.u16(UInt16(b.bytes.count)); w.append(b.bytes)
+    }
+
+    /// Reads a section's header: the tag, and a reader limited to the body (checked to be
+    /// `expected(tag)` bytes; nil from `expected` means an unknown tag).
+    static func section(_ r: inout WireReader, _ what: String,
+                        expected: (UInt8) -> Int?) throws(ControlError) -> (tag: UInt8, body: WireReader) {
+        let tag = try r.u8(what + " tag")
+        guard let size = expected(tag) else { throw .malformed("\(what): unknown tag \(tag)") }
+        let length = Int(try r.u16(what + " length"))
+        guard length == size else { throw .malformed("\(what) \(tag): body of \(length) bytes, expected \(size)") }
+        return (tag, try r.sub(length, what))
+    }
+
+    static func encode(_ i: ClassInfo, _ w: inout WireWriter) {
+        switch i {
+        case .block(let b):
+            section(&w, tag: DeviceClass.block.rawValue) { w in
+                w.u32(b.blockSize); w.u64(b.blockCount); w.u32(b.maxTransfer); w.u32(b.flags.rawValue)
+            }
+        }
+    }
+
+    static func classInfo(_ r: inout WireReader) throws(ControlError) -> ClassInfo {
+        var (tag, b) = try section(&r, "class info") { DeviceClass(rawValue: $0).map { c in
+            switch c { case .block: return blockInfoBytes } } }
+        let info: ClassInfo
+        switch DeviceClass(rawValue: tag)! {
+        case .block:
+            info = .block(BlockInfo(blockSize: try b.u32("blockSize"), blockCount: try b.u64("blockCount"),
+                                    maxTransfer: try b.u32("maxTransfer"), flags: try flags(b.u32("flags"))))
+        }
+        try b.finish("class info")
+        return info
+    }
+
+    static func encode(_ p: ClassParameters, _ w: inout WireWriter) {
+        switch p {
+        case .block(let b):
+            section(&w, tag: DeviceClass.block.rawValue) { w in w.u32(b.blockSize); w.u64(b.blockCount); w.u32(b.maxTransfer) }
+        }
+    }
+
+    static func classParameters(_ r: inout WireReader) throws(ControlError) -> ClassParameters {
+        var (tag, b) = try section(&r, "class parameters") { DeviceClass(rawValue: $0).map { c in
+            switch c { case .block: return blockParametersBytes } } }
+        let p: ClassParameters
+        switch DeviceClass(rawValue: tag)! {
+        case .block:
+            p = .block(BlockParameters(blockSize: try b.u32("blockSize"), blockCount: try b.u64("blockCount"),
+                                       maxTransfer: try b.u32("maxTransfer")))
+        }
+        try b.finish("class parameters")
+        return p
+    }
+
+    static func encode(_ t: TransportParameters, _ w: inout WireWriter) {
+        switch t {
+        case .memory(let latency):
+            section(&w, tag: t.tag) { w in w.u32(latency) }
+        case .vhostUser(let v):
+            section(&w, tag: t.tag) { w in
+                w.u32(v.queueSize); w.u8(v.notifyMode.rawValue); w.u32(v.pollMicroseconds); w.u64(v.dmaIOAddress.rawValue)
+            }
+        }
+    }
+
+    static func transport(_ r: inout WireReader) throws(ControlError) -> TransportParameters {
+        var (tag, b) = try section(&r, "transport") { tag in
+            switch tag {
+            case 1: return memoryTransportBytes
+            case 2: return virtioParametersBytes
+            default: return nil
+            }
+        }
+        let t: TransportParameters
+        if tag == 1 {
+            t = .memory(latencyMicroseconds: try b.u32("latencyMicroseconds"))
+        } else {
+            t = .vhostUser(VirtioParameters(queueSize: try b.u32("queueSize"), notifyMode: try notifyMode(b.u8("notifyMode")),
+                                            pollMicroseconds: try b.u32("pollMicroseconds"),
+                                            dmaIOAddress: IOAddress(rawValue: try b.u64("dmaIOAddress"))))
+        }
+        try b.finish("transport")
+        return t
     }
 }

@@ -1,3 +1,4 @@
+import OutboardRings
 import Synchronization
 
 #if canImport(Glibc)
@@ -44,11 +45,15 @@ public struct TranslationTable: @unchecked Sendable {
     public struct Entry: Equatable, Sendable {
         public var state: EntryState
         public var sessionID: UInt64
-        public var ioAddress: UInt64
+        /// Where the device sees the region's first byte.
+        public var ioAddress: IOAddress
         public var length: UInt64
         public var leaseEnd: UInt64
         public var writable: Bool
-        public init(state: EntryState, sessionID: UInt64, ioAddress: UInt64, length: UInt64, leaseEnd: UInt64, writable: Bool) {
+        /// A free entry (all zero).
+        public static let free = Entry(state: .free, sessionID: 0, ioAddress: IOAddress(rawValue: 0), length: 0, leaseEnd: 0,
+                                       writable: false)
+        public init(state: EntryState, sessionID: UInt64, ioAddress: IOAddress, length: UInt64, leaseEnd: UInt64, writable: Bool) {
             self.state = state; self.sessionID = sessionID; self.ioAddress = ioAddress
             self.length = length; self.leaseEnd = leaseEnd; self.writable = writable
         }
@@ -89,7 +94,7 @@ public struct TranslationTable: @unchecked Sendable {
         atomicMemoryFence(ordering: .releasing)
         u32(at + 4).pointee.store(e.state.rawValue, ordering: .relaxed)
         u64(at + 8).pointee.store(e.sessionID, ordering: .relaxed)
-        u64(at + 16).pointee.store(e.ioAddress, ordering: .relaxed)
+        u64(at + 16).pointee.store(e.ioAddress.rawValue, ordering: .relaxed)
         u64(at + 24).pointee.store(e.length, ordering: .relaxed)
         u64(at + 32).pointee.store(e.leaseEnd, ordering: .relaxed)
         u32(at + 40).pointee.store(e.writable ? 1 : 0, ordering: .relaxed)
@@ -124,7 +129,7 @@ public struct TranslationTable: @unchecked Sendable {
             atomicMemoryFence(ordering: .acquiring)
             guard u32(at).pointee.load(ordering: .relaxed) == s1 else { continue }
             guard let st = EntryState(rawValue: state) else { return nil }
-            return Entry(state: st, sessionID: sessionID, ioAddress: io, length: length, leaseEnd: lease, writable: writable != 0)
+            return Entry(state: st, sessionID: sessionID, ioAddress: IOAddress(rawValue: io), length: length, leaseEnd: lease, writable: writable != 0)
         }
         return nil
     }
@@ -144,12 +149,13 @@ public struct TranslationTable: @unchecked Sendable {
 
 extension TranslationTable.Entry {
     /// Driver-side check for one transfer: the entry is the session's, active, its lease
-    /// running, and `[offset, offset + length)` inside it. Returns the IO address.
+    /// running, and `[offset, offset + length)` inside it. Returns the IO address of
+    /// `offset`.
     @inlinable
-    public func translate(sessionID: UInt64, offset: UInt64, length: UInt64, write: Bool, now: UInt64) -> UInt64? {
+    public func translate(sessionID: UInt64, offset: RegionOffset, length: UInt64, write: Bool, now: UInt64) -> IOAddress? {
         guard state == .active, self.sessionID == sessionID, now < leaseEnd,
-              offset <= self.length, length <= self.length &- offset,
+              offset.rawValue <= self.length, length <= self.length &- offset.rawValue,
               !write || writable else { return nil }
-        return ioAddress &+ offset
+        return ioAddress.advanced(by: offset)
     }
 }

@@ -42,6 +42,7 @@ public struct WireWriter: Sendable {
         u32(UInt32(utf8.count))
         bytes.append(contentsOf: utf8)
     }
+    mutating func append(_ b: [UInt8]) { bytes.append(contentsOf: b) }
     mutating func patchU32(at offset: Int, _ v: UInt32) {
         withUnsafeBytes(of: v.littleEndian) { for i in 0..<4 { bytes[offset + i] = $0[i] } }
     }
@@ -56,6 +57,12 @@ public struct WireReader: Sendable {
         self.bytes = bytes
         self.position = start
         self.end = bytes.count
+    }
+
+    init(_ bytes: [UInt8], from start: Int, to end: Int) {
+        self.bytes = bytes
+        self.position = start
+        self.end = end
     }
 
     public var remaining: Int { end - position }
@@ -103,6 +110,12 @@ public struct WireReader: Sendable {
             throw .malformed("\(field): contains control characters")
         }
         return s
+    }
+
+    /// A reader over the next `n` bytes only (a tagged section's body), which this one skips.
+    mutating func sub(_ n: Int, _ field: String) throws(ControlError) -> WireReader {
+        let at = try take(n, field)
+        return WireReader(bytes, from: at, to: at + n)
     }
 
     /// Fails unless every byte was consumed.

@@ -63,10 +63,10 @@ struct BlkInfo: ParsableCommand {
         let s = try target.open(writable: false, dataBytes: 4096)
         let i = s.info
         if json {
-            print("{\"device\":\"\(target.device)\",\"sectors\":\(i.blockCount),\"bytes\":\(i.blockCount * 512),\"max_transfer\":\(i.maxTransfer),\"flags\":\"\(i.deviceFlags)\"}")
+            print("{\"device\":\"\(target.device)\",\"sectors\":\(i.blockCount),\"bytes\":\(i.blockCount * 512),\"max_transfer\":\(i.maxTransfer),\"flags\":\"\(i.flags)\"}")
         } else {
             print("device \(target.device): \(i.blockCount) sectors of 512 bytes (\(i.blockCount * 512) bytes)")
-            print("  max transfer \(i.maxTransfer) bytes, capabilities: \(i.deviceFlags)")
+            print("  max transfer \(i.maxTransfer) bytes, capabilities: \(i.flags)")
         }
     }
 }

@@ -66,7 +66,7 @@ struct DemoCommand: ParsableCommand {
         let probes = dev0?.sandboxProbes ?? []
         let refused = probes.filter { ($0.split(separator: " ").last.flatMap { Int32($0) } ?? 0) != 0 }.count
         let probeText = refused == probes.count ? "all \(probes.count) refused" : "\(probes.count - refused) of \(probes.count) NOT refused"
-        say.line("driver pid \(dev0?.pid.map { "\($0)" } ?? "-") (uid nobody, sandboxed: escape attempts \(probeText)), device \(session.info.blockCount) sectors, \(session.info.deviceFlags)")
+        say.line("driver pid \(dev0?.pid.map { "\($0)" } ?? "-") (uid nobody, sandboxed: escape attempts \(probeText)), device \(session.info.blockCount) sectors, \(session.info.flags)")
         var w = VerifiedWorkload(session: session, blocks: blocks, seed: seed)
         say.line("writing every block once (\(blocks * 4 / 1024) MiB)...")
         try w.prepare()
@@ -280,7 +280,7 @@ struct Lab {
         rmdir(dir)
     }
 
-    /// A manager config with one virtio-blk device, root allowed to open it.
+    /// A manager config with one vhost-user block device, root allowed to open it.
     func writeManagerConfig(device: String, socket: String, notify: String, queueSize: Int = 256,
                             maxQueueDepth: Int = 256, pollUs: Int = 50) throws -> String {
         let path = dir + "/outboard.json"
@@ -294,7 +294,8 @@ struct Lab {
               "devices": [
                 {
                   "name": "\(device)",
-                  "driver": "virtio-blk",
+                  "transport": "vhost-user",
+                  "class": "block",
                   "socket": "\(socket)",
                   "queue_size": \(queueSize),
                   "notify": "\(notify)",

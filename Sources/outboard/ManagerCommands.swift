@@ -77,7 +77,7 @@ struct StatusCommand: ParsableCommand {
         print("devices:")
         for d in r.devices {
             let pid = d.pid.map { "\($0)" } ?? "-"
-            print("  \(d.name)  driver \(d.driver)  state \(d.state)  pid \(pid)  generation \(d.generation)  restarts \(d.restarts)  failures \(d.failures)")
+            print("  \(d.name)  \(d.deviceClass) over \(d.transport)  state \(d.state)  pid \(pid)  generation \(d.generation)  restarts \(d.restarts)  failures \(d.failures)")
             print("    registered \(d.registeredBytes)/\(d.maxDeviceBytes) bytes  revoked \(d.revokedIdle) idle, \(d.revokedAtLeaseEnd) at lease end")
             if let f = d.lastFailure { print("    last failure: \(f)") }
             if !d.sandboxProbes.isEmpty { print("    sandbox probes: \(d.sandboxProbes.joined(separator: ", "))") }
@@ -94,7 +94,8 @@ struct StatusCommand: ParsableCommand {
 struct DriverCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "_driver", shouldDisplay: false)
 
-    @Option var kind: String
+    @Option var transport: String
+    @Option(name: .customLong("class")) var deviceClass: String
     @Option var device: String
     @Option var uid: UInt32
     @Option var gid: UInt32
@@ -102,11 +103,12 @@ struct DriverCommand: ParsableCommand {
     @Flag var noNamespaces = false
     @Flag var probeSandbox = false
     @Flag var testExitAtStart = false
+    @Option var testExitRecovery: String?
 
     func run() throws {
-        guard let k = DriverProcess.Kind(rawValue: kind) else {
-            writeStderr("outboard driver \(device): unknown driver kind \(kind)\n")
-            Glibc.exit(2)
+        guard let k = DriverProcess.Kind(transport: transport, deviceClass: deviceClass) else {
+            writeStderr("outboard driver \(device): no driver for class \(deviceClass) over transport \(transport)\n")
+            Glibc.exit(DriverExit.status(for: .fatal))
         }
         // No file size limit: the driver cannot open files, and its stderr (inherited from
         // the manager) may be a log file, where a limit of 0 would mean SIGXFSZ on the first
@@ -114,7 +116,8 @@ struct DriverCommand: ParsableCommand {
         let policy = SandboxPolicy(uid: uid, gid: gid, isolateNamespaces: !noNamespaces, maxOpenFiles: maxOpenFiles,
                                    maxFileSize: .max)
         Glibc.exit(DriverProcess.main(.init(kind: k, device: device, sandbox: policy, probeSandbox: probeSandbox,
-                                            exitAtStart: testExitAtStart)))
+                                            exitAtStart: testExitAtStart,
+                                            exitRecovery: testExitRecovery.flatMap { Recovery(configName: $0) })))
     }
 }
 

@@ -25,7 +25,7 @@ final class VirtioFixture {
         try makeImage(path: image, bytes: Self.imageBytes, fill: false)
         daemon = try StorageDaemon(image: image, sockets: [socket], writable: writable, failingReadSector: failingReadSector)
         manager = try ManagerFixture(devices: """
-            [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "notify": "\(notify)", "queue_size": \(queueSize),
+            [{"name": "vblk0", "transport": "vhost-user", "socket": "\(socket)", "notify": "\(notify)", "queue_size": \(queueSize),
               "access": [{"uid": 0, "mode": "rw"}], "probe_sandbox": \(probeSandbox),
               "limits": {"max_sessions": \(maxSessions)}}]
             """)
@@ -107,7 +107,7 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         }
         var s = try f.open()
         #expect(s.info.blockCount == UInt64(VirtioFixture.imageBytes / 512))
-        #expect(s.info.deviceFlags.contains(.flush))
+        #expect(s.info.flags.contains(.flush))
         // Device -> client: bytes written into the image file are what a read returns.
         let before = pattern(7, 8192)
         try f.writeImage(before, at: 1 << 20)
@@ -133,8 +133,8 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
     @Test func discardAndWriteZeroes() throws {
         let f = try VirtioFixture()
         var s = try f.open()
-        #expect(s.info.deviceFlags.contains(.discard))
-        #expect(s.info.deviceFlags.contains(.writeZeroes))
+        #expect(s.info.flags.contains(.discard))
+        #expect(s.info.flags.contains(.writeZeroes))
         let data = pattern(9, 65536)
         try f.writeImage(data, at: 4 << 20)
         #expect(try f.imageBytes(at: 4 << 20, count: 65536) == data)
@@ -340,7 +340,7 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         }
         var s = try BlockSession.open(socketPath: f.manager.socketPath, device: "vblk0", writable: false,
                                       dataBytes: 4 * 4096, queueDepth: 4, waitMilliseconds: 20_000)
-        #expect(s.info.deviceFlags.contains(.readOnly))
+        #expect(s.info.flags.contains(.readOnly))
         let sent = try f.device()["device_requests"] as! Int
         #expect(try io(&s, .write, sector: 64, length: 4096) == .readOnly)
         #expect(try io(&s, .writeZeroes, sector: 64, length: 4096) == .readOnly)

@@ -22,7 +22,7 @@ import Testing
         defer { daemon.stop() }
         do {
             let m = try ManagerFixture(devices: """
-                [{"name": "vblk0", "driver": "virtio-blk", "socket": "\(socket)", "access": [{"uid": 0, "mode": "rw"}]}]
+                [{"name": "vblk0", "transport": "vhost-user", "class": "block", "socket": "\(socket)", "access": [{"uid": 0, "mode": "rw"}]}]
                 """, leaseMs: 10)
             var s = try BlockSession.open(socketPath: m.socketPath, device: "vblk0", writable: true, dataBytes: 16 * 4096,
                                           queueDepth: 16, waitMilliseconds: 20_000)

@@ -1,4 +1,5 @@
 import Foundation
+import Manager
 import Outboard
 import OutboardRings
 import OutboardSession
@@ -113,11 +114,11 @@ import Testing
             #expect(message.contains("device limit"))
         }
         #expect(try m.device("m0").registeredBytes == 131072)
-        #expect(a?.info.dataBytes == 65536)
+        #expect(a?.opened.dataBytes == 65536)
         a = nil  // closes the session
         try m.waitFor("the closed session's bytes to be released") { try m.device("m0").registeredBytes == 65536 }
         let c = try m.open("m0", dataBytes: 4096)
-        #expect(c.info.dataBytes == 4096 && b.info.dataBytes == 65536)
+        #expect(c.opened.dataBytes == 4096 && b.opened.dataBytes == 65536)
         #expect(try m.device("m0").registeredBytes == 65536 + 4096)
     }
 
@@ -192,6 +193,25 @@ import Testing
     /// A driver that keeps dying before it is healthy: after the crash-loop limit the
     /// device is failed, its clients get an error instead of hanging, and new opens are
     /// refused.
+    /// A driver's exit status carries its classification (DriverExit): one that gives up
+    /// on the device fails it at once, without a crash loop; one that asks for a restart
+    /// is restarted as a crash is.
+    @Test func theSupervisorActsOnTheDriversClassification() throws {
+        let m = try ManagerFixture(
+            devices: "[\(memDevice("gaveup", extra: #""test_exit_recovery": "fail-device""#)), \(memDevice("restart", extra: #""test_exit_recovery": "restart-driver""#))]",
+            extra: #""restart": {"backoff_initial_ms": 5, "crash_loop_limit": 3, "healthy_after_ms": 600000}"#)
+        try m.waitFor("the device whose driver gave up to be failed") { try m.device("gaveup").state == "failed" }
+        let gaveUp = try m.device("gaveup")
+        #expect(gaveUp.failures == 1 && gaveUp.restarts == 0, "failures \(gaveUp.failures) restarts \(gaveUp.restarts)")
+        #expect(gaveUp.lastFailure?.contains("gave up") == true, "\(gaveUp.lastFailure ?? "")")
+        do { _ = try m.open("gaveup"); Issue.record("opened a failed device") } catch {
+            guard case .refused(.deviceFailed, _) = error else { Issue.record("wrong error \(error)"); return }
+            #expect(error.recovery == .failDevice)
+        }
+        try m.waitFor("the restarting device to crash-loop") { try m.device("restart").state == "failed" }
+        #expect(try m.device("restart").failures == 4)
+    }
+
     @Test func crashLoopFailsTheDevice() throws {
         let m = try ManagerFixture(
             devices: "[\(memDevice("m0")), \(memDevice("dead", extra: #""test_exit_at_start": true"#))]",
@@ -228,7 +248,7 @@ import Testing
         var good = try m.open("m0")
         do { let st = try io(&good, .write, sector: 8); #expect(st == .ok) }
 
-        var valid = ControlMessage.openBlock(OpenBlock(device: "m0", writable: true, dataBytes: 4096, queueDepth: 8)).encode()
+        var valid = ControlMessage.openSession(OpenSession(device: "m0", deviceClass: .block, writable: true, dataBytes: 4096, queueDepth: 8)).encode()
         var cases: [(String, [UInt8])] = []
         cases.append(("garbage", Array("hello manager".utf8)))
         cases.append(("oversized", [UInt8](repeating: 0x41, count: ControlProtocol.maxMessageBytes + 1)))
@@ -280,7 +300,7 @@ import Testing
         let m = try ManagerFixture(devices: "[\(memDevice("m0"))]")
         var good = try m.open("m0")
         let flood = try UnixSocket.connect(path: m.socketPath)
-        let request = ControlMessage.openBlock(OpenBlock(device: "nonexistent", writable: true, dataBytes: 4096, queueDepth: 2)).encode()
+        let request = ControlMessage.openSession(OpenSession(device: "nonexistent", deviceClass: .block, writable: true, dataBytes: 4096, queueDepth: 2)).encode()
         var sent = 0
         for _ in 0..<5000 {
             do { try flood.send(request, nonBlocking: true); sent += 1 } catch { break }
@@ -291,5 +311,94 @@ import Testing
         #expect(status.state == "running")
         var another = try m.open("m0")
         do { let st = try io(&another, .read, sector: 16); #expect(st == .ok) }
+    }
+}
+
+/// The config names a device's transport and class; what does not fit is refused with an
+/// error that says which device and key.
+@Suite struct ManagerConfigTests {
+    static func parse(_ device: String) throws -> ManagerConfig {
+        try ManagerConfig.parse(Data(#"{"devices": [\#(device)]}"#.utf8))
+    }
+
+    static func refusal(_ device: String) -> String {
+        do {
+            _ = try parse(device)
+            return "accepted"
+        } catch {
+            return "\(error)"
+        }
+    }
+
+    @Test func theExamplesParse() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let memory = try ManagerConfig.load(path: root.appendingPathComponent("examples/outboard.json").path)
+        #expect(memory.devices.map(\.transport) == [.memory] && memory.devices.map(\.deviceClass) == [.block])
+        let vhost = try ManagerConfig.load(path: root.appendingPathComponent("examples/virtio-blk.json").path)
+        #expect(vhost.devices.map(\.transport) == [.vhostUser] && vhost.devices.map(\.deviceClass) == [.block])
+    }
+
+    @Test func transportAndClass() throws {
+        let d = try Self.parse(#"{"name": "m0", "transport": "memory"}"#)
+        #expect(d.devices[0].deviceClass == .block, "class defaults to block")
+        let v = try Self.parse(#"{"name": "v0", "transport": "vhost-user", "class": "block", "socket": "/run/v0.sock"}"#)
+        #expect(v.devices[0].transport == .vhostUser && v.devices[0].socket == "/run/v0.sock")
+
+        let unknownTransport = Self.refusal(#"{"name": "m0", "transport": "pci"}"#)
+        #expect(unknownTransport.contains("unknown transport 'pci' (known: memory, vhost-user)"), "\(unknownTransport)")
+        let unknownClass = Self.refusal(#"{"name": "m0", "transport": "memory", "class": "net"}"#)
+        #expect(unknownClass.contains("unknown class 'net' (known: block)"), "\(unknownClass)")
+        let missing = Self.refusal(#"{"name": "m0"}"#)
+        #expect(missing.contains("missing key 'transport'"), "\(missing)")
+        let oldKey = Self.refusal(#"{"name": "m0", "driver": "memblock"}"#)
+        #expect(oldKey.contains("'driver' is not a device key: name a 'transport'"), "\(oldKey)")
+    }
+
+    @Test func keysOfAnotherTransportAreRefused() {
+        let noSocket = Self.refusal(#"{"name": "v0", "transport": "vhost-user"}"#)
+        #expect(noSocket.contains("device 'v0': transport vhost-user needs 'socket'"), "\(noSocket)")
+        let socketOnMemory = Self.refusal(#"{"name": "m0", "transport": "memory", "socket": "/run/x.sock"}"#)
+        #expect(socketOnMemory.contains("device 'm0': 'socket' is for transport vhost-user, this device's transport is memory"),
+                "\(socketOnMemory)")
+        let queueOnMemory = Self.refusal(#"{"name": "m0", "transport": "memory", "queue_size": 64}"#)
+        #expect(queueOnMemory.contains("'queue_size' is for transport vhost-user"), "\(queueOnMemory)")
+        let sizeOnVhost = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "size_mib": 8}"#)
+        #expect(sizeOnVhost.contains("device 'v0': 'size_mib' is for transport memory, this device's transport is vhost-user"),
+                "\(sizeOnVhost)")
+        let badNotify = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "notify": "often"}"#)
+        #expect(badNotify.contains("notify 'often'"), "\(badNotify)")
+    }
+}
+
+/// The client library retries by an error's classification: a server not listening yet
+/// (`.unreachable`, `.retry`) is waited for; a refusal that will not change (`.fatal`) ends
+/// the wait at once.
+@Suite struct ClientRetryTests {
+    @Test func openWaitsForAServerAndStopsAtAFinalRefusal() throws {
+        let path = NSTemporaryDirectory() + "outboard-late-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
+        do {
+            _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2)
+            Issue.record("opened a session on a socket nobody listens on")
+        } catch {
+            guard case .unreachable = error else { Issue.record("wrong error \(error)"); return }
+            #expect(error.recovery == .retry)
+        }
+        // The server comes up while the client waits, answers one open with a final
+        // refusal, and goes away (its socket file with it). A client that retried the
+        // refusal would find nobody and end with .unreachable at its deadline.
+        let served = DispatchSemaphore(value: 0)
+        let server = Thread {
+            defer { served.signal() }
+            usleep(100_000)
+            guard let listener = try? UnixListener(path: path), let s = try? listener.accept() else { return }
+            guard (try? s.waitReadable(timeoutMilliseconds: 10_000)) == true, (try? s.receiveControl()) != nil else { return }
+            try? s.send(.failure(.unknownDevice, "no device named 'd'"))
+        }
+        server.start()
+        #expect(throws: BlockSessionError.refused(.unknownDevice, "no device named 'd'")) {
+            _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2,
+                                      waitMilliseconds: 5000)
+        }
+        #expect(served.wait(timeout: .now() + 10) == .success, "the server thread did not finish")
     }
 }

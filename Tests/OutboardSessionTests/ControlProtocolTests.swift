@@ -1,5 +1,6 @@
 import OutboardRings
 import OutboardSession
+import OutboardSystem
 import Testing
 
 /// Deterministic generator (SplitMix64), so a failing case can be replayed from its seed.
@@ -21,32 +22,42 @@ struct Generator {
     /// A random valid message of every type.
     mutating func message() -> ControlMessage {
         switch below(19) {
-        case 0: return .openBlock(OpenBlock(device: string(max: 20), writable: next() & 1 == 0, dataBytes: next(), queueDepth: UInt32(truncatingIfNeeded: next())))
+        case 0: return .openSession(OpenSession(device: string(max: 20), deviceClass: .block, writable: next() & 1 == 0,
+                                                dataBytes: next(), queueDepth: UInt32(truncatingIfNeeded: next())))
         case 1: return .statusRequest
         case 2: return .injectFault(device: string(max: 20), fault: FaultKind.allCases[below(4)])
-        case 3: return .blockOpened(BlockOpened(sessionID: next(), generation: next(), queueDepth: 16, writable: true, blockSize: 512,
-                                                blockCount: next(), dataBytes: next(), maxTransfer: 1 << 20,
-                                                deviceFlags: DeviceFlags(rawValue: UInt32(below(16)))))
+        case 3: return .sessionOpened(SessionOpened(sessionID: next(), generation: next(), queueDepth: 16, writable: true,
+                                                    dataBytes: next(), classInfo: classInfo()))
         case 4: return .queuesReplaced(generation: next())
         case 5: return .sessionFailed(reason: string(max: 100))
         case 6: return .failure(ErrorCode.allCases[below(ErrorCode.allCases.count)], string(max: 100))
         case 7: return .statusReport("{\"devices\": [\n]}" + string(max: 300))
         case 8: return .faultInjected(generation: next(), pid: Int32(truncatingIfNeeded: next()))
-        case 9: return .driverStart(DriverStart(device: string(max: 30), generation: next(), blockSize: 512, blockCount: next(),
-                                                maxTransfer: 4096, tableCapacity: 16, heartbeatIntervalMs: 20, latencyMicroseconds: 0,
-                                                queueSize: 256, notifyMode: NotifyMode.allCases[below(4)],
-                                                pollMicroseconds: UInt32(below(1000)), dmaIOAddress: next()))
+        case 9: return .driverStart(DriverStart(device: string(max: 30), generation: next(), tableCapacity: 16, heartbeatIntervalMs: 20,
+                                                transport: transport(),
+                                                deviceClass: .block(BlockParameters(blockSize: 512, blockCount: next(), maxTransfer: 4096))))
         case 10: return .attach(Attach(sessionID: next(), tableIndex: 3, queueDepth: 32, writable: false, dataBytes: next()))
         case 11: return .detach(sessionID: next())
         case 12: return .driverReady(pid: 42, probes: (0..<below(10)).map { _ in string(max: 30) })
         case 13: return .attached(sessionID: next())
         case 14: return .detached(sessionID: next())
         case 15: return .deviceConnection(attempt: next())
-        case 16: return .deviceInfo(DeviceInfo(blockCount: next(), blockSize: 4096, maxTransfer: UInt32(truncatingIfNeeded: next()),
-                                               flags: DeviceFlags(rawValue: UInt32(below(16)))))
-        case 17: return .deviceLost(reason: string(max: 200))
+        case 16: return .deviceInfo(classInfo())
+        case 17: return .deviceLost(reason: string(max: 200), recovery: Recovery.allCases[below(Recovery.allCases.count)])
         default: return .sessionError(sessionID: next(), reason: string(max: 200))
         }
+    }
+
+    mutating func classInfo() -> ClassInfo {
+        .block(BlockInfo(blockSize: 4096, blockCount: next(), maxTransfer: UInt32(truncatingIfNeeded: next()),
+                         flags: DeviceFlags(rawValue: UInt32(below(16)))))
+    }
+
+    mutating func transport() -> TransportParameters {
+        below(2) == 0
+            ? .memory(latencyMicroseconds: UInt32(truncatingIfNeeded: next()))
+            : .vhostUser(VirtioParameters(queueSize: 256, notifyMode: NotifyMode.allCases[below(4)],
+                                          pollMicroseconds: UInt32(below(1000)), dmaIOAddress: IOAddress(rawValue: next())))
     }
 }
 
@@ -74,7 +85,7 @@ struct Generator {
                 bytes = (0..<g.below(64)).map { _ in UInt8(truncatingIfNeeded: g.next()) }
                 if g.below(2) == 0 && bytes.count >= 8 {  // a valid header in front of garbage
                     bytes.replaceSubrange(0..<4, with: [0x4F, 0x42, 0x43, 0x31])
-                    bytes[4] = 1; bytes[5] = 0
+                    bytes[4] = UInt8(ControlProtocol.version); bytes[5] = 0
                 }
             } else {
                 bytes = g.message().encode()
@@ -117,13 +128,146 @@ struct Generator {
         #expect(throws: ControlError.tooLarge(size: big.count, limit: ControlProtocol.maxMessageBytes)) {
             try ControlMessage.decode(big)
         }
-        let longName = ControlMessage.openBlock(OpenBlock(device: String(repeating: "d", count: 65), writable: true, dataBytes: 1, queueDepth: 2)).encode()
+        let longName = ControlMessage.openSession(OpenSession(device: String(repeating: "d", count: 65), deviceClass: .block, writable: true,
+                                                               dataBytes: 1, queueDepth: 2)).encode()
         #expect(throws: ControlError.self) { try ControlMessage.decode(longName) }
         let control = ControlMessage.sessionFailed(reason: "line\nbreak").encode()
         #expect(throws: ControlError.self) { try ControlMessage.decode(control) }
         var badBool = ControlMessage.attach(Attach(sessionID: 1, tableIndex: 0, queueDepth: 2, writable: true, dataBytes: 1)).encode()
         badBool[16 + 16] = 2
         #expect(throws: ControlError.self) { try ControlMessage.decode(badBool) }
+    }
+}
+
+/// The tagged parts of version 2 (device class, class info, transport, class parameters,
+/// recovery): every tag or body length a peer might choose other than the defined ones is
+/// refused as malformed, with a reason that names the part.
+@Suite struct TaggedSectionTests {
+    static func refused(_ bytes: [UInt8], _ what: String) -> Bool {
+        do {
+            _ = try ControlMessage.decode(bytes)
+            return false
+        } catch .malformed(let reason) {
+            return reason.contains(what)
+        } catch {
+            return false
+        }
+    }
+
+    @Test func unknownDeviceClassesAreMalformed() {
+        let open = ControlMessage.openSession(OpenSession(device: "m0", deviceClass: .block, writable: true, dataBytes: 1, queueDepth: 2)).encode()
+        let at = 16 + 4 + 2  // header, name length, "m0"
+        #expect(open[at] == DeviceClass.block.rawValue)
+        for tag: UInt8 in [0, 2, 0x7F, 0xFF] {
+            var b = open; b[at] = tag
+            #expect(Self.refused(b, "device class: unknown \(tag)"))
+        }
+    }
+
+    @Test func classInfoTagsAndLengthsAreChecked() {
+        let info = BlockInfo(blockSize: 512, blockCount: 8, maxTransfer: 4096, flags: [.flush])
+        let m = ControlMessage.sessionOpened(SessionOpened(sessionID: 1, generation: 2, queueDepth: 4, writable: true, dataBytes: 4096,
+                                                           classInfo: .block(info))).encode()
+        let at = 16 + 8 + 8 + 4 + 1 + 8
+        #expect(m[at] == DeviceClass.block.rawValue && m[at + 1] == 20 && m[at + 2] == 0)
+        for tag: UInt8 in [0, 2, 0xFF] {
+            var b = m; b[at] = tag
+            #expect(Self.refused(b, "class info: unknown tag \(tag)"))
+        }
+        for length: UInt8 in [0, 19, 21, 0xFF] {
+            var b = m; b[at + 1] = length
+            #expect(Self.refused(b, "class info 1: body of \(length) bytes"))
+        }
+        // The same section in deviceInfo, and unknown flag bits inside it.
+        let d = ControlMessage.deviceInfo(.block(info)).encode()
+        var b = d; b[16] = 9
+        #expect(Self.refused(b, "class info: unknown tag 9"))
+        b = d; b[16 + 3 + 16] |= 0x80
+        #expect(Self.refused(b, "device flags: unknown bits"))
+    }
+
+    @Test func transportAndClassParametersAreChecked() {
+        func start(_ t: TransportParameters) -> [UInt8] {
+            ControlMessage.driverStart(DriverStart(device: "d", generation: 1, tableCapacity: 4, heartbeatIntervalMs: 10, transport: t,
+                                                   deviceClass: .block(BlockParameters(blockSize: 512, blockCount: 8, maxTransfer: 4096)))).encode()
+        }
+        let at = 16 + 4 + 1 + 8 + 4 + 4  // header, "d", generation, table capacity, heartbeat
+        let memory = start(.memory(latencyMicroseconds: 5))
+        let vhost = start(.vhostUser(VirtioParameters(queueSize: 256, notifyMode: .adaptive, pollMicroseconds: 50,
+                                                      dmaIOAddress: IOAddress(rawValue: 1 << 20))))
+        #expect(memory[at] == 1 && memory[at + 1] == 4 && vhost[at] == 2 && vhost[at + 1] == 17)
+        for tag: UInt8 in [0, 3, 0xFF] {
+            var b = memory; b[at] = tag
+            #expect(Self.refused(b, "transport: unknown tag \(tag)"))
+        }
+        // A memory body under the vhost-user tag (and the reverse): the lengths differ.
+        var b = memory; b[at] = 2
+        #expect(Self.refused(b, "transport 2: body of 4 bytes, expected 17"))
+        b = vhost; b[at] = 1
+        #expect(Self.refused(b, "transport 1: body of 17 bytes, expected 4"))
+        // The notify mode inside the vhost-user body.
+        b = vhost; b[at + 3 + 4] = 9
+        #expect(Self.refused(b, "notify mode: unknown 9"))
+        // The class parameters follow the transport.
+        let cls = at + 3 + 4
+        #expect(memory[cls] == DeviceClass.block.rawValue && memory[cls + 1] == 16)
+        b = memory; b[cls] = 2
+        #expect(Self.refused(b, "class parameters: unknown tag 2"))
+        b = memory; b[cls + 1] = 15
+        #expect(Self.refused(b, "class parameters 1: body of 15 bytes"))
+    }
+
+    @Test func deviceLostCarriesAKnownRecovery() {
+        let m = ControlMessage.deviceLost(reason: "gone", recovery: .reconnectDevice).encode()
+        #expect(m[16] == Recovery.reconnectDevice.rawValue)
+        for raw: UInt8 in [0, 6, 0xFF] {
+            var b = m; b[16] = raw
+            #expect(Self.refused(b, "recovery: unknown \(raw)"))
+        }
+    }
+
+    /// Version 1 peers (no classes, no transports) are refused by version, not misread.
+    @Test func theVersionChanged() {
+        var b = ControlMessage.statusRequest.encode()
+        #expect(ControlProtocol.version == 2)
+        b[4] = 1
+        #expect(throws: ControlError.unsupportedVersion(1)) { try ControlMessage.decode(b) }
+    }
+
+    /// Descriptor counts are fixed per type, whatever the class or transport.
+    @Test func descriptorCountsArePerType() {
+        #expect(MessageType.sessionOpened.descriptorCount == 5 && MessageType.driverStart.descriptorCount == 3)
+        #expect(MessageType.attach.descriptorCount == 4 && MessageType.queuesReplaced.descriptorCount == 1)
+        #expect(MessageType.deviceConnection.descriptorCount == 1)
+        for t in MessageType.allCases where ![.sessionOpened, .driverStart, .attach, .queuesReplaced, .deviceConnection].contains(t) {
+            #expect(t.descriptorCount == 0, "\(t)")
+        }
+    }
+}
+
+/// The classifications the supervisor and the client library act on.
+@Suite struct RecoveryTests {
+    @Test func driverExitStatusCarriesARecovery() {
+        for r in Recovery.allCases {
+            #expect(DriverExit.recovery(.exited(DriverExit.status(for: r))) == r)
+        }
+        // Anything else asks for a new driver: a crash, a kill, a clean or unclassified exit.
+        for s: OutboardSystem.ExitStatus in [.signalled(9), .signalled(11), .exited(0), .exited(1), .exited(3), .exited(DriverExit.base),
+                              .exited(DriverExit.base + 6), .exited(-1)] {
+            #expect(DriverExit.recovery(s) == .restartDriver, "\(s)")
+        }
+    }
+
+    @Test func refusalsMapToARecovery() {
+        #expect(ErrorCode.busy.recovery == .retry && ErrorCode.internalError.recovery == .retry)
+        #expect(ErrorCode.deviceFailed.recovery == .failDevice)
+        for c in [ErrorCode.malformed, .unknownDevice, .permissionDenied, .limitExceeded, .invalidArgument] {
+            #expect(c.recovery == .fatal, "\(c)")
+        }
+        #expect(ChannelError.socket(.closed).recovery == .reconnectDevice)
+        #expect(ChannelError.socket(.system(.wouldBlock)).recovery == .retry)
+        #expect(ChannelError.control(.malformed("x")).recovery == .fatal)
+        #expect(SessionSetupError.system(.noMemory).recovery == .retry && SessionSetupError.invalid("x").recovery == .fatal)
     }
 }
 
@@ -162,7 +306,7 @@ struct Generator {
         #expect(u32(0) == 0x5454_424F && u32(4) == 4 && u64(8) == 9 && u64(16) == 0)
         t.requestAbort(generation: 10)
         #expect(u64(16) == 10)
-        t.write(1, .init(state: .revoking, sessionID: 0xA1, ioAddress: 0xB2, length: 0xC3, leaseEnd: 0xD4, writable: true))
+        t.write(1, .init(state: .revoking, sessionID: 0xA1, ioAddress: IOAddress(rawValue: 0xB2), length: 0xC3, leaseEnd: 0xD4, writable: true))
         let e = 64 + 64
         #expect(u32(e) != 0 && u32(e) % 2 == 0, "seqlock even (and moved) after a write")
         #expect(u32(e + 4) == TranslationTable.EntryState.revoking.rawValue && u64(e + 8) == 0xA1 && u64(e + 16) == 0xB2)
@@ -189,20 +333,20 @@ struct Generator {
         let t = TranslationTable(mem, capacity: capacity)
         t.format(generation: 3)
         #expect(t.generation == 3)
-        let e = TranslationTable.Entry(state: .active, sessionID: 9, ioAddress: 1 << 32, length: 8192, leaseEnd: 1000, writable: true)
+        let e = TranslationTable.Entry(state: .active, sessionID: 9, ioAddress: IOAddress(rawValue: 1 << 32), length: 8192, leaseEnd: 1000, writable: true)
         t.write(2, e)
         let r = t.read(2)
         #expect(r == e)
         #expect(t.read(4) == nil && t.read(-1) == nil)
-        #expect(r?.translate(sessionID: 9, offset: 4096, length: 4096, write: true, now: 999) == (1 << 32) + 4096)
-        #expect(r?.translate(sessionID: 9, offset: 4096, length: 4097, write: true, now: 999) == nil)  // past the end
-        #expect(r?.translate(sessionID: 9, offset: .max, length: 2, write: false, now: 999) == nil)  // overflow
-        #expect(r?.translate(sessionID: 8, offset: 0, length: 1, write: false, now: 999) == nil)  // another session's
-        #expect(r?.translate(sessionID: 9, offset: 0, length: 1, write: false, now: 1000) == nil)  // lease over
+        #expect(r?.translate(sessionID: 9, offset: RegionOffset(4096), length: 4096, write: true, now: 999) == IOAddress(rawValue: (1 << 32) + 4096))
+        #expect(r?.translate(sessionID: 9, offset: RegionOffset(4096), length: 4097, write: true, now: 999) == nil)  // past the end
+        #expect(r?.translate(sessionID: 9, offset: RegionOffset(rawValue: .max), length: 2, write: false, now: 999) == nil)  // overflow
+        #expect(r?.translate(sessionID: 8, offset: RegionOffset(0), length: 1, write: false, now: 999) == nil)  // another session's
+        #expect(r?.translate(sessionID: 9, offset: RegionOffset(0), length: 1, write: false, now: 1000) == nil)  // lease over
         var ro = e; ro.writable = false; t.write(1, ro)
-        #expect(t.read(1)?.translate(sessionID: 9, offset: 0, length: 1, write: true, now: 0) == nil)
+        #expect(t.read(1)?.translate(sessionID: 9, offset: RegionOffset(0), length: 1, write: true, now: 0) == nil)
         var revoking = e; revoking.state = .revoking; t.write(0, revoking)
-        #expect(t.read(0)?.translate(sessionID: 9, offset: 0, length: 1, write: false, now: 0) == nil)
+        #expect(t.read(0)?.translate(sessionID: 9, offset: RegionOffset(0), length: 1, write: false, now: 0) == nil)
         // A corrupt state word reads as no entry.
         (mem + TranslationTable.headerSize + 3 * TranslationTable.entrySize + 4).storeBytes(of: UInt32(77), as: UInt32.self)
         #expect(t.read(3) == nil)

@@ -132,7 +132,7 @@ public final class ManagerFixture {
 public func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"uid": 0, "mode": "rw"}]"#,
                limits: String = "{}", extra: String = "") -> String {
     """
-    {"name": "\(name)", "driver": "memblock", "size_mib": \(sizeMib), "access": \(access), "limits": \(limits)\(extra.isEmpty ? "" : ", " + extra)}
+    {"name": "\(name)", "transport": "memory", "size_mib": \(sizeMib), "access": \(access), "limits": \(limits)\(extra.isEmpty ? "" : ", " + extra)}
     """
 }
 

@@ -171,9 +171,15 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     /// The manager revoked the session: no new requests; once nothing of it is at the
     /// device, the device lets go of it and the session is gone.
     mutating func detach(_ id: UInt64) {
+        var known = false
         for i in 0..<SessionTable.capacity where context.sessions.occupied[i] && context.sessions.endpoints[i].sessionID == id {
             beginDetach(i)
+            known = true
         }
+        // A session this driver never took, or let go of already (it dropped it, and the
+        // manager revoked it after): nothing of it is here, and the manager waits for this
+        // answer before it gives the session's table index to another.
+        if !known { try? context.manager.send(.detached(sessionID: id)) }
         finishDetaches()
     }
 

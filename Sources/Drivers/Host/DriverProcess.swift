@@ -10,10 +10,19 @@ import Glibc
 /// socket is descriptor 3): the sandbox first, before a single byte from anyone else is
 /// read, then the driver host with the device logic its kind names.
 public enum DriverProcess {
-    /// Device logic a driver process can run.
-    public enum Kind: String, Sendable, CaseIterable {
-        case memoryBlock = "memblock"
-        case virtioBlkVhostUser = "virtio-blk"
+    /// Device logic a driver process can run: a class over a transport.
+    public enum Kind: Sendable, CaseIterable {
+        case memoryBlock
+        case virtioBlkVhostUser
+
+        /// As the manager names them on the command line (`--transport`, `--class`).
+        public init?(transport: String, deviceClass: String) {
+            switch (transport, deviceClass) {
+            case ("memory", "block"): self = .memoryBlock
+            case ("vhost-user", "block"): self = .virtioBlkVhostUser
+            default: return nil
+            }
+        }
     }
 
     public struct Options: Sendable {
@@ -22,9 +31,12 @@ public enum DriverProcess {
         public var sandbox: SandboxPolicy
         public var probeSandbox: Bool
         public var exitAtStart: Bool
-        public init(kind: Kind, device: String, sandbox: SandboxPolicy, probeSandbox: Bool, exitAtStart: Bool) {
+        /// Test knob: exit at start with this classification (test_exit_recovery).
+        public var exitRecovery: Recovery?
+        public init(kind: Kind, device: String, sandbox: SandboxPolicy, probeSandbox: Bool, exitAtStart: Bool,
+                    exitRecovery: Recovery? = nil) {
             self.kind = kind; self.device = device; self.sandbox = sandbox
-            self.probeSandbox = probeSandbox; self.exitAtStart = exitAtStart
+            self.probeSandbox = probeSandbox; self.exitAtStart = exitAtStart; self.exitRecovery = exitRecovery
         }
     }
 
@@ -55,6 +67,10 @@ public enum DriverProcess {
         } catch {
             log(o, "cannot enter sandbox: \(error)")
             return DriverExit.status(for: .failDevice)
+        }
+        if let r = o.exitRecovery {
+            log(o, "exiting at start as '\(r)' (test_exit_recovery)")
+            return DriverExit.status(for: r)
         }
         if o.exitAtStart {
             log(o, "exiting at start (test_exit_at_start)")

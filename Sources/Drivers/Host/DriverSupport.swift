@@ -25,6 +25,29 @@ public enum DriverError: RecoverableError, CustomStringConvertible {
     }
 }
 
+/// The drivers' flat view of DriverStart's transport and class parameters (a field of
+/// the other transport reads as zero; `start` checks the transport first).
+extension DriverStart {
+    var block: BlockParameters {
+        switch deviceClass { case .block(let b): return b }
+    }
+    var blockSize: UInt32 { block.blockSize }
+    var blockCount: UInt64 { block.blockCount }
+    var maxTransfer: UInt32 { block.maxTransfer }
+    var latencyMicroseconds: UInt32 {
+        if case .memory(let l) = transport { return l }
+        return 0
+    }
+    var virtio: VirtioParameters? {
+        if case .vhostUser(let v) = transport { return v }
+        return nil
+    }
+    var queueSize: UInt32 { virtio?.queueSize ?? 0 }
+    var notifyMode: NotifyMode { virtio?.notifyMode ?? .eventIndex }
+    var pollMicroseconds: UInt32 { virtio?.pollMicroseconds ?? 0 }
+    var dmaIOAddress: UInt64 { virtio?.dmaIOAddress.rawValue ?? 0 }
+}
+
 /// A transfer starts only with at least this much lease left on its region (a 1 MiB copy
 /// takes well under a millisecond, a device request a few hundred microseconds); the
 /// manager adds a grace period of its own.

@@ -18,9 +18,11 @@ struct HostContext: ~Copyable {
 
     var generation: UInt64 { start.generation }
 
-    /// Tells the manager the device connection is unusable (it hands over a new one).
-    func reportDeviceLost(_ reason: String) {
-        try? manager.send(.deviceLost(reason: String(reason.prefix(ControlProtocol.maxReasonBytes - 16))))
+    /// Tells the manager the device connection is unusable, and what to do about it
+    /// (`.reconnectDevice`: hand over a new connection; `.failDevice`: this device cannot
+    /// be driven with this configuration).
+    func reportDeviceLost(_ reason: String, _ recovery: Recovery = .reconnectDevice) {
+        try? manager.send(.deviceLost(reason: String(reason.prefix(ControlProtocol.maxReasonBytes - 16)), recovery: recovery))
     }
 }
 
@@ -112,7 +114,7 @@ struct SessionTable: ~Copyable {
     /// lie in the region as mapped here (the table is the manager's, the mapping is what
     /// the device reaches). Called right before the device is given the address, never
     /// before a wait.
-    func translate(_ i: Int, offset: UInt64, length: UInt32, deviceWrites: Bool, table: TranslationTable) -> Translation {
+    func translate(_ i: Int, offset: RegionOffset, length: UInt32, deviceWrites: Bool, table: TranslationTable) -> Translation {
         let sessionID = endpoints[i].sessionID
         guard let entry = table.readPatiently(endpoints[i].tableIndex) else { return .refused(.revoked) }
         let now = Clock.monotonicNanoseconds
@@ -122,9 +124,9 @@ struct SessionTable: ~Copyable {
             return .refused(live ? .invalid : .revoked)
         }
         let size = UInt64(endpoints[i].data.size)
-        let regionOffset = io &- entry.ioAddress
+        let regionOffset = io.rawValue &- entry.ioAddress.rawValue
         guard regionOffset <= size, UInt64(length) <= size - regionOffset else { return .refused(.invalid) }
-        return .granted(io: IOAddress(rawValue: io), regionOffset: Int(regionOffset))
+        return .granted(io: io, regionOffset: Int(regionOffset))
     }
 
     /// Publishes the queued completions, one batch (and at most one doorbell) per session,

@@ -19,6 +19,7 @@ struct MemBlockServer: ~Copyable, BlockDeviceServer {
     let heartbeatIntervalMs: UInt32
 
     init(start cfg: DriverStart, memory: consuming OwnedFD, context: borrowing HostContext) throws(DriverError) {
+        guard case .memory = cfg.transport else { throw .setup("the memory block driver got transport \(cfg.transport)") }
         guard cfg.blockSize == UInt32(blockSectorSize) else { throw .setup("block size \(cfg.blockSize): only 512 is served") }
         let bytes = cfg.blockCount.multipliedReportingOverflow(by: UInt64(blockSectorSize))
         guard !bytes.overflow, bytes.partialValue <= UInt64(Int.max / 2) else { throw .setup("device size overflows") }

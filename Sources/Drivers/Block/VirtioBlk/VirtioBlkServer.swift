@@ -44,12 +44,13 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         var active = false
         var session = 0
         var sequence: UInt64 = 0
-        var request = BlockRequest(tag: 0, op: .read, sector: 0, offset: 0, length: 0)
+        var request = BlockRequest(tag: 0, op: .read, sector: 0, offset: RegionOffset(rawValue: 0), length: 0)
     }
 
     /// `link`: the transport, its eventfds made before the sandbox was entered.
     init(start cfg: DriverStart, memory: consuming OwnedFD, link: consuming VhostUserTransport,
          context: borrowing HostContext) throws(DriverError) {
+        guard cfg.virtio != nil else { throw .setup("the virtio-blk driver got transport \(cfg.transport)") }
         guard cfg.queueSize >= 8, cfg.queueSize <= 1024, cfg.queueSize.nonzeroBitCount == 1 else {
             throw .setup("queue size \(cfg.queueSize): a power of two in 8...1024")
         }
@@ -139,8 +140,8 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
             if info.writeZeroes { flags.insert(.writeZeroes) }
             limits = BlockLimits(blockCount: info.capacity, maxTransfer: info.maxTransfer, flags: flags,
                                  maxDiscardSectors: info.maxDiscardSectors, maxWriteZeroesSectors: info.maxWriteZeroesSectors)
-            try? context.manager.send(.deviceInfo(DeviceInfo(blockCount: info.capacity, blockSize: 512,
-                                                              maxTransfer: info.maxTransfer, flags: flags)))
+            try? context.manager.send(.deviceInfo(.block(BlockInfo(blockSize: 512, blockCount: info.capacity,
+                                                                     maxTransfer: info.maxTransfer, flags: flags))))
         } catch {
             device.transport.disconnect()
             context.reportDeviceLost("device set-up failed: \(error)")
@@ -160,8 +161,8 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
               e.length > 0 else {
             return "its region is not active in the translation table"
         }
-        let io = IOAddress(rawValue: e.ioAddress)
-        do {
+        let io = e.ioAddress
+        do throws(VirtioTransportError) {
             try device.transport.expose(DeviceMemory(ioAddress: io, size: ep[i].data.size, base: ep[i].data.base,
                                                      fd: ep[i].dataFD))
         } catch .noMemorySlot(let limit) {
@@ -229,7 +230,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         let r = records[k].request
         let i = records[k].session
         guard let op = BlockOp(rawValue: r.op) else { return .unsupported }
-        var request = VirtioBlkRequest(op: .flush, sector: r.sector, length: r.length)
+        var request = VirtioBlkRequest(op: VirtioBlkOp.flush, sector: r.sector, length: r.length)
         switch op {
         case .read, .write:
             switch context.sessions.translate(i, offset: r.offset, length: r.length, deviceWrites: op == .read,
@@ -238,9 +239,9 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
             case .granted(let io, _):
                 request = VirtioBlkRequest(op: op == .read ? .read : .write, sector: r.sector, buffer: io, length: r.length)
             }
-        case .flush: request.op = .flush
-        case .discard: request.op = .discard
-        case .writeZeroes: request.op = .writeZeroes
+        case .flush: request.op = VirtioBlkOp.flush
+        case .discard: request.op = VirtioBlkOp.discard
+        case .writeZeroes: request.op = VirtioBlkOp.writeZeroes
         }
         guard device.submit(slot: k, request) else { return .ioError }
         context.page.add(.submitted)

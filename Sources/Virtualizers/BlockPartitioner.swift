@@ -1,3 +1,4 @@
+import Outboard
 import OutboardRings
 import OutboardSession
 import OutboardSystem
@@ -120,8 +121,12 @@ public final class BlockPartitioner {
             try? s.send(.failure(.malformed, "\(error)"))
             return
         }
-        guard case .openBlock(let m) = d.message else {
-            try? s.send(.failure(.malformed, "expected openBlock"))
+        guard case .openSession(let m) = d.message else {
+            try? s.send(.failure(.malformed, "expected openSession"))
+            return
+        }
+        guard m.deviceClass == .block else {
+            try? s.send(.failure(.invalidArgument, "partitions are block devices, not \(m.deviceClass)"))
             return
         }
         guard let p = partitions.first(where: { $0.name == m.device }) else {
@@ -135,8 +140,7 @@ public final class BlockPartitioner {
         }
         do {
             let c = try PartitionClient(id: id, socket: s, partition: p, request: m, upstream: upstream.info)
-            try c.socket.send(.blockOpened(c.opened), descriptors: [c.header.fd.raw, c.queues.fd.raw, c.data.fd.raw,
-                                                                   c.endpoint.requestBell.fd.raw, c.endpoint.completionBell.fd.raw])
+            try c.socket.send(.sessionOpened(c.opened), descriptors: c.resources.openedDescriptors)
             try epoll.add(c.socket.fd.raw, events: .readable, token: id << 1)
             try epoll.add(c.endpoint.requestBell.fd.raw, events: .readable, token: id << 1 | 1)
             clients[id] = c
@@ -195,7 +199,7 @@ public final class BlockPartitioner {
             // the buffer in the client's region.
             let op = BlockOp(rawValue: r.op)!
             let length = op == .flush ? 0 : Int(r.length)
-            let offset = op == .flush ? 0 : Int(r.offset)
+            let offset = op == .flush ? 0 : Int(r.offset.rawValue)
             if op == .write {
                 (upstream.buffer.baseAddress! + slot * slotBytes).copyMemory(from: c.endpoint.data.base + offset, byteCount: length)
             }
@@ -233,43 +237,35 @@ public final class BlockPartitioner {
     }
 }
 
-/// One client session of the partitioner: the partitioner created its regions and bells
-/// and serves it through a BlockServerEndpoint, as a driver would.
+/// One client session of the partitioner: its resources are made as the manager makes a
+/// session's (SessionResources), and it is served through a BlockServerEndpoint, as a
+/// driver would.
 final class PartitionClient {
     let id: UInt64
     let socket: UnixSocket
     let partition: BlockPartitioner.Partition
-    let header: SharedRegion
-    let headerMapping: SharedMapping
-    let queues: SharedRegion
-    let data: SharedRegion
+    let resources: SessionResources
     var endpoint: BlockServerEndpoint
-    let opened: BlockOpened
+    let opened: SessionOpened
     /// Tags the client has in flight here (a tag reused while in flight ends the session).
     var inFlight: [Bool]
 
-    init(id: UInt64, socket: consuming UnixSocket, partition: BlockPartitioner.Partition, request m: OpenBlock,
-         upstream: BlockOpened) throws {
+    init(id: UInt64, socket: consuming UnixSocket, partition: BlockPartitioner.Partition, request m: OpenSession,
+         upstream: BlockInfo) throws {
         self.id = id
         self.socket = socket
         self.partition = partition
-        header = try SharedRegion(name: "outboard-partition-header", size: SessionHeaderPage.byteCount)
-        headerMapping = try header.map(.readWrite)
-        try header.sealFutureWrites()
-        SessionHeaderPage(headerMapping.base).publish(generation: 1, state: .serving)
-        let layout = try BlockQueueLayout(queueDepth: Int(m.queueDepth))
-        queues = try SharedRegion(name: "outboard-partition-queues", size: layout.byteCount)
-        do {
-            let qm = try queues.map(.readWrite)
-            try layout.initialize(memory: qm.base, size: qm.size)
-        }
-        data = try SharedRegion(name: "outboard-partition-data", size: Int(m.dataBytes))
-        let a = Attach(sessionID: id, tableIndex: 0, queueDepth: m.queueDepth, writable: m.writable, dataBytes: UInt64(data.size))
-        endpoint = try BlockServerEndpoint(a, queues: queues.fd.duplicate(), data: data.fd.duplicate(),
-                                           requestBell: Doorbell().fd.duplicate(), completionBell: Doorbell().fd.duplicate())
-        opened = BlockOpened(sessionID: id, generation: 1, queueDepth: m.queueDepth, writable: m.writable,
-                             blockSize: UInt32(blockSectorSize), blockCount: partition.sectorCount, dataBytes: UInt64(data.size),
-                             maxTransfer: upstream.maxTransfer)
+        let r = try SessionResources(name: "outboard-partition-\(id)", deviceClass: .block, queueDepth: m.queueDepth,
+                                     dataBytes: Int(m.dataBytes))
+        r.publish(generation: 1, state: .serving)
+        let dataBytes = UInt64(r.data.size)
+        let a = Attach(sessionID: id, tableIndex: 0, queueDepth: m.queueDepth, writable: m.writable, dataBytes: dataBytes)
+        endpoint = try BlockServerEndpoint(a, queues: r.queues.fd.duplicate(), data: r.data.fd.duplicate(),
+                                           requestBell: r.requestBell.fd.duplicate(), completionBell: r.completionBell.fd.duplicate())
+        resources = r
+        opened = SessionOpened(sessionID: id, generation: 1, queueDepth: m.queueDepth, writable: m.writable, dataBytes: dataBytes,
+                               classInfo: .block(BlockInfo(blockSize: UInt32(blockSectorSize), blockCount: partition.sectorCount,
+                                                           maxTransfer: upstream.maxTransfer, flags: [.flush])))
         inFlight = Array(repeating: false, count: Int(m.queueDepth))
     }
 
@@ -281,7 +277,7 @@ final class PartitionClient {
         let sectors = UInt64(r.length) / UInt64(blockSectorSize)
         guard r.length > 0, r.length % UInt32(blockSectorSize) == 0, Int(r.length) <= maxBytes,
               r.sector <= partition.sectorCount, sectors <= partition.sectorCount - r.sector,
-              r.offset <= UInt64(endpoint.data.size), UInt64(r.length) <= UInt64(endpoint.data.size) - r.offset else {
+              r.offset.rawValue <= UInt64(endpoint.data.size), UInt64(r.length) <= UInt64(endpoint.data.size) - r.offset.rawValue else {
             return .invalid
         }
         return nil

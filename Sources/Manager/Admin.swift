@@ -1,0 +1,36 @@
+import CLinux
+import Logging
+import OutboardSession
+import OutboardSystem
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Admin: status reports and fault injection, for the uids the config names.
+
+extension Manager {
+    func isAdmin(_ c: Connection) -> Bool { config.adminUids.contains(c.credentials.uid) }
+
+    func sendStatus(_ c: Connection) {
+        guard isAdmin(c) else { return refuse(c, .permissionDenied, "uid \(c.credentials.uid) may not read status") }
+        let json = StatusReport(manager: self).json()
+        do { try c.socket.send(.statusReport(json), nonBlocking: true) } catch { logger.warning("cannot send status: \(error)") }
+    }
+
+    func injectFault(_ c: Connection, device: String, fault: FaultKind) {
+        guard isAdmin(c) else { return refuse(c, .permissionDenied, "uid \(c.credentials.uid) may not inject faults") }
+        guard let d = devices.first(where: { $0.name == device }) else { return refuse(c, .unknownDevice, "no device named '\(device)'") }
+        guard let drv = d.driver, drv.ready, drv.killReason == nil else {
+            return refuse(c, .busy, "device '\(device)' has no running driver (state \(d.state))")
+        }
+        logger.notice("injecting fault", metadata: ["device": "\(device)", "fault": "\(fault)", "pid": "\(drv.child.pid)"])
+        switch fault {
+        case .kill: try? drv.child.signal(SIGKILL)
+        case .segfault: try? drv.child.signal(SIGSEGV)
+        case .hang: try? drv.child.signal(SIGSTOP)
+        case .abort: d.table.requestAbort(generation: d.generation)
+        }
+        try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid), nonBlocking: true)
+    }
+}
