@@ -448,7 +448,7 @@ public enum ControlMessage: Equatable, Sendable {
     /// socket layer has already refused anything longer than the buffer.
     public static func decode(_ bytes: [UInt8], limit: Int = ControlProtocol.maxMessageBytes) throws(ControlError) -> ControlMessage {
         guard bytes.count <= limit else { throw .tooLarge(size: bytes.count, limit: limit) }
-        var r = WireReader(bytes)
+        var r = ControlReader(bytes)
         guard try r.u32("magic") == ControlProtocol.magic else { throw .malformed("bad magic") }
         let version = try r.u16("version")
         guard version == ControlProtocol.version else { throw .unsupportedVersion(version) }
@@ -558,8 +558,8 @@ public enum ControlMessage: Equatable, Sendable {
 
     /// Reads a section's header: the tag, and a reader limited to the body (checked to be
     /// `expected(tag)` bytes; nil from `expected` means an unknown tag).
-    static func section(_ r: inout WireReader, _ what: String,
-                        expected: (UInt8) -> Int?) throws(ControlError) -> (tag: UInt8, body: WireReader) {
+    static func section(_ r: inout ControlReader, _ what: String,
+                        expected: (UInt8) -> Int?) throws(ControlError) -> (tag: UInt8, body: ControlReader) {
         let tag = try r.u8(what + " tag")
         guard let size = expected(tag) else { throw .malformed("\(what): unknown tag \(tag)") }
         let length = Int(try r.u16(what + " length"))
@@ -576,7 +576,7 @@ public enum ControlMessage: Equatable, Sendable {
         }
     }
 
-    static func classInfo(_ r: inout WireReader) throws(ControlError) -> ClassInfo {
+    static func classInfo(_ r: inout ControlReader) throws(ControlError) -> ClassInfo {
         var (tag, b) = try section(&r, "class info") { DeviceClass(rawValue: $0).map { c in
             switch c { case .block: return blockInfoBytes } } }
         let info: ClassInfo
@@ -596,7 +596,7 @@ public enum ControlMessage: Equatable, Sendable {
         }
     }
 
-    static func classParameters(_ r: inout WireReader) throws(ControlError) -> ClassParameters {
+    static func classParameters(_ r: inout ControlReader) throws(ControlError) -> ClassParameters {
         var (tag, b) = try section(&r, "class parameters") { DeviceClass(rawValue: $0).map { c in
             switch c { case .block: return blockParametersBytes } } }
         let p: ClassParameters
@@ -620,7 +620,7 @@ public enum ControlMessage: Equatable, Sendable {
         }
     }
 
-    static func transport(_ r: inout WireReader) throws(ControlError) -> TransportParameters {
+    static func transport(_ r: inout ControlReader) throws(ControlError) -> TransportParameters {
         var (tag, b) = try section(&r, "transport") { tag in
             switch tag {
             case 1: return memoryTransportBytes

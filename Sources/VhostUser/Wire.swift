@@ -1,3 +1,4 @@
+import OutboardSystem
 // The vhost-user wire format: header, request codes, feature bits and payload layouts.
 // No syscalls here: everything can be tested without a socket, and every payload has a
 // fixed layout checked by the layout tests (Tests/VhostUserTests/WireTests.swift).
@@ -547,16 +548,10 @@ extension [UInt8] {
     }
 }
 
-/// Reads native-order integers at byte offsets of a payload whose length was checked first.
-struct WireReader {
-    let bytes: [UInt8]
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
+/// vhost-user's reader. The protocol is native-endian (the spec: "in the host's byte
+/// order"), which on the only platform Outboard runs on (x86-64) is little-endian.
+typealias WireReader = OutboardSystem.WireReader<VhostUserError>
 
-    func u32(at offset: Int) -> UInt32 { load(at: offset) }
-    func u64(at offset: Int) -> UInt64 { load(at: offset) }
-
-    private func load<T: FixedWidthInteger>(at offset: Int) -> T {
-        precondition(offset >= 0 && offset + MemoryLayout<T>.size <= bytes.count, "read past a checked payload")
-        return bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
-    }
+extension VhostUserError: WireFailure {
+    public static func malformed(_ reason: String) -> VhostUserError { .malformedReply(reason) }
 }
