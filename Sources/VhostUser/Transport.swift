@@ -144,7 +144,9 @@ public struct VhostUserTransport: ~Copyable, VirtioTransport {
     }
 
     static func classify(_ e: VhostUserError) -> VirtioTransportError {
-        e.shouldReconnect || e == .system(.brokenPipe) ? .disconnected(e.description) : .refused(e.description)
+        if e.shouldReconnect || e == .system(.brokenPipe) { return .disconnected(e.description) }
+        if case .unsupported = e { return .unsupported(e.description) }
+        return .refused(e.description)
     }
 
     mutating func withFrontend<R>(_ body: (inout VhostUserFrontend) throws(VhostUserError) -> R) throws(VirtioTransportError) -> R {

@@ -48,6 +48,9 @@ public enum VirtioTransportError: Error, Equatable, Sendable, CustomStringConver
     case refused(String)
     /// No room left in the device's memory table (vhost-user memory slots).
     case noMemorySlot(limit: Int)
+    /// The device lacks what the transport itself needs (vhost-user without
+    /// PROTOCOL_FEATURES): no connection to it will do better.
+    case unsupported(String)
 
     public var description: String {
         switch self {
@@ -55,6 +58,7 @@ public enum VirtioTransportError: Error, Equatable, Sendable, CustomStringConver
         case .refused(let s): return "device refused: \(s)"
         case .noMemorySlot(let limit):
             return "the device has \(limit) memory slots and none is free"
+        case .unsupported(let s): return "device unsupported: \(s)"
         }
     }
 }

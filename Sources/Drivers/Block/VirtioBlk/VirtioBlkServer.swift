@@ -117,7 +117,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         do {
             try device.transport.connect(fd)
         } catch {
-            context.reportDeviceLost("device handshake failed: \(error)")
+            context.reportDeviceLost("device handshake failed: \(error)", Self.recovery(error))
             return
         }
         let socket = device.transport.connectionDescriptor
@@ -142,6 +142,14 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
                                  maxDiscardSectors: info.maxDiscardSectors, maxWriteZeroesSectors: info.maxWriteZeroesSectors)
             try? context.manager.send(.deviceInfo(.block(BlockInfo(blockSize: 512, blockCount: info.capacity,
                                                                      maxTransfer: info.maxTransfer, flags: flags))))
+        } catch let e as VirtioBlkError {
+            device.transport.disconnect()
+            context.reportDeviceLost("device set-up failed: \(e)", Self.recovery(e))
+            return
+        } catch let e as VirtioTransportError {
+            device.transport.disconnect()
+            context.reportDeviceLost("device set-up failed: \(e)", Self.recovery(e))
+            return
         } catch {
             device.transport.disconnect()
             context.reportDeviceLost("device set-up failed: \(error)")
@@ -150,6 +158,22 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         socketFD = socket
         connected = true
         resubmitAll(context: &context)
+    }
+
+    /// A device that lacks what the driver needs (VERSION_1, a configuration space,
+    /// PROTOCOL_FEATURES) will lack it on the next connection too: fail it, with the reason
+    /// in the manager's status. Everything else may work on a new connection.
+    static func recovery(_ e: VirtioTransportError) -> Recovery {
+        if case .unsupported = e { return .failDevice }
+        return .reconnectDevice
+    }
+
+    static func recovery(_ e: VirtioBlkError) -> Recovery {
+        switch e {
+        case .unsupported: return .failDevice
+        case .transport(let t): return recovery(t)
+        case .setup, .device: return .reconnectDevice
+        }
     }
 
     /// Exposes session `i`'s data region at its translation-table IO address. Returns why
