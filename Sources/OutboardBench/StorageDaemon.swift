@@ -16,11 +16,14 @@ public struct StorageDaemon: ~Copyable {
 
     public var pid: pid_t { child.pid }
 
-    /// The daemon's path: on PATH, or Debian's place for it.
-    public static func executable() -> String? {
-        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        for dir in path.split(separator: ":") + ["/usr/bin"] {
-            let candidate = "\(dir)/qemu-storage-daemon"
+    /// The daemon's path: the first on `searchPath` (default: PATH), or Debian's place for it.
+    public static func executable(searchPath: String? = nil) -> String? {
+        let path = searchPath ?? getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        // Strings, not the Character arrays that `split(...) + [literal]` infers, which
+        // interpolate as ["/", "u", ...] and never name a file.
+        let dirs: [String] = path.split(separator: ":").map(String.init) + ["/usr/bin"]
+        for dir in dirs where !dir.isEmpty {
+            let candidate = dir + "/qemu-storage-daemon"
             if access(candidate, X_OK) == 0 { return candidate }
         }
         return nil

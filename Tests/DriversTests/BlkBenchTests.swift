@@ -123,4 +123,17 @@ import Testing
         #expect(!unixSocketsListening([path], pid: 1))
         #expect(!unixSocketsListening([path, path + ".missing"], pid: getpid()))
     }
+
+    /// The daemon is looked up on PATH first (a daemon installed elsewhere than /usr/bin),
+    /// through a search path given here, so that no other test's PATH changes.
+    @Test func daemonIsFoundOnTheSearchPath() throws {
+        let dir = NSTemporaryDirectory() + "outboard-path-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let exe = dir + "/qemu-storage-daemon"
+        try #require(FileManager.default.createFile(atPath: exe, contents: Data("#!/bin/sh\n".utf8),
+                                                    attributes: [.posixPermissions: 0o755]))
+        #expect(StorageDaemon.executable(searchPath: "/nonexistent:" + dir) == exe)
+        #expect(StorageDaemon.executable(searchPath: "/nonexistent") == (access("/usr/bin/qemu-storage-daemon", X_OK) == 0 ? "/usr/bin/qemu-storage-daemon" : nil))
+    }
 }
