@@ -24,7 +24,14 @@
      (no calls), then sleeps as EVENT_IDX.
    - before sleeping: (EVENT_IDX: store used_event,) full fence, re-read used.idx; sleep on
      the call eventfd only if it still shows nothing new. A wake-up never proves a
-     completion: the loop always re-reads used.idx. */
+     completion: the loop always re-reads used.idx.
+
+   Open loop (rate_iops > 0): request k is due at start + k / rate. The loop issues every
+   due request while a slot is free, then waits for a completion or the next deadline
+   (wait_paced), or, with nothing in flight, sleeps until the deadline (sleep_until). A
+   request that falls due with every slot busy is late; the schedule does not slip for it,
+   so the offered rate stays the one asked for. The Outboard client in `bench blk` runs the
+   same schedule with the same waits. */
 
 #include "CRefBlk.h"
 
@@ -472,6 +479,45 @@ static int wait_used(struct dev *d, uint64_t timeout_ns) {
     }
 }
 
+/* Open loop, requests in flight: waits until used.idx moves past last_used (1) or
+   `until` (0); -1 on error. The same notification rules as wait_used; the sleep's timeout
+   is rounded up to whole milliseconds, as the Outboard client's wait is, so that both
+   sides wake alike. */
+static int wait_paced(struct dev *d, uint64_t until) {
+    for (;;) {
+        if (__atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) != d->last_used) return 1;
+        uint64_t t = now_ns();
+        if (t >= until) return 0;
+        if (d->mode == OB_REFBLK_POLL || (d->mode == OB_REFBLK_ADAPTIVE && t - d->last_work < d->poll_ns)) {
+            cpu_relax();
+            continue;
+        }
+        if (d->event_idx) __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) != d->last_used) return 1;
+        uint64_t wait_ms = (until - t + 999999) / 1000000;
+        int ms = wait_ms > TIMEOUT_MS ? TIMEOUT_MS : (int)wait_ms;
+        struct pollfd pfd = { d->call, POLLIN, 0 };
+        int r = poll(&pfd, 1, ms);
+        if (r < 0 && errno != EINTR) return fail(d, "poll call fd: %s", strerror(errno));
+        if (r > 0) {
+            uint64_t v;
+            if (read(d->call, &v, sizeof v) == sizeof v) d->calls++;
+        }
+    }
+}
+
+/* Open loop, nothing in flight: sleeps until `until` (CLOCK_MONOTONIC, absolute), or
+   spins in POLL mode, which never sleeps. */
+static void sleep_until(struct dev *d, uint64_t until) {
+    if (d->mode == OB_REFBLK_POLL) {
+        while (now_ns() < until) cpu_relax();
+        return;
+    }
+    struct timespec ts = { (time_t)(until / 1000000000ull), (long)(until % 1000000000ull) };
+    while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR) {}
+}
+
 /* Moves every new used entry's slot into slots[]; returns how many, -1 on a bad entry. */
 static int harvest(struct dev *d, int *slots, uint8_t *inflight) {
     uint16_t u = __atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE);
@@ -542,6 +588,20 @@ static uint64_t rusage_ns(void) {
 
 /* ---- the benchmark -------------------------------------------------------------------- */
 
+/* Open loop: when request k falls due (k = 0 at `start`). */
+static inline uint64_t deadline_of(uint64_t start, double rate, uint64_t k) {
+    return start + (uint64_t)((double)k * 1e9 / rate);
+}
+
+/* Open loop: how many requests have fallen due by `t`. */
+static inline uint64_t due_by(uint64_t start, double rate, uint64_t t) {
+    return t < start ? 0 : (uint64_t)((double)(t - start) * rate / 1e9) + 1;
+}
+
+static inline void mark_interval(const struct ob_refblk_params *p, int edge) {
+    if (p->on_interval) p->on_interval(p->context, edge);
+}
+
 int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) {
     memset(r, 0, sizeof *r);
     struct dev dv, *d = &dv;
@@ -549,10 +609,13 @@ int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) 
     if (!p) return fail(d, "no parameters");
     if (!(p->seconds > 0) || p->warmup_seconds < 0)
         return fail(d, "seconds must be > 0 and warm-up >= 0");
+    if (!(p->rate_iops >= 0) || p->rate_iops > 1e9) return fail(d, "rate_iops must be 0 (closed loop) or 0 < rate <= 1e9");
     uint32_t io_bytes = p->io_bytes ? p->io_bytes : 4096;
     int qd = p->queue_depth;
+    bool paced = p->rate_iops > 0;
+    double rate = p->rate_iops;
     uint64_t *hist = NULL;
-    int *slots = NULL;
+    int *slots = NULL, *free_slots = NULL;
     uint8_t *inflight = NULL;
     uint64_t *submitted = NULL;
     int rc = -1;
@@ -563,9 +626,10 @@ int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) 
     r->capacity_sectors = d->capacity;
     hist = calloc(HBUCKETS, sizeof *hist);
     slots = calloc((size_t)qd, sizeof *slots);
+    free_slots = calloc((size_t)qd, sizeof *free_slots);
     inflight = calloc((size_t)qd, 1);
     submitted = calloc((size_t)qd, sizeof *submitted);
-    if (!hist || !slots || !inflight || !submitted) { fail(d, "out of memory"); goto out; }
+    if (!hist || !slots || !free_slots || !inflight || !submitted) { fail(d, "out of memory"); goto out; }
 
     /* Offsets: 4 KiB-aligned, anywhere the whole I/O fits. */
     uint64_t bytes = d->capacity * 512;
@@ -574,35 +638,91 @@ int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) 
 
     enum { WARMUP, MEASURE, DRAIN } phase = p->warmup_seconds > 0 ? WARMUP : MEASURE;
     uint64_t t = now_ns();
+    uint64_t start = t;
     uint64_t warm_end = t + (uint64_t)(p->warmup_seconds * 1e9);
     uint64_t t0 = t, t1 = 0, cpu0 = 0, cpu1 = 0, kicks0 = 0, calls0 = 0;
-    uint64_t ios = 0, max_lat = 0;
+    uint64_t ios = 0, max_lat = 0, issued = 0, late = 0;
     uint64_t t_end = 0;
-    if (phase == MEASURE) { t_end = t0 + (uint64_t)(p->seconds * 1e9); cpu0 = rusage_ns(); }
-
-    uint16_t old = d->avail_idx;
-    for (int i = 0; i < qd; i++) {
-        queue_read(d, i, splitmix64(&rng) % nblocks * 8);
-        inflight[i] = 1;
-        submitted[i] = t;
+    if (phase == MEASURE) {
+        t_end = t0 + (uint64_t)(p->seconds * 1e9);
+        mark_interval(p, 0);
+        cpu0 = rusage_ns();
     }
-    if (publish(d, old) < 0) goto out;
-    int outstanding = qd;
+
+    /* Open loop: next is the index of the next request to issue; every request below
+       blocked_through fell due while all slots were busy. last_progress: the last
+       completion, or the last issue into an empty queue (the stall check's start). */
+    uint64_t next = 0, blocked_through = 0, last_progress = t;
+    int nfree = qd;
+    for (int i = 0; i < qd; i++) free_slots[i] = qd - 1 - i;
+    int outstanding = 0;
 
     for (;;) {
-        int w = wait_used(d, TIMEOUT_NS);
-        if (w < 0) goto out;
-        if (w == 0) {
-            fail(d, "no completion for %llu s with %d requests in flight",
-                 (unsigned long long)(TIMEOUT_NS / 1000000000ull), outstanding);
-            goto out;
+        if (phase != DRAIN) {
+            /* Issue: closed loop, every free slot; open loop, every due request a slot is
+               free for. */
+            uint16_t old = d->avail_idx;
+            while (nfree > 0 && (!paced || deadline_of(start, rate, next) <= t)) {
+                int s = free_slots[--nfree];
+                queue_read(d, s, splitmix64(&rng) % nblocks * 8);
+                inflight[s] = 1;
+                submitted[s] = t;
+                if (phase == MEASURE) {
+                    issued++;
+                    if (next < blocked_through) late++;
+                }
+                next++;
+                if (outstanding++ == 0) last_progress = t;
+            }
+            if (paced && nfree == 0 && deadline_of(start, rate, next) <= t) {
+                uint64_t due = due_by(start, rate, t);
+                if (due > blocked_through) blocked_through = due;
+            }
+            if (publish(d, old) < 0) goto out;
+        } else if (outstanding == 0) {
+            break;
+        }
+
+        /* Wait: for a completion, or (open loop) for the next deadline or phase change. */
+        int w;
+        if (paced && phase != DRAIN) {
+            /* With every slot busy the next deadline cannot be served: wait for a
+               completion (or the phase's end) instead of spinning past the deadline. */
+            uint64_t until = nfree > 0 ? deadline_of(start, rate, next) : UINT64_MAX;
+            uint64_t edge = phase == WARMUP ? warm_end : t_end;
+            if (edge < until) until = edge;
+            if (outstanding == 0) {
+                sleep_until(d, until);
+                w = 0;
+            } else {
+                w = wait_paced(d, until);
+            }
+            if (w < 0) goto out;
+            if (w == 0 && outstanding > 0 && now_ns() - last_progress > TIMEOUT_NS) {
+                fail(d, "no completion for %llu s with %d requests in flight",
+                     (unsigned long long)(TIMEOUT_NS / 1000000000ull), outstanding);
+                goto out;
+            }
+        } else {
+            w = wait_used(d, TIMEOUT_NS);
+            if (w < 0) goto out;
+            if (w == 0) {
+                fail(d, "no completion for %llu s with %d requests in flight",
+                     (unsigned long long)(TIMEOUT_NS / 1000000000ull), outstanding);
+                goto out;
+            }
         }
         t = now_ns();
-        int k = harvest(d, slots, inflight);
-        if (k < 0) goto out;
+        int k = 0;
+        if (w > 0) {
+            k = harvest(d, slots, inflight);
+            if (k < 0) goto out;
+            last_progress = t;
+        }
         outstanding -= k;
         for (int j = 0; j < k; j++) {
             int s = slots[j];
+            free_slots[nfree++] = s;
             if (d->status[s] != 0) r->errors++;
             if (phase == MEASURE) {
                 uint64_t lat = t - submitted[s];
@@ -615,6 +735,7 @@ int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) 
             phase = MEASURE;
             t0 = t;
             t_end = t0 + (uint64_t)(p->seconds * 1e9);
+            mark_interval(p, 0);
             cpu0 = rusage_ns();
             kicks0 = d->kicks;
             calls0 = d->calls;
@@ -622,25 +743,20 @@ int ob_refblk_run(const struct ob_refblk_params *p, struct ob_refblk_result *r) 
             phase = DRAIN;
             t1 = t;
             cpu1 = rusage_ns();
+            mark_interval(p, 1);
             r->kicks = d->kicks - kicks0;
             r->calls = d->calls - calls0;
+            /* Due by the end and never issued: late as well. */
+            if (paced) {
+                uint64_t due = due_by(start, rate, t_end);
+                if (due > next) late += due - next;
+            }
         }
-        if (phase == DRAIN) {
-            if (outstanding == 0) break;
-            continue;
-        }
-        old = d->avail_idx;
-        for (int j = 0; j < k; j++) {
-            int s = slots[j];
-            queue_read(d, s, splitmix64(&rng) % nblocks * 8);
-            inflight[s] = 1;
-            submitted[s] = t;
-        }
-        outstanding += k;
-        if (publish(d, old) < 0) goto out;
     }
 
     r->ios = ios;
+    r->issued = issued;
+    r->late = late;
     r->seconds = (double)(t1 - t0) / 1e9;
     r->cpu_ns = cpu1 - cpu0;
     r->max_ns = max_lat;
@@ -651,6 +767,7 @@ out:
     dev_close(d);
     free(hist);
     free(slots);
+    free(free_slots);
     free(inflight);
     free(submitted);
     return rc;

@@ -16,17 +16,20 @@ public struct StorageDaemon: ~Copyable {
 
     public var pid: pid_t { child.pid }
 
-    /// The daemon's path: on PATH, or Debian's place for it.
-    public static func executable() -> String? {
-        let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
-        for dir in path.split(separator: ":") + ["/usr/bin"] {
-            let candidate = "\(dir)/qemu-storage-daemon"
+    /// The daemon's path: the first on `searchPath` (default: PATH), or Debian's place for it.
+    public static func executable(searchPath: String? = nil) -> String? {
+        let path = searchPath ?? getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
+        // Strings, not the Character arrays that `split(...) + [literal]` infers, which
+        // interpolate as ["/", "u", ...] and never name a file.
+        let dirs: [String] = path.split(separator: ":").map(String.init) + ["/usr/bin"]
+        for dir in dirs where !dir.isEmpty {
+            let candidate = dir + "/qemu-storage-daemon"
             if access(candidate, X_OK) == 0 { return candidate }
         }
         return nil
     }
 
-    /// Starts the daemon and waits (up to 10 s) until every socket exists.
+    /// Starts the daemon and waits (up to 10 s) until it listens on every socket.
     /// `aio`: "io_uring" or "threads". `failingReadSector`: reads that touch this 512-byte
     /// sector fail with EIO inside the device (QEMU's blkdebug driver between the image file
     /// and the raw format), every time: a real device error, for tests.
@@ -56,18 +59,22 @@ public struct StorageDaemon: ~Copyable {
         self.sockets = sockets
     }
 
+    /// Waits until the daemon listens on every socket, so that a connect cannot be refused.
+    /// The socket file is not enough: QEMU creates it with bind(2) and only then calls
+    /// listen(2) (util/qemu-sockets.c, unix_listen_saddr), and a connect in between gets
+    /// ECONNREFUSED. A stalled daemon (two contended CPUs) can sit in that gap for
+    /// milliseconds.
     static func waitForSockets(_ child: inout ChildProcess, _ sockets: [String]) throws(LabError) {
         let deadline = Clock.monotonicNanoseconds + 10_000_000_000
         while true {
-            var st = stat()
-            if sockets.allSatisfy({ stat($0, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK }) { return }
+            if unixSocketsListening(sockets, pid: child.pid) { return }
             if let status = try? child.wait(timeoutMilliseconds: 10) {
                 throw LabError("qemu-storage-daemon exited at start: \(status)")
             }
             if Clock.monotonicNanoseconds > deadline {
                 try? child.signal(SIGKILL)
                 _ = try? child.wait()
-                throw LabError("qemu-storage-daemon did not create its sockets within 10 s")
+                throw LabError("qemu-storage-daemon did not listen on its sockets within 10 s")
             }
         }
     }
@@ -115,6 +122,43 @@ public func makeImage(path: String, bytes: Int, fill: Bool, seed: UInt64 = 1) th
         }
         done += n
     }
+}
+
+/// Whether process `pid` holds, for every path in `paths`, a listening Unix stream socket
+/// bound to that path, and the path is a socket file: then a connect to it reaches that
+/// socket's accept queue and is not refused. Listening is __SO_ACCEPTCON (0x10000) in the
+/// Flags column of /proc/net/unix; the socket's inode there must be one of `pid`'s open
+/// descriptors (/proc/PID/fd), so that a listener left by an earlier process on a reused
+/// path does not count. Sees only sockets of this network namespace.
+public func unixSocketsListening(_ paths: [String], pid: pid_t) -> Bool {
+    var st = stat()
+    guard paths.allSatisfy({ stat($0, &st) == 0 && st.st_mode & S_IFMT == S_IFSOCK }) else { return false }
+    // The process's socket inodes: its fd links read "socket:[INODE]".
+    var inodes = Set<UInt64>()
+    guard let dir = opendir("/proc/\(pid)/fd") else { return false }
+    defer { closedir(dir) }
+    var link = [CChar](repeating: 0, count: 64)
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard name.first?.isNumber == true else { continue }
+        let n = readlink("/proc/\(pid)/fd/\(name)", &link, link.count - 1)
+        guard n > 9 else { continue }
+        let target = String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        if target.hasPrefix("socket:["), target.hasSuffix("]"), let i = UInt64(target.dropFirst(8).dropLast()) {
+            inodes.insert(i)
+        }
+    }
+    guard let table = try? OwnedFD.open("/proc/net/unix", O_RDONLY).readToEnd(limit: 64 << 20) else { return false }
+    var listening = Set<String>()
+    // "Num: RefCount Protocol Flags Type St Inode Path", the path only for bound sockets.
+    for line in table.split(separator: UInt8(ascii: "\n")).dropFirst() {
+        let f = line.split(separator: UInt8(ascii: " "), maxSplits: 7, omittingEmptySubsequences: true)
+        guard f.count == 8, let flags = UInt32(String(decoding: f[3], as: UTF8.self), radix: 16),
+              flags & 0x10000 != 0, let inode = UInt64(String(decoding: f[6], as: UTF8.self)),
+              inodes.contains(inode) else { continue }
+        listening.insert(String(decoding: f[7], as: UTF8.self))
+    }
+    return paths.allSatisfy { listening.contains($0) }
 }
 
 /// CPU time (user + system) a process has used so far, from /proc/PID/stat; nil when it

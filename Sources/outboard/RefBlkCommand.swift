@@ -26,8 +26,11 @@ struct RefBlkCommand: ParsableCommand {
     @Option(help: "Warm-up before the measured interval, seconds.")
     var warmup: Double = 1
 
-    @Option(help: "interrupt, event-idx or poll.")
+    @Option(help: "interrupt, event-idx, adaptive or poll.")
     var mode: String = "event-idx"
+
+    @Option(help: "Open loop at this many requests per second (at most --qd in flight); 0: closed loop.")
+    var rate: Double = 0
 
     @Option(help: "Seed of the random offsets.")
     var seed: UInt64 = 1
@@ -62,7 +65,7 @@ struct RefBlkCommand: ParsableCommand {
                 return
             }
             let r = try runRefBlk(socket: socket, queueDepth: qd, warmupSeconds: warmup, seconds: seconds,
-                                  mode: mode, seed: seed)
+                                  mode: mode, seed: seed, rateIops: rate)
             print(String(decoding: try e.encode(r), as: UTF8.self))
         } catch {
             writeStderr("outboard _refblk: \(error)\n")

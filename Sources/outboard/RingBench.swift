@@ -47,9 +47,10 @@ struct RingBench: ParsableCommand {
         #if DEBUG
         FileHandleStderr.write("warning: debug build; both queues run unoptimized and the figures mean little. Use -c release.\n")
         #endif
-        let batchList = batches.split(separator: ",").compactMap { Int($0) }
-        let modeList = modes.split(separator: ",").compactMap { m in RingMode.allCases.first { "\($0)" == m } }
-        guard !batchList.isEmpty, !modeList.isEmpty else { throw ValidationError("no batch sizes or modes") }
+        guard let batchList = parseList(batches, as: Int.self) else { throw ValidationError("--batches: comma-separated numbers") }
+        let modeNames = parseList(modes, as: String.self) ?? []
+        let modeList = modeNames.compactMap { m in RingMode.allCases.first { "\($0)" == m } }
+        guard !modeNames.isEmpty, modeList.count == modeNames.count else { throw ValidationError("--modes: comma separated, each busy or sleep") }
         let cpus = CPU.allowed.count
         let (producerCPU, consumerCPU) = CPU.firstTwoAllowed ?? (-1, -1)
         let harness = RingHarness(executable: currentExecutable(),

@@ -5,7 +5,8 @@
    vhost-user-blk frontend (driver role). One process talks vhost-user to a backend such as
    qemu-storage-daemon over a Unix stream socket, owns one memfd region holding the split
    virtqueue, request headers, status bytes and data buffers, and keeps queue_depth random
-   reads in flight. No indirect descriptors: three descriptors per request. */
+   reads in flight (closed loop) or issues them at a fixed rate (open loop, at most
+   queue_depth in flight). No indirect descriptors: three descriptors per request. */
 
 #include <stdint.h>
 
@@ -37,6 +38,19 @@ struct ob_refblk_params {
     uint64_t seed;          /* offsets: splitmix64 from this seed */
     int queue_size;         /* 0 means 256; raised to the next power of two >= 3 * queue_depth */
     uint32_t poll_us;       /* ADAPTIVE: busy-poll window after the last completion; 0 means 50 */
+    /* > 0: open loop at this many requests per second. Request k is due at
+       start + k / rate_iops (a deadline schedule: a late request does not move the later
+       ones); every due request is issued as soon as the loop runs and a slot is free. With
+       requests in flight the loop waits for a completion or the next deadline (the same
+       wait as the closed loop, its timeout rounded up to whole milliseconds, as the Outboard
+       client's wait); with none in flight it sleeps until the next deadline (POLL: spins).
+       0: closed loop, queue_depth requests always in flight. */
+    double rate_iops;
+    /* Called (when set) with edge 0 right before the measured interval's CPU reading and
+       edge 1 right after its last one, so a caller can read other processes' CPU over the
+       same interval outside the reference's own account. */
+    void (*on_interval)(void *context, int edge);
+    void *context;
 };
 
 struct ob_refblk_result {
@@ -49,6 +63,10 @@ struct ob_refblk_result {
     uint64_t calls;             /* wake-ups on the call eventfd (reads), measured interval */
     uint64_t capacity_sectors;  /* from GET_CONFIG */
     uint64_t errors;            /* status byte != 0, whole run (warm-up included) */
+    uint64_t issued;            /* requests submitted in the measured interval */
+    uint64_t late;              /* open loop, measured interval: requests that fell due while
+                                   queue_depth were in flight (issued when a slot freed), and
+                                   requests due by the interval's end that were never issued */
     char error[256];            /* set when ob_refblk_run returns -1 */
 };
 
