@@ -36,8 +36,10 @@ public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertib
         switch self {
         case .unreachable: return .retry
         case .refused(let code, _): return code.recovery
-        // The session is over; a new one may be refused with a reason.
-        case .failed: return .failDevice
+        // The session is over (the device failed, the manager went away or shut down):
+        // open a new one; if the device is gone for good, that open is refused with a
+        // code that says so (deviceFailed: fail device).
+        case .failed: return .reconnectDevice
         case .protocolError, .invalidRequest: return .fatal
         case .system(let e): return e == .wouldBlock || e == .interrupted ? .retry : .fatal
         }

@@ -24,7 +24,8 @@ import Virtio
 /// - enableQueue: SET_VRING_ENABLE.
 /// - DRIVER_OK: nothing more (backends without the STATUS protocol feature start a ring
 ///   on its first kick once enabled).
-/// - reset: GET_VRING_BASE on every ring set up (stops it), and the memory table emptied.
+/// - reset: GET_VRING_BASE on every ring set up (stops it); the memory table stays (as
+///   `VirtioTransport.reset` promises); a new connection starts from an empty one.
 ///
 /// Memory-slot accounting lives here and only here: every exposed region is remembered
 /// exactly as it was sent, and withdrawn with exactly those fields, so the backend's table

@@ -20,8 +20,9 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
     /// device reconnected.
     case deviceProtocol(String)
 
-    /// What the owner of a queue or device does about an error.
-    public enum Recovery: Equatable, Sendable {
+    /// What the owner of a queue or device does about an error, at the virtqueue's level
+    /// (a driver maps it to the process-level `Recovery` its supervisor acts on).
+    public enum Remedy: Equatable, Sendable {
         /// Wait for completions and try again (`queueFull`).
         case retryLater
         /// The caller passed something impossible; fix the caller.
@@ -32,7 +33,7 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
         case rejectDevice
     }
 
-    public var recovery: Recovery {
+    public var remedy: Remedy {
         switch self {
         case .queueFull: return .retryLater
         case .invalidChain, .invalidLayout: return .fixCaller

@@ -72,7 +72,7 @@ import Virtio
         let sticky = s.h.queue.error
         let e = try #require(sticky)
         guard case .deviceProtocol = e else { Issue.record("wrong error \(e)"); return }
-        #expect(e.recovery == .resetQueue)
+        #expect(e.remedy == .resetQueue)
 
         // Sticky: a "repaired" ring is not trusted again.
         s.h.device.complete(id: UInt32(s.b), len: 0)

@@ -119,11 +119,11 @@ import Virtio
             Issue.record("size 3 accepted")
         } catch {
             guard case .invalidLayout = error else { Issue.record("wrong error \(error)"); return }
-            #expect(error.recovery == .fixCaller)
+            #expect(error.remedy == .fixCaller)
             #expect(error.description.contains("power of two"))
         }
-        #expect(VirtioError.queueFull.recovery == .retryLater)
-        #expect(VirtioError.deviceProtocol("x").recovery == .resetQueue)
-        #expect(VirtioError.missingFeatures(1).recovery == .rejectDevice)
+        #expect(VirtioError.queueFull.remedy == .retryLater)
+        #expect(VirtioError.deviceProtocol("x").remedy == .resetQueue)
+        #expect(VirtioError.missingFeatures(1).remedy == .rejectDevice)
     }
 }

@@ -1,3 +1,4 @@
+import OutboardRings
 import OutboardSession
 import OutboardSystem
 
@@ -45,7 +46,7 @@ extension DriverStart {
     var queueSize: UInt32 { virtio?.queueSize ?? 0 }
     var notifyMode: NotifyMode { virtio?.notifyMode ?? .eventIndex }
     var pollMicroseconds: UInt32 { virtio?.pollMicroseconds ?? 0 }
-    var dmaIOAddress: UInt64 { virtio?.dmaIOAddress.rawValue ?? 0 }
+    var dmaIOAddress: IOAddress { virtio?.dmaIOAddress ?? IOAddress(rawValue: 0) }
 }
 
 /// A transfer starts only with at least this much lease left on its region (a 1 MiB copy

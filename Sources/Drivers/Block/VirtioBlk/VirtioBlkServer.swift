@@ -93,7 +93,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
                            _ cfg: DriverStart) throws(DriverError) -> VirtioBlkDevice<VhostUserTransport> {
         do {
             return try VirtioBlkDevice(transport: link, memory: mapping.base, size: mapping.size,
-                                       ioAddress: IOAddress(rawValue: cfg.dmaIOAddress), queueSize: Int(cfg.queueSize))
+                                       ioAddress: cfg.dmaIOAddress, queueSize: Int(cfg.queueSize))
         } catch {
             throw .setup("\(error)")
         }
