@@ -90,7 +90,9 @@ extension Manager {
                 if let s = d.sessions[id] {
                     logger.warning("driver dropped session \(id): \(reason)", metadata: ["device": "\(d.name)"])
                     if let c = connections[s.connection] { try? c.socket.send(.sessionFailed(reason: reason), nonBlocking: true) }
-                    s.attachSent = false  // the driver no longer holds it
+                    // The driver may still have the session's requests at the device: the
+                    // revocation waits for its in-use mark (or the lease) like any other, and
+                    // the table index stays until the driver answers the detach.
                     beginRevocation(d, s, reason: "driver: \(reason)")
                 }
             default:

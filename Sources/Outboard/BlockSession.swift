@@ -365,6 +365,28 @@ public struct BlockSession: ~Copyable {
         return tag
     }
 
+    /// Tests only: puts `request` on the request queue with no bookkeeping at all (no tag
+    /// taken, no depth kept), as a client that ignores its queue depth would. Returns
+    /// whether the queue had room.
+    @_spi(Testing)
+    public mutating func enqueueRaw(_ request: BlockRequest) -> Bool {
+        let sent = requests.enqueue(request)
+        try? requestBell.ring()
+        return sent
+    }
+
+    /// Tests only: takes every completion off the completion queue with no bookkeeping
+    /// (the other half of `enqueueRaw`). Returns how many.
+    @_spi(Testing)
+    public mutating func dequeueRawCompletions() -> Int {
+        var total = 0
+        while true {
+            let n = completions.dequeue(into: UnsafeMutableBufferPointer(rebasing: scratch[0..<scratch.count]))
+            if n == 0 { return total }
+            total += n
+        }
+    }
+
     func validate(_ b: BlockSubmission) throws(BlockSessionError) {
         switch b.op {
         case .flush:

@@ -148,7 +148,8 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     // MARK: sessions
 
     mutating func attach(_ a: Attach, _ d: inout ControlDelivery) {
-        guard a.tableIndex < context.start.tableCapacity, let i = context.sessions.freeSlot() else {
+        guard a.tableIndex < context.start.tableCapacity, !context.sessions.holds(tableIndex: Int(a.tableIndex)),
+              let i = context.sessions.freeSlot() else {
             try? context.manager.send(.sessionError(sessionID: a.sessionID, reason: "driver has no room for another session"))
             return
         }
@@ -163,6 +164,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
         }
         if let refusal = server.attached(i, context: &context) {
             drop(i, reason: refusal)
+            finishDetaches()
             return
         }
         try? context.manager.send(.attached(sessionID: a.sessionID))
@@ -219,13 +221,16 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             context.sessions.refused.removeAll()
             for (i, why) in list { drop(i, reason: why) }
         }
-        guard !broken.isEmpty else { return }
-        let list = broken
-        broken.removeAll()
-        for i in list {
-            let why = context.sessions.endpoints[i].failure?.description ?? "completion queue full: client exceeded its queue depth"
-            drop(i, reason: why)
+        if !broken.isEmpty {
+            let list = broken
+            broken.removeAll()
+            for i in list {
+                let why = context.sessions.endpoints[i].failure?.description ?? "completion queue full: client exceeded its queue depth"
+                drop(i, reason: why)
+            }
         }
+        // A dropped session with nothing at the device goes now, not at the next detach.
+        finishDetaches()
     }
 
     // MARK: data path
@@ -240,8 +245,26 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
         for step in 0..<n {
             let i = (context.sessions.next + step) % n
             guard context.sessions.isActive(i) else { continue }
-            let room = min(SessionTable.batch, server.room)
-            if room == 0 { break }
+            let deviceRoom = min(SessionTable.batch, server.room)
+            if deviceRoom == 0 { break }
+            // Never more of a session's requests than its depth: what this driver holds of
+            // it (at the device, or finished and not yet published) plus what it takes now.
+            // A client that obeys its depth cannot have more in its queue; one that does is
+            // dropped, here, before it can make the driver hold more than its buffers take.
+            let allowance = context.sessions.allowance(i)
+            if allowance == 0 {
+                // A request waiting is a violation only if the room is still not there once
+                // it is seen: a client takes a completion (head store) before it submits the
+                // request that reuses its tag (tail store, release); seeing that tail
+                // (acquire, in isEmpty) and then reading the head again sees the room.
+                if let e = context.sessions.endpoints[i].failure {
+                    drop(i, reason: e.description)
+                } else if !context.sessions.endpoints[i].requests.isEmpty(), context.sessions.allowance(i) == 0 {
+                    drop(i, reason: "more requests than the queue depth of \(context.sessions.endpoints[i].queueDepth)")
+                }
+                continue
+            }
+            let room = min(deviceRoom, allowance)
             let got = context.sessions.endpoints[i].requests.dequeue(
                 into: UnsafeMutableBufferPointer(rebasing: context.sessions.requestBuffer[0..<room]))
             if got == 0 {
@@ -272,6 +295,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             if context.sessions.inFlight[i] == 0 { context.page.clearInUse(index) }
         }
         context.sessions.next = (context.sessions.next + 1) % n
+        if total == 0 { finishDetaches() }
         if total > 0 {
             server.publish(context: &context)
             context.sessions.flush(page: context.page, broken: &broken)

@@ -61,12 +61,6 @@ func mapRegion(_ fd: consuming OwnedFD, _ size: Int, _ access: SharedMapping.Acc
     }
 }
 
-/// Adds the manager's socket to the driver's epoll set as token 0. The set itself is made
-/// before the sandbox is entered (its filter refuses epoll_create1).
-func watchManager(_ manager: borrowing UnixSocket, on ep: borrowing Epoll) throws(DriverError) {
-    do { try ep.add(manager.fd.raw, events: .readable, token: 0) } catch { throw .setup("epoll: \(error)") }
-}
-
 /// The next message from the manager, without blocking: nil when none is waiting, or when
 /// the manager closed the socket (then `closed` is set: the driver should exit). The
 /// manager is trusted; a message we cannot read means a version skew or a bug, which is

@@ -94,10 +94,27 @@ struct SessionTable: ~Copyable {
         completionCounts[i] = 0
     }
 
+    /// Requests session `i` may still hand this driver: room in its completion queue (its
+    /// depth less what the client has not taken yet) less what the driver holds of it (at
+    /// the device, or finished and not yet published). Everything taken within it has
+    /// room for its completion, in the driver's buffer and in the client's queue; a client
+    /// that keeps its depth never has a request waiting when it is 0.
+    @inline(__always) mutating func allowance(_ i: Int) -> Int {
+        max(0, endpoints[i].completions.freeSlots() - inFlight[i] - completionCounts[i])
+    }
+
+    /// Whether a session this driver still has (serving or leaving) uses `tableIndex`.
+    func holds(tableIndex: Int) -> Bool {
+        for i in 0..<Self.capacity where occupied[i] && endpoints[i].tableIndex == tableIndex { return true }
+        return false
+    }
+
     /// Queues a completion for session `i` (published by `flush`). Dropped if the session
-    /// is leaving: its client will not read it.
+    /// is leaving: its client will not read it. The buffer holds the session's depth, and
+    /// `allowance` keeps what the driver holds within it.
     @inline(__always) mutating func complete(_ i: Int, tag: UInt32, status: BlockStatus, generation: UInt64) {
         guard isActive(i) else { return }
+        precondition(completionCounts[i] < completionBuffers[i].count, "a session holds no more than its depth")
         completionBuffers[i][completionCounts[i]] = BlockCompletion(tag: tag, status: status, generation: generation)
         completionCounts[i] += 1
     }

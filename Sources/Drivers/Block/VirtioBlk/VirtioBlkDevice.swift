@@ -160,8 +160,10 @@ public struct VirtioBlkDevice<Transport: VirtioTransport & ~Copyable>: ~Copyable
         precondition(slot >= 0 && slot < layout.queueSize)
         let header = layout.requestAreaOffset + slot * VirtioBlkLayout.requestBytes
         let status = layout.statusAreaOffset + slot
-        (memory + header).storeBytes(of: VirtioBlkRequestHeader(type: r.op.requestType,
-                                                                 sector: r.op == .flush ? 0 : r.sector),
+        // §5.2.6: the header's sector is for read and write only, 0 for the others
+        // (discard and write zeroes carry theirs in the segment).
+        let sector = r.op == .read || r.op == .write ? r.sector : 0
+        (memory + header).storeBytes(of: VirtioBlkRequestHeader(type: r.op.requestType, sector: sector),
                                       as: VirtioBlkRequestHeader.self)
         (memory + status).storeBytes(of: 0xFF, as: UInt8.self)
         chain[0] = VirtqBuffer(address: ioAddress.advanced(by: header), length: 16, deviceWritable: false)

@@ -113,7 +113,9 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
     /// the DMA region and every session's region, starts the queue and resubmits what was
     /// in flight. Any failure: the connection is dropped and a new one asked for.
     mutating func connect(_ fd: consuming OwnedFD, context: inout HostContext) {
-        if connected { lose("replaced by a new connection", context: &context) }
+        // A connection the manager replaces is simply dropped: reporting it lost would ask
+        // for yet another.
+        if connected { drop() }
         do {
             try device.transport.connect(fd)
         } catch {
@@ -203,13 +205,18 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
     mutating func lose(_ reason: String, context: inout HostContext) {
         if connected {
             try? context.epoll.remove(FileDescriptor(rawValue: socketFD))
-            device.transport.disconnect()
-            socketFD = -1
-            connected = false
-            limits = nil
-            for i in 0..<SessionTable.capacity { exposedAt[i] = nil }
+            drop()
         }
         context.reportDeviceLost(reason)
+    }
+
+    /// Closes the connection (the epoll set forgets a closed descriptor by itself).
+    mutating func drop() {
+        device.transport.disconnect()
+        socketFD = -1
+        connected = false
+        limits = nil
+        for i in 0..<SessionTable.capacity { exposedAt[i] = nil }
     }
 
     /// After (re)connecting: every recorded request goes to the new device in the order it
@@ -257,6 +264,10 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         var request = VirtioBlkRequest(op: VirtioBlkOp.flush, sector: r.sector, length: r.length)
         switch op {
         case .read, .write:
+            // Only into memory the device was shown on this connection: a session it
+            // refused a slot to is on its way out, and an address outside the device's
+            // table would cost the connection.
+            guard exposedAt[i] != nil else { return .revoked }
             switch context.sessions.translate(i, offset: r.offset, length: r.length, deviceWrites: op == .read,
                                               table: context.table) {
             case .refused(let status): return status
