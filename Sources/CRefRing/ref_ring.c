@@ -16,6 +16,7 @@
 #define HEAD_OFF 64
 #define SIGNAL_OFF 128
 #define SIGNAL_ORDERING_OFF 132
+#define WAKE_INDEX_OFF 136
 #define ENTRIES_OFF 192
 
 _Static_assert(sizeof(struct ref_desc) == 16, "descriptor is 16 bytes");
@@ -23,7 +24,7 @@ _Static_assert(offsetof(struct ref_desc, length) == 8, "length at 8");
 _Static_assert(offsetof(struct ref_desc, cookie) == 12, "cookie at 12");
 
 struct words {
-    _Atomic uint32_t *tail, *producer_barrier, *head, *signal, *signal_ordering;
+    _Atomic uint32_t *tail, *producer_barrier, *head, *signal, *signal_ordering, *wake_index;
     struct ref_desc *entries;
 };
 
@@ -31,7 +32,8 @@ static struct words words_at(void *base) {
     char *b = base;
     return (struct words){ (_Atomic uint32_t *)(b + TAIL_OFF), (_Atomic uint32_t *)(b + PRODUCER_BARRIER_OFF),
                            (_Atomic uint32_t *)(b + HEAD_OFF), (_Atomic uint32_t *)(b + SIGNAL_OFF),
-                           (_Atomic uint32_t *)(b + SIGNAL_ORDERING_OFF), (struct ref_desc *)(b + ENTRIES_OFF) };
+                           (_Atomic uint32_t *)(b + SIGNAL_ORDERING_OFF), (_Atomic uint32_t *)(b + WAKE_INDEX_OFF),
+                           (struct ref_desc *)(b + ENTRIES_OFF) };
 }
 
 // The heavy barrier of the asymmetric signal ordering (OutboardSystem's Membarrier).
@@ -79,6 +81,16 @@ static inline size_t enqueue(struct producer *p, const struct ref_desc *batch, s
     return n;
 }
 
+// See QueueProducer.answerIfWakeIndexReached(): the acquire fence pairs with the release
+// store of signal in request_signal; the tail must have reached the wake index (signed
+// distance, half the index space).
+__attribute__((noinline)) static int answer_if_wake_index_reached(struct producer *p) {
+    atomic_thread_fence(memory_order_acquire);
+    uint32_t wake = atomic_load_explicit(p->w.wake_index, memory_order_relaxed);
+    if ((int32_t)(p->tail - wake) < 0) return 0;
+    return atomic_exchange_explicit(p->w.signal, 0, memory_order_relaxed) != 0;
+}
+
 // See QueueProducer.consumerWantsSignal(): a full fence, or only program order when the
 // consumer pays with a heavy barrier (asymmetric ordering).
 static inline int consumer_wants_signal(struct producer *p) {
@@ -86,6 +98,14 @@ static inline int consumer_wants_signal(struct producer *p) {
     if (!p->registered || atomic_load_explicit(p->w.signal_ordering, memory_order_relaxed) != 1)
         atomic_thread_fence(memory_order_seq_cst);
     if (atomic_load_explicit(p->w.signal, memory_order_relaxed) == 0) return 0;
+    return answer_if_wake_index_reached(p);
+}
+
+// See QueueProducer.consumerWantsSignalBeforeIdle(): before going idle, answer a standing
+// request if the consumer has not taken everything we published.
+static inline int consumer_wants_signal_before_idle(struct producer *p) {
+    if (atomic_load_explicit(p->w.signal, memory_order_relaxed) == 0) return 0;
+    if (atomic_load_explicit(p->w.head, memory_order_relaxed) == p->tail) return 0;
     return atomic_exchange_explicit(p->w.signal, 0, memory_order_relaxed) != 0;
 }
 
@@ -171,9 +191,13 @@ __attribute__((noinline)) static int choose_ordering_before_sleep(struct consume
     return 0;
 }
 
-static inline int request_signal(struct consumer *c) {
+// See QueueConsumer.requestSignal(wakeAfter:): the wake index, then the request (release).
+static inline int request_signal(struct consumer *c, uint32_t wake_after) {
     if (c->error) return 0;
-    atomic_store_explicit(c->w.signal, 1, memory_order_relaxed);
+    if (wake_after < 1) wake_after = 1;
+    if (wake_after > INT32_MAX) wake_after = INT32_MAX;
+    atomic_store_explicit(c->w.wake_index, c->head + wake_after, memory_order_relaxed);
+    atomic_store_explicit(c->w.signal, 1, memory_order_release);
     if (c->heavy_threshold == 0 && !c->asymmetric && !c->barrier_owed) {
         atomic_thread_fence(memory_order_seq_cst);
         return 0;
@@ -212,9 +236,10 @@ static void ring(int fd, struct ref_result *r) {
     r->doorbells++;
 }
 
-// Waits for work on `c`: returns 0 to retry, or a status to stop with.
+// Waits for work on `c`: returns 0 to retry, or a status to stop with. `other` is the
+// queue this side produces on: before sleeping, it goes idle there (the idle flush).
 static int wait_for_work(const struct ref_params *p, struct consumer *c, int bell, uint64_t *idle,
-                         struct ref_result *r) {
+                         struct producer *other, int other_bell, struct ref_result *r) {
     if (c->error) return REF_QUEUE_ERROR;
     if (p->mode == REF_MODE_BUSY) {
         __builtin_ia32_pause();
@@ -225,7 +250,8 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
         if (!is_empty(c)) return 0;
         __builtin_ia32_pause();
     }
-    if (request_signal(c)) {
+    if (p->idle_flush && consumer_wants_signal_before_idle(other)) ring(other_bell, r);
+    if (request_signal(c, p->wake_after)) {
         if (membarrier_cmd(MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0) {
             atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
             return REF_SYSTEM_ERROR;
@@ -291,7 +317,7 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
             size_t want = p->batch < p->buffer_count ? p->batch : p->buffer_count;
             size_t n = dequeue(&freeq, stash, want);
             if (n == 0) {
-                int st = wait_for_work(p, &freeq, free_bell, &idle, r);
+                int st = wait_for_work(p, &freeq, free_bell, &idle, &active, active_bell, r);
                 if (st) { r->status = st; goto done; }
                 continue;
             }
@@ -317,12 +343,16 @@ void ref_run_producer(const struct ref_params *p, void *queues, size_t queues_si
         if (p->mode == REF_MODE_SLEEP && consumer_wants_signal(&active)) ring(active_bell, r);
     }
     if (seq >= p->count) break;
+    // Idle for the length of the pause: see QueueProducer.consumerWantsSignalBeforeIdle().
+    if (p->mode == REF_MODE_SLEEP && p->idle_flush && consumer_wants_signal_before_idle(&active)) ring(active_bell, r);
     pause_for(p, &rng);
     uint64_t next = seq + p->pause_every;
     stop = next < seq || next > p->count ? p->count : next;
     }
     r->status = REF_OK;
 done:
+    // Done producing: the consumer gets what is left without waiting for its wake index.
+    if (p->mode == REF_MODE_SLEEP && consumer_wants_signal_before_idle(&active)) ring(active_bell, r);
     r->processed = seq;
     free(stash);
     free(out);
@@ -342,7 +372,7 @@ void ref_run_consumer(const struct ref_params *p, void *queues, size_t queues_si
     while (expected < p->count) {
         size_t n = dequeue(&active, buf, p->batch);
         if (n == 0) {
-            int st = wait_for_work(p, &active, active_bell, &idle, r);
+            int st = wait_for_work(p, &active, active_bell, &idle, &freeq, free_bell, r);
             if (st) { r->status = st; goto done; }
             continue;
         }
@@ -358,6 +388,7 @@ void ref_run_consumer(const struct ref_params *p, void *queues, size_t queues_si
     }
     r->status = REF_OK;
 done:
+    if (p->mode == REF_MODE_SLEEP && consumer_wants_signal_before_idle(&freeq)) ring(free_bell, r);
     r->processed = expected;
     free(buf);
 }

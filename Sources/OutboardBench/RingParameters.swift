@@ -63,12 +63,22 @@ public struct RingParameters: Sendable, Equatable {
     /// by itself (counted as a timeout). A lost wake-up that nothing else rescues then
     /// shows as a timeout of this length rather than a hang.
     public var sleepTimeoutMilliseconds: UInt32
+    /// Sleep mode: a sleeping consumer asks to be woken once this many entries wait, or
+    /// when the producer goes idle (QueueConsumer.requestSignal(wakeAfter:)); each side
+    /// goes idle on the queue it produces on before it sleeps or pauses, and when done.
+    /// 1 wakes at the first entry; above the capacity, only the idle flush wakes.
+    public var wakeAfter: UInt32
+    /// Sleep mode: each side answers a standing request before it pauses or sleeps (the
+    /// idle flush; the one when a side is done always runs). Off only in tests of the wake
+    /// index alone: a consumer that asks for more entries than then come waits for its
+    /// sleep timeout.
+    public var idleFlush: Bool
 
     public init(role: RingRole, implementation: RingImplementation, mode: RingMode, batch: Int, count: UInt64,
                 capacity: Int = 512, bufferSize: Int = 2048, spin: Int = 2000, cpu: Int = -1,
                 timeoutMilliseconds: Int = 120_000, seed: UInt64 = 1, pauseEvery: UInt64 = 0,
                 pauseNanoseconds: UInt64 = 300_000, heavyBarrierThreshold: UInt32 = 4096,
-                sleepTimeoutMilliseconds: UInt32 = 100) {
+                sleepTimeoutMilliseconds: UInt32 = 100, wakeAfter: UInt32 = 1, idleFlush: Bool = true) {
         self.role = role
         self.implementation = implementation
         self.mode = mode
@@ -84,6 +94,8 @@ public struct RingParameters: Sendable, Equatable {
         self.pauseNanoseconds = pauseNanoseconds
         self.heavyBarrierThreshold = heavyBarrierThreshold
         self.sleepTimeoutMilliseconds = sleepTimeoutMilliseconds
+        self.wakeAfter = wakeAfter
+        self.idleFlush = idleFlush
     }
 
     /// As many buffers as queue slots: neither queue of the pair can overflow.
@@ -92,7 +104,7 @@ public struct RingParameters: Sendable, Equatable {
     public var dataRegionSize: Int { bufferCount * bufferSize }
 
     static let magic: UInt32 = 0x5752_424f  // "OBRW"
-    static let version: UInt16 = 4
+    static let version: UInt16 = 5
 
     var encoded: [UInt8] {
         var w = WireWriter()
@@ -100,7 +112,8 @@ public struct RingParameters: Sendable, Equatable {
         w.put(role.rawValue); w.put(implementation.rawValue); w.put(mode.rawValue)
         w.put(UInt32(batch)); w.put(count); w.put(UInt32(capacity)); w.put(UInt32(bufferSize))
         w.put(UInt32(spin)); w.put(Int32(cpu)); w.put(UInt32(timeoutMilliseconds)); w.put(seed)
-        w.put(pauseEvery); w.put(pauseNanoseconds); w.put(heavyBarrierThreshold); w.put(sleepTimeoutMilliseconds)
+        w.put(pauseEvery); w.put(pauseNanoseconds); w.put(heavyBarrierThreshold); w.put(sleepTimeoutMilliseconds); w.put(wakeAfter)
+        w.put(UInt8(idleFlush ? 1 : 0))
         return w.bytes
     }
 
@@ -116,13 +129,15 @@ public struct RingParameters: Sendable, Equatable {
               let spin = r.get(UInt32.self), let cpu = r.get(Int32.self),
               let timeout = r.get(UInt32.self), let seed = r.get(UInt64.self),
               let pauseEvery = r.get(UInt64.self), let pauseNs = r.get(UInt64.self),
-              let heavy = r.get(UInt32.self), let sleepTimeout = r.get(UInt32.self), r.rest.isEmpty
+              let heavy = r.get(UInt32.self), let sleepTimeout = r.get(UInt32.self),
+              let wakeAfter = r.get(UInt32.self), let flush = r.get(UInt8.self), flush <= 1, r.rest.isEmpty
         else { return .failure(.setup("malformed parameter message")) }
         let p = RingParameters(role: role, implementation: impl, mode: mode, batch: Int(batch), count: count,
                                capacity: Int(capacity), bufferSize: Int(bufferSize), spin: Int(spin),
                                cpu: Int(cpu), timeoutMilliseconds: Int(timeout), seed: seed, pauseEvery: pauseEvery,
                                pauseNanoseconds: pauseNs, heavyBarrierThreshold: heavy,
-                               sleepTimeoutMilliseconds: sleepTimeout)
+                               sleepTimeoutMilliseconds: sleepTimeout, wakeAfter: wakeAfter,
+                               idleFlush: flush == 1)
         if let problem = p.problem { return .failure(.setup(problem)) }
         return .success(p)
     }
@@ -133,6 +148,9 @@ public struct RingParameters: Sendable, Equatable {
         if batch < 1 || batch > capacity { return "batch \(batch) outside 1...\(capacity)" }
         if bufferSize < 8 || bufferSize > 1 << 20 { return "buffer size \(bufferSize) outside 8...1 MiB" }
         if count == 0 { return "count is 0" }
+        if wakeAfter == 0 || wakeAfter > QueueConsumer<BufferDescriptor>.maximumWakeAfter {
+            return "wake-after \(wakeAfter) outside 1...\(QueueConsumer<BufferDescriptor>.maximumWakeAfter)"
+        }
         if pauseNanoseconds > 1_000_000_000 { return "pause of \(pauseNanoseconds) ns is over a second" }
         if sleepTimeoutMilliseconds == 0 || sleepTimeoutMilliseconds > 600_000 {
             return "sleep timeout of \(sleepTimeoutMilliseconds) ms outside 1 ms...10 min"

@@ -177,6 +177,7 @@ struct SwiftRingLoop {
         var idle: UInt64 = 0
         let base = data.base
         let sleeping = params.mode == .sleep
+        let flushing = sleeping && params.idleFlush
         // Loops below count with `while` and wrapping arithmetic: a range `0..<k` or a slice
         // `out[0..<k]` costs a trap check per batch that k is not negative.
         let refill = UnsafeMutableBufferPointer(rebasing: stash[0..<min(batch, bufferCount)])
@@ -190,7 +191,7 @@ struct SwiftRingLoop {
                 if stashCount == 0 {
                     let n = freeQ.dequeue(into: refill)
                     if n == 0 {
-                        if let status = waitForWork(&freeQ, freeBell, &idle, &r) {
+                        if let status = waitForWork(&freeQ, freeBell, &idle, &r, idleOn: &active, activeBell) {
                             r.status = status
                             if status == .queueError { r.detail = freeQ.error.map { "free queue: \($0)" } ?? "" }
                             break run
@@ -225,10 +226,14 @@ struct SwiftRingLoop {
                 if sleeping && active.consumerWantsSignal() { ring(activeBell, &r) }
             }
             if seq >= count { break }
+            // Idle for the length of the pause (QueueProducer.consumerWantsSignalBeforeIdle).
+            if flushing && active.consumerWantsSignalBeforeIdle() { ring(activeBell, &r) }
             pause(&jitter)
             let (next, overflow) = seq.addingReportingOverflow(pauseEvery)
             stop = overflow ? count : min(count, next)
         }
+        // Done producing: the consumer gets what is left without waiting for its wake index.
+        if sleeping && active.consumerWantsSignalBeforeIdle() { ring(activeBell, &r) }
         r.processed = seq
     }
 
@@ -250,7 +255,7 @@ struct SwiftRingLoop {
         outer: while expected < count {
             let n = active.dequeue(into: buf)
             if n == 0 {
-                if let stop = waitForWork(&active, activeBell, &idle, &r) {
+                if let stop = waitForWork(&active, activeBell, &idle, &r, idleOn: &freeQ, freeBell) {
                     r.status = stop
                     if stop == .queueError { r.detail = active.error.map { "active queue: \($0)" } ?? "" }
                     break
@@ -282,14 +287,17 @@ struct SwiftRingLoop {
             }
             if sleeping && freeQ.consumerWantsSignal() { ring(freeBell, &r) }
         }
+        if sleeping && freeQ.consumerWantsSignalBeforeIdle() { ring(freeBell, &r) }
         r.processed = expected
     }
 
     /// Nothing to consume: poll (busy mode), or poll `spin` times and then sleep on the
-    /// doorbell after asking for it (sleep mode). Returns a status to stop with, or nil.
+    /// doorbell after asking for it (sleep mode), going idle first on `other`, the queue
+    /// this side produces on. Returns a status to stop with, or nil.
     @inline(__always)
     func waitForWork(_ q: inout QueueConsumer<BufferDescriptor>, _ bell: borrowing Doorbell, _ idle: inout UInt64,
-                     _ r: inout RingWorkerResult) -> RingWorkerStatus? {
+                     _ r: inout RingWorkerResult, idleOn other: inout QueueProducer<BufferDescriptor>,
+                     _ otherBell: borrowing Doorbell) -> RingWorkerStatus? {
         if q.hasFailed { return .queueError }
         if params.mode == .busy {
             ob_cpu_relax()
@@ -301,23 +309,24 @@ struct SwiftRingLoop {
             if !q.isEmpty() { return nil }
             ob_cpu_relax()
         }
-        if q.requestSignal() {
-            do { try Membarrier.run() } catch {
-                q.cancelSignal()
-                r.detail = "membarrier: \(error)"
-                return .systemError
-            }
-            r.heavyBarriers &+= 1
-        }
-        if q.confirmSleep() {
+        if params.idleFlush && other.consumerWantsSignalBeforeIdle() { ring(otherBell, &r) }
+        switch q.prepareToSleep(wakeAfter: params.wakeAfter, heavyBarrier: { () throws(Errno) in try Membarrier.run() }) {
+        case .workArrived(let ranHeavyBarrier):
+            if ranHeavyBarrier { r.heavyBarriers &+= 1 }
+        case .heavyBarrierFailed(let error):
+            r.detail = "membarrier: \(error)"
+            return .systemError
+        case .sleep(let ranHeavyBarrier):
+            if ranHeavyBarrier { r.heavyBarriers &+= 1 }
             r.sleeps &+= 1
-            do {
-                if try !bell.wait(timeoutMilliseconds: Int(params.sleepTimeoutMilliseconds)) { r.timeouts &+= 1 }
-            } catch {
+            let rung: Bool
+            do { rung = try bell.wait(timeoutMilliseconds: Int(params.sleepTimeoutMilliseconds)) } catch {
+                q.cancelSignal()
                 r.detail = "doorbell wait: \(error)"
                 return .systemError
             }
             q.cancelSignal()
+            if !rung { r.timeouts &+= 1 }
             if Clock.monotonicNanoseconds > deadline { return .stalled }
         }
         return q.hasFailed ? .queueError : nil
@@ -354,7 +363,7 @@ private func runC(_ p: RingParameters, _ layout: QueuePairLayout, _ deadline: UI
         deadline_ns: deadline, free_offset: layout.freeOffset, active_offset: layout.activeOffset,
         registered: barriers.registered ? 1 : 0, heavy_threshold: barriers.threshold,
         pause_every: p.pauseEvery, pause_ns: p.pauseNanoseconds, seed: p.seed,
-        sleep_timeout_ms: p.sleepTimeoutMilliseconds)
+        sleep_timeout_ms: p.sleepTimeoutMilliseconds, wake_after: p.wakeAfter, idle_flush: p.idleFlush ? 1 : 0)
     var cr = ref_result()
     if p.role == .producer {
         ref_run_producer(&cp, queues.base, queues.size, data.base, data.size,

@@ -109,6 +109,7 @@ struct QueueWords<Entry: QueueEntry> {
     @usableFromInline let head: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let signal: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let signalOrdering: UnsafeMutablePointer<Atomic<UInt32>>
+    @usableFromInline let wakeIndex: UnsafeMutablePointer<Atomic<UInt32>>
     @usableFromInline let entries: UnsafeMutablePointer<Entry>
 
     init(_ base: UnsafeMutableRawPointer) {
@@ -120,6 +121,7 @@ struct QueueWords<Entry: QueueEntry> {
         head = (base + QueueLayout.headOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         signal = (base + QueueLayout.signalOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         signalOrdering = (base + QueueLayout.signalOrderingOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
+        wakeIndex = (base + QueueLayout.wakeIndexOffset).assumingMemoryBound(to: Atomic<UInt32>.self)
         entries = (base + QueueLayout.entriesOffset).assumingMemoryBound(to: Entry.self)
     }
 }
@@ -142,6 +144,9 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
     @usableFromInline var failure = QueueFailure<Entry>()
     /// Set once, never cleared.
     public var error: QueueError? { failure.error(capacity: capacity, bounds: nil) }
+    /// Our index: entries enqueued since the start, plus `startIndex`, modulo 2^32. Private
+    /// state, never read from shared memory.
+    @inlinable public var index: UInt32 { tail }
     /// True once the endpoint is in its error state (cheap: no copy of the details).
     @inlinable public var hasFailed: Bool { failure.failed }
 
@@ -233,9 +238,13 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
         headCache = h
     }
 
-    /// Call after enqueueing: true when the consumer asked to be woken, in which case the
-    /// caller must ring the consumer's doorbell. Clears the request, so each request is
-    /// answered by one doorbell.
+    /// Call after enqueueing: true when the consumer asked to be woken and our tail has
+    /// reached the wake index it asked with (QueueConsumer.requestSignal(wakeAfter:)), in
+    /// which case the caller must ring the consumer's doorbell. Clears the request, so each
+    /// request is answered by one doorbell. A request whose wake index is not reached yet
+    /// stands: a later enqueue that reaches it answers it, or, at the latest,
+    /// consumerWantsSignalBeforeIdle(), which the caller must call before it stops
+    /// producing for now.
     ///
     /// The wake-up check is a store-then-load on each side: we store the tail and load the
     /// request flag; the consumer, before it sleeps, stores the flag and loads the tail. Of
@@ -276,6 +285,50 @@ public struct QueueProducer<Entry: QueueEntry>: ~Copyable {
             atomicMemoryFence(ordering: .sequentiallyConsistent)
         }
         guard words.signal.pointee.load(ordering: .relaxed) != 0 else { return false }
+        return answerIfWakeIndexReached()
+    }
+
+    /// The consumer asked: answer if our tail has reached its wake index. Off the inlined
+    /// path, which sees only the load of the request word (nearly always 0 while the
+    /// consumer is busy).
+    @usableFromInline @inline(never)
+    mutating func answerIfWakeIndexReached() -> Bool {
+        // Acquire, as a fence after the relaxed load of `signal` in consumerWantsSignal: the
+        // wake index stored before the request we saw is visible (a later one may be, too:
+        // that of a newer request, which is the one standing). Pairs with the releasing
+        // store of `signal` in QueueConsumer.requestSignal(wakeAfter:).
+        atomicMemoryFence(ordering: .acquiring)
+        let wake = words.wakeIndex.pointee.load(ordering: .relaxed)
+        // Reached: the tail is at or past the wake index, within the half of the index space
+        // that lies ahead of it (an honest consumer asks for at most 2^31 - 1 more entries
+        // than its head, and our tail is never more than `capacity` ahead of that head).
+        // Any value is safe: it is only compared, and a request it never lets us answer
+        // here is answered before we go idle.
+        guard Int32(bitPattern: tail &- wake) >= 0 else { return false }
+        return words.signal.pointee.exchange(0, ordering: .relaxed) != 0
+    }
+
+    /// Call before going idle (before sleeping or blocking, before a pause, when done): true
+    /// when the consumer asked to be woken and has not consumed everything we published, in
+    /// which case the caller must ring its doorbell. Answers a request whose wake index
+    /// (QueueConsumer.requestSignal(wakeAfter:)) our tail has not reached: nothing more is
+    /// coming for now, so the consumer gets what there is. Clears the request, as
+    /// consumerWantsSignal() does.
+    ///
+    /// No fence: every enqueue was followed by consumerWantsSignal(), whose barrier (fence
+    /// or compiler barrier, see there) put our tail store before its load of `signal`; the
+    /// loads here come after that load in program order, so (read-read coherence) see the
+    /// request it saw or a newer value: our own clearing, the consumer's withdrawal (it is
+    /// awake), or a newer request. See docs/rings.md, "Waking after N entries", for the
+    /// whole argument.
+    @inlinable
+    public mutating func consumerWantsSignalBeforeIdle() -> Bool {
+        guard words.signal.pointee.load(ordering: .relaxed) != 0 else { return false }
+        // The consumer's head is only compared: a head equal to our tail says it has taken
+        // everything (it may be awake, or asleep on an empty queue, which needs no doorbell);
+        // any other value, even an impossible one, costs at most this one doorbell, as a
+        // request does. A stale head (an older, smaller value) only rings needlessly.
+        guard words.head.pointee.load(ordering: .relaxed) != tail else { return false }
         return words.signal.pointee.exchange(0, ordering: .relaxed) != 0
     }
 }
@@ -328,6 +381,9 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     @usableFromInline var failure = QueueFailure<Entry>()
     /// Set once, never cleared.
     public var error: QueueError? { failure.error(capacity: capacity, bounds: bounds) }
+    /// Our index: entries dequeued since the start, plus `startIndex`, modulo 2^32. Private
+    /// state, never read from shared memory.
+    @inlinable public var index: UInt32 { head }
     /// True once the endpoint is in its error state (cheap: no copy of the details).
     @inlinable public var hasFailed: Bool { failure.failed }
 
@@ -438,17 +494,52 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
         tailCache = t
     }
 
+    /// The largest `wakeAfter` a request may carry: the producer compares its tail with the
+    /// wake index within half the index space (QueueProducer.consumerWantsSignal). Anything
+    /// above the capacity means "when the producer goes idle" in effect.
+    public static var maximumWakeAfter: UInt32 { UInt32(Int32.max) }
+
     /// Asks the producer for a doorbell and checks once more for work. Returns true when
     /// the queue is still empty: the caller may now sleep on its doorbell, and the producer
-    /// will ring it after its next enqueue. Returns false when work arrived (the request is
-    /// withdrawn): dequeue instead of sleeping. See QueueProducer.consumerWantsSignal() for
-    /// the race this double check closes. For a consumer that runs no heavy barrier
-    /// (`heavyBarrierThreshold` 0); one that does uses requestSignal and confirmSleep.
+    /// will ring it once `wakeAfter` entries are waiting, or earlier if it goes idle first.
+    /// Returns false when work arrived (the request is withdrawn): dequeue instead of
+    /// sleeping. See QueueProducer.consumerWantsSignal() for the race this double check
+    /// closes. For a consumer that runs no heavy barrier (`heavyBarrierThreshold` 0); one
+    /// that does uses prepareToSleep(wakeAfter:heavyBarrier:).
     @inlinable
-    public mutating func prepareToSleep() -> Bool {
-        let heavy = requestSignal()
+    public mutating func prepareToSleep(wakeAfter n: UInt32 = 1) -> Bool {
+        let heavy = requestSignal(wakeAfter: n)
         precondition(!heavy, "prepareToSleep() is for consumers without a heavy barrier (heavyBarrierThreshold 0)")
         return confirmSleep()
+    }
+
+    /// The sleep protocol, written once: asks for a doorbell after `wakeAfter` entries (or
+    /// when the producer goes idle), runs `heavyBarrier` if the ordering of the wake-up
+    /// check needs it (membarrier(2) `MEMBARRIER_CMD_GLOBAL_EXPEDITED`, which this module,
+    /// having no system calls, leaves to the caller), and checks once more for work. The
+    /// caller then acts on the answer:
+    ///
+    /// - `.sleep`: sleep on the doorbell; the producer will ring it. Call cancelSignal()
+    ///   after waking, whatever woke it.
+    /// - `.workArrived`: dequeue; no request stands.
+    ///
+    /// Both report whether the heavy barrier ran (for the caller's counts).
+    /// - `.heavyBarrierFailed`: the request is withdrawn and no doorbell is guaranteed; do
+    ///   not sleep on the doorbell, or only briefly (when isEmpty()). The barrier stays
+    ///   owed: the next request asks for it again.
+    ///
+    /// A generic closure, not an existential: the call inlines.
+    @inlinable
+    public mutating func prepareToSleep<Failure: Error>(wakeAfter n: UInt32 = 1,
+                                                        heavyBarrier: () throws(Failure) -> Void) -> SleepDecision<Failure> {
+        let heavy = requestSignal(wakeAfter: n)
+        if heavy {
+            do { try heavyBarrier() } catch {
+                cancelSignal()
+                return .heavyBarrierFailed(error)
+            }
+        }
+        return confirmSleep() ? .sleep(ranHeavyBarrier: heavy) : .workArrived(ranHeavyBarrier: heavy)
     }
 
     /// First half of going to sleep: asks the producer for a doorbell and orders that
@@ -468,10 +559,18 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     /// If the heavy barrier cannot run, call cancelSignal() instead of confirmSleep() and do
     /// not sleep on the doorbell (at most with a short timeout): the barrier stays owed, and
     /// the next request asks for it again.
+    ///
+    /// `wakeAfter` (1 to maximumWakeAfter; clamped): the producer rings once that many
+    /// entries are waiting, counted from our head (virtio's used_event), or when it goes
+    /// idle, whichever comes first (QueueProducer.consumerWantsSignalBeforeIdle()).
     @inlinable
-    public mutating func requestSignal() -> Bool {
+    public mutating func requestSignal(wakeAfter n: UInt32 = 1) -> Bool {
         guard !failure.failed else { return false }
-        words.signal.pointee.store(1, ordering: .relaxed)
+        // The wake index first, then the request it belongs to. Release: the producer that
+        // sees this request sees this wake index (or a newer one); pairs with the acquiring
+        // fence in QueueProducer.answerIfWakeIndexReached().
+        words.wakeIndex.pointee.store(head &+ min(max(n, 1), Self.maximumWakeAfter), ordering: .relaxed)
+        words.signal.pointee.store(1, ordering: .releasing)
         if threshold == 0 && !asymmetric && !barrierOwed {
             // Pairs with the sequentially consistent fence in QueueProducer.consumerWantsSignal():
             // our flag store is globally visible before we reload the producer's tail.
@@ -524,4 +623,17 @@ public struct QueueConsumer<Entry: QueueEntry>: ~Copyable {
     public mutating func cancelSignal() {
         words.signal.pointee.store(0, ordering: .relaxed)
     }
+}
+
+/// What a consumer about to sleep does next (QueueConsumer.prepareToSleep(wakeAfter:heavyBarrier:)).
+@frozen
+public enum SleepDecision<Failure: Error> {
+    /// The queue is still empty and the request stands: sleep on the doorbell, then call
+    /// cancelSignal(). `ranHeavyBarrier`: the heavy barrier ran for this request.
+    case sleep(ranHeavyBarrier: Bool)
+    /// Work arrived (or the endpoint failed; check hasFailed): dequeue, do not sleep. The
+    /// request is withdrawn.
+    case workArrived(ranHeavyBarrier: Bool)
+    /// The heavy barrier failed: the request is withdrawn, no doorbell is guaranteed.
+    case heavyBarrierFailed(Failure)
 }

@@ -8,6 +8,8 @@
 /// +128  consumerSignal  UInt32, set by the consumer ("wake me"), cleared by the producer
 /// +132  signalOrdering  UInt32, written by the consumer: 1 when it pays for the wake-up
 ///                       check with a heavy barrier and the producer may skip its fence
+/// +136  wakeIndex       UInt32, written by the consumer with each request: ring once the
+///                       tail reaches it (or when going idle), like virtio's used_event
 /// +192  entries         capacity x entry (BufferDescriptor: 16 bytes; other QueueEntry types: their stride)
 /// ```
 /// Each side writes its own 64-byte cache lines only (the signal line is written by the
@@ -24,6 +26,7 @@ public struct QueueLayout: Equatable, Sendable {
     public static let headOffset = 64
     public static let signalOffset = 128
     public static let signalOrderingOffset = 132
+    public static let wakeIndexOffset = 136
     public static let entriesOffset = 192
     public static let alignment = 64
     public static let maximumCapacity = 1 << 20

@@ -95,16 +95,44 @@ public struct BlockServerEndpoint: ~Copyable {
         }
     }
 
-    /// Publishes `batch` and rings the client if it is waiting. Completions never overflow
-    /// (at most `queueDepth` requests are in flight), so a short enqueue means the client
-    /// broke the protocol or the queue failed: the caller reports the session.
+    /// Publishes `batch` and rings the client if it is waiting for it. Completions never
+    /// overflow (at most `queueDepth` requests are in flight), so a short enqueue means the
+    /// client broke the protocol or the queue failed: the caller reports the session.
+    ///
+    /// A waiting client asks to be woken after N completions (BlockSession.wait's
+    /// `wakeAfter`): it is rung when the completion queue's tail reaches its wake index, or
+    /// when this driver goes idle on the session, which is when it holds none of the
+    /// session's requests any more (every request taken from the queue has its completion
+    /// published): nothing more will come until the client submits again, so it gets what
+    /// there is (QueueProducer.consumerWantsSignalBeforeIdle). That is decided here, per
+    /// session, so a driver kept busy by other sessions never leaves this one waiting, and
+    /// a driver that sleeps while the device still holds requests does not wake the client
+    /// for each device interrupt.
     public mutating func complete(_ batch: UnsafeBufferPointer<BlockCompletion>) -> Bool {
         let n = completions.enqueue(batch)
-        if n > 0, completions.consumerWantsSignal() {
+        if n > 0, completions.consumerWantsSignal() || (holdsNoRequests && completions.consumerWantsSignalBeforeIdle()) {
             try? completionBell.ring()
             signalsSent &+= 1
         }
         return n == batch.count
+    }
+
+    /// True when every request taken from the request queue has had its completion
+    /// published: both counts are our own private indices (never read from shared memory),
+    /// which start equal. Signed: completions ahead of requests (a driver answering twice)
+    /// also count as holding none.
+    public var holdsNoRequests: Bool { Int32(bitPattern: completions.index &- requests.index) >= 0 }
+
+    /// Rings the client if it waits for completions already published (its wake index not
+    /// reached). complete() does this by itself once the driver holds none of the
+    /// session's requests; call this when the driver stops producing completions for a
+    /// while although it still holds requests (the device connection was lost, the
+    /// driver detaches). Cheap when nobody waits: one load.
+    public mutating func producerIdle() {
+        if completions.consumerWantsSignalBeforeIdle() {
+            try? completionBell.ring()
+            signalsSent &+= 1
+        }
     }
 
     /// Why the session cannot be served any more, if so.

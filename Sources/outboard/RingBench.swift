@@ -38,6 +38,9 @@ struct RingBench: ParsableCommand {
     @Option(help: "Sleep mode: a sleep at least this many descriptors after the previous one uses the asymmetric signal ordering (the sleeper runs membarrier(2), the producer skips its per-batch fence); 0: fences only.")
     var heavyBarrierThreshold: UInt32 = 4096
 
+    @Option(help: "Sleep mode: a sleeping consumer asks to be woken once this many descriptors wait, or when the producer goes idle; 1: at the first.")
+    var wakeAfter: UInt32 = 1
+
     /// For scripts/ring-instructions.sh: a command (path and arguments, space-separated)
     /// the workers run under, such as valgrind.
     @Option(help: .hidden)
@@ -77,7 +80,7 @@ struct RingBench: ParsableCommand {
                     for impl in order {
                         let p = RingParameters(role: .producer, implementation: impl, mode: mode, batch: batch,
                                                count: n, capacity: capacity, spin: spin,
-                                               heavyBarrierThreshold: heavyBarrierThreshold)
+                                               heavyBarrierThreshold: heavyBarrierThreshold, wakeAfter: wakeAfter)
                         let r = try harness.run(p, producerCPU: producerCPU, consumerCPU: consumerCPU,
                                                 watchdogMilliseconds: 180_000)
                         guard r.succeeded else {
@@ -104,7 +107,7 @@ struct RingBench: ParsableCommand {
                     "ratio":\(fmt(ratio, 3)),"doorbells_per_desc":\(fmt(ob, 6)),"c_doorbells_per_desc":\(fmt(cb, 6)),"sleeps_per_desc":\(fmt(os, 6)),"c_sleeps_per_desc":\(fmt(cs, 6)),\
                     "heavy_barriers_per_desc":\(fmt(oh, 6)),"c_heavy_barriers_per_desc":\(fmt(ch, 6)),\
                     "outboard_cpu_ns_per_desc":\(fmt(oc, 2)),"c_cpu_ns_per_desc":\(fmt(cc, 2)),"ratio_min":\(fmt(ratios.min()!, 3)),"ratio_max":\(fmt(ratios.max()!, 3)),"count":\(n),"runs":\(repeats),\
-                    "capacity":\(capacity),"spin":\(spin),"heavy_barrier_threshold":\(heavyBarrierThreshold),"cpus":\(cpus)}
+                    "capacity":\(capacity),"spin":\(spin),"heavy_barrier_threshold":\(heavyBarrierThreshold),"wake_after":\(wakeAfter),"cpus":\(cpus)}
                     """)
                 } else {
                     print("\(pad("\(mode)", 6)) \(pad("\(batch)", 6)) \(pad(fmt(o, 2), 18)) \(pad(fmt(c, 2), 11)) \(pad(fmt(ratio, 3), 7)) \(pad(fmt(oc, 1) + ", " + fmt(cc, 1), 27)) \(fmt(ob, 5)), \(fmt(cb, 5))")

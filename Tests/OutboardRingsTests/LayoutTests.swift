@@ -26,6 +26,7 @@ import OutboardRings
         #expect(QueueLayout.producerBarrierOffset == 4)
         #expect(QueueLayout.signalOffset == 128)
         #expect(QueueLayout.signalOrderingOffset == 132)
+        #expect(QueueLayout.wakeIndexOffset == 136)
         #expect(QueueLayout.entriesOffset == 192)
     }
 

@@ -341,7 +341,7 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
                 _ = batch.withUnsafeBufferPointer { q.producer.enqueue($0) }
                 if step % 5 == 0 {
                     let where_ = [QueueLayout.tailOffset, QueueLayout.headOffset, QueueLayout.signalOffset,
-                                  QueueLayout.producerBarrierOffset, QueueLayout.signalOrderingOffset,
+                                  QueueLayout.producerBarrierOffset, QueueLayout.signalOrderingOffset, QueueLayout.wakeIndexOffset,
                                   QueueLayout.entriesOffset + 16 * Int.random(in: 0..<16, using: &rng),
                                   QueueLayout.entriesOffset + 16 * Int.random(in: 0..<16, using: &rng) + 8]
                         .randomElement(using: &rng)!
@@ -351,9 +351,196 @@ func desc(_ i: Int, length: UInt32 = 64) -> BufferDescriptor {
                 let bounds = q.consumer.bounds
                 for d in out.prefix(n) { #expect(bounds.admits(d)) }
                 _ = q.producer.consumerWantsSignal()
+                _ = q.producer.consumerWantsSignalBeforeIdle()
             }
             if q.consumer.hasFailed || q.producer.hasFailed { failures += 1 }
         }
         #expect(failures > 100)  // the corruption is detected, not silently absorbed
+    }
+}
+
+/// Waking after N entries (the wake index) and the producer's idle flush, step by step;
+/// hostile wake indices; the producer's check of the consumer's head at its edges.
+@Suite struct WakeIndexTests {
+    /// A request with wakeAfter 3 is answered by the enqueue that brings the third entry,
+    /// not by the first two, and only once; across the 2^32 wrap of the indices too.
+    @Test(arguments: [UInt32(0), UInt32.max - 1, UInt32(Int32.max) - 1])
+    func aRequestIsAnsweredWhenTheTailReachesTheWakeIndex(start: UInt32) throws {
+        var q = try TestQueue(capacity: 8, startIndex: start)
+        for round in 0..<20 {  // the wake index moves with the head
+            do { let ok = q.consumer.prepareToSleep(wakeAfter: 3); #expect(ok) }
+            #expect(q.peek(at: QueueLayout.wakeIndexOffset) == q.consumer.index &+ 3)
+            do { let ok = q.producer.enqueue(desc(round)); #expect(ok) }
+            do { let ok = !q.producer.consumerWantsSignal(); #expect(ok, "1 of 3 entries: no doorbell yet") }
+            do { let ok = q.producer.enqueue(desc(round + 1)); #expect(ok) }
+            do { let ok = !q.producer.consumerWantsSignal(); #expect(ok, "2 of 3 entries: no doorbell yet") }
+            do { let ok = q.producer.enqueue(desc(round + 2)); #expect(ok) }
+            do { let ok = q.producer.consumerWantsSignal(); #expect(ok, "the third entry reaches the wake index") }
+            do { let ok = !q.producer.consumerWantsSignal() && !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok, "answered once") }
+            q.consumer.cancelSignal()
+            for k in 0..<3 { let ok = q.consumer.dequeue() == desc(round + k); #expect(ok) }
+        }
+        // A batch that jumps past the wake index answers it too.
+        do { let ok = q.consumer.prepareToSleep(wakeAfter: 2); #expect(ok) }
+        let batch = (0..<5).map { desc($0) }
+        do { let ok = batch.withUnsafeBufferPointer { q.producer.enqueue($0) } == 5; #expect(ok) }
+        do { let ok = q.producer.consumerWantsSignal(); #expect(ok) }
+        // wakeAfter 1 (the default) and 0 (clamped to 1): the first entry.
+        while q.consumer.dequeue() != nil {}
+        for n in [UInt32(1), 0] {
+            do { let ok = q.consumer.prepareToSleep(wakeAfter: n); #expect(ok) }
+            do { let ok = q.producer.enqueue(desc(9)); #expect(ok) }
+            do { let ok = q.producer.consumerWantsSignal(); #expect(ok, "wakeAfter \(n)") }
+            q.consumer.cancelSignal()
+            do { let ok = q.consumer.dequeue() == desc(9); #expect(ok) }
+        }
+        do { let ok = q.producer.error == nil && q.consumer.error == nil; #expect(ok) }
+    }
+
+    /// Before going idle, the producer answers a standing request whose wake index it has
+    /// not reached, if the consumer has not taken everything; not otherwise.
+    @Test func theIdleFlushAnswersWhatTheWakeIndexLeftStanding() throws {
+        var q = try TestQueue(capacity: 8)
+        // Nobody asked: nothing to flush.
+        do { let ok = q.producer.enqueue(desc(0)); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal() && !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok) }
+        do { let ok = q.consumer.dequeue() == desc(0); #expect(ok) }
+        // Asked for 4, got 1, producer goes idle: rung once.
+        do { let ok = q.consumer.prepareToSleep(wakeAfter: 4); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok, "nothing published since the request") }
+        do { let ok = q.producer.enqueue(desc(1)); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignal(); #expect(ok) }
+        do { let ok = q.producer.consumerWantsSignalBeforeIdle(); #expect(ok, "idle with an entry the consumer waits for") }
+        do { let ok = !q.producer.consumerWantsSignalBeforeIdle() && !q.producer.consumerWantsSignal(); #expect(ok, "answered once") }
+        q.consumer.cancelSignal()
+        do { let ok = q.consumer.dequeue() == desc(1); #expect(ok) }
+        // The consumer took everything and asks again: an idle producer does not wake it.
+        do { let ok = q.consumer.prepareToSleep(wakeAfter: 4); #expect(ok) }
+        do { let ok = !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok) }
+        // A request withdrawn is not answered by the flush either.
+        do { let ok = q.producer.enqueue(desc(2)); #expect(ok) }
+        q.consumer.cancelSignal()
+        do { let ok = !q.producer.consumerWantsSignal() && !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok) }
+        // "Only when idle": a wake index beyond the capacity is never reached by enqueueing.
+        do { let ok = q.consumer.dequeue() == desc(2); #expect(ok) }
+        do { let ok = q.consumer.prepareToSleep(wakeAfter: QueueConsumer<BufferDescriptor>.maximumWakeAfter); #expect(ok) }
+        for i in 0..<8 {
+            do { let ok = q.producer.enqueue(desc(i)); #expect(ok) }
+            do { let ok = !q.producer.consumerWantsSignal(); #expect(ok, "entry \(i)") }
+        }
+        do { let ok = q.producer.consumerWantsSignalBeforeIdle(); #expect(ok) }
+        do { let ok = q.producer.error == nil && q.consumer.error == nil; #expect(ok) }
+    }
+
+    /// The producer and consumer of this queue in one process: each enqueue of one entry
+    /// and each flush counted as a doorbell. A hostile consumer that writes a request and
+    /// any wake index before every step costs the producer at most one doorbell per step
+    /// (each answer clears the request), never an error, and never a read or write outside
+    /// the queue (it sits against an inaccessible page).
+    @Test func aHostileWakeIndexCostsTheProducerAtMostOneDoorbellPerRequest() throws {
+        let values: [UInt32] = [0, 1, 2, 7, 8, 9, 1 << 31, (1 << 31) - 1, (1 << 31) + 1, .max, .max - 1, 0x8000_0007, 12345]
+        for flush in [GuardedArea.Flush.atStart, .atEnd] {
+            var q = try TestQueue(capacity: 8, flush: flush)
+            var rings = 0, steps = 0
+            for round in 0..<200 {
+                for v in values {
+                    let value = round % 2 == 0 ? v : v &+ q.producer.index  // relative to the tail, too
+                    q.poke(value, at: QueueLayout.wakeIndexOffset)
+                    q.poke(UInt32(round % 3 == 2 ? 7 : 1), at: QueueLayout.signalOffset)  // any nonzero is a request
+                    do { let ok = q.producer.enqueue(desc(steps)); #expect(ok) }
+                    steps += 1
+                    if q.producer.consumerWantsSignal() { rings += 1 }
+                    if q.producer.consumerWantsSignalBeforeIdle() { rings += 1 }
+                    #expect(q.peek(at: QueueLayout.signalOffset) == 0, "answered: the request is cleared")
+                    do { let ok = q.consumer.dequeue() == desc(steps - 1); #expect(ok) }
+                }
+            }
+            #expect(rings == steps, "exactly one doorbell per request with something unconsumed")
+            do { let ok = q.producer.error == nil && q.consumer.error == nil; #expect(ok) }
+            // A request with nothing unconsumed and an unreachable wake index: no doorbell at all.
+            q.poke(q.producer.index &+ 5, at: QueueLayout.wakeIndexOffset)
+            q.poke(UInt32(1), at: QueueLayout.signalOffset)
+            do { let ok = !q.producer.consumerWantsSignal() && !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok) }
+            // A hostile head makes the flush ring at most once, and is not taken as an index.
+            q.poke(q.producer.index &+ 1000, at: QueueLayout.headOffset)
+            do { let ok = q.producer.consumerWantsSignalBeforeIdle() && !q.producer.consumerWantsSignalBeforeIdle(); #expect(ok) }
+        }
+    }
+
+    /// The consumer never reads the request or the wake index back: a hostile producer
+    /// writing them changes nothing the consumer decides (each request writes both anew).
+    @Test func theConsumerNeverReadsTheWakeIndexBack() throws {
+        var q = try TestQueue(capacity: 8)
+        for v: UInt32 in [0, 1, .max, 1 << 31] {
+            q.poke(v, at: QueueLayout.wakeIndexOffset)
+            q.poke(v, at: QueueLayout.signalOffset)
+            do { let ok = q.consumer.prepareToSleep(wakeAfter: 2); #expect(ok) }
+            #expect(q.peek(at: QueueLayout.wakeIndexOffset) == q.consumer.index &+ 2)
+            #expect(q.peek(at: QueueLayout.signalOffset) == 1)
+            q.consumer.cancelSignal()
+        }
+        do { let ok = q.consumer.error == nil; #expect(ok) }
+    }
+
+    /// The producer accepts a consumer head only in headCache...tail: one past its tail is
+    /// as impossible as three past (a consumer claiming an entry that was never published),
+    /// whether the queue is full or not; so is a head that moved backwards.
+    @Test(arguments: [0, 1, 2, 3, 4])
+    func aHeadOnePastTheTailIsRefused(published: Int) throws {
+        var q = try TestQueue(capacity: 4)
+        for i in 0..<published { let ok = q.producer.enqueue(desc(i)); #expect(ok) }
+        q.poke(UInt32(published + 1), at: QueueLayout.headOffset)
+        do { let ok = q.producer.freeSlots() == 0; #expect(ok) }
+        do { let ok = q.producer.error == .peerIndexOutOfRange(peer: UInt32(published + 1), own: UInt32(published), capacity: 4); #expect(ok) }
+
+        var fine = try TestQueue(capacity: 4)
+        for i in 0..<published { let ok = fine.producer.enqueue(desc(i)); #expect(ok) }
+        fine.poke(UInt32(published), at: QueueLayout.headOffset)  // everything consumed: allowed
+        do { let ok = fine.producer.freeSlots() == 4 && fine.producer.error == nil; #expect(ok) }
+        if published > 0 {
+            fine.poke(UInt32(published - 1), at: QueueLayout.headOffset)  // backwards
+            do { let ok = fine.producer.freeSlots() == 0 && fine.producer.hasFailed; #expect(ok) }
+        }
+    }
+
+    /// The sleep protocol as written once (prepareToSleep(wakeAfter:heavyBarrier:)): the
+    /// heavy barrier runs exactly when the ordering needs it, a failed one withdraws the
+    /// request and stays owed, work found by the re-check withdraws it too.
+    @Test func theSleepProtocolRunsTheHeavyBarrierOnlyWhenNeeded() throws {
+        struct BarrierFailed: Error {}
+        var q = try TestQueue(capacity: 8, registeredForHeavyBarrier: true)
+        var barriers = 0
+        func decide(_ q: inout TestQueue, fail: Bool = false) -> String {
+            switch q.consumer.prepareToSleep(wakeAfter: 2, heavyBarrier: { () throws(BarrierFailed) in
+                barriers += 1
+                if fail { throw BarrierFailed() }
+            }) {
+            case .sleep(let heavy): return heavy ? "sleep heavy" : "sleep"
+            case .workArrived(let heavy): return heavy ? "work heavy" : "work"
+            case .heavyBarrierFailed: return "failed"
+            }
+        }
+        // Fences only (threshold 0): no barrier.
+        #expect(decide(&q) == "sleep")
+        #expect(q.peek(at: QueueLayout.signalOffset) == 1 && q.peek(at: QueueLayout.wakeIndexOffset) == 2)
+        q.consumer.cancelSignal()
+        do { let ok = q.producer.enqueue(desc(0)); #expect(ok) }
+        #expect(decide(&q) == "work")
+        #expect(q.peek(at: QueueLayout.signalOffset) == 0, "withdrawn")
+        #expect(barriers == 0)
+        // Asymmetric ordering: the barrier runs; a failure withdraws and stays owed.
+        do { let ok = q.consumer.dequeue() == desc(0); #expect(ok) }
+        q.consumer.heavyBarrierThreshold = 4
+        q.pass(8)
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        #expect(decide(&q, fail: true) == "failed")
+        #expect(q.peek(at: QueueLayout.signalOffset) == 0, "withdrawn")
+        #expect(decide(&q) == "sleep heavy", "still owed")
+        q.consumer.cancelSignal()
+        q.pass(8)  // rare sleeps again: asymmetric
+        #expect(q.peek(at: QueueLayout.signalOrderingOffset) == 1)
+        do { let ok = q.producer.enqueue(desc(1)); #expect(ok) }
+        #expect(decide(&q) == "work heavy")
+        #expect(barriers == 3)
     }
 }

@@ -1,12 +1,12 @@
 // CRefRing: the C reference the ring benchmark measures Outboard's Swift queue against.
 //
 // Same shared-memory layout as OutboardRings (QueueLayout: tail @0, producer barrier @4,
-// head @64, consumer signal @128, signal ordering @132, 16-byte descriptors @192), same
-// algorithm (free-running indices, private index copies, peer index range checks,
-// copy-then-validate descriptors, the request-signal/double-check protocol with the
-// fence or asymmetric ordering), and the same work per descriptor as the Swift
-// worker in OutboardBench/RingWorker.swift. Written for the benchmark; it is a yardstick,
-// not a second implementation to use.
+// head @64, consumer signal @128, signal ordering @132, wake index @136, 16-byte
+// descriptors @192), same algorithm (free-running indices, private index copies, peer
+// index range checks, copy-then-validate descriptors, the request-signal/double-check
+// protocol with the fence or asymmetric ordering, the wake index and the idle flush), and
+// the same work per descriptor as the Swift worker in OutboardBench/RingWorker.swift.
+// Written for the benchmark; it is a yardstick, not a second implementation to use.
 #ifndef OUTBOARD_CREFRING_H
 #define OUTBOARD_CREFRING_H
 
@@ -52,6 +52,12 @@ struct ref_params {
     uint64_t seed;
     /// RingParameters.sleepTimeoutMilliseconds: the longest sleep on the doorbell.
     uint32_t sleep_timeout_ms;
+    /// RingParameters.wakeAfter: a sleeping consumer asks to be woken once this many
+    /// entries wait (or when the producer goes idle); 1 wakes at the first.
+    uint32_t wake_after;
+    /// RingParameters.idleFlush: answer a standing request before pausing or sleeping (0
+    /// only in tests of the wake index alone; the flush when done always runs).
+    int idle_flush;
 };
 
 struct ref_result {
