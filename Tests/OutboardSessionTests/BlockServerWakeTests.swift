@@ -33,7 +33,7 @@ import Testing
         }
 
         // Four requests; the driver takes all four; the client waits for 2.
-        for t in 0..<4 { _ = requests.enqueue(BlockRequest(tag: UInt32(t), op: .read, sector: 0, offset: 0, length: 512)) }
+        for t in 0..<4 { _ = requests.enqueue(BlockRequest(tag: UInt32(t), op: .read, sector: 0, offset: RegionOffset(rawValue: 0), length: 512)) }
         do { let ok = server.requests.dequeue(into: scratch) == 4; #expect(ok) }
         do { let ok = completions.prepareToSleep(wakeAfter: 2); #expect(ok) }
         do { let ok = complete([0]); #expect(ok) }
@@ -54,8 +54,8 @@ import Testing
         completions.cancelSignal()
         do { let ok = completions.dequeue() != nil && completions.dequeue() != nil; #expect(ok) }
         // producerIdle() flushes at once, while requests are still held.
-        _ = requests.enqueue(BlockRequest(tag: 4, op: .read, sector: 0, offset: 0, length: 512))
-        _ = requests.enqueue(BlockRequest(tag: 5, op: .read, sector: 0, offset: 0, length: 512))
+        _ = requests.enqueue(BlockRequest(tag: 4, op: .read, sector: 0, offset: RegionOffset(rawValue: 0), length: 512))
+        _ = requests.enqueue(BlockRequest(tag: 5, op: .read, sector: 0, offset: RegionOffset(rawValue: 0), length: 512))
         do { let ok = server.requests.dequeue(into: scratch) == 2; #expect(ok) }
         do { let ok = completions.prepareToSleep(wakeAfter: 2); #expect(ok) }
         do { let ok = complete([4]); #expect(ok) }

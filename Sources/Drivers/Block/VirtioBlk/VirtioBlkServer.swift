@@ -207,6 +207,9 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
             try? context.epoll.remove(FileDescriptor(rawValue: socketFD))
             drop()
         }
+        // Nothing more comes from the device until a new connection: a client waiting for
+        // a wake index it will not reach gets what is already published.
+        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) { context.sessions.endpoints[i].producerIdle() }
         context.reportDeviceLost(reason)
     }
 
