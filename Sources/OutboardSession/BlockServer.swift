@@ -135,6 +135,10 @@ public struct BlockServerEndpoint: ~Copyable {
         }
     }
 
+    /// Whether either queue has failed: one flag each, for the data path (`failure` builds
+    /// the error, the cold path).
+    @inlinable public var hasFailed: Bool { requests.hasFailed || completions.hasFailed }
+
     /// Why the session cannot be served any more, if so.
     public var failure: QueueError? { requests.error ?? completions.error }
 }

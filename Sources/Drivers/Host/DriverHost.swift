@@ -257,7 +257,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
                 // it is seen: a client takes a completion (head store) before it submits the
                 // request that reuses its tag (tail store, release); seeing that tail
                 // (acquire, in isEmpty) and then reading the head again sees the room.
-                if let e = context.sessions.endpoints[i].failure {
+                if context.sessions.endpoints[i].hasFailed, let e = context.sessions.endpoints[i].failure {
                     drop(i, reason: e.description)
                 } else if !context.sessions.endpoints[i].requests.isEmpty(), context.sessions.allowance(i) == 0 {
                     drop(i, reason: "more requests than the queue depth of \(context.sessions.endpoints[i].queueDepth)")
@@ -268,7 +268,9 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             let got = context.sessions.endpoints[i].requests.dequeue(
                 into: UnsafeMutableBufferPointer(rebasing: context.sessions.requestBuffer[0..<room]))
             if got == 0 {
-                if let e = context.sessions.endpoints[i].failure { drop(i, reason: e.description) }
+                if context.sessions.endpoints[i].hasFailed, let e = context.sessions.endpoints[i].failure {
+                    drop(i, reason: e.description)
+                }
                 continue
             }
             total += got

@@ -219,7 +219,7 @@ public struct VirtioBlkDevice<Transport: VirtioTransport & ~Copyable>: ~Copyable
 
     /// Asks for a used buffer notification (§2.7.7); true if completions are already there
     /// (poll again instead of sleeping).
-    public mutating func enableNotifications() -> Bool { vq.enableNotifications() }
+    public mutating func enableNotifications(after: Int = 1) -> Bool { vq.enableNotifications(after: after) }
     /// Asks the device not to notify (a hint, §2.7.7).
     public mutating func disableNotifications() { vq.disableNotifications() }
 }

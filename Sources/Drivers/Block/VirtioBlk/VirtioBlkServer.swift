@@ -335,7 +335,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
     }
 
     mutating func prepareToSleep() -> Bool {
-        !(connected && device.inFlight > 0 && device.enableNotifications())
+        !(connected && device.inFlight > 0 && device.enableNotifications(after: max(1, device.inFlight / 4)))
     }
 
     mutating func woke() {
