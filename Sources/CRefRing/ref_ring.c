@@ -250,7 +250,6 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
         if (!is_empty(c)) return 0;
         __builtin_ia32_pause();
     }
-    if (p->idle_flush && consumer_wants_signal_before_idle(other)) ring(other_bell, r);
     if (request_signal(c, p->wake_after)) {
         if (membarrier_cmd(MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0) {
             atomic_store_explicit(c->w.signal, 0, memory_order_relaxed);
@@ -259,6 +258,8 @@ static int wait_for_work(const struct ref_params *p, struct consumer *c, int bel
         r->heavy_barriers++;
     }
     if (confirm_sleep(c)) {
+        // Going idle on the queue we produce on, right before blocking.
+        if (p->idle_flush && consumer_wants_signal_before_idle(other)) ring(other_bell, r);
         r->sleeps++;
         struct pollfd pfd = { .fd = bell, .events = POLLIN };
         int n = poll(&pfd, 1, (int)p->sleep_timeout_ms);

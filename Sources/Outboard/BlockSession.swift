@@ -476,12 +476,6 @@ public struct BlockSession: ~Copyable {
                 if n > 0 { return n }
             } while Clock.monotonicNanoseconds < end
         }
-        // We go idle as the requests' producer: a driver waiting for more than one request
-        // gets what we submitted (QueueProducer.consumerWantsSignalBeforeIdle).
-        if requests.consumerWantsSignalBeforeIdle() {
-            try? requestBell.ring()
-            doorbellsRung += 1
-        }
         let after = UInt32(clamping: max(1, min(wakeAfter ?? (inFlight + 3) / 4, inFlight)))
         switch completions.prepareToSleep(wakeAfter: after, heavyBarrier: { () throws(Errno) in try Membarrier.run() }) {
         case .sleep(let ranHeavyBarrier):
@@ -504,6 +498,12 @@ public struct BlockSession: ~Copyable {
     /// Sleeps on the completion doorbell and the control socket, then withdraws the request
     /// for a doorbell (whatever woke us) and handles what woke us.
     mutating func sleep(timeoutMilliseconds: Int) throws(BlockSessionError) {
+        // We go idle as the requests' producer: a driver waiting for more than one request
+        // gets what we submitted (QueueProducer.consumerWantsSignalBeforeIdle).
+        if requests.consumerWantsSignalBeforeIdle() {
+            try? requestBell.ring()
+            doorbellsRung += 1
+        }
         let n: Int
         do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMilliseconds) } catch {
             completions.cancelSignal()

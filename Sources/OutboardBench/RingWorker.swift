@@ -309,7 +309,6 @@ struct SwiftRingLoop {
             if !q.isEmpty() { return nil }
             ob_cpu_relax()
         }
-        if params.idleFlush && other.consumerWantsSignalBeforeIdle() { ring(otherBell, &r) }
         switch q.prepareToSleep(wakeAfter: params.wakeAfter, heavyBarrier: { () throws(Errno) in try Membarrier.run() }) {
         case .workArrived(let ranHeavyBarrier):
             if ranHeavyBarrier { r.heavyBarriers &+= 1 }
@@ -318,6 +317,9 @@ struct SwiftRingLoop {
             return .systemError
         case .sleep(let ranHeavyBarrier):
             if ranHeavyBarrier { r.heavyBarriers &+= 1 }
+            // Going idle on the queue we produce on, right before blocking (only here: a
+            // request that finds work never blocks, so costs no flush).
+            if params.idleFlush && other.consumerWantsSignalBeforeIdle() { ring(otherBell, &r) }
             r.sleeps &+= 1
             let rung: Bool
             do { rung = try bell.wait(timeoutMilliseconds: Int(params.sleepTimeoutMilliseconds)) } catch {
