@@ -57,7 +57,9 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         let region = try Self.adoptDMA(memory)
         let dev = try Self.makeDevice(link, region.mapping, cfg)
         do {
-            try context.epoll.add(FileDescriptor(rawValue: dev.transport.interruptDescriptor(0)), events: .readable,
+            // Edge-triggered, never read: a wake-up is all a notification means (the used
+            // ring says what finished), and each read would be a system call per wake-up.
+            try context.epoll.add(FileDescriptor(rawValue: dev.transport.interruptDescriptor(0)), events: [.readable, .edgeTriggered],
                                   token: Self.callToken)
         } catch {
             throw .setup("epoll: \(error)")
@@ -345,8 +347,8 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
     mutating func event(_ token: UInt64, context: inout HostContext) {
         switch token {
         case Self.callToken:
-            let n = device.transport.acknowledgeInterrupts(0)
-            if n > 0 { context.page.add(.interrupts, UInt64(n)) }
+            // One edge per wake-up, however many notifications it gathered.
+            context.page.add(.interrupts)
         case Self.socketToken:
             // Nothing is expected on the device socket between our own requests: the
             // backend closed it (or sent something unasked for).
