@@ -1,3 +1,4 @@
+import OutboardSystem
 import OutboardRings
 
 /// Which queue implementation a worker runs.

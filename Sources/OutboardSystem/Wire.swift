@@ -29,6 +29,8 @@ public struct WireWriter: Sendable {
     public mutating func integer<T: FixedWidthInteger>(_ v: T) {
         withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
     }
+    /// The same as `integer`, for fixed-field messages written field after field.
+    public mutating func put<T: FixedWidthInteger>(_ v: T) { integer(v) }
     /// A string: UInt32 byte count, then UTF-8.
     public mutating func string(_ s: String) {
         let utf8 = Array(s.utf8)
@@ -77,6 +79,12 @@ public struct WireReader<Failure: WireFailure> {
         var v: T = 0
         for i in 0..<MemoryLayout<T>.size { v |= T(truncatingIfNeeded: bytes[at + i]) << (8 * i) }
         return v
+    }
+
+    /// The next integer, or nil if the message is too short: for a message whose every
+    /// failure is the same refusal.
+    public mutating func get<T: FixedWidthInteger>(_ type: T.Type = T.self) -> T? {
+        try? integer(type, "")
     }
 
     public mutating func u8(_ field: String) throws(Failure) -> UInt8 { try integer(UInt8.self, field) }
