@@ -58,7 +58,12 @@ let cpus = CPU.firstTwoAllowed ?? (-1, -1)
         // Each pause ends a stretch of 50,000 descriptors: the consumer's next sleep runs
         // the heavy barrier (2,000 pauses).
         case 1: #expect(heavy > 1000, "\(r.summary)")
-        default: #expect(heavy > 1000 && heavy < sleeps, "both orderings must run: \(r.summary)")
+        // The asymmetric ordering runs at the pauses, as with 1. Whether the fence ordering
+        // also ran cannot be read off these counts: a heavy barrier that finds work
+        // (prepareToSleep's .workArrived) counts without a sleep, so heavy barriers can
+        // outnumber sleeps in either mix; the switching itself is checked by the ordering
+        // state machine's unit test (QueueTests.signalOrderingFollowsHowOftenTheConsumerSleeps), the fence ordering by threshold 0 here.
+        default: #expect(heavy > 1000, "\(r.summary)")
         }
     }
 
