@@ -441,6 +441,28 @@ static inline int publish(struct dev *d, uint16_t old) {
     return 0;
 }
 
+/* Before sleeping: asks for a used buffer notification at the next completion (event
+   idx: used_event = last_used; otherwise notifications are on), then re-checks used.idx
+   after a full fence (pairs with the device's fence between storing used.idx and reading
+   used_event). 1 if a completion is already there: do not sleep. */
+static int ask_for_notification(struct dev *d) {
+    if (d->event_idx) __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    return __atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) != d->last_used;
+}
+
+/* Sleeps on the call eventfd for at most `ms`, and consumes the notification. -1: error. */
+static int sleep_on_call(struct dev *d, int ms) {
+    struct pollfd pfd = { d->call, POLLIN, 0 };
+    int r = poll(&pfd, 1, ms);
+    if (r < 0 && errno != EINTR) return fail(d, "poll call fd: %s", strerror(errno));
+    if (r > 0) {
+        uint64_t v;
+        if (read(d->call, &v, sizeof v) == sizeof v) d->calls++;
+    }
+    return 0;
+}
+
 /* Waits until used.idx moves past last_used. 1: something to harvest; 0: nothing for
    timeout_ns; -1: error. */
 static int wait_used(struct dev *d, uint64_t timeout_ns) {
@@ -462,20 +484,11 @@ static int wait_used(struct dev *d, uint64_t timeout_ns) {
             }
             continue;
         }
-        if (d->event_idx) __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) != d->last_used) return 1;
+        if (ask_for_notification(d)) return 1;
         uint64_t t = now_ns();
         if (start == 0) start = t;
         else if (t - start > timeout_ns) return 0;
-        int ms = (int)((timeout_ns - (t - start)) / 1000000) + 1;
-        struct pollfd pfd = { d->call, POLLIN, 0 };
-        int r = poll(&pfd, 1, ms);
-        if (r < 0 && errno != EINTR) return fail(d, "poll call fd: %s", strerror(errno));
-        if (r > 0) {
-            uint64_t v;
-            if (read(d->call, &v, sizeof v) == sizeof v) d->calls++;
-        }
+        if (sleep_on_call(d, (int)((timeout_ns - (t - start)) / 1000000) + 1) < 0) return -1;
     }
 }
 
@@ -492,18 +505,9 @@ static int wait_paced(struct dev *d, uint64_t until) {
             cpu_relax();
             continue;
         }
-        if (d->event_idx) __atomic_store_n(d->used_event, d->last_used, __ATOMIC_RELAXED);
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&d->used->idx, __ATOMIC_ACQUIRE) != d->last_used) return 1;
+        if (ask_for_notification(d)) return 1;
         uint64_t wait_ms = (until - t + 999999) / 1000000;
-        int ms = wait_ms > TIMEOUT_MS ? TIMEOUT_MS : (int)wait_ms;
-        struct pollfd pfd = { d->call, POLLIN, 0 };
-        int r = poll(&pfd, 1, ms);
-        if (r < 0 && errno != EINTR) return fail(d, "poll call fd: %s", strerror(errno));
-        if (r > 0) {
-            uint64_t v;
-            if (read(d->call, &v, sizeof v) == sizeof v) d->calls++;
-        }
+        if (sleep_on_call(d, wait_ms > TIMEOUT_MS ? TIMEOUT_MS : (int)wait_ms) < 0) return -1;
     }
 }
 

@@ -53,7 +53,7 @@ public struct SessionHeaderPage: @unchecked Sendable {
 /// +0   heartbeat   UInt64  incremented by the driver at least every heartbeat interval
 /// +8   completed   UInt64  requests completed by this driver process
 /// +16  kicks       UInt64  notifications the driver sent the device
-/// +24  interrupts  UInt64  notifications the device sent the driver that it consumed
+/// +24  interrupts  UInt64  wake-ups on the device's notifications (one per wake-up, however many it gathered)
 /// +32  signals     UInt64  completion doorbells the driver rang for its clients
 /// +40  submitted   UInt64  requests the driver handed to the device
 /// +64  in-use      UInt32 per translation-table entry: 1 while the driver may have I/O

@@ -230,11 +230,6 @@ public struct VhostUserTransport: ~Copyable, VirtioTransport {
         return Int(clamping: n)
     }
 
-    public mutating func maximumQueueSize(_ index: Int) throws(VirtioTransportError) -> Int {
-        // vhost-user has no per-ring limit message; the split ring's own limit applies.
-        SplitQueueLayout.maximumSize
-    }
-
     public mutating func setUpQueue(_ index: Int, size: Int, at a: QueueAddresses) throws(VirtioTransportError) {
         guard index >= 0, index < queueCapacity else { throw .refused("queue \(index): this link has \(queueCapacity)") }
         guard let d = userAddress(a.descriptors), let avail = userAddress(a.driverArea), let used = userAddress(a.deviceArea) else {
@@ -278,10 +273,6 @@ public struct VhostUserTransport: ~Copyable, VirtioTransport {
     }
 
     public func interruptDescriptor(_ index: Int) -> CInt { calls[index].fd.raw.rawValue }
-
-    public func acknowledgeInterrupts(_ index: Int) -> Int {
-        Int(clamping: (try? calls[index].drain()) ?? 0)
-    }
 
     public var connectionDescriptor: CInt { socketFD }
 

@@ -93,8 +93,6 @@ public protocol VirtioTransport: ~Copyable {
 
     /// Queues the device has (for devices with several; 1 when the transport cannot tell).
     mutating func queueCount() throws(VirtioTransportError) -> Int
-    /// The largest size queue `index` may have.
-    mutating func maximumQueueSize(_ index: Int) throws(VirtioTransportError) -> Int
     /// Tells the device where queue `index` of `size` entries lies (§4.1.5.1.3).
     mutating func setUpQueue(_ index: Int, size: Int, at addresses: QueueAddresses) throws(VirtioTransportError)
     /// Enables queue `index` (§4.1.4.3 queue_enable; vhost-user SET_VRING_ENABLE). Call
@@ -107,10 +105,10 @@ public protocol VirtioTransport: ~Copyable {
     func notify(_ index: Int)
     /// The descriptor that becomes readable when the device sends a used buffer
     /// notification for queue `index` (an eventfd: the vhost-user call fd, a VFIO MSI-X
-    /// vector), for the caller's epoll set; -1 if the transport has none (loopback).
+    /// vector), for the caller's epoll set; -1 if the transport has none (loopback). The
+    /// caller may watch it edge-triggered and never read it: a notification means only
+    /// "look at the used ring".
     func interruptDescriptor(_ index: Int) -> CInt
-    /// Consumes pending notifications of queue `index`; returns how many arrived.
-    func acknowledgeInterrupts(_ index: Int) -> Int
     /// A descriptor on which the device's going away shows (vhost-user: the socket), or -1.
     var connectionDescriptor: CInt { get }
 

@@ -58,7 +58,6 @@ public struct LoopbackBlkTransport: ~Copyable, VirtioTransport {
         return Array(configSpace[offset..<(offset + count)])
     }
     public mutating func queueCount() throws(VirtioTransportError) -> Int { 1 }
-    public mutating func maximumQueueSize(_ index: Int) throws(VirtioTransportError) -> Int { 256 }
     public mutating func setUpQueue(_ index: Int, size: Int, at a: QueueAddresses) throws(VirtioTransportError) {
         guard index == 0, let base = resolve(a.descriptors.rawValue, 1) else { throw .refused("queue memory not exposed") }
         queue = TestDevice(memory: base, ioAddress: a.descriptors.rawValue, size: size,
@@ -67,7 +66,6 @@ public struct LoopbackBlkTransport: ~Copyable, VirtioTransport {
     public mutating func enableQueue(_ index: Int) throws(VirtioTransportError) {}
     public func notify(_ index: Int) {}
     public func interruptDescriptor(_ index: Int) -> CInt { -1 }
-    public func acknowledgeInterrupts(_ index: Int) -> Int { 0 }
     public var connectionDescriptor: CInt { -1 }
     public mutating func expose(_ m: DeviceMemory) throws(VirtioTransportError) {
         if let limit = regionLimit, regions.count >= limit { throw .noMemorySlot(limit: limit) }

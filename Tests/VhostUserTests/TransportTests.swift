@@ -37,6 +37,9 @@ import Virtio
             let features = try link.deviceFeatures()
             #expect(features & VirtioFeature.version1 != 0)
             #expect(features & VhostUserFeature.protocolFeatures == 0, "bit 30 is vhost-user's, not the device's")
+            // num-queues=1 in the export (MQ negotiated: GET_QUEUE_NUM).
+            let queues = try link.queueCount()
+            #expect(queues == 1)
             let hasConfig = link.hasConfigSpace
             #expect(hasConfig)
             // virtio 1.2 §5.2.4: capacity (le64 sectors) at 0; a read from an offset is cut here.

@@ -218,6 +218,8 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     }
 
     mutating func dropBroken() {
+        // The data path calls this after every batch: nothing to do is one check each.
+        guard !context.sessions.refused.isEmpty || !broken.isEmpty else { return }
         if !context.sessions.refused.isEmpty {
             let list = context.sessions.refused
             context.sessions.refused.removeAll()
@@ -242,6 +244,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     mutating func serveSessions() -> Int {
         guard let limits = server.limits else { return 0 }
         var total = 0
+        var dropped = false
         let n = SessionTable.capacity
         let generation = context.generation
         for step in 0..<n {
@@ -261,8 +264,10 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
                 // (acquire, in isEmpty) and then reading the head again sees the room.
                 if context.sessions.endpoints[i].hasFailed, let e = context.sessions.endpoints[i].failure {
                     drop(i, reason: e.description)
+                    dropped = true
                 } else if !context.sessions.endpoints[i].requests.isEmpty(), context.sessions.allowance(i) == 0 {
                     drop(i, reason: "more requests than the queue depth of \(context.sessions.endpoints[i].queueDepth)")
+                    dropped = true
                 }
                 continue
             }
@@ -272,6 +277,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             if got == 0 {
                 if context.sessions.endpoints[i].hasFailed, let e = context.sessions.endpoints[i].failure {
                     drop(i, reason: e.description)
+                    dropped = true
                 }
                 continue
             }
@@ -299,7 +305,8 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             if context.sessions.inFlight[i] == 0 { context.page.clearInUse(index) }
         }
         context.sessions.next = (context.sessions.next + 1) % n
-        if total == 0 { finishDetaches() }
+        // A session dropped above with nothing at the device leaves now.
+        if dropped { finishDetaches() }
         if total > 0 {
             server.publish(context: &context)
             context.sessions.flush(page: context.page, broken: &broken)
