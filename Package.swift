@@ -42,16 +42,24 @@ let package = Package(
             name: "VhostUser",
             dependencies: ["OutboardSystem", "OutboardRings", "Virtio", "CLinux", .product(name: "SystemPackage", package: "swift-system")]
         ),
+        // VFIO (linux/vfio.h): container, group and device, regions and BARs, PCI config
+        // space, MSI-X to eventfds, DMA map and unmap; PCI binding through sysfs.
+        .target(
+            name: "VFIO",
+            dependencies: ["OutboardSystem", "OutboardRings", "CLinux", .product(name: "SystemPackage", package: "swift-system")]
+        ),
+        // The virtio-pci transport (virtio 1.2 §4.1, modern devices) over a PCI function.
+        .target(name: "VirtioPCI", dependencies: ["VFIO", "Virtio", "OutboardRings", "CLinux"]),
         // Drivers: the processes the manager spawns and sandboxes.
         .target(
             name: "Drivers",
-            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux", "Virtio", "VhostUser",
+            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux", "Virtio", "VhostUser", "VFIO", "VirtioPCI",
                            .product(name: "Logging", package: "swift-log")]
         ),
         // The manager: config, control socket, sessions, translation tables, supervision.
         .target(
             name: "Manager",
-            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux",
+            dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem", "CLinux", "VFIO",
                            .product(name: "Logging", package: "swift-log")]
         ),
         // The client library applications import: block sessions, reissue after a driver
@@ -85,6 +93,9 @@ let package = Package(
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings", "OutboardTestSupport"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "OutboardRings", "OutboardTestSupport"]),
         // Against a real qemu-storage-daemon, and a hostile backend double.
+        // VFIO and virtio-pci pieces the host can check (parsing, layouts, binding over a
+        // sysfs tree); the devices themselves are tested in the guest lane.
+        .testTarget(name: "VFIOTests", dependencies: ["VFIO", "VirtioPCI", "Virtio", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
         // End to end: a manager process, sandboxed drivers, clients, faults.
