@@ -361,6 +361,20 @@ static const uint32_t ob_membarrier_allowed[] = {
 };
 
 const size_t OB_SECCOMP_MAX_EXTRA = 512;
+const size_t OB_SECCOMP_MAX_IOCTLS = 32;
+
+// The VFIO ioctls a driver holding a device fd needs (linux/vfio.h): device, region and
+// interrupt information, MSI-X routing to its eventfds, and reset. Container and group
+// ioctls (VFIO_IOMMU_MAP_DMA above all) are not among them: DMA mappings are the
+// manager's, so a driver cannot widen what its device may reach.
+static const uint32_t ob_vfio_device_ioctls[] = {
+    VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_SET_IRQS, VFIO_DEVICE_RESET,
+};
+
+const uint32_t *ob_sandbox_vfio_device_ioctls(size_t *count) {
+    *count = sizeof ob_vfio_device_ioctls / sizeof ob_vfio_device_ioctls[0];
+    return ob_vfio_device_ioctls;
+}
 
 #define OB_RET_EPERM (SECCOMP_RET_ERRNO | (EPERM & SECCOMP_RET_DATA))
 #define OB_ARG_LO(i) (offsetof(struct seccomp_data, args) + 8 * (i))
@@ -384,21 +398,22 @@ static size_t emit_arg_restricted(struct sock_filter *f, size_t n, int nr, int a
 }
 
 static int is_arg_restricted(int nr) {
-    return nr == SYS_kill || nr == SYS_tkill || nr == SYS_tgkill || nr == SYS_fcntl || nr == SYS_membarrier;
+    return nr == SYS_kill || nr == SYS_tkill || nr == SYS_tgkill || nr == SYS_fcntl || nr == SYS_membarrier
+        || nr == SYS_ioctl;
 }
 
 int ob_seccomp_extra_is_valid(int nr) {
     return nr >= 0 && nr < __X32_SYSCALL_BIT && !is_arg_restricted(nr);
 }
 
-int ob_seccomp_install(const int *extra, size_t nextra, pid_t self) {
-    if (nextra > OB_SECCOMP_MAX_EXTRA || self <= 0) { errno = EINVAL; return -1; }
+int ob_seccomp_install(const int *extra, size_t nextra, const uint32_t *ioctls, size_t nioctls, pid_t self) {
+    if (nextra > OB_SECCOMP_MAX_EXTRA || nioctls > OB_SECCOMP_MAX_IOCTLS || self <= 0) { errno = EINVAL; return -1; }
     for (size_t i = 0; i < nextra; i++)
         if (!ob_seccomp_extra_is_valid(extra[i])) { errno = EINVAL; return -1; }
     size_t nbase = sizeof ob_allowed / sizeof ob_allowed[0];
     size_t nfcntl = sizeof ob_fcntl_allowed / sizeof ob_fcntl_allowed[0];
     size_t nmembarrier = sizeof ob_membarrier_allowed / sizeof ob_membarrier_allowed[0];
-    size_t cap = 6 + 3 * (5 + 1 + 2) + (5 + nfcntl + 2) + (5 + nmembarrier + 2) + 2 * (nbase + nextra) + 1;
+    size_t cap = 6 + 3 * (5 + 1 + 2) + (5 + nfcntl + 2) + (5 + nmembarrier + 2) + (5 + nioctls + 2) + 2 * (nbase + nextra) + 1;
     struct sock_filter *f = calloc(cap, sizeof *f);
     if (f == NULL) { errno = ENOMEM; return -1; }
     size_t n = 0;
@@ -418,6 +433,8 @@ int ob_seccomp_install(const int *extra, size_t nextra, pid_t self) {
     n = emit_arg_restricted(f, n, SYS_tgkill, 0, &me, 1);
     n = emit_arg_restricted(f, n, SYS_fcntl, 1, ob_fcntl_allowed, nfcntl);
     n = emit_arg_restricted(f, n, SYS_membarrier, 0, ob_membarrier_allowed, nmembarrier);
+    // ioctl only with the listed request numbers (none: no ioctl at all).
+    n = emit_arg_restricted(f, n, SYS_ioctl, 1, ioctls, nioctls);
     for (size_t i = 0; i < nbase + nextra; i++) {
         int nr = i < nbase ? ob_allowed[i] : extra[i - nbase];
         f[n++] = (struct sock_filter)BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, (uint32_t)nr, 0, 1);
@@ -471,6 +488,19 @@ int ob_probe_process_vm_readv_self(void) {
     struct iovec local = { .iov_base = &target, .iov_len = sizeof target };
     struct iovec remote = { .iov_base = &source, .iov_len = sizeof source };
     return process_vm_readv(getpid(), &local, 1, &remote, 1, 0) < 0 ? -1 : 0;
+}
+
+int ob_probe_ioctl_vfio_map_dma(void) {
+    // On any descriptor: what the filter decides is the request number. Outside the
+    // sandbox, on stdin (not a VFIO container), this fails with ENOTTY.
+    struct vfio_iommu_type1_dma_map map = { .argsz = sizeof map };
+    return ioctl(0, VFIO_IOMMU_MAP_DMA, &map);
+}
+
+int ob_probe_ioctl_vfio_device_get_info(void) {
+    // Allowed to a VFIO driver; on stdin (not a VFIO device) the kernel answers ENOTTY.
+    struct vfio_device_info info = { .argsz = sizeof info };
+    return ioctl(0, VFIO_DEVICE_GET_INFO, &info);
 }
 
 int ob_probe_ioctl_fionread(int fd) {

@@ -25,15 +25,19 @@ public struct SandboxPolicy: Sendable, Equatable {
     /// RLIMIT_NPROC: processes of the user. 0: no new process, even if fork were allowed.
     public var maxProcesses: UInt64
     /// Syscall numbers (x86-64) allowed on top of `Sandbox.baseAllowedSyscalls`, for drivers
-    /// that need more (ioctl on a VFIO device fd, for example). kill, tkill, tgkill, fcntl
-    /// and membarrier are always argument-checked and cannot be listed here.
+    /// that need more. kill, tkill, tgkill, fcntl, membarrier and ioctl are always
+    /// argument-checked and cannot be listed here (ioctls: `allowedIoctls`).
     public var extraAllowedSyscalls: [CInt]
+    /// ioctl request numbers the process may use (`Sandbox.vfioDeviceIoctls` for a driver
+    /// of a VFIO device); empty: ioctl is refused whatever the request.
+    public var allowedIoctls: [UInt32]
 
     public init(
         uid: UInt32, gid: UInt32, isolateNamespaces: Bool = true,
         maxOpenFiles: UInt64 = 64, maxFileSize: UInt64 = 0, maxCoreSize: UInt64 = 0,
-        maxProcesses: UInt64 = 0, extraAllowedSyscalls: [CInt] = []
+        maxProcesses: UInt64 = 0, extraAllowedSyscalls: [CInt] = [], allowedIoctls: [UInt32] = []
     ) {
+        self.allowedIoctls = allowedIoctls
         self.uid = uid
         self.gid = gid
         self.isolateNamespaces = isolateNamespaces
@@ -93,6 +97,7 @@ public enum SandboxError: Error, Equatable, Sendable, CustomStringConvertible {
     case privilegedIdentity(uid: UInt32, gid: UInt32)
     case invalidExtraSyscall(CInt)
     case tooManyExtraSyscalls(Int)
+    case tooManyIoctls(Int)
     case threadCountUnknown(Errno)
     case notSingleThreaded(threads: Int)
     // a. Namespaces and the empty read-only root.
@@ -127,7 +132,9 @@ public enum SandboxError: Error, Equatable, Sendable, CustomStringConvertible {
         case .privilegedIdentity(let u, let g):
             return "sandbox: refusing to run a driver as uid \(u) gid \(g); neither may be 0 (root)"
         case .invalidExtraSyscall(let n):
-            return "sandbox: extra syscall \(n) is out of range or argument-checked (kill, tkill, tgkill, fcntl, membarrier)"
+            return "sandbox: extra syscall \(n) is out of range or argument-checked (kill, tkill, tgkill, fcntl, membarrier, ioctl)"
+        case .tooManyIoctls(let n):
+            return "sandbox: \(n) ioctl request numbers, at most \(OB_SECCOMP_MAX_IOCTLS) can be allowed"
         case .tooManyExtraSyscalls(let n):
             return "sandbox: \(n) extra syscalls; at most \(OB_SECCOMP_MAX_EXTRA) are accepted"
         case .threadCountUnknown(let e): return "sandbox: cannot count threads in /proc/self/status: \(e)"
@@ -196,6 +203,15 @@ public enum Sandbox {
         return Array(UnsafeBufferPointer(start: list, count: count))
     }
 
+    /// The ioctls a driver holding a VFIO device fd needs: VFIO_DEVICE_GET_INFO,
+    /// GET_REGION_INFO, GET_IRQ_INFO, SET_IRQS and RESET. Nothing that touches the
+    /// container (DMA mappings are the manager's) or the group.
+    public static var vfioDeviceIoctls: [UInt32] {
+        var count = 0
+        guard let list = ob_sandbox_vfio_device_ioctls(&count) else { return [] }
+        return Array(UnsafeBufferPointer(start: list, count: count))
+    }
+
     /// Confines the calling process, irreversibly. Call it from a freshly started,
     /// single-threaded process running as root, before it reads any untrusted input.
     ///
@@ -210,7 +226,8 @@ public enum Sandbox {
     ///    verified, including that setuid(0) fails and no capability is left.
     /// d. no_new_privs, not dumpable.
     /// e. the seccomp filter (`baseAllowedSyscalls` + extras, kill family towards itself
-    ///    only, everything else EPERM, foreign architectures and x32 kill the process).
+    ///    only, ioctl only with `allowedIoctls`' request numbers, everything else EPERM,
+    ///    foreign architectures and x32 kill the process).
     ///
     /// Descriptors already open stay usable: that is how a driver gets its sockets,
     /// regions and doorbells. Give it pipes or sockets for stdout and stderr, not regular
@@ -228,6 +245,7 @@ public enum Sandbox {
         guard policy.extraAllowedSyscalls.count <= OB_SECCOMP_MAX_EXTRA else {
             throw .tooManyExtraSyscalls(policy.extraAllowedSyscalls.count)
         }
+        guard policy.allowedIoctls.count <= OB_SECCOMP_MAX_IOCTLS else { throw .tooManyIoctls(policy.allowedIoctls.count) }
         let threads = try step(SandboxError.threadCountUnknown) { ob_thread_count() }
         guard threads == 1 else { throw .notSingleThreaded(threads: Int(threads)) }
 
@@ -237,8 +255,9 @@ public enum Sandbox {
         try step(SandboxError.setNoNewPrivileges) { ob_set_no_new_privs() }
         try step(SandboxError.setNotDumpable) { ob_set_dumpable(0) }
         let extras = policy.extraAllowedSyscalls
+        let ioctls = policy.allowedIoctls
         let me = getpid()
-        try step(SandboxError.installSeccompFilter) { ob_seccomp_install(extras, extras.count, me) }
+        try step(SandboxError.installSeccompFilter) { ob_seccomp_install(extras, extras.count, ioctls, ioctls.count, me) }
     }
 
     /// Step a.
@@ -368,6 +387,7 @@ public enum Sandbox {
         attempt("pidfd-open-self", { ob_pidfd_open(getpid(), 0) }, undo: closeIt)
         attempt("process-vm-readv-self", { ob_probe_process_vm_readv_self() })
         attempt("ioctl-fionread-stdout", { ob_probe_ioctl_fionread(1) })
+        attempt("ioctl-vfio-map-dma", { ob_probe_ioctl_vfio_map_dma() })
         attempt("prctl-get-dumpable", { ob_probe_prctl_get_dumpable() })
         attempt("fcntl-setown-stdout", { fcntl(1, F_SETOWN, getppid()) }, undo: { _ in _ = fcntl(1, F_SETOWN, 0) })
         attempt("fcntl-dupfd-stdout", { fcntl(1, F_DUPFD_CLOEXEC, 0) }, undo: closeIt)
@@ -380,6 +400,13 @@ public enum Sandbox {
         // a driver may register before it enters the sandbox, but not send barriers.
         attempt("membarrier-global-expedited", { ob_membarrier(OB_MEMBARRIER_CMD_GLOBAL_EXPEDITED, 0) })
         return results
+    }
+
+    /// ioctl(0, VFIO_DEVICE_GET_INFO): the errno it fails with (0 if it succeeded). EPERM
+    /// says the filter refused it; ENOTTY says the filter let it through to a descriptor
+    /// that is no VFIO device.
+    public static func attemptVFIODeviceIoctl() -> Int32 {
+        ob_probe_ioctl_vfio_device_get_info() == -1 ? Glibc.errno : 0
     }
 
     /// getpid through the x32 ABI. Inside the sandbox the filter kills the process with

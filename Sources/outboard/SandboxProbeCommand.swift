@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// `outboard _sandbox-probe --user nobody [--group G] [--no-namespaces] [--other-process PID]
-/// [--allow-syscall N ...] [--try-x32-syscall] [--try-i386-syscall]`:
+/// [--allow-syscall N ...] [--allow-vfio-device-ioctls] [--try-x32-syscall] [--try-i386-syscall]`:
 /// enters the driver sandbox, then tries what a driver must not be able to do and shows
 /// that what it must be able to do still works. For tests; run it as root. Output, one
 /// line each:
@@ -18,6 +18,8 @@ import Glibc
 ///     raise-self ok|failed errno N               (raise(SIGUSR1), ignored: tgkill to itself)
 ///     mmap ok|failed errno N                     (an anonymous page mapped, written, read, unmapped)
 ///     passwd-visible true|false errno N          (stat("/etc/passwd"): the old root is gone)
+///     vfio-device-get-info errno N               (ioctl(0, VFIO_DEVICE_GET_INFO): ENOTTY when
+///                                                 the filter lets it through, EPERM when not)
 ///     done
 ///     (--try-x32-syscall: then an x32 syscall, which must kill the process with SIGSYS;
 ///      if it does not: x32-syscall returned R errno N)
@@ -50,6 +52,9 @@ struct SandboxProbeCommand: ParsableCommand {
     @Option(name: .customLong("allow-syscall"), help: "An extra syscall number to allow (repeatable).")
     var allowSyscalls: [Int32] = []
 
+    @Flag(name: .customLong("allow-vfio-device-ioctls"), help: "Allow the ioctls a driver of a VFIO device gets.")
+    var allowVFIODeviceIoctls = false
+
     @Flag(name: .customLong("try-x32-syscall"), help: "At the end, make an x32 syscall: the filter must kill the process with SIGSYS.")
     var tryX32Syscall = false
     @Flag(name: .customLong("try-i386-syscall"), help: "At the end, make an i386 syscall (int 0x80): the filter must kill the process with SIGSYS.")
@@ -72,6 +77,7 @@ struct SandboxProbeCommand: ParsableCommand {
         }
         policy.isolateNamespaces = !noNamespaces
         policy.extraAllowedSyscalls = allowSyscalls
+        if allowVFIODeviceIoctls { policy.allowedIoctls = Sandbox.vfioDeviceIoctls }
         // Everything above this line is trusted input (our own command line and passwd).
         do {
             try Sandbox.enter(policy)
@@ -91,6 +97,7 @@ struct SandboxProbeCommand: ParsableCommand {
         var st = stat()
         let visible = stat("/etc/passwd", &st) == 0
         print("passwd-visible \(visible) errno \(visible ? 0 : errno)")
+        print("vfio-device-get-info errno \(Sandbox.attemptVFIODeviceIoctl())")
         print("done")
         if tryX32Syscall {
             fflush(nil)  // all streams: the next line is the last thing this process does

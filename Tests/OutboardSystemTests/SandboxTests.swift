@@ -27,7 +27,7 @@ import Glibc
         "memfd-create", "pidfd-open-self", "process-vm-readv-self", "ioctl-fionread-stdout",
         "prctl-get-dumpable", "fcntl-setown-stdout", "fcntl-dupfd-stdout", "unshare-mount-namespace",
         "mount-tmpfs", "setns", "bpf-map-create", "setuid-root", "eventfd-create", "epoll-create",
-        "membarrier-global-expedited",
+        "membarrier-global-expedited", "ioctl-vfio-map-dma",
     ]
 
     @Test(.enabled(if: SandboxTests.isRoot, "entering the sandbox needs root"))
@@ -63,6 +63,7 @@ import Glibc
         #expect(run.lines.contains("mmap ok"), "\(run)")
         // The root it sees is empty: stat (allowed by the filter) finds nothing.
         #expect(run.lines.contains("passwd-visible false errno \(ENOENT)"), "\(run)")
+        #expect(run.lines.contains("vfio-device-get-info errno \(EPERM)"), "\(run)")
         #expect(run.lines.last == "done", "\(run)")
 
         // The empty root was mounted on /tmp in the child's own mount namespace only.
@@ -86,20 +87,30 @@ import Glibc
         #expect(run.lines.last == "done", "\(run)")
     }
 
-    /// A policy's extra syscalls are allowed (ioctl here, as a VFIO driver would need), and
-    /// nothing else changes.
+    /// A policy's extra syscalls are allowed (memfd_create here), and nothing else changes.
     @Test(.enabled(if: SandboxTests.isRoot, "entering the sandbox needs root"))
     func extraSyscallsAreAllowed() throws {
-        let ioctlNumber = 16  // x86-64 __NR_ioctl
-        let run = try runProbe(["_sandbox-probe", "--user", "nobody", "--allow-syscall", "\(ioctlNumber)"])
+        let memfdCreate = 319  // x86-64 __NR_memfd_create
+        let run = try runProbe(["_sandbox-probe", "--user", "nobody", "--allow-syscall", "\(memfdCreate)"])
         #expect(run.status == OutboardSystem.ExitStatus.exited(0), "\(run)")
+        #expect(Set(run.probes.map(\.name)) == Self.expectedProbes, "\(run)")
         for p in run.probes {
-            if p.name == "ioctl-fionread-stdout" {
-                #expect(p.errno == 0, "\(p)")
-            } else {
-                #expect(p.errno == EPERM, "\(p)")
-            }
+            #expect(p.errno == (p.name == "memfd-create" ? 0 : EPERM), "\(p)")
         }
+        #expect(run.lines.contains("vfio-device-get-info errno \(EPERM)"), "\(run)")
+    }
+
+    /// A VFIO driver's policy lets exactly the device ioctls through (ENOTTY: the kernel saw
+    /// the call, on a descriptor that is no VFIO device), never one that maps DMA, and no
+    /// other ioctl.
+    @Test(.enabled(if: SandboxTests.isRoot, "entering the sandbox needs root"))
+    func vfioDeviceIoctlsAreAllowedAndNoOtherIoctl() throws {
+        let run = try runProbe(["_sandbox-probe", "--user", "nobody", "--allow-vfio-device-ioctls"])
+        #expect(run.status == OutboardSystem.ExitStatus.exited(0), "\(run)")
+        #expect(Set(run.probes.map(\.name)) == Self.expectedProbes, "\(run)")
+        for p in run.probes { #expect(p.errno == EPERM, "\(p)") }
+        #expect(run.lines.contains("vfio-device-get-info errno \(ENOTTY)"), "\(run)")
+        #expect(Sandbox.vfioDeviceIoctls.count == 5)
     }
 
     /// x32 syscalls (same architecture tag, other numbers) would slip past a list of
@@ -138,7 +149,13 @@ import Glibc
             try Sandbox.enter(SandboxPolicy(uid: Self.nobody, gid: 0))
         }
         #expect(throws: SandboxError.invalidExtraSyscall(62)) {  // kill: argument-checked, never plain
-            try Sandbox.enter(SandboxPolicy(uid: Self.nobody, gid: Self.nobody, extraAllowedSyscalls: [16, 62]))
+            try Sandbox.enter(SandboxPolicy(uid: Self.nobody, gid: Self.nobody, extraAllowedSyscalls: [319, 62]))
+        }
+        #expect(throws: SandboxError.invalidExtraSyscall(16)) {  // ioctl: argument-checked (allowedIoctls)
+            try Sandbox.enter(SandboxPolicy(uid: Self.nobody, gid: Self.nobody, extraAllowedSyscalls: [16]))
+        }
+        #expect(throws: SandboxError.tooManyIoctls(33)) {
+            try Sandbox.enter(SandboxPolicy(uid: Self.nobody, gid: Self.nobody, allowedIoctls: Array(repeating: 0x3B6B, count: 33)))
         }
         #expect(throws: SandboxError.invalidExtraSyscall(0x4000_0027)) {  // x32 getpid
             try Sandbox.enter(SandboxPolicy(uid: Self.nobody, gid: Self.nobody, extraAllowedSyscalls: [0x4000_0027]))

@@ -171,8 +171,14 @@ int ob_set_dumpable(int dumpable);
 const int *ob_sandbox_allowed_syscalls(size_t *count);
 /// Largest number of extra syscalls ob_seccomp_install accepts.
 extern const size_t OB_SECCOMP_MAX_EXTRA;
+/// Largest number of ioctl request numbers ob_seccomp_install accepts.
+extern const size_t OB_SECCOMP_MAX_IOCTLS;
+/// The ioctl request numbers a driver holding a VFIO device fd needs (device, region and
+/// IRQ info, SET_IRQS, RESET); `*count` receives the number of entries.
+const uint32_t *ob_sandbox_vfio_device_ioctls(size_t *count);
 /// 1 if `nr` may be given as an extra syscall: a native x86-64 number (0 ..< 0x40000000)
-/// that is not one of the argument-checked kill, tkill, tgkill, fcntl. 0 otherwise.
+/// that is not one of the argument-checked kill, tkill, tgkill, fcntl, membarrier, ioctl.
+/// 0 otherwise.
 int ob_seccomp_extra_is_valid(int nr);
 /// Installs the sandbox's seccomp filter on the calling thread (prctl(PR_SET_SECCOMP,
 /// SECCOMP_MODE_FILTER)); no_new_privs must already be set. The filter:
@@ -181,9 +187,10 @@ int ob_seccomp_extra_is_valid(int nr);
 /// - allows kill(pid, ...), tkill(tid, ...) and tgkill(tgid, ...) only when that first
 ///   argument is exactly `self` (upper 32 bits zero), so abort()/raise() keep working but
 ///   no other process can be signalled;
+/// - allows ioctl only with a request number in `ioctls` (count `nioctls`; none: no ioctl);
 /// - makes every other syscall fail with EPERM.
 /// Returns -1 with errno EINVAL for a syscall number out of range or too many extras.
-int ob_seccomp_install(const int *extra, size_t nextra, pid_t self);
+int ob_seccomp_install(const int *extra, size_t nextra, const uint32_t *ioctls, size_t nioctls, pid_t self);
 
 // Single syscalls used by Sandbox.probe() to show that they are refused. Each returns the
 // syscall's result (-1 with errno on failure). On success they undo what they did
@@ -194,6 +201,10 @@ int ob_probe_clone(void);
 int ob_probe_clone3(void);
 int ob_probe_process_vm_readv_self(void);
 int ob_probe_ioctl_fionread(int fd);
+/// ioctl(0, VFIO_IOMMU_MAP_DMA, ...): what a driver would call to widen its device's reach.
+int ob_probe_ioctl_vfio_map_dma(void);
+/// ioctl(0, VFIO_DEVICE_GET_INFO, ...): one a VFIO driver is allowed (ENOTTY on stdin).
+int ob_probe_ioctl_vfio_device_get_info(void);
 int ob_probe_prctl_get_dumpable(void);
 int ob_probe_bpf(void);
 int ob_probe_setns(void);
