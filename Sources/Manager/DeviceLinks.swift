@@ -3,8 +3,7 @@ import OutboardSession
 import OutboardSystem
 import SystemPackage
 
-/// How the manager links a device to its driver: one case per transport (VFIO, where the
-/// manager opens the group and maps DMA, comes as the next case).
+/// How the manager links a device to its driver: one case per transport.
 enum DeviceLink {
     /// The device is manager memory, sent with DriverStart: nothing to connect.
     case memory
@@ -12,17 +11,20 @@ enum DeviceLink {
     /// connects and hands the connection over, again whenever the driver reports it lost.
     case vhostUser(VhostUserLink)
 
-    var vhostUser: VhostUserLink? {
-        if case .vhostUser(let l) = self { return l }
-        return nil
+    /// The hand-off state of a device the driver is given a connection to.
+    var handoff: DeviceHandoff? {
+        switch self {
+        case .memory: return nil
+        case .vhostUser(let l): return l.handoff
+        }
     }
 }
 
-/// The manager's side of a vhost-user device connection. It keeps no copy of a connection
-/// it handed over: when the driver dies, the device sees the connection close and is free
-/// for the next driver.
-final class VhostUserLink {
-    let path: String
+/// What the manager tracks of the device connections it hands to a driver (a vhost-user
+/// socket; a VFIO device fd next). It keeps no copy of a vhost-user connection it handed over:
+/// when the driver dies, the device sees the connection close and is free for the next
+/// driver.
+final class DeviceHandoff {
     let reconnectNs: UInt64
     /// The driver negotiated with the device over the current connection.
     var connected = false
@@ -33,8 +35,7 @@ final class VhostUserLink {
     var made: UInt64 = 0
     var losses = 0
 
-    init(path: String, reconnectMs: UInt32) {
-        self.path = path
+    init(reconnectMs: UInt32) {
         reconnectNs = UInt64(reconnectMs) * 1_000_000
     }
 
@@ -60,18 +61,29 @@ final class VhostUserLink {
     }
 }
 
+/// The manager's side of a vhost-user device: where to connect.
+final class VhostUserLink {
+    let path: String
+    let handoff: DeviceHandoff
+
+    init(path: String, reconnectMs: UInt32) {
+        self.path = path
+        handoff = DeviceHandoff(reconnectMs: reconnectMs)
+    }
+}
+
 extension Manager {
     /// Gives the current driver a device connection if it wants one and one is due.
     /// Retried from `tick` while the device is absent.
     func linkDevice(_ d: DeviceState) {
+        guard let h = d.link.handoff, h.wanted, let drv = d.driver, drv.killReason == nil else { return }
+        let now = Clock.monotonicNanoseconds
+        guard now >= h.retryAt else { return }
+        h.attempts += 1
         switch d.link {
         case .memory:
             return
         case .vhostUser(let link):
-            guard link.wanted, let drv = d.driver, drv.killReason == nil else { return }
-            let now = Clock.monotonicNanoseconds
-            guard now >= link.retryAt else { return }
-            link.attempts += 1
             let fd: OwnedFD
             do {
                 fd = try UnixSocket.connectStream(path: link.path)
@@ -81,17 +93,21 @@ extension Manager {
                     logger.warning("\(why); retrying every \(d.config.reconnectMs) ms", metadata: ["device": "\(d.name)"])
                 }
                 d.lastDeviceError = why
-                link.retryAt = now + link.reconnectNs
+                h.retryAt = now + h.reconnectNs
                 return
             }
-            link.made += 1
-            do {
-                try drv.socket.send(.deviceConnection(attempt: link.made), descriptors: [fd.raw], nonBlocking: true)
-                link.wanted = false
-            } catch {
-                logger.warning("cannot hand the device connection to the driver of \(d.name): \(error)")
-                stopDriver(d, drv, reason: "not reading its control socket")
-            }
+            handOver(d, drv, h, fd.raw)
+        }
+    }
+
+    private func handOver(_ d: DeviceState, _ drv: DriverProcess, _ h: DeviceHandoff, _ fd: FileDescriptor) {
+        h.made += 1
+        do {
+            try drv.socket.send(.deviceConnection(attempt: h.made), descriptors: [fd], nonBlocking: true)
+            h.wanted = false
+        } catch {
+            logger.warning("cannot hand the device connection to the driver of \(d.name): \(error)")
+            stopDriver(d, drv, reason: "not reading its control socket")
         }
     }
 
@@ -99,7 +115,7 @@ extension Manager {
     /// input: a report of the wrong class, or one out of range, is the device refusing to
     /// be what the config says, which no restart changes: the device fails.
     func deviceReported(_ d: DeviceState, _ drv: DriverProcess, _ info: ClassInfo) {
-        guard let link = d.link.vhostUser else {
+        guard let link = d.link.handoff else {
             stopDriver(d, drv, reason: "deviceInfo from a driver whose device does not report itself")
             return
         }
@@ -128,7 +144,7 @@ extension Manager {
 
     /// The driver lost (or was refused by) the device; `recovery` is its classification.
     func deviceLost(_ d: DeviceState, _ drv: DriverProcess, reason: String, recovery: Recovery) {
-        guard let link = d.link.vhostUser else {
+        guard let link = d.link.handoff else {
             stopDriver(d, drv, reason: "deviceLost from a driver whose device has no connection")
             return
         }

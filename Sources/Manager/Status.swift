@@ -63,7 +63,7 @@ public struct StatusReport: Codable, Sendable {
         socket = m.config.controlSocket
         managerPid = getpid()
         devices = m.devices.map { d in
-            let link = d.link.vhostUser
+            let link = d.link.handoff
             var blockCount: UInt64? = nil, flags: String? = nil
             if case .block(let b)? = d.classInfo {
                 blockCount = b.blockCount

@@ -29,9 +29,9 @@ extension Manager {
             try epoll.add(drv.socket.fd.raw, events: .readable, token: Token.driverSocket | UInt64(d.index))
             try epoll.add(drv.child.pidfd.raw, events: .readable, token: Token.driverExit | UInt64(d.index))
             d.driver = drv
-            // A vhost-user driver cannot connect to the device itself: the manager does, now
-            // and whenever the driver reports the connection lost.
-            d.link.vhostUser?.driverStarted()
+            // A driver cannot open its device itself (a vhost-user socket, a VFIO group): the
+            // manager hands it a connection, now and whenever the driver reports it lost.
+            d.link.handoff?.driverStarted()
             linkDevice(d)
             logger.info("driver started", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)"])
         } catch {
@@ -115,7 +115,7 @@ extension Manager {
         try? epoll.remove(drv.socket.fd.raw)
         try? epoll.remove(drv.child.pidfd.raw)
         d.driver = nil
-        d.link.vhostUser?.driverGone()
+        d.link.handoff?.driverGone()
         // Indices kept for detaches the driver never answered: it is gone, and with it
         // everything it had of those sessions.
         for k in d.tableSlots.indices {
@@ -198,9 +198,13 @@ extension Manager {
         case .memory:
             return .memory(latencyMicroseconds: d.config.latencyUs)
         case .vhostUser:
-            return .vhostUser(VirtioParameters(queueSize: d.config.queueSize, notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive,
-                                               pollMicroseconds: d.config.pollUs, dmaIOAddress: DeviceState.dmaIOAddress))
+            return .vhostUser(virtioParameters(d))
         }
+    }
+
+    func virtioParameters(_ d: DeviceState) -> VirtioParameters {
+        VirtioParameters(queueSize: d.config.queueSize, notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive,
+                         pollMicroseconds: d.config.pollUs, dmaIOAddress: DeviceState.dmaIOAddress)
     }
 
     // MARK: tick: heartbeats, health, restarts, leases, revocations

@@ -279,6 +279,14 @@ public enum TransportParameters: Equatable, Sendable {
         case .vhostUser: return 2
         }
     }
+
+    /// The virtio knobs of a virtio transport (nil for memory).
+    public var virtio: VirtioParameters? {
+        switch self {
+        case .memory: return nil
+        case .vhostUser(let v): return v
+        }
+    }
 }
 
 /// Block devices: the device as the manager configured it. Memory devices are this size;

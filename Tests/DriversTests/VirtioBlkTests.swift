@@ -150,6 +150,25 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
     }
 
     /// A request beyond the capacity gets a clear error; the device and driver go on.
+    /// `outboard check` as a user runs it on a running manager: every check passes on a
+    /// virtio-blk device that offers flush, write-zeroes and discard, and the pattern it
+    /// wrote is in the image file, read past the device.
+    @Test func checkCommandPassesAndItsPatternIsInTheImage() throws {
+        let f = try VirtioFixture()
+        let (status, lines) = try runOutboard(["check", "--config", f.manager.configPath, "--device", "vblk0", "--json",
+                                               "--blocks", "512", "--operations", "1000", "--seed", "7"])
+        #expect(status == 0, "\(lines)")
+        let o = try JSONSerialization.jsonObject(with: Data((lines.last ?? "").utf8)) as? [String: Any]
+        let checks = (o?["checks"] as? [[String: Any]]) ?? []
+        let outcomes = Dictionary(uniqueKeysWithValues: checks.map { ($0["name"] as? String ?? "", $0["outcome"] as? String ?? "") })
+        #expect(outcomes == ["verified-workload": "ok", "pattern": "ok", "flush": "ok", "write-zeroes": "ok", "discard": "ok",
+                             "beyond-capacity": "ok"], "\(lines)")
+        #expect(o?["failed"] as? Int == 0)
+        // The check's documented pattern at its default offset (16 MiB), 64 KiB long.
+        let expected = (0..<(64 << 10)).map { UInt8(truncatingIfNeeded: UInt64($0) &* 0x9E37_79B9 &+ 7 &* 131 &+ UInt64($0 >> 12)) }
+        #expect(try f.imageBytes(at: 16 << 20, count: 64 << 10) == expected)
+    }
+
     @Test func requestBeyondCapacity() throws {
         let f = try VirtioFixture()
         var s = try f.open()

@@ -86,7 +86,7 @@ public enum DriverProcess {
                 }
                 try host.run()
             case .virtioBlkVhostUser:
-                var host = try DriverHost<VirtioBlkServer>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<VirtioBlkServer<VhostUserTransport>>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in
                     guard let l = link.take() else { throw .setup("the device link was used already") }
                     return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)

@@ -39,10 +39,7 @@ extension DriverStart {
         if case .memory(let l) = transport { return l }
         return 0
     }
-    var virtio: VirtioParameters? {
-        if case .vhostUser(let v) = transport { return v }
-        return nil
-    }
+    var virtio: VirtioParameters? { transport.virtio }
     var queueSize: UInt32 { virtio?.queueSize ?? 0 }
     var notifyMode: NotifyMode { virtio?.notifyMode ?? .eventIndex }
     var pollMicroseconds: UInt32 { virtio?.pollMicroseconds ?? 0 }

@@ -5,25 +5,25 @@ import SystemPackage
 import VhostUser
 import Virtio
 
-/// Serves block sessions on a virtio-blk device reached over vhost-user, through a
-/// connection the manager opened and handed over (virtio 1.2 §5.2; the device logic is
-/// `VirtioBlkDevice`, the transport `VhostUserTransport`).
+/// Serves block sessions on a virtio-blk device reached through a connection the manager
+/// opened and handed over (virtio 1.2 §5.2; the device logic is `VirtioBlkDevice`), generic
+/// over the transport (`HandedOverTransport`: vhost-user now).
 ///
 /// Zero-copy: every session's data region is exposed to the device at the IO address the
-/// manager's translation table gives it, and request descriptors point straight at client
-/// buffers. Only the request headers, segments and status bytes live in the driver's own
+/// manager's translation table gives it (vhost-user: in the device's memory table), and
+/// request descriptors point straight at client buffers. Only the request headers, segments and status bytes live in the driver's own
 /// memory (the manager's DMA region, seen by the device at `dmaIOAddress`), next to the
 /// virtqueue.
 ///
 /// When the device goes away the server keeps what was in flight, asks the manager for a
 /// new connection, sets the device up again, exposes every region again and resubmits in
 /// the order the requests first went to the device.
-struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
+struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockDeviceServer {
     static var keepsDataDescriptors: Bool { true }
-    static let callToken = HostToken.deviceFirst
-    static let socketToken = HostToken.deviceFirst + 1
+    static var callToken: UInt64 { HostToken.deviceFirst }
+    static var socketToken: UInt64 { HostToken.deviceFirst + 1 }
 
-    var device: VirtioBlkDevice<VhostUserTransport>
+    var device: VirtioBlkDevice<Link>
     let dma: DMARegion
     let mode: NotifyMode
     let pollWindow: UInt64
@@ -48,7 +48,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
     }
 
     /// `link`: the transport, its eventfds made before the sandbox was entered.
-    init(start cfg: DriverStart, memory: consuming OwnedFD, link: consuming VhostUserTransport,
+    init(start cfg: DriverStart, memory: consuming OwnedFD, link: consuming Link,
          context: borrowing HostContext) throws(DriverError) {
         guard cfg.virtio != nil else { throw .setup("the virtio-blk driver got transport \(cfg.transport)") }
         guard cfg.queueSize >= 8, cfg.queueSize <= 1024, cfg.queueSize.nonzeroBitCount == 1 else {
@@ -91,8 +91,8 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
         return DMARegion(region: region, mapping: mapping)
     }
 
-    static func makeDevice(_ link: consuming VhostUserTransport, _ mapping: borrowing SharedMapping,
-                           _ cfg: DriverStart) throws(DriverError) -> VirtioBlkDevice<VhostUserTransport> {
+    static func makeDevice(_ link: consuming Link, _ mapping: borrowing SharedMapping,
+                           _ cfg: DriverStart) throws(DriverError) -> VirtioBlkDevice<Link> {
         do {
             return try VirtioBlkDevice(transport: link, memory: mapping.base, size: mapping.size,
                                        ioAddress: cfg.dmaIOAddress, queueSize: Int(cfg.queueSize))
@@ -136,7 +136,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
                 context.page.beat()
             }
             try device.start(notificationsOff: mode == .adaptive || mode == .poll)
-            try context.epoll.add(FileDescriptor(rawValue: socket), events: .readable, token: Self.socketToken)
+            if socket >= 0 { try context.epoll.add(FileDescriptor(rawValue: socket), events: .readable, token: Self.socketToken) }
             var flags: DeviceFlags = []
             if info.flush { flags.insert(.flush) }
             if info.readOnly { flags.insert(.readOnly) }
@@ -206,7 +206,7 @@ struct VirtioBlkServer: ~Copyable, BlockDeviceServer {
     /// flight stays recorded and is resubmitted on the next connection.
     mutating func lose(_ reason: String, context: inout HostContext) {
         if connected {
-            try? context.epoll.remove(FileDescriptor(rawValue: socketFD))
+            if socketFD >= 0 { try? context.epoll.remove(FileDescriptor(rawValue: socketFD)) }
             drop()
         }
         // Nothing more comes from the device until a new connection: a client waiting for

@@ -1,0 +1,161 @@
+import ArgumentParser
+import FoundationEssentials
+import Manager
+import Outboard
+import OutboardSession
+import OutboardSystem
+
+/// `outboard check --config FILE --device NAME`: does a device work through Outboard? On a
+/// running manager (or one it starts from the config and stops after), one session runs
+/// every block operation the device offers and checks each answer:
+///
+/// - `verified-workload`: random reads and writes at queue depth 16, every read compared
+///   with what was last written there;
+/// - `pattern`: a known pattern (from `--seed`) written at `--pattern-offset`, flushed and
+///   read back: whoever holds the disk image afterwards can compare its bytes;
+/// - `flush`, `write-zeroes` (read back as zeros), `discard`: where the device offers them;
+/// - `beyond-capacity`: a request past the end is refused as invalid, not served.
+///
+/// One line per check (`check NAME ok|failed|skipped: detail`), or with `--json` one
+/// object. Exit status 0 only if no check failed.
+struct CheckCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "check",
+        abstract: "Check a device through Outboard: verified reads and writes, flush, write-zeroes, discard, limits."
+    )
+
+    @Option(help: "The manager's configuration file (a running manager, or one to start).")
+    var config: String
+
+    @Option(help: "The device to check.")
+    var device: String
+
+    @Option(help: "4 KiB blocks the verified workload uses (from block 0).")
+    var blocks: Int = 2048
+
+    @Option(help: "Operations of the verified workload.")
+    var operations: Int = 4000
+
+    @Option(help: "Byte offset of the 64 KiB pattern (after the workload's blocks).")
+    var patternOffset: UInt64 = 16 << 20
+
+    @Option(help: "Seed of the workload and the pattern.")
+    var seed: UInt64 = 1
+
+    @Flag(help: "Print one JSON object.")
+    var json = false
+
+    struct Result: Encodable {
+        var name: String
+        var outcome: String
+        var detail: String
+    }
+
+    func run() throws {
+        let cfg = try ManagerConfig.load(path: config)
+        var results: [Result] = []
+        if (try? UnixSocket.connect(path: cfg.controlSocket)) == nil {
+            var manager = try ManagerProcess(config: config, socket: cfg.controlSocket)
+            defer { manager.stop() }
+            results = try check(socket: cfg.controlSocket)
+        } else {
+            results = try check(socket: cfg.controlSocket)
+        }
+        let failed = results.filter { $0.outcome == "failed" }.count
+        if json {
+            struct Summary: Encodable { var device: String; var checks: [Result]; var failed: Int }
+            let e = JSONEncoder()
+            e.outputFormatting = [.sortedKeys]
+            print(String(decoding: try e.encode(Summary(device: device, checks: results, failed: failed)), as: UTF8.self))
+        } else {
+            for r in results { print("check \(r.name) \(r.outcome): \(r.detail)") }
+        }
+        if failed > 0 { throw ExitCode(1) }
+    }
+
+    static let patternBytes = 64 << 10
+
+    /// The pattern `check` writes: byte i of it is a function of i and the seed.
+    static func pattern(seed: UInt64, count: Int) -> [UInt8] {
+        (0..<count).map { UInt8(truncatingIfNeeded: UInt64($0) &* 0x9E37_79B9 &+ seed &* 131 &+ UInt64($0 >> 12)) }
+    }
+
+    func check(socket: String) throws -> [Result] {
+        var results: [Result] = []
+        func note(_ name: String, _ ok: Bool?, _ detail: String) {
+            results.append(Result(name: name, outcome: ok == nil ? "skipped" : ok! ? "ok" : "failed", detail: detail))
+        }
+        let depth = 16
+        let session = try BlockSession.open(socketPath: socket, device: device, writable: true,
+                                            dataBytes: max(depth, Self.patternBytes / VerifiedWorkload.blockBytes) * VerifiedWorkload.blockBytes,
+                                            queueDepth: depth, waitMilliseconds: 30_000)
+        let info = session.info
+        var w = VerifiedWorkload(session: session, blocks: blocks, seed: seed)
+        do {
+            try w.prepare()
+            try w.run(operations: operations)
+            try w.finish()
+            note("verified-workload", w.verifyErrors == 0, "\(w.ops) operations on \(blocks) blocks, \(w.verifyErrors) verify errors")
+        } catch {
+            note("verified-workload", false, "\(error)")
+            return results
+        }
+        let sectors = info.blockCount
+        let patternSector = patternOffset / 512
+        guard patternOffset % 4096 == 0, patternSector + UInt64(Self.patternBytes / 512) <= sectors else {
+            note("pattern", false, "offset \(patternOffset) does not fit a \(Self.patternBytes)-byte pattern on \(sectors) sectors")
+            return results
+        }
+        let expected = Self.pattern(seed: seed, count: Self.patternBytes)
+        do {
+            expected.withUnsafeBytes { w.session.buffer.copyMemory(from: $0) }
+            var status = try io(&w.session, .write, sector: patternSector, length: Self.patternBytes)
+            if status == .ok, info.flags.contains(.flush) { status = try io(&w.session, .flush, sector: 0, length: 0) }
+            w.session.buffer.initializeMemory(as: UInt8.self, repeating: 0)
+            if status == .ok { status = try io(&w.session, .read, sector: patternSector, length: Self.patternBytes) }
+            let same = status == .ok && w.session.buffer.prefix(Self.patternBytes).elementsEqual(expected)
+            note("pattern", same, "\(Self.patternBytes) bytes at \(patternOffset): write, flush, read back: \(status)\(same ? "" : ", bytes differ")")
+        }
+        if info.flags.contains(.flush) {
+            let st = try io(&w.session, .flush, sector: 0, length: 0)
+            note("flush", st == .ok, "\(st)")
+        } else {
+            note("flush", nil, "the device writes through (no flush)")
+        }
+        // Write-zeroes and discard on the 64 KiB after the pattern.
+        let scratch = patternSector + UInt64(Self.patternBytes / 512)
+        if info.flags.contains(.writeZeroes), scratch + 128 <= sectors {
+            w.session.buffer.initializeMemory(as: UInt8.self, repeating: 0xA5)
+            var st = try io(&w.session, .write, sector: scratch, length: 65536)
+            if st == .ok { st = try io(&w.session, .writeZeroes, sector: scratch, length: 65536) }
+            w.session.buffer.initializeMemory(as: UInt8.self, repeating: 0xA5)
+            if st == .ok { st = try io(&w.session, .read, sector: scratch, length: 65536) }
+            let zero = st == .ok && w.session.buffer.prefix(65536).allSatisfy { $0 == 0 }
+            note("write-zeroes", zero, "64 KiB written, zeroed, read back: \(st)\(zero || st != .ok ? "" : ", not zero")")
+        } else {
+            note("write-zeroes", nil, "not offered")
+        }
+        if info.flags.contains(.discard), scratch + 128 <= sectors {
+            let st = try io(&w.session, .discard, sector: scratch, length: 65536)
+            note("discard", st == .ok, "\(st)")
+        } else {
+            note("discard", nil, "not offered")
+        }
+        let beyond = try io(&w.session, .read, sector: sectors - 4, length: 4096)
+        note("beyond-capacity", beyond == .invalid, "a 4 KiB read 2 KiB before the end: \(beyond)")
+        return results
+    }
+
+    /// One request, waited for (at most 30 s).
+    func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, length: Int) throws -> BlockStatus {
+        guard try s.submit(op, sector: sector, offset: 0, length: length) != nil else { throw ValidationError("queue full") }
+        let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: s.queueDepth)
+        defer { out.deallocate() }
+        let deadline = Clock.monotonicNanoseconds + 30_000_000_000
+        while Clock.monotonicNanoseconds < deadline {
+            let n = try s.wait(into: out, timeoutMilliseconds: 100)
+            if n > 0 { return out[0].status ?? .ioError }
+        }
+        throw ValidationError("no completion for \(op) within 30 s")
+    }
+}
