@@ -13,6 +13,7 @@
 #   --work-dir DIR     where the disk images, initramfs and logs go, kept afterwards
 #                      (default: a new folder under .build-guest/runs/, deleted afterwards)
 #   --keep             keep the default work folder (its path is printed on stderr)
+#   --no-fio           leave fio out of the guest (it doubles the boot time, about 3 s)
 #   --console          print the guest's console (kernel messages, init) on stderr afterwards
 #   --result FILE      write the command's exit status to FILE once the guest reported it
 #                      (callers that must tell the command's status from the lane's own)
@@ -22,7 +23,7 @@
 # Exit status: the command's; 124 if the guest ran past --timeout; 125 if the lane failed
 # (build, boot, a guest that died before reporting). Messages of the lane are on stderr.
 #
-# In the guest: /bin/outboard (static), busybox, fio; users root, outboard-driver (uid 999)
+# In the guest: /bin/outboard (static), busybox, fio (unless --no-fio); users root, outboard-driver (uid 999)
 # and nobody (65534); the disks at PCI 0000:00:04.0 (serial "outboard-vfio", for Outboard's
 # drivers through vfio-pci) and 0000:00:05.0 (serial "guest-kernel", for the guest kernel's
 # own virtio_blk, the comparison). The kernel's virtio_blk binds both at boot.
@@ -31,7 +32,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 here="$root/scripts/guest"
 cache="$root/.build-guest"   # kernel, base initramfs, stripped binary: kept across runs
 
-disk_size=64M memory=1G timeout_s=600 outboard="" build_only=0 work_arg="" work="" keep=0 console=0
+disk_size=64M memory=1G timeout_s=600 outboard="" build_only=0 work_arg="" work="" keep=0 console=0 with_fio=1
 result_file="" copies=()
 usage() { sed -n '/^# usage:/,/^# own virtio_blk/s/^# \{0,1\}//p' "$0"; }
 die() { echo "guest-lane: $*" >&2; exit 125; }
@@ -46,6 +47,7 @@ while [ $# -gt 0 ]; do
     --build-only) build_only=1; shift ;;
     --work-dir) need_arg "$@"; work_arg=$2; shift 2 ;;
     --keep) keep=1; shift ;;
+    --no-fio) with_fio=0; shift ;;
     --console) console=1; shift ;;
     --result) need_arg "$@"; result_file=$2; shift 2 ;;
     -h | --help) usage; exit 0 ;;
@@ -121,16 +123,17 @@ if [ ! -e "$vmlinux" ]; then
 fi
 
 # --- The base initramfs (cached) ------------------------------------------------------------
-# Everything that does not change from run to run: busybox, the modules, fio and its
-# libraries, users, /init. Uncompressed, because decompressing costs more under TCG than
-# reading. Rebuilt when this script, init, busybox, fio or the kernel's modules changed.
+# Everything that does not change from run to run: busybox, the modules, users, /init.
+# Uncompressed, because decompressing costs more under TCG than reading. Rebuilt when
+# this script, init, busybox or the kernel's modules changed.
 base="$cache/base-$kv.cpio"
-inputs=("$0" "$here/init" /bin/busybox /usr/bin/fio "/lib/modules/$kv/modules.dep")
-stale=0
-[ -e "$base" ] || stale=1
-for i in "${inputs[@]}"; do [ "$stale" = 1 ] || [ ! "$i" -nt "$base" ] || stale=1; done
-if [ "$stale" = 1 ]; then
-  command -v fio >/dev/null || die "fio is missing (scripts/setup.sh installs it)"
+stale() { # stale ARCHIVE INPUTS...: missing, or older than one of its inputs
+  local a=$1 i; shift
+  [ -e "$a" ] || return 0
+  for i in "$@"; do [ ! "$i" -nt "$a" ] || return 0; done
+  return 1
+}
+if stale "$base" "$0" "$here/init" /bin/busybox "/lib/modules/$kv/modules.dep"; then
   r=$(mktemp -d "$cache/base.XXXXXX")
   mkdir -p "$r"/{bin,etc,proc,sys,dev,tmp,root,scratch,newroot,guest,opt,lib64} \
            "$r/lib/x86_64-linux-gnu" "$r/lib/modules/$kv"
@@ -146,13 +149,6 @@ if [ "$stale" = 1 ]; then
   for f in modules.dep modules.alias modules.softdep modules.builtin modules.order; do
     [ -e "/lib/modules/$kv/$f" ] && cp "/lib/modules/$kv/$f" "$r/lib/modules/$kv/"
   done
-  # fio for the benchmark, with the closure of its shared libraries. All of them go to
-  # the loader's default folder (there is no ld.so.cache to find others, such as ceph's).
-  cp /usr/bin/fio "$r/bin/fio"
-  ldd /usr/bin/fio | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | while read -r l; do
-    cp -L "$l" "$r/lib/x86_64-linux-gnu/$(basename "$l")"
-  done
-  cp -L /lib64/ld-linux-x86-64.so.2 "$r/lib64/"
   # Users for the driver sandbox (it resolves them by name). No nsswitch.conf: glibc then
   # reads the files, which a static binary can do without loading an NSS module.
   cat >"$r/etc/passwd" <<'EOF'
@@ -171,6 +167,24 @@ EOF
   rm -rf "$r"
 fi
 
+# fio for the benchmark, with the closure of its shared libraries (84 MB with Debian's
+# ceph and gluster engines, which doubles the boot time: --no-fio leaves it out). All of
+# them go to the loader's default folder: there is no ld.so.cache to find others (ceph's).
+fio_cpio="$cache/fio.cpio"
+if [ "$with_fio" = 1 ] && stale "$fio_cpio" "$0" /usr/bin/fio; then
+  command -v fio >/dev/null || die "fio is missing (scripts/setup.sh installs it)"
+  r=$(mktemp -d "$cache/fio.XXXXXX")
+  mkdir -p "$r/bin" "$r/lib/x86_64-linux-gnu" "$r/lib64"
+  cp /usr/bin/fio "$r/bin/fio"
+  ldd /usr/bin/fio | awk '$2 == "=>" && $3 ~ /^\// { print $3 }' | while read -r l; do
+    cp -L "$l" "$r/lib/x86_64-linux-gnu/$(basename "$l")"
+  done
+  cp -L /lib64/ld-linux-x86-64.so.2 "$r/lib64/"
+  (cd "$r" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$fio_cpio.tmp.$$"
+  mv -f "$fio_cpio.tmp.$$" "$fio_cpio"
+  rm -rf "$r"
+fi
+
 # --- This run ---------------------------------------------------------------------------
 if [ -z "$work_arg" ]; then
   mkdir -p "$cache/runs"
@@ -181,14 +195,16 @@ else
 fi
 work=$(cd "$work" && pwd)
 
-# A second archive after the base one: the kernel unpacks both, later files win.
+# Archives one after the other: the kernel unpacks them all, later files win.
 s="$work/stage"
 rm -rf "$s"; mkdir -p "$s/bin" "$s/guest" "$s/opt"
 cp "$outboard" "$s/bin/outboard"
 printf '%s\n' "$command_text" >"$s/guest/command"
 for c in "${copies[@]}"; do cp -a "$c" "$s/opt/"; done
 (cd "$s" && find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$work/run.cpio"
-cat "$base" "$work/run.cpio" >"$work/initramfs.cpio"
+archives=("$base")
+if [ "$with_fio" = 1 ]; then archives+=("$fio_cpio"); fi
+cat "${archives[@]}" "$work/run.cpio" >"$work/initramfs.cpio"
 rm -rf "$s" "$work/run.cpio"
 
 # Two identical sparse images: one for Outboard, one for the guest kernel's driver.
