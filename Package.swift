@@ -120,6 +120,9 @@ let package = Package(
             name: "VirtualizersTests",
             dependencies: ["Virtualizers", "Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
         ),
+        // Inside a QEMU guest with an IOMMU (scripts/guest-lane.sh): what the VFIO tests and
+        // the benchmark rely on there.
+        .testTarget(name: "GuestLaneTests", dependencies: ["OutboardTestSupport", "OutboardSystem"]),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(
             name: "OutboardBenchTests",

@@ -9,7 +9,13 @@ cd "$(dirname "$0")/.."
 #   gcc, libc6-dev, linux-libc-dev  the C shim and the C references
 #   qemu-system-common              qemu-storage-daemon, the vhost-user-blk device
 #   fio                             the kernel's own path, for context in `bench blk`
-PACKAGES=(gcc libc6-dev linux-libc-dev qemu-system-common fio)
+#   qemu-system-x86                 the guest lane's VM (TCG, emulated Intel IOMMU)
+#   linux-image-amd64               the guest lane's kernel and its VFIO and virtio modules
+#   busybox-static                  the guest lane's userland (sh, modprobe, switch_root)
+#   cpio                            the guest lane's initramfs
+#   xz-utils                        unpacking the kernel image (vmlinuz) for a faster boot
+PACKAGES=(gcc libc6-dev linux-libc-dev qemu-system-common fio
+          qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
