@@ -29,8 +29,8 @@ extension Manager {
             try epoll.add(drv.socket.fd.raw, events: .readable, token: Token.driverSocket | UInt64(d.index))
             try epoll.add(drv.child.pidfd.raw, events: .readable, token: Token.driverExit | UInt64(d.index))
             d.driver = drv
-            // A driver cannot open its device itself (a vhost-user socket, a VFIO group): the
-            // manager hands it a connection, now and whenever the driver reports it lost.
+            // A driver cannot open its device itself (a vhost-user socket): the manager hands
+            // it a connection, now and whenever the driver reports it lost.
             d.link.handoff?.driverStarted()
             linkDevice(d)
             logger.info("driver started", metadata: ["device": "\(d.name)", "pid": "\(drv.child.pid)", "generation": "\(d.generation)"])
@@ -198,13 +198,9 @@ extension Manager {
         case .memory:
             return .memory(latencyMicroseconds: d.config.latencyUs)
         case .vhostUser:
-            return .vhostUser(virtioParameters(d))
+            return .vhostUser(VirtioParameters(queueSize: d.config.queueSize, notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive,
+                                               pollMicroseconds: d.config.pollUs, dmaIOAddress: DeviceState.dmaIOAddress))
         }
-    }
-
-    func virtioParameters(_ d: DeviceState) -> VirtioParameters {
-        VirtioParameters(queueSize: d.config.queueSize, notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive,
-                         pollMicroseconds: d.config.pollUs, dmaIOAddress: DeviceState.dmaIOAddress)
     }
 
     // MARK: tick: heartbeats, health, restarts, leases, revocations

@@ -1,6 +1,5 @@
 import ArgumentParser
 import FoundationEssentials
-import Manager
 import Outboard
 import OutboardSession
 import OutboardSystem
@@ -52,15 +51,7 @@ struct CheckCommand: ParsableCommand {
     }
 
     func run() throws {
-        let cfg = try ManagerConfig.load(path: config)
-        var results: [Result] = []
-        if (try? UnixSocket.connect(path: cfg.controlSocket)) == nil {
-            var manager = try ManagerProcess(config: config, socket: cfg.controlSocket)
-            defer { manager.stop() }
-            results = try check(socket: cfg.controlSocket)
-        } else {
-            results = try check(socket: cfg.controlSocket)
-        }
+        let results = try withManager(config: config) { try check(socket: $0) }
         let failed = results.filter { $0.outcome == "failed" }.count
         if json {
             struct Summary: Encodable { var device: String; var checks: [Result]; var failed: Int }

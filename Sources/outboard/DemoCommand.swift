@@ -315,6 +315,16 @@ struct Lab {
 }
 
 /// `outboard run` as a child process: `stop()` ends it with SIGTERM; dropped unstopped, it is killed.
+/// Runs `body` with the control socket of the manager `config` names: the one already
+/// listening there, or one started from the config for the call and stopped after it.
+func withManager<R>(config: String, _ body: (String) throws -> R) throws -> R {
+    let socket = try ManagerConfig.load(path: config).controlSocket
+    if (try? UnixSocket.connect(path: socket)) != nil { return try body(socket) }
+    var manager = try ManagerProcess(config: config, socket: socket)
+    defer { manager.stop() }
+    return try body(socket)
+}
+
 struct ManagerProcess: ~Copyable {
     var child: ChildProcess
     var pid: pid_t { child.pid }

@@ -75,14 +75,7 @@ struct FaultsCommand: ParsableCommand {
             return
         }
         guard let config else { throw ValidationError("give --config FILE (a running or startable manager) or --storage-daemon") }
-        let cfg = try ManagerConfig.load(path: config)
-        if (try? UnixSocket.connect(path: cfg.controlSocket)) == nil {
-            var manager = try ManagerProcess(config: config, socket: cfg.controlSocket)
-            defer { manager.stop() }
-            try inject(socket: cfg.controlSocket)
-        } else {
-            try inject(socket: cfg.controlSocket)
-        }
+        try withManager(config: config) { try inject(socket: $0) }
     }
 
     func inject(socket: String) throws {

@@ -8,7 +8,7 @@ import Virtio
 /// to each descriptor it is given, and disconnects it when the device is lost.
 protocol HandedOverTransport: VirtioTransport, ~Copyable {
     /// Takes the device the manager handed over and does the transport's own set-up (the
-    /// vhost-user handshake; mapping BARs and routing MSI-X).
+    /// vhost-user handshake).
     mutating func connect(_ fd: consuming OwnedFD) throws(VirtioTransportError)
     /// Lets go of the device: nothing the transport does reaches it afterwards.
     mutating func disconnect()

@@ -11,9 +11,9 @@ import Virtio
 ///
 /// Zero-copy: every session's data region is exposed to the device at the IO address the
 /// manager's translation table gives it (vhost-user: in the device's memory table), and
-/// request descriptors point straight at client buffers. Only the request headers, segments and status bytes live in the driver's own
-/// memory (the manager's DMA region, seen by the device at `dmaIOAddress`), next to the
-/// virtqueue.
+/// request descriptors point straight at client buffers. Only the request headers,
+/// segments and status bytes live in the driver's own memory (the manager's DMA region,
+/// seen by the device at `dmaIOAddress`), next to the virtqueue.
 ///
 /// When the device goes away the server keeps what was in flight, asks the manager for a
 /// new connection, sets the device up again, exposes every region again and resubmits in
