@@ -169,6 +169,9 @@ public struct VhostUserTransport: ~Copyable, VirtioTransport {
 
     // MARK: features and status
 
+    /// None: the backend reaches memory through the memory table, not an IOMMU.
+    public var transportFeatures: UInt64 { 0 }
+
     public mutating func deviceFeatures() throws(VirtioTransportError) -> UInt64 {
         guard isConnected else { throw .disconnected("no connection to the device") }
         let offered = offeredFeatures

@@ -73,6 +73,10 @@ public enum VirtioTransportError: Error, Equatable, Sendable, CustomStringConver
 /// path calls (`notify`) are direct. Control calls may block for a bounded time and throw;
 /// data path calls neither block nor throw.
 public protocol VirtioTransport: ~Copyable {
+    /// Feature bits the transport itself needs accepted when the device offers them, which
+    /// the driver adds to its own: VIRTIO_F_ACCESS_PLATFORM for a device behind an IOMMU
+    /// (virtio-pci over VFIO); 0 for transports that need none.
+    var transportFeatures: UInt64 { get }
     /// The device's feature bits (§2.2), all 64.
     mutating func deviceFeatures() throws(VirtioTransportError) -> UInt64
     /// Writes the features the driver accepts, a subset of `deviceFeatures()` (§2.2).

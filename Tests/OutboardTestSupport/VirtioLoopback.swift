@@ -38,6 +38,7 @@ public struct LoopbackBlkTransport: ~Copyable, VirtioTransport {
 
     // MARK: VirtioTransport
 
+    public var transportFeatures: UInt64 { 0 }
     public mutating func deviceFeatures() throws(VirtioTransportError) -> UInt64 { offeredFeatures }
     public mutating func setDriverFeatures(_ f: UInt64) throws(VirtioTransportError) {
         guard f & ~offeredFeatures == 0 else { throw .refused("features not offered") }

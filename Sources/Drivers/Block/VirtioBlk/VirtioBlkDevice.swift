@@ -78,6 +78,7 @@ public struct VirtioBlkDevice<Transport: VirtioTransport & ~Copyable>: ~Copyable
                 | VirtioBlkFeature.blkSize | VirtioBlkFeature.flush | VirtioBlkFeature.readOnly | VirtioBlkFeature.discard
                 | VirtioBlkFeature.writeZeroes | VirtioFeature.ringIndirectDesc
             if eventIdx { wanted |= VirtioFeature.ringEventIdx }
+            wanted |= offered & transport.transportFeatures
             let negotiated: UInt64
             do { negotiated = try FeatureNegotiation.negotiate(offered: offered, wanted: wanted, required: VirtioFeature.version1) } catch {
                 throw VirtioBlkError.unsupported("\(error)")
