@@ -49,7 +49,7 @@ let package = Package(
             dependencies: ["OutboardSystem", "OutboardRings", "CLinux", .product(name: "SystemPackage", package: "swift-system")]
         ),
         // The virtio-pci transport (virtio 1.2 §4.1, modern devices) over a PCI function.
-        .target(name: "VirtioPCI", dependencies: ["VFIO", "Virtio", "OutboardRings", "CLinux"]),
+        .target(name: "VirtioPCI", dependencies: ["VFIO", "Virtio", "OutboardRings", "OutboardSystem", "CLinux", "COrdering"]),
         // Drivers: the processes the manager spawns and sandboxes.
         .target(
             name: "Drivers",
@@ -96,6 +96,10 @@ let package = Package(
         // VFIO and virtio-pci pieces the host can check (parsing, layouts, binding over a
         // sysfs tree); the devices themselves are tested in the guest lane.
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "VirtioPCI", "Virtio", "CLinux", "OutboardTestSupport"]),
+        // The virtio-pci transport over an in-process PCI function double (a modern
+        // virtio-pci device's registers in trapped memory).
+        .testTarget(name: "VirtioPCITests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "OutboardRings", "OutboardSystem",
+                                                           "CLinux", "Drivers", "OutboardTestSupport"]),
         .testTarget(name: "VhostUserTests", dependencies: ["VhostUser", "Virtio", "OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardSessionTests", dependencies: ["OutboardSession", "OutboardRings", "OutboardSystem"]),
         // End to end: a manager process, sandboxed drivers, clients, faults.
