@@ -82,6 +82,9 @@ struct VirtioPCIModel {
     var functionResets = 0
     var configWrites: [(offset: Int, bytes: [UInt8])] = []
     var accesses = 0
+    /// Queue 0's device-side indices, for tests that run a `TestDevice` over its rings.
+    var lastAvail: UInt16 = 0
+    var usedIdx: UInt16 = 0
 
     var bar: UnsafeMutableRawPointer
 
