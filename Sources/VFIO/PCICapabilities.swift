@@ -20,6 +20,12 @@ public struct MSIXCapability: Equatable, Sendable {
     /// Message Control's MSI-X Enable and Function Mask bits when the copy was taken.
     public var enabled: Bool
     public var functionMasked: Bool
+
+    public init(offset: Int, tableSize: Int, tableBAR: Int, tableOffset: UInt32, pbaBAR: Int, pbaOffset: UInt32,
+                enabled: Bool, functionMasked: Bool) {
+        self.offset = offset; self.tableSize = tableSize; self.tableBAR = tableBAR; self.tableOffset = tableOffset
+        self.pbaBAR = pbaBAR; self.pbaOffset = pbaOffset; self.enabled = enabled; self.functionMasked = functionMasked
+    }
 }
 
 /// The standard capability list of a PCI function, walked over a copy of its configuration

@@ -197,9 +197,10 @@ public struct PCISysfs {
         return names
     }
 
-    /// Writes `text` to the sysfs attribute at `path` in one write(2), as the kernel wants.
+    /// Writes `text` to the sysfs attribute at `path` in one write(2), as the kernel wants
+    /// (O_TRUNC as a shell's `>`: sysfs ignores it, a plain file of a fake tree needs it).
     func write(_ path: String, _ text: String) throws(PCIError) {
-        let fd = try openOwned(path, O_WRONLY)
+        let fd = try openOwned(path, O_WRONLY | O_TRUNC)
         let raw = fd.raw.rawValue
         let bytes = Array(text.utf8)
         let n = try vfioCall("write \"\(text == "\n" ? "\\n" : text)\" to \(path)") {
