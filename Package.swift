@@ -81,7 +81,8 @@ let package = Package(
         .executableTarget(
             name: "outboard",
             dependencies: [
-                "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers",
+                "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers", "VFIO", "CLinux",
+                "OutboardRings",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

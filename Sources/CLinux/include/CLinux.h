@@ -224,4 +224,7 @@ int ob_count_signal(int sig);
 /// How many signals the handler of ob_count_signal has counted.
 unsigned long ob_signals_counted(void);
 
+// VFIO (linux/vfio.h): request numbers, ioctl(2), layouts, the full MMIO barrier.
+#include "CVFIO.h"
+
 #endif
