@@ -18,14 +18,18 @@ import Virtio
 ///
 /// Mapping of the transport operations (§4.1.4.3 common configuration, §4.1.5):
 /// - deviceFeatures / setDriverFeatures: device_feature_select and device_feature,
-///   driver_feature_select and driver_feature, two 32-bit words each.
+///   driver_feature_select and driver_feature, two 32-bit words each. The driver's features
+///   must include VIRTIO_F_ACCESS_PLATFORM (`transportFeatures`): the addresses it gives
+///   are IO virtual addresses the IOMMU translates, and a device without the feature
+///   would use them as physical addresses.
 /// - status / setStatus: device_status. reset: device_status = 0, then device_status is
 ///   read until it reads 0, for at most `resetTimeoutMilliseconds` (§4.1.4.3.2); then
 ///   config_msix_vector = 0 (a reset forgets it). The PCI function-level reset is not used:
 ///   QEMU's virtio devices offer none; the driver host may use `PCIFunction.resetFunction`.
 /// - readConfig: the device configuration capability, between two equal reads of
 ///   config_generation (§2.5.1, §4.1.4.3.1).
-/// - setUpQueue: queue_select, queue_size, queue_desc, queue_driver, queue_device,
+/// - setUpQueue: queue_select, queue_size (the device's maximum as it reads after a reset;
+///   the driver's size must not exceed it), queue_desc, queue_driver, queue_device,
 ///   queue_msix_vector = index + 1 (read back), queue_notify_off (the notify address).
 ///   enableQueue: queue_enable = 1.
 /// - notify: the queue's index, stored as 16 bits at its notify address (§4.1.5.2).
@@ -279,6 +283,11 @@ public struct VirtioPCITransport<Function: PCIFunction & ~Copyable>: ~Copyable, 
         if let o = offered { offer = o } else { offer = try deviceFeatures() }
         guard features & ~offer == 0 else {
             throw .refused("features 0x\(String(features & ~offer, radix: 16)) were not offered")
+        }
+        guard features & VirtioFeature.accessPlatform != 0 else {
+            throw .unsupported(offer & VirtioFeature.accessPlatform == 0
+                ? "the device does not offer VIRTIO_F_ACCESS_PLATFORM: it would bypass the IOMMU, and the driver's addresses are IO virtual addresses"
+                : "VIRTIO_F_ACCESS_PLATFORM is offered but not accepted (the transport needs it: the driver's addresses are IO virtual addresses)")
         }
         Self.write32(r.common, VirtioPCICommon.driverFeatureSelect, 0)
         Self.write32(r.common, VirtioPCICommon.driverFeature, UInt32(truncatingIfNeeded: features))

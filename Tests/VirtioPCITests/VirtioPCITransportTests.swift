@@ -76,6 +76,19 @@ func waitReadable(_ fd: CInt) -> Bool {
             try t.setDriverFeatures(0x0000_0003_0000_0001)
             #expect(model.pointee.driverFeatures == 0x0000_0003_0000_0001)
             #expect(throws: VirtioTransportError.refused("features 0x10 were not offered")) { try t.setDriverFeatures(0x10) }
+            #expect(throws: VirtioTransportError.unsupported("VIRTIO_F_ACCESS_PLATFORM is offered but not accepted (the "
+                + "transport needs it: the driver's addresses are IO virtual addresses)")) { try t.setDriverFeatures(1 << 32) }
+        }
+    }
+
+    @Test func aDeviceWithoutAccessPlatformIsUnsupported() throws {
+        try withDevice({ $0.deviceFeatures = VirtioFeature.version1 }) { model in
+            var t = try attached(model)
+            #expect(throws: VirtioTransportError.unsupported("the device does not offer VIRTIO_F_ACCESS_PLATFORM: it would "
+                + "bypass the IOMMU, and the driver's addresses are IO virtual addresses")) {
+                try t.setDriverFeatures(VirtioFeature.version1)
+            }
+            #expect(model.pointee.driverFeatures == 0)
         }
     }
 
@@ -86,7 +99,7 @@ func waitReadable(_ fd: CInt) -> Bool {
             try t.setStatus(.acknowledge)
             try t.setStatus(.driver)
             #expect(try t.status() == [.acknowledge, .driver])
-            try t.setDriverFeatures(VirtioFeature.version1)
+            try t.setDriverFeatures(VirtioFeature.version1 | VirtioFeature.accessPlatform)
             try t.setStatus(.featuresOK)
             #expect(try t.status() == [.acknowledge, .driver, .featuresOK])
             try t.setStatus(.driverOK)
@@ -105,7 +118,7 @@ func waitReadable(_ fd: CInt) -> Bool {
             var t = try attached(model)
             try t.reset()
             try t.setStatus([.acknowledge, .driver])
-            try t.setDriverFeatures(VirtioFeature.version1)
+            try t.setDriverFeatures(VirtioFeature.version1 | VirtioFeature.accessPlatform)
             try t.setStatus(.featuresOK)
             #expect(try !t.status().contains(.featuresOK))
         }
