@@ -14,7 +14,7 @@ import Glibc
 /// vfio-pci, opens it through VFIO (container, group, device), maps 4 MiB of anonymous
 /// memory for DMA at IOVA 1 MiB, attaches a `VirtioPCITransport` and drives
 /// `VirtioBlkDevice` over it: saves 64 KiB at sector 2048, writes a pattern there, reads it
-/// back and compares, writes the saved bytes back, flushes. Each completion is waited for
+/// back and compares, writes the saved bytes back (unless --leave-pattern), flushes. Each completion is waited for
 /// on the queue's MSI-X eventfd. Then resets the device, detaches, unmaps and restores the
 /// function's driver. Needs root. One fact per line; exits non-zero on any failure.
 struct VirtioPCISmokeCommand: ParsableCommand {
@@ -25,6 +25,9 @@ struct VirtioPCISmokeCommand: ParsableCommand {
 
     @Option(help: "The sector the test writes at (64 KiB from there are saved and restored).")
     var sector: UInt64 = 2048
+
+    @Flag(help: "Leave the pattern on the disk instead of restoring what was there (for a check through the kernel's driver).")
+    var leavePattern = false
 
     func run() throws {
         guard let address = PCIAddress(bdf) else { throw ValidationError("not a PCI address: \(bdf)") }
@@ -116,7 +119,11 @@ struct VirtioPCISmokeCommand: ParsableCommand {
         try run("read-back", VirtioBlkRequest(op: .read, sector: sector, buffer: io(readBack), length: len))
         let same = memcmp(pattern, readBack, length) == 0
         print("compare \(length) bytes match \(same)")
-        try run("restore-original", VirtioBlkRequest(op: .write, sector: sector, buffer: io(saved), length: len))
+        let head = (0..<16).map { String(pattern.load(fromByteOffset: $0, as: UInt8.self), radix: 16) }.joined(separator: " ")
+        print("pattern first-bytes \(head)")
+        if !leavePattern {
+            try run("restore-original", VirtioBlkRequest(op: .write, sector: sector, buffer: io(saved), length: len))
+        }
         if info.flush { try run("flush", VirtioBlkRequest(op: .flush, sector: 0, length: 0)) }
         print("msix queue-vector interrupts \(interrupts)")
         guard same else { throw ValidationError("the data read back differs from the pattern written") }
