@@ -106,7 +106,7 @@ let package = Package(
         // End to end: a manager process, sandboxed drivers, clients, faults.
         .testTarget(
             name: "ManagerTests",
-            dependencies: ["Manager", "Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
+            dependencies: ["Manager", "Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport", "VFIO"]
         ),
         // The drivers, as the manager runs them: the virtio-blk driver against a real
         // qemu-storage-daemon (the memory driver serves the manager's and client tests).

@@ -24,12 +24,16 @@ extension Manager {
         guard let drv = d.driver, drv.ready, drv.killReason == nil else {
             return refuse(c, .busy, "device '\(device)' has no running driver (state \(d.state))")
         }
+        if fault == .strayDMA, d.config.transport != .vfio {
+            return refuse(c, .invalidArgument, "fault stray-dma is for devices behind an IOMMU (transport vfio); '\(device)' is \(d.config.transport.rawValue)")
+        }
         logger.notice("injecting fault", metadata: ["device": "\(device)", "fault": "\(fault)", "pid": "\(drv.child.pid)"])
         switch fault {
         case .kill: try? drv.child.signal(SIGKILL)
         case .segfault: try? drv.child.signal(SIGSEGV)
         case .hang: try? drv.child.signal(SIGSTOP)
         case .abort: d.table.requestAbort(generation: d.generation)
+        case .strayDMA: d.table.requestStrayDMA(generation: d.generation)
         }
         try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid), nonBlocking: true)
     }

@@ -1,4 +1,5 @@
 import FoundationEssentials
+import VFIO
 import OutboardSession
 import OutboardSystem
 
@@ -51,6 +52,9 @@ public struct ManagerConfig: Decodable, Sendable {
         case memory
         /// A vhost-user device at `socket`, which the manager connects to and hands over.
         case vhostUser = "vhost-user"
+        /// A virtio-pci device at PCI address `pci`, behind an IOMMU: the manager binds it to
+        /// vfio-pci, maps DMA, and hands the driver the device fd.
+        case vfio
     }
 
     public struct DeviceConfig: Decodable, Sendable {
@@ -64,14 +68,16 @@ public struct ManagerConfig: Decodable, Sendable {
         /// vhost-user: the device's socket. The manager connects to it and hands
         /// the connection to the sandboxed driver (again after every disconnection).
         public var socket: String? = nil
-        /// vhost-user: virtqueue size (a power of two, 8...1024).
+        /// vfio: the device's PCI address (`0000:00:04.0`).
+        public var pci: String? = nil
+        /// vhost-user and vfio: virtqueue size (a power of two, 8...1024).
         public var queueSize: UInt32 = 256
-        /// vhost-user: how the driver learns of completions: "interrupt" (one per
+        /// vhost-user and vfio: how the driver learns of completions: "interrupt" (one per
         /// completion), "event-idx" (once per batch taken), "adaptive" (busy-poll while busy
         /// and for `poll_us` after, event-idx otherwise), "poll" (busy-poll while busy).
         public var notify: String = "adaptive"
         public var pollUs: UInt32 = 50
-        /// vhost-user: how often the manager retries connecting to an absent device.
+        /// vhost-user and vfio: how often the manager retries handing an absent device over.
         public var reconnectMs: UInt32 = 50
         public var access: [AccessRule] = []
         public var limits: Limits = Limits()
@@ -183,35 +189,42 @@ extension ManagerConfig.DeviceConfig {
     /// must say which pairs exist.
     func validateTransport(_ fail: (String) -> ConfigError) throws {
         switch (transport, deviceClass) {
-        case (.memory, .block), (.vhostUser, .block):
+        case (.memory, .block), (.vhostUser, .block), (.vfio, .block):
             break
         }
+        for key in givenKeys {
+            guard let (written, owners) = Self.transportKeys[key], !owners.contains(transport) else { continue }
+            throw fail("device '\(name)': '\(written)' is for transport \(owners.map(\.rawValue).sorted().joined(separator: " or ")), this device's transport is \(transport.rawValue)")
+        }
         switch transport {
+        case .memory:
+            return
         case .vhostUser:
             guard let path = socket, !path.isEmpty, path.utf8.count < 108 else {
                 throw fail("device '\(name)': transport vhost-user needs 'socket', the device's vhost-user socket path (under 108 bytes)")
             }
-            guard queueSize >= 8, queueSize <= 1024, queueSize.nonzeroBitCount == 1 else {
-                throw fail("device '\(name)': queue_size must be a power of two in 8...1024")
-            }
-            guard NotifyMode(name: notify) != nil else {
-                throw fail("device '\(name)': notify '\(notify)' (use interrupt, event-idx, adaptive or poll)")
-            }
-            guard reconnectMs >= 1 else { throw fail("device '\(name)': reconnect_ms must be at least 1") }
-            if let key = givenKeys.compactMap({ Self.memoryKeys[$0] }).first {
-                throw fail("device '\(name)': '\(key)' is for transport memory, this device's transport is vhost-user")
-            }
-        case .memory:
-            if let key = givenKeys.compactMap({ Self.vhostUserKeys[$0] }).first {
-                throw fail("device '\(name)': '\(key)' is for transport vhost-user, this device's transport is memory")
+        case .vfio:
+            guard let text = pci, PCIAddress(text) != nil else {
+                throw fail("device '\(name)': transport vfio needs 'pci', the device's PCI address (0000:00:04.0)")
             }
         }
+        guard queueSize >= 8, queueSize <= 1024, queueSize.nonzeroBitCount == 1 else {
+            throw fail("device '\(name)': queue_size must be a power of two in 8...1024")
+        }
+        guard NotifyMode(name: notify) != nil else {
+            throw fail("device '\(name)': notify '\(notify)' (use interrupt, event-idx, adaptive or poll)")
+        }
+        guard reconnectMs >= 1 else { throw fail("device '\(name)': reconnect_ms must be at least 1") }
     }
 
-    /// Decoded key (the decoder converts snake_case) to the key as written.
-    static let memoryKeys = ["sizeMib": "size_mib", "latencyUs": "latency_us"]
-    static let vhostUserKeys = ["socket": "socket", "queueSize": "queue_size", "notify": "notify", "pollUs": "poll_us",
-                                "reconnectMs": "reconnect_ms"]
+    /// Transport keys: decoded spelling (the decoder converts snake_case) to the key as
+    /// written and the transports it belongs to. Keys not listed are common to all.
+    static let transportKeys: [String: (String, Set<ManagerConfig.Transport>)] = [
+        "sizeMib": ("size_mib", [.memory]), "latencyUs": ("latency_us", [.memory]),
+        "socket": ("socket", [.vhostUser]), "pci": ("pci", [.vfio]),
+        "queueSize": ("queue_size", [.vhostUser, .vfio]), "notify": ("notify", [.vhostUser, .vfio]),
+        "pollUs": ("poll_us", [.vhostUser, .vfio]), "reconnectMs": ("reconnect_ms", [.vhostUser, .vfio]),
+    ]
 }
 
 extension Recovery {
@@ -302,7 +315,7 @@ extension ManagerConfig.SandboxConfig {
 
 extension ManagerConfig.DeviceConfig {
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case name, transport, deviceClass = "class", sizeMib, socket, queueSize, notify, pollUs, reconnectMs, access, limits
+        case name, transport, deviceClass = "class", sizeMib, socket, pci, queueSize, notify, pollUs, reconnectMs, access, limits
         case latencyUs, probeSandbox, testExitAtStart, testExitRecovery
     }
     public init(name: String, transport: ManagerConfig.Transport, deviceClass: DeviceClass = .block) {
@@ -313,7 +326,7 @@ extension ManagerConfig.DeviceConfig {
         if keys.contains("driver") {
             throw DecodingError.dataCorrupted(.init(
                 codingPath: decoder.codingPath + [AnyKey(stringValue: "driver")],
-                debugDescription: "'driver' is not a device key: name a 'transport' (memory, vhost-user) and a 'class' (block)"))
+                debugDescription: "'driver' is not a device key: name a 'transport' (memory, vhost-user, vfio) and a 'class' (block)"))
         }
         try decoder.rejectUnknownKeys(CodingKeys.allCases.map(\.rawValue))
         let c = try decoder.container(keyedBy: CodingKeys.self)
@@ -336,6 +349,7 @@ extension ManagerConfig.DeviceConfig {
         let d = Self(name: name, transport: transport, deviceClass: deviceClass)
         sizeMib = try c.value(.sizeMib, d.sizeMib)
         socket = try c.decodeIfPresent(String.self, forKey: .socket)
+        pci = try c.decodeIfPresent(String.self, forKey: .pci)
         queueSize = try c.value(.queueSize, d.queueSize)
         notify = try c.value(.notify, d.notify)
         pollUs = try c.value(.pollUs, d.pollUs)

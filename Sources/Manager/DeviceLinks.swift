@@ -2,6 +2,7 @@ import Logging
 import OutboardSession
 import OutboardSystem
 import SystemPackage
+import VFIO
 
 /// How the manager links a device to its driver: one case per transport.
 enum DeviceLink {
@@ -10,18 +11,27 @@ enum DeviceLink {
     /// A vhost-user device: the driver, sandboxed, cannot open its socket, so the manager
     /// connects and hands the connection over, again whenever the driver reports it lost.
     case vhostUser(VhostUserLink)
+    /// A PCI device behind an IOMMU: the manager binds it to vfio-pci, holds the container
+    /// and hands the driver a device fd, again after every driver restart.
+    case vfio(VFIOLink)
 
     /// The hand-off state of a device the driver is given a connection to.
     var handoff: DeviceHandoff? {
         switch self {
         case .memory: return nil
         case .vhostUser(let l): return l.handoff
+        case .vfio(let l): return l.handoff
         }
+    }
+
+    var vfio: VFIOLink? {
+        if case .vfio(let l) = self { return l }
+        return nil
     }
 }
 
 /// What the manager tracks of the device connections it hands to a driver (a vhost-user
-/// socket; a VFIO device fd next). It keeps no copy of a vhost-user connection it handed over:
+/// socket, a VFIO device fd). It keeps no copy of a vhost-user connection it handed over:
 /// when the driver dies, the device sees the connection close and is free for the next
 /// driver.
 final class DeviceHandoff {
@@ -97,6 +107,17 @@ extension Manager {
                 return
             }
             handOver(d, drv, h, fd.raw)
+        case .vfio(let link):
+            do {
+                try link.open(dma: d.memory, logger: logger)
+                if let limit = link.opened?.sessionLimit { d.ioAddresses.limit = limit }
+                try link.withDeviceDescriptor { fd in handOver(d, drv, h, fd) }
+            } catch {
+                // Binding or opening a PCI device fails the same way on every try (a shared
+                // IOMMU group, no IOMMU, no vfio-pci): the device fails, the manager and its
+                // other devices carry on.
+                failDevice(d, reason: "device '\(d.name)' at \(link.address): \(error)")
+            }
         }
     }
 

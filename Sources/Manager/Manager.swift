@@ -140,6 +140,7 @@ public final class Manager {
                 d.driver = nil
             }
             d.sessions.removeAll()
+            d.link.vfio?.release(logger: logger)
         }
         connections.removeAll()
         logger.info("stopped")

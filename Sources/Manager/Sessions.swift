@@ -12,18 +12,30 @@ extension Manager {
 
     /// Allocates what `openSession` admitted and answers the client.
     func createSession(_ c: Connection, _ d: DeviceState, _ m: OpenSession, dataBytes: UInt64, slot: Int, info: ClassInfo) {
+        guard let ioAddress = d.ioAddresses.allocate(dataBytes) else {
+            return refuse(c, .limitExceeded, "no IO addresses left for \(dataBytes) bytes on '\(d.name)' (\(d.ioAddresses.inUse) bytes of address space in use)")
+        }
         let session: Session
         do {
             session = try Session(id: nextSession, device: d, connection: c.id, credentials: c.credentials, writable: m.writable,
                                   queueDepth: m.queueDepth, dataBytes: dataBytes, tableIndex: slot,
-                                  ioAddress: d.ioAddresses.allocate(dataBytes), generation: d.generation)
+                                  ioAddress: ioAddress, generation: d.generation)
         } catch {
+            d.ioAddresses.release(ioAddress, dataBytes)
             return refuse(c, .internalError, "cannot create session regions: \(error)")
+        }
+        if case .vfio(let link) = d.link {
+            // The IOMMU lets the device reach the region from here until the revocation.
+            do { try link.map(session) } catch {
+                d.ioAddresses.release(ioAddress, dataBytes)
+                return refuse(c, .internalError, "cannot map the session's data for the device: \(error)")
+            }
         }
         nextSession += 1
         let now = Clock.monotonicNanoseconds
         session.leaseEnd = now + UInt64(config.leaseMs) * 1_000_000
         d.tableSlots[slot] = session.id
+        d.slotAddresses[slot] = (ioAddress, dataBytes)
         d.registeredBytes += dataBytes
         d.table.write(slot, session.translationEntry(state: .active))
         d.sessions[session.id] = session
@@ -91,7 +103,7 @@ extension Manager {
         // before that would share the mark with the old one's requests still at the
         // device. Without a driver, nothing of it is left anywhere.
         let draining = d.driver != nil && s.attachSent
-        d.tableSlots[s.tableIndex] = draining ? s.id : nil
+        if !draining { d.releaseSlot(s.tableIndex) }
         d.registeredBytes -= s.dataBytes
         d.sessions.removeValue(forKey: s.id)
         switch how {
@@ -100,6 +112,14 @@ extension Manager {
         case .noDriver: d.revokedIdle += 1
         }
         if let drv = d.driver, s.attachSent { try? drv.socket.send(.detach(sessionID: s.id), nonBlocking: true) }
+        if case .vfio(let link) = d.link {
+            // The in-use mark is clear or the lease is over: from here on the IOMMU refuses
+            // the device any access to the region. An unmap the kernel refuses leaves the
+            // region reachable by a device whose table no longer lists it: the device fails.
+            do { try link.unmap(s) } catch {
+                failDevice(d, reason: "device '\(d.name)': cannot take session \(s.id)'s data out of the IOMMU: \(error)")
+            }
+        }
         if let c = connections[s.connection] {
             // The session ended on the manager's side (protocol error, device failure):
             // the client's connection goes with it.

@@ -4,6 +4,7 @@ import OutboardRings
 import OutboardSession
 import OutboardSystem
 import SystemPackage
+import VFIO
 
 #if canImport(Glibc)
 import Glibc
@@ -19,6 +20,9 @@ final class DeviceState {
     let tableMapping: SharedMapping
     let table: TranslationTable
     var tableSlots: [UInt64?]
+    /// The IO addresses each table index holds (address, region bytes), given back to
+    /// `ioAddresses` when the index is free again (`releaseSlot`).
+    var slotAddresses: [(IOAddress, UInt64)?]
     var generation: UInt64 = 1
     var driver: DriverProcess?
     var state: State = .starting
@@ -65,7 +69,7 @@ final class DeviceState {
                 return .block(BlockInfo(blockSize: UInt32(blockSectorSize), blockCount: config.sizeMib << 20 / UInt64(blockSectorSize),
                                         maxTransfer: limit, flags: [.flush]))
             }
-        case .vhostUser:
+        case .vhostUser, .vfio:
             return reported
         }
     }
@@ -110,6 +114,11 @@ final class DeviceState {
         case .vhostUser:
             memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: DeviceState.virtioDMABytes)
             link = .vhostUser(VhostUserLink(path: config.socket ?? "", reconnectMs: config.reconnectMs))
+        case .vfio:
+            // The driver's DMA memory, which the manager maps into the device's IOMMU
+            // container. The address was checked with the config.
+            memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: DeviceState.virtioDMABytes)
+            link = .vfio(VFIOLink(address: PCIAddress(config.pci ?? "")!, reconnectMs: config.reconnectMs))
         }
         let capacity = Int(config.limits.maxSessions)
         tableRegion = try SharedRegion(name: "outboard-\(config.name)-table", size: TranslationTable.byteCount(capacity: capacity))
@@ -119,24 +128,95 @@ final class DeviceState {
         table = TranslationTable(tableMapping.base, capacity: capacity)
         table.format(generation: generation)
         tableSlots = Array(repeating: nil, count: capacity)
+        slotAddresses = Array(repeating: nil, count: capacity)
+    }
+
+    /// Table index `k` is free again: nothing of its last session can be at the device.
+    func releaseSlot(_ k: Int) {
+        tableSlots[k] = nil
+        if let (a, bytes) = slotAddresses[k] { ioAddresses.release(a, bytes) }
+        slotAddresses[k] = nil
     }
 
 }
 
-/// IO addresses for session regions: each registered region gets its own range, 2 MiB
-/// aligned, with a gap, so an address never belongs to two regions (an IOVA allocator in
-/// miniature; the vhost-user and VFIO transports assign theirs the same way). Addresses are
-/// not reused: 2^64 bytes of address space outlast any session churn.
-struct IOAddressAllocator {
-    static let first = IOAddress(rawValue: 1 << 32)
-    static let granule: UInt64 = 2 << 20
-    var next = IOAddressAllocator.first
+/// IO addresses for session regions, from 4 GiB up to `limit` (the IOMMU's usable range for
+/// a VFIO device). Each region gets its own span, 2 MiB aligned, with a 2 MiB gap after it,
+/// so an address never belongs to two regions. A span comes back (`release`) only when the
+/// table index that held it is free again, after the driver answered the detach or died:
+/// no request of the old session can still be at the device when a new one gets its
+/// addresses. Released spans are reused first fit, adjacent ones merged.
+public struct IOAddressAllocator: Sendable {
+    public static let first = IOAddress(rawValue: 1 << 32)
+    public static let granule: UInt64 = 2 << 20
+    /// End (exclusive) of the addresses handed out.
+    public var limit: UInt64
+    /// Everything from here to `limit` is unused.
+    var next = IOAddressAllocator.first.rawValue
+    /// Released spans below `next`, sorted by address, none adjacent.
+    var free: [(first: UInt64, size: UInt64)] = []
 
-    mutating func allocate(_ bytes: UInt64) -> IOAddress {
-        let a = next
-        next = next.advanced(by: Int(((bytes + Self.granule - 1) & ~(Self.granule - 1)) + Self.granule))
-        return a
+    public init(limit: UInt64 = .max) { self.limit = limit }
+
+    /// The span a region of `bytes` takes: rounded up to the granule, plus the gap.
+    static func span(_ bytes: UInt64) -> UInt64? {
+        let (rounded, o) = bytes.addingReportingOverflow(granule - 1)
+        guard !o, bytes > 0 else { return nil }
+        let (s, o2) = (rounded & ~(granule - 1)).addingReportingOverflow(granule)
+        return o2 ? nil : s
     }
+
+    /// The IO address for a region of `bytes`, or nil if no span that large is left.
+    public mutating func allocate(_ bytes: UInt64) -> IOAddress? {
+        guard let span = Self.span(bytes) else { return nil }
+        if let k = free.firstIndex(where: { $0.size >= span }) {
+            let a = free[k].first
+            if free[k].size == span { free.remove(at: k) } else { free[k] = (a + span, free[k].size - span) }
+            return IOAddress(rawValue: a)
+        }
+        let (end, o) = next.addingReportingOverflow(span)
+        guard !o, end <= limit else { return nil }
+        defer { next = end }
+        return IOAddress(rawValue: next)
+    }
+
+    /// Gives back the span of a region of `bytes` at `address` (from `allocate`).
+    public mutating func release(_ address: IOAddress, _ bytes: UInt64) {
+        guard let span = Self.span(bytes) else { return }
+        var a = address.rawValue, size = span
+        let k = free.firstIndex(where: { $0.first > a }) ?? free.count
+        if k < free.count, a + size == free[k].first { size += free[k].size; free.remove(at: k) }
+        if k > 0, free[k - 1].first + free[k - 1].size == a {
+            a = free[k - 1].first; size += free[k - 1].size; free.remove(at: k - 1)
+            free.insert((a, size), at: k - 1)
+        } else {
+            free.insert((a, size), at: k)
+        }
+        // The top span goes back to the unused end.
+        if let last = free.last, last.first + last.size == next { next = last.first; free.removeLast() }
+    }
+
+    /// The end of the session IO addresses: the usable range that holds the allocator's
+    /// first address, cut at the first reserved region in it; the DMA region must lie in a
+    /// usable range and clear of reserved regions.
+    public static func limit(usable: [IOVARange], reserved: [IOVARange], dma: IOVARange) throws(PCIError) -> UInt64 {
+        func overlaps(_ a: IOVARange, _ b: IOVARange) -> Bool { a.first <= b.last && b.first <= a.last }
+        guard usable.contains(where: { $0.first <= dma.first && dma.last <= $0.last }),
+              !reserved.contains(where: { overlaps($0, dma) }) else {
+            throw .unsupported("IO addresses 0x\(String(dma.first, radix: 16))-0x\(String(dma.last, radix: 16)) for the driver's memory (the IOMMU's usable ranges: \(usable))")
+        }
+        let first = IOAddressAllocator.first.rawValue
+        guard let range = usable.first(where: { $0.first <= first && first <= $0.last }) else {
+            throw .unsupported("IO addresses from 0x\(String(first, radix: 16)) for sessions (the IOMMU's usable ranges: \(usable))")
+        }
+        var end = range.last == .max ? UInt64.max : range.last + 1
+        for r in reserved where r.last >= first && r.first < end { end = max(first, r.first) }
+        guard end > first else { throw .unsupported("room for session IO addresses above 0x\(String(first, radix: 16))") }
+        return end
+    }
+
+    /// Bytes of address space in use (spans, gaps included).
+    public var inUse: UInt64 { next - Self.first.rawValue - free.reduce(0) { $0 + $1.size } }
 }
 
 /// One driver process: the child, its control socket and its driver page.

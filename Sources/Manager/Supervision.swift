@@ -81,7 +81,7 @@ extension Manager {
                 }
             case .detached(let id):
                 // The driver let go of a revoked session: its table index is free again.
-                if d.sessions[id] == nil, let k = d.tableSlots.firstIndex(of: id) { d.tableSlots[k] = nil }
+                if d.sessions[id] == nil, let k = d.tableSlots.firstIndex(of: id) { d.releaseSlot(k) }
             case .deviceInfo(let info):
                 deviceReported(d, drv, info)
             case .deviceLost(let reason, let recovery):
@@ -119,7 +119,7 @@ extension Manager {
         // Indices kept for detaches the driver never answered: it is gone, and with it
         // everything it had of those sessions.
         for k in d.tableSlots.indices {
-            if let id = d.tableSlots[k], d.sessions[id] == nil { d.tableSlots[k] = nil }
+            if let id = d.tableSlots[k], d.sessions[id] == nil { d.releaseSlot(k) }
         }
         if stopping { return }
         if case .failed = d.state { return }  // stopped because the device failed
@@ -198,9 +198,15 @@ extension Manager {
         case .memory:
             return .memory(latencyMicroseconds: d.config.latencyUs)
         case .vhostUser:
-            return .vhostUser(VirtioParameters(queueSize: d.config.queueSize, notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive,
-                                               pollMicroseconds: d.config.pollUs, dmaIOAddress: DeviceState.dmaIOAddress))
+            return .vhostUser(virtioParameters(d))
+        case .vfio:
+            return .vfio(virtioParameters(d))
         }
+    }
+
+    func virtioParameters(_ d: DeviceState) -> VirtioParameters {
+        VirtioParameters(queueSize: d.config.queueSize, notifyMode: NotifyMode(name: d.config.notify) ?? .adaptive,
+                         pollMicroseconds: d.config.pollUs, dmaIOAddress: DeviceState.dmaIOAddress)
     }
 
     // MARK: tick: heartbeats, health, restarts, leases, revocations

@@ -112,6 +112,12 @@ public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case segfault = 2  // SIGSEGV
     case hang = 3      // SIGSTOP: only the heartbeat deadline finds it
     case abort = 4     // abort() inside request handling
+    /// The driver points the status descriptor of its next device request at an IO address
+    /// no grant covers: a driver bug the IOMMU must contain (devices behind one only).
+    case strayDMA = 5
+
+    /// The faults that end the driver process (what `outboard faults` cycles through).
+    public static let crashes: [FaultKind] = [.kill, .segfault, .hang, .abort]
 
     public var description: String {
         switch self {
@@ -119,6 +125,7 @@ public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .segfault: return "segv"
         case .hang: return "hang"
         case .abort: return "abort"
+        case .strayDMA: return "stray-dma"
         }
     }
 }
@@ -271,12 +278,17 @@ public enum TransportParameters: Equatable, Sendable {
     /// A vhost-user device: the manager connects to its socket and hands the connection
     /// over (`deviceConnection`).
     case vhostUser(VirtioParameters)
+    /// A virtio-pci device behind an IOMMU: the manager binds it to vfio-pci, holds the
+    /// VFIO container (DMA mappings) and hands the driver the device fd only
+    /// (`deviceConnection`).
+    case vfio(VirtioParameters)
 
     /// The tag on the wire (TransportTag in `encode`).
     var tag: UInt8 {
         switch self {
         case .memory: return 1
         case .vhostUser: return 2
+        case .vfio: return 3
         }
     }
 
@@ -284,7 +296,7 @@ public enum TransportParameters: Equatable, Sendable {
     public var virtio: VirtioParameters? {
         switch self {
         case .memory: return nil
-        case .vhostUser(let v): return v
+        case .vhostUser(let v), .vfio(let v): return v
         }
     }
 }
@@ -621,7 +633,7 @@ public enum ControlMessage: Equatable, Sendable {
         switch t {
         case .memory(let latency):
             section(&w, tag: t.tag) { w in w.u32(latency) }
-        case .vhostUser(let v):
+        case .vhostUser(let v), .vfio(let v):
             section(&w, tag: t.tag) { w in
                 w.u32(v.queueSize); w.u8(v.notifyMode.rawValue); w.u32(v.pollMicroseconds); w.u64(v.dmaIOAddress.rawValue)
             }
@@ -632,7 +644,7 @@ public enum ControlMessage: Equatable, Sendable {
         var (tag, b) = try section(&r, "transport") { tag in
             switch tag {
             case 1: return memoryTransportBytes
-            case 2: return virtioParametersBytes
+            case 2, 3: return virtioParametersBytes
             default: return nil
             }
         }
@@ -640,9 +652,10 @@ public enum ControlMessage: Equatable, Sendable {
         if tag == 1 {
             t = .memory(latencyMicroseconds: try b.u32("latencyMicroseconds"))
         } else {
-            t = .vhostUser(VirtioParameters(queueSize: try b.u32("queueSize"), notifyMode: try notifyMode(b.u8("notifyMode")),
-                                            pollMicroseconds: try b.u32("pollMicroseconds"),
-                                            dmaIOAddress: IOAddress(rawValue: try b.u64("dmaIOAddress"))))
+            let v = VirtioParameters(queueSize: try b.u32("queueSize"), notifyMode: try notifyMode(b.u8("notifyMode")),
+                                     pollMicroseconds: try b.u32("pollMicroseconds"),
+                                     dmaIOAddress: IOAddress(rawValue: try b.u64("dmaIOAddress")))
+            t = tag == 2 ? .vhostUser(v) : .vfio(v)
         }
         try b.finish("transport")
         return t

@@ -17,6 +17,9 @@ import Glibc
 ///   +8  generation       UInt64  driver generation this table serves
 ///   +16 abortGeneration  UInt64  fault injection: the driver of that generation calls
 ///                                abort() inside its next request
+///   +24 strayDMAGeneration UInt64  fault injection: the driver of that generation points
+///                                a descriptor of its next device request at an IO
+///                                address no grant covers (the IOMMU must stop it)
 /// entries at +64, 64 bytes each
 ///   +0  seq        UInt32  seqlock: odd while the manager rewrites the entry
 ///   +4  state      UInt32  EntryState
@@ -83,6 +86,7 @@ public struct TranslationTable: @unchecked Sendable {
 
     public func setGeneration(_ g: UInt64) { u64(8).pointee.store(g, ordering: .releasing) }
     public func requestAbort(generation: UInt64) { u64(16).pointee.store(generation, ordering: .releasing) }
+    public func requestStrayDMA(generation: UInt64) { u64(24).pointee.store(generation, ordering: .releasing) }
 
     /// Rewrites entry `index` under its seqlock. Manager only (single writer).
     public func write(_ index: Int, _ e: Entry) {
@@ -106,9 +110,11 @@ public struct TranslationTable: @unchecked Sendable {
 
     // MARK: driver side
 
-    // Acquire: pair with the releasing stores in setGeneration and requestAbort.
+    // Acquire: pair with the releasing stores in setGeneration, requestAbort and
+    // requestStrayDMA.
     public var generation: UInt64 { u64(8).pointee.load(ordering: .acquiring) }
     public var abortGeneration: UInt64 { u64(16).pointee.load(ordering: .acquiring) }
+    public var strayDMAGeneration: UInt64 { u64(24).pointee.load(ordering: .acquiring) }
 
     /// A consistent copy of entry `index`, or nil if it is out of range, being rewritten
     /// (after a few tries), or carries an unknown state.

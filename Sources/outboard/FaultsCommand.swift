@@ -89,7 +89,7 @@ struct FaultsCommand: ParsableCommand {
         // Every block written once, so that earlier contents of the device do not matter.
         try w.prepare()
         try w.run(operations: opsBetween)
-        let kinds = FaultKind.allCases
+        let kinds = FaultKind.crashes
         var recovered = 0, injected = 0
         var recoveryMs: [Double] = []
         var byKind: [String: [Double]] = [:]

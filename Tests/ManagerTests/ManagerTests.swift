@@ -336,6 +336,8 @@ import Testing
         #expect(memory.devices.map(\.transport) == [.memory] && memory.devices.map(\.deviceClass) == [.block])
         let vhost = try ManagerConfig.load(path: root.appendingPathComponent("examples/virtio-blk.json").path)
         #expect(vhost.devices.map(\.transport) == [.vhostUser] && vhost.devices.map(\.deviceClass) == [.block])
+        let vfio = try ManagerConfig.load(path: root.appendingPathComponent("examples/virtio-blk-vfio.json").path)
+        #expect(vfio.devices.map(\.transport) == [.vfio] && vfio.devices.map(\.pci) == ["0000:00:04.0"])
     }
 
     @Test func transportAndClass() throws {
@@ -345,7 +347,7 @@ import Testing
         #expect(v.devices[0].transport == .vhostUser && v.devices[0].socket == "/run/v0.sock")
 
         let unknownTransport = Self.refusal(#"{"name": "m0", "transport": "pci"}"#)
-        #expect(unknownTransport.contains("unknown transport 'pci' (known: memory, vhost-user)"), "\(unknownTransport)")
+        #expect(unknownTransport.contains("unknown transport 'pci' (known: memory, vhost-user, vfio)"), "\(unknownTransport)")
         let unknownClass = Self.refusal(#"{"name": "m0", "transport": "memory", "class": "net"}"#)
         #expect(unknownClass.contains("unknown class 'net' (known: block)"), "\(unknownClass)")
         let missing = Self.refusal(#"{"name": "m0"}"#)
@@ -361,12 +363,30 @@ import Testing
         #expect(socketOnMemory.contains("device 'm0': 'socket' is for transport vhost-user, this device's transport is memory"),
                 "\(socketOnMemory)")
         let queueOnMemory = Self.refusal(#"{"name": "m0", "transport": "memory", "queue_size": 64}"#)
-        #expect(queueOnMemory.contains("'queue_size' is for transport vhost-user"), "\(queueOnMemory)")
+        #expect(queueOnMemory.contains("'queue_size' is for transport vfio or vhost-user, this device's transport is memory"),
+                "\(queueOnMemory)")
         let sizeOnVhost = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "size_mib": 8}"#)
         #expect(sizeOnVhost.contains("device 'v0': 'size_mib' is for transport memory, this device's transport is vhost-user"),
                 "\(sizeOnVhost)")
         let badNotify = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "notify": "often"}"#)
         #expect(badNotify.contains("notify 'often'"), "\(badNotify)")
+
+        let pciOnVhost = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/run/v0.sock", "pci": "0000:00:04.0"}"#)
+        #expect(pciOnVhost.contains("device 'v0': 'pci' is for transport vfio, this device's transport is vhost-user"), "\(pciOnVhost)")
+        let socketOnVFIO = Self.refusal(#"{"name": "p0", "transport": "vfio", "pci": "0000:00:04.0", "socket": "/run/x.sock"}"#)
+        #expect(socketOnVFIO.contains("device 'p0': 'socket' is for transport vhost-user, this device's transport is vfio"), "\(socketOnVFIO)")
+        for bad in [#""pci": "00:04""#, #""pci": "0000:00:20.0""#, #""queue_size": 64"#] {
+            let r = Self.refusal(#"{"name": "p0", "transport": "vfio", "# + bad + "}")
+            #expect(r.contains("device 'p0': transport vfio needs 'pci', the device's PCI address"), "\(bad): \(r)")
+        }
+        let badQueue = Self.refusal(#"{"name": "p0", "transport": "vfio", "pci": "0000:00:04.0", "queue_size": 48}"#)
+        #expect(badQueue.contains("queue_size must be a power of two"), "\(badQueue)")
+    }
+
+    @Test func aVFIODeviceTakesItsPCIAddressAndTheVirtioKnobs() throws {
+        let c = try Self.parse(#"{"name": "p0", "transport": "vfio", "pci": "0000:00:04.0", "queue_size": 128, "notify": "event-idx"}"#)
+        let d = c.devices[0]
+        #expect(d.transport == .vfio && d.pci == "0000:00:04.0" && d.queueSize == 128 && d.notify == "event-idx")
     }
 }
 

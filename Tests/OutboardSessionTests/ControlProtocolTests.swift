@@ -54,10 +54,13 @@ struct Generator {
     }
 
     mutating func transport() -> TransportParameters {
-        below(2) == 0
-            ? .memory(latencyMicroseconds: UInt32(truncatingIfNeeded: next()))
-            : .vhostUser(VirtioParameters(queueSize: 256, notifyMode: NotifyMode.allCases[below(4)],
-                                          pollMicroseconds: UInt32(below(1000)), dmaIOAddress: IOAddress(rawValue: next())))
+        let v = VirtioParameters(queueSize: 256, notifyMode: NotifyMode.allCases[below(4)],
+                                 pollMicroseconds: UInt32(below(1000)), dmaIOAddress: IOAddress(rawValue: next()))
+        switch below(3) {
+        case 0: return .memory(latencyMicroseconds: UInt32(truncatingIfNeeded: next()))
+        case 1: return .vhostUser(v)
+        default: return .vfio(v)
+        }
     }
 }
 
@@ -143,6 +146,11 @@ struct Generator {
 /// recovery): every tag or body length a peer might choose other than the defined ones is
 /// refused as malformed, with a reason that names the part.
 @Suite struct TaggedSectionTests {
+    static func decodedTransport(_ bytes: [UInt8]) -> TransportParameters? {
+        guard case .driverStart(let s)? = try? ControlMessage.decode(bytes) else { return nil }
+        return s.transport
+    }
+
     static func refused(_ bytes: [UInt8], _ what: String) -> Bool {
         do {
             _ = try ControlMessage.decode(bytes)
@@ -195,8 +203,11 @@ struct Generator {
         let memory = start(.memory(latencyMicroseconds: 5))
         let vhost = start(.vhostUser(VirtioParameters(queueSize: 256, notifyMode: .adaptive, pollMicroseconds: 50,
                                                       dmaIOAddress: IOAddress(rawValue: 1 << 20))))
+        let vfio = start(.vfio(VirtioParameters(queueSize: 128, notifyMode: .eventIndex, pollMicroseconds: 0,
+                                                dmaIOAddress: IOAddress(rawValue: 1 << 20))))
         #expect(memory[at] == 1 && memory[at + 1] == 4 && vhost[at] == 2 && vhost[at + 1] == 17)
-        for tag: UInt8 in [0, 3, 0xFF] {
+        #expect(vfio[at] == 3 && vfio[at + 1] == 17 && vfio[(at + 3)...] != vhost[(at + 3)...])
+        for tag: UInt8 in [0, 4, 0xFF] {
             var b = memory; b[at] = tag
             #expect(Self.refused(b, "transport: unknown tag \(tag)"))
         }
@@ -205,6 +216,12 @@ struct Generator {
         #expect(Self.refused(b, "transport 2: body of 4 bytes, expected 17"))
         b = vhost; b[at] = 1
         #expect(Self.refused(b, "transport 1: body of 17 bytes, expected 4"))
+        b = memory; b[at] = 3
+        #expect(Self.refused(b, "transport 3: body of 4 bytes, expected 17"))
+        // The vfio tag carries the same virtio body and decodes to vfio, not vhost-user.
+        b = vhost; b[at] = 3
+        #expect(Self.decodedTransport(b) == .vfio(VirtioParameters(queueSize: 256, notifyMode: .adaptive, pollMicroseconds: 50,
+                                                                     dmaIOAddress: IOAddress(rawValue: 1 << 20))))
         // The notify mode inside the vhost-user body.
         b = vhost; b[at + 3 + 4] = 9
         #expect(Self.refused(b, "notify mode: unknown 9"))

@@ -53,11 +53,14 @@ public enum GuestLane {
     /// `includingFio: false` leaves fio out, which halves the boot (its libraries are 84 MB).
     /// Throws when the lane itself fails (build, boot, the guest dying, the timeout), not
     /// for a command that fails: that is its status.
+    /// `workDirectory`: where the disk images (`outboard.img`, `kernel.img`) and logs go,
+    /// kept afterwards, so a test can read what the guest wrote to a disk.
     public static func run(_ command: String, timeoutSeconds: Int = 600, copying files: [String] = [],
                            diskSize: String = "64M", memory: String = "1G",
-                           includingFio: Bool = true) throws(GuestLaneError) -> Run {
+                           includingFio: Bool = true, workDirectory: String? = nil) throws(GuestLaneError) -> Run {
         let binary = try staticOutboard.get()
         var arguments = ["--outboard", binary, "--timeout", "\(timeoutSeconds)", "--disk-size", diskSize, "--memory", memory]
+        if let w = workDirectory { arguments += ["--work-dir", w] }
         for f in files { arguments += ["--copy", f] }
         if !includingFio { arguments.append("--no-fio") }
         arguments += ["--", command]
@@ -75,7 +78,8 @@ public enum GuestLane {
     /// status is the last check's.
     public static func run(checks: [(name: String, command: String)], timeoutSeconds: Int = 600,
                            copying files: [String] = [], diskSize: String = "64M",
-                           memory: String = "1G", includingFio: Bool = true) throws(GuestLaneError) -> CheckRun {
+                           memory: String = "1G", includingFio: Bool = true,
+                           workDirectory: String? = nil) throws(GuestLaneError) -> CheckRun {
         // Each check's output sits between a begin line and "\n<end marker> STATUS", so an
         // output without a final newline still ends where it did.
         var script = "s=0\n"
@@ -84,7 +88,7 @@ public enum GuestLane {
         }
         script += "exit $s\n"
         let run = try run(script, timeoutSeconds: timeoutSeconds, copying: files, diskSize: diskSize, memory: memory,
-                          includingFio: includingFio)
+                          includingFio: includingFio, workDirectory: workDirectory)
         return CheckRun(checks: parseChecks(run.output), run: run)
     }
 

@@ -1,6 +1,9 @@
 import OutboardSession
 import OutboardSystem
+import VFIO
 import VhostUser
+import Virtio
+import VirtioPCI
 
 #if canImport(Glibc)
 import Glibc
@@ -14,12 +17,14 @@ public enum DriverProcess {
     public enum Kind: Sendable, CaseIterable {
         case memoryBlock
         case virtioBlkVhostUser
+        case virtioBlkVFIO
 
         /// As the manager names them on the command line (`--transport`, `--class`).
         public init?(transport: String, deviceClass: String) {
             switch (transport, deviceClass) {
             case ("memory", "block"): self = .memoryBlock
             case ("vhost-user", "block"): self = .virtioBlkVhostUser
+            case ("vfio", "block"): self = .virtioBlkVFIO
             default: return nil
             }
         }
@@ -50,11 +55,21 @@ public enum DriverProcess {
             return DriverExit.status(for: .restartDriver)
         }
         var link: VhostUserTransport? = nil
-        if o.kind == .virtioBlkVhostUser {
-            do { link = try VhostUserTransport(queues: 1) } catch {
-                log(o, "cannot create its doorbells: \(error)")
-                return DriverExit.status(for: .restartDriver)
+        var pci: VirtioPCITransport<VFIODevice>? = nil
+        var policy = o.sandbox
+        do {
+            switch o.kind {
+            case .memoryBlock: break
+            case .virtioBlkVhostUser: link = try VhostUserTransport(queues: 1)
+            case .virtioBlkVFIO:
+                pci = try VirtioPCITransport(queues: 1)
+                // The device fd's own ioctls (regions, interrupts, reset), argument-checked:
+                // nothing that maps DMA, which is the manager's.
+                policy.allowedIoctls = Sandbox.vfioDeviceIoctls
             }
+        } catch {
+            log(o, "cannot create its doorbells: \(error)")
+            return DriverExit.status(for: .restartDriver)
         }
         // Registered for clients' heavy barriers (membarrier(2)), so that a client that waits
         // rarely spares the driver a fence per completion batch. Registering is refused
@@ -63,7 +78,7 @@ public enum DriverProcess {
             log(o, "membarrier registration refused (\(error)); completion queues use fences only")
         }
         do {
-            try Sandbox.enter(o.sandbox)
+            try Sandbox.enter(policy)
         } catch {
             log(o, "cannot enter sandbox: \(error)")
             return DriverExit.status(for: .failDevice)
@@ -89,6 +104,13 @@ public enum DriverProcess {
                 var host = try DriverHost<VirtioBlkServer<VhostUserTransport>>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in
                     guard let l = link.take() else { throw .setup("the device link was used already") }
+                    return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
+                }
+                try host.run()
+            case .virtioBlkVFIO:
+                var host = try DriverHost<VirtioBlkServer<VirtioPCITransport<VFIODevice>>>(manager: socket, epoll: epoll, probes: probes) {
+                    (cfg, memory, ctx) throws(DriverError) in
+                    guard let l = pci.take() else { throw .setup("the device link was used already") }
                     return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
                 }
                 try host.run()

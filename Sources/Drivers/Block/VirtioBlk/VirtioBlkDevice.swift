@@ -24,6 +24,11 @@ public struct VirtioBlkDevice<Transport: VirtioTransport & ~Copyable>: ~Copyable
     /// headToSlot[head]: the request slot whose chain starts at descriptor `head`.
     let headToSlot: UnsafeMutablePointer<UInt16>
     let chain: UnsafeMutableBufferPointer<VirtqBuffer>
+    /// Fault injection (`stray-dma`): the next chain's status descriptor points here
+    /// instead of at its slot, as a driver bug would. Behind an IOMMU the device's write is
+    /// blocked, the slot keeps the 0xFF the driver put there, and the request ends with an
+    /// I/O error, alone.
+    public var strayStatusAddress: IOAddress?
     /// What negotiation found (valid after `negotiate`).
     public private(set) var info = VirtioBlkInfo()
     /// Ring descriptors one request takes: 1 with indirect tables, else up to 3.
@@ -182,7 +187,9 @@ public struct VirtioBlkDevice<Transport: VirtioTransport & ~Copyable>: ~Copyable
         case .flush:
             break
         }
-        chain[count] = VirtqBuffer(address: ioAddress.advanced(by: status), length: 1, deviceWritable: true)
+        let statusAddress = strayStatusAddress ?? ioAddress.advanced(by: status)
+        strayStatusAddress = nil
+        chain[count] = VirtqBuffer(address: statusAddress, length: 1, deviceWritable: true)
         count += 1
         do {
             let head = try vq.add(UnsafeBufferPointer(rebasing: chain[0..<count]))

@@ -39,6 +39,12 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     var sequence: UInt64 = 0
     /// Where each session's region is exposed to the device on this connection.
     var exposedAt: [IOAddress?] = Array(repeating: nil, count: SessionTable.capacity)
+    /// The stray-dma fault was injected into this driver's requests once.
+    var strayDMADone = false
+    /// Where an injected stray descriptor points: above the driver's DMA region, below the
+    /// first session address (4 GiB) and the x86 interrupt window (0xfee00000), so no grant
+    /// covers it.
+    static var strayIOAddress: IOAddress { IOAddress(rawValue: 0xC000_0000) }
 
     struct Record {
         var active = false
@@ -282,6 +288,10 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
         case .flush: request.op = VirtioBlkOp.flush
         case .discard: request.op = VirtioBlkOp.discard
         case .writeZeroes: request.op = VirtioBlkOp.writeZeroes
+        }
+        if !strayDMADone, context.table.strayDMAGeneration == context.generation {
+            strayDMADone = true
+            device.strayStatusAddress = Self.strayIOAddress
         }
         guard device.submit(slot: k, request) else { return .ioError }
         context.page.add(.submitted)
