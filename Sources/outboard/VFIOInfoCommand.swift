@@ -86,7 +86,8 @@ struct VFIOInfoCommand: ParsableCommand {
         var config = Line("config")
         config.add("vendor", hex(u16(0)))
         config.add("device", hex(u16(2)))
-        config.add("class", hex(UInt32(header[9]) | UInt32(header[10]) << 8 | UInt32(header[11]) << 16))
+        let classCode = String(UInt32(header[9]) | UInt32(header[10]) << 8 | UInt32(header[11]) << 16, radix: 16)
+        config.add("class", "0x" + String(repeating: "0", count: max(0, 6 - classCode.count)) + classCode)
         config.add("command", hex(u16(4)))
         config.add("status", hex(u16(6)))
         out.append(config)
@@ -101,7 +102,12 @@ struct VFIOInfoCommand: ParsableCommand {
 
         let regionNames = ["BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "config", "VGA"]
         for i in 0..<device.regionCount {
-            let r = try device.regionInfo(i)
+            // vfio-pci refuses the info of the VGA region (8) of a device that is no VGA device.
+            let r: VFIORegion
+            do throws(PCIError) { r = try device.regionInfo(i) } catch {
+                if i >= Int(VFIO_PCI_VGA_REGION_INDEX) { continue }
+                throw error
+            }
             guard r.size > 0 else { continue }
             var l = Line("region", i)
             l.add("name", i < regionNames.count ? regionNames[i] : "device-specific")
@@ -117,7 +123,12 @@ struct VFIOInfoCommand: ParsableCommand {
         }
         let irqNames = ["INTx", "MSI", "MSI-X", "ERR", "REQ"]
         for i in 0..<device.irqCount {
-            let q = try device.irqInfo(i)
+            // vfio-pci refuses ERR (3) on functions without PCIe AER, and REQ (4) where unsupported.
+            let q: VFIOIRQInfo
+            do throws(PCIError) { q = try device.irqInfo(i) } catch {
+                if i >= Int(VFIO_PCI_ERR_IRQ_INDEX) { continue }
+                throw error
+            }
             var l = Line("irq", i)
             l.add("name", i < irqNames.count ? irqNames[i] : "other")
             l.add("count", q.count)
