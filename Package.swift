@@ -82,7 +82,7 @@ let package = Package(
             name: "outboard",
             dependencies: [
                 "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers", "VFIO", "CLinux",
-                "OutboardRings", "Virtio", "VirtioPCI",
+                "OutboardRings",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

@@ -22,6 +22,7 @@
 # /scratch (a tmpfs), stdin /dev/null. Its stdout and stderr come back on stdout, exactly.
 # Exit status: the command's; 124 if the guest ran past --timeout; 125 if the lane failed
 # (build, boot, a guest that died before reporting). Messages of the lane are on stderr.
+# Boots wait for each other: one guest at a time on the machine (a lock in .build-guest).
 #
 # In the guest: /bin/outboard (static), busybox, fio (unless --no-fio); users root, outboard-driver (uid 999)
 # and nobody (65534); the disks at PCI 0000:00:04.0 (serial "outboard-vfio", for Outboard's
@@ -220,6 +221,10 @@ lap "initramfs and disks"
 # ttyS0: console; ttyS1: the command's output (see init).
 : >"$work/console.log"; : >"$work/output.log"
 q=${work//,/,,}  # QEMU option values escape a comma by doubling it
+# One guest at a time on this machine: TCG guests side by side would slow each other past
+# their timeouts (tests of several suites, benchmarks and people share the lock).
+exec 9>"$cache/boot.lock"
+flock 9
 set +e
 timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 -nodefaults -no-user-config \
   -accel tcg,thread=multi -cpu max -smp 2 -m "$memory" \

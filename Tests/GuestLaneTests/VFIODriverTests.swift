@@ -27,7 +27,7 @@ extension GuestLaneTests {
             ("config", "mkdir -p /scratch/ob && printf '%s\\n' '\(config)' > /scratch/ob/outboard.json && echo written"),
             ("check", "outboard check --config /scratch/ob/outboard.json --device vblk --json --blocks 512 --operations 2000 --seed 7"),
             ("given-back", driverOf),
-            ("isolation", "outboard check --config /scratch/ob/outboard.json --device vblk --json --blocks 64 --operations 200 --dma-isolation"),
+            ("isolation", "outboard check --config /scratch/ob/outboard.json --device vblk --json --blocks 64 --operations 200 --seed 7 --dma-isolation"),
             ("dmar", "dmesg | grep 'DMAR' | grep 'fault addr'"),
             ("faults", "outboard faults --config /scratch/ob/outboard.json --device vblk --faults 4 --ops-between 300 --json"),
             ("given-back-again", driverOf),

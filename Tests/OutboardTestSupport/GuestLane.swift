@@ -64,8 +64,9 @@ public enum GuestLane {
         for f in files { arguments += ["--copy", f] }
         if !includingFio { arguments.append("--no-fio") }
         arguments += ["--", command]
-        // The lane stops the guest at its own timeout; this one covers the rest of the script.
-        let result = try runScript(arguments, seconds: Double(timeoutSeconds) + 120)
+        // The lane stops the guest at its own timeout; this one covers the rest of the script
+        // and any wait for another boot to end (the lane boots one guest at a time).
+        let result = try runScript(arguments, seconds: 2 * Double(timeoutSeconds) + 300)
         guard let status = result.status else {
             throw .laneFailed("the guest lane did not report the command's status (script \(result.exit.map { "\($0)" } ?? "killed at its deadline"))",
                               log: result.stdout + result.stderr)
