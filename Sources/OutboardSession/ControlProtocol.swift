@@ -29,7 +29,7 @@ public enum ControlProtocol {
     public static let magic: UInt32 = 0x3143_424F  // "OBC1" little-endian
     /// 2: sessions and driver starts carry a device class, driver starts a transport,
     /// `deviceLost` a recovery.
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
     public static let headerSize = 16
     /// Limit for every message except status reports.
     public static let maxMessageBytes = 4096

@@ -246,9 +246,9 @@ struct Generator {
     /// Version 1 peers (no classes, no transports) are refused by version, not misread.
     @Test func theVersionChanged() {
         var b = ControlMessage.statusRequest.encode()
-        #expect(ControlProtocol.version == 2)
-        b[4] = 1
-        #expect(throws: ControlError.unsupportedVersion(1)) { try ControlMessage.decode(b) }
+        #expect(ControlProtocol.version == 3)
+        b[4] = 2
+        #expect(throws: ControlError.unsupportedVersion(2)) { try ControlMessage.decode(b) }
     }
 
     /// Descriptor counts are fixed per type, whatever the class or transport.
