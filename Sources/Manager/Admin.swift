@@ -24,6 +24,9 @@ extension Manager {
         guard let drv = d.driver, drv.ready, drv.killReason == nil else {
             return refuse(c, .busy, "device '\(device)' has no running driver (state \(d.state))")
         }
+        if fault == .badRing, d.config.transport == .memory {
+            return refuse(c, .invalidArgument, "fault bad-ring is for virtio devices; '\(device)' is memory")
+        }
         if fault == .strayDMA, d.config.transport != .vfio {
             return refuse(c, .invalidArgument, "fault stray-dma is for devices behind an IOMMU (transport vfio); '\(device)' is \(d.config.transport.rawValue)")
         }
@@ -33,7 +36,8 @@ extension Manager {
         case .segfault: try? drv.child.signal(SIGSEGV)
         case .hang: try? drv.child.signal(SIGSTOP)
         case .abort: d.table.requestAbort(generation: d.generation)
-        case .strayDMA: d.table.requestStrayDMA(generation: d.generation)
+        case .strayDMA: d.table.requestStrayDMA()
+        case .badRing: d.table.requestBadRing()
         }
         try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid), nonBlocking: true)
     }

@@ -62,12 +62,15 @@ final class DeviceHandoff {
     }
 
     /// The driver reported the connection unusable. `recovery` .retry waits the reconnect
-    /// delay first (the device asked for patience); .reconnectDevice tries now.
+    /// delay first (the device asked for patience); .reconnectDevice tries now, unless the
+    /// connection it loses never got as far as the device's report (a set-up that fails
+    /// every time would otherwise be retried in a busy loop).
     func lost(_ recovery: Recovery, now: UInt64) {
+        let hadDevice = connected
         connected = false
         losses += 1
         wanted = true
-        retryAt = recovery == .retry ? now + reconnectNs : 0
+        retryAt = recovery == .retry || !hadDevice ? now + reconnectNs : 0
     }
 }
 

@@ -115,9 +115,24 @@ public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     /// The driver points the status descriptor of its next device request at an IO address
     /// no grant covers: a driver bug the IOMMU must contain (devices behind one only).
     case strayDMA = 5
+    /// The driver puts a head naming no descriptor in its device queue's available ring
+    /// (virtio devices): a driver bug the device must refuse. A virtio-pci device sets
+    /// DEVICE_NEEDS_RESET; a vhost-user backend drops the connection. Either way the driver
+    /// resets or reconnects the device and resubmits; nothing is lost.
+    case badRing = 6
 
-    /// The faults that end the driver process (what `outboard faults` cycles through).
+    /// The faults that end the driver process (what `outboard faults` cycles through by
+    /// default).
     public static let crashes: [FaultKind] = [.kill, .segfault, .hang, .abort]
+
+    /// Whether the driver process ends (and a new generation serves the sessions).
+    public var endsTheDriver: Bool { FaultKind.crashes.contains(self) }
+
+    /// By its `description` (`segv`, `stray-dma`).
+    public init?(name: String) {
+        guard let k = FaultKind.allCases.first(where: { $0.description == name }) else { return nil }
+        self = k
+    }
 
     public var description: String {
         switch self {
@@ -126,6 +141,7 @@ public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         case .hang: return "hang"
         case .abort: return "abort"
         case .strayDMA: return "stray-dma"
+        case .badRing: return "bad-ring"
         }
     }
 }

@@ -17,9 +17,12 @@ import Glibc
 ///   +8  generation       UInt64  driver generation this table serves
 ///   +16 abortGeneration  UInt64  fault injection: the driver of that generation calls
 ///                                abort() inside its next request
-///   +24 strayDMAGeneration UInt64  fault injection: the driver of that generation points
-///                                a descriptor of its next device request at an IO
-///                                address no grant covers (the IOMMU must stop it)
+///   +24 strayDMARequests UInt64  fault injection, a count: each time it grows, the
+///                                driver points a descriptor of its next device request
+///                                at an IO address no grant covers (the IOMMU must stop it)
+///   +32 badRingRequests  UInt64  fault injection, a count: each time it grows, the driver
+///                                puts a head naming no descriptor in its device queue's
+///                                available ring (the device must refuse it)
 /// entries at +64, 64 bytes each
 ///   +0  seq        UInt32  seqlock: odd while the manager rewrites the entry
 ///   +4  state      UInt32  EntryState
@@ -86,7 +89,10 @@ public struct TranslationTable: @unchecked Sendable {
 
     public func setGeneration(_ g: UInt64) { u64(8).pointee.store(g, ordering: .releasing) }
     public func requestAbort(generation: UInt64) { u64(16).pointee.store(generation, ordering: .releasing) }
-    public func requestStrayDMA(generation: UInt64) { u64(24).pointee.store(generation, ordering: .releasing) }
+    /// Faults that leave the driver running count up: a driver acts once per increment it
+    /// sees after its start, never on requests made before it.
+    public func requestStrayDMA() { u64(24).pointee.store(strayDMARequests &+ 1, ordering: .releasing) }
+    public func requestBadRing() { u64(32).pointee.store(badRingRequests &+ 1, ordering: .releasing) }
 
     /// Rewrites entry `index` under its seqlock. Manager only (single writer).
     public func write(_ index: Int, _ e: Entry) {
@@ -110,11 +116,11 @@ public struct TranslationTable: @unchecked Sendable {
 
     // MARK: driver side
 
-    // Acquire: pair with the releasing stores in setGeneration, requestAbort and
-    // requestStrayDMA.
+    // Acquire: pair with the releasing stores in setGeneration and the request* calls.
     public var generation: UInt64 { u64(8).pointee.load(ordering: .acquiring) }
     public var abortGeneration: UInt64 { u64(16).pointee.load(ordering: .acquiring) }
-    public var strayDMAGeneration: UInt64 { u64(24).pointee.load(ordering: .acquiring) }
+    public var strayDMARequests: UInt64 { u64(24).pointee.load(ordering: .acquiring) }
+    public var badRingRequests: UInt64 { u64(32).pointee.load(ordering: .acquiring) }
 
     /// A consistent copy of entry `index`, or nil if it is out of range, being rewritten
     /// (after a few tries), or carries an unknown state.

@@ -278,6 +278,8 @@ public struct VhostUserTransport: ~Copyable, VirtioTransport {
     public func interruptDescriptor(_ index: Int) -> CInt { calls[index].fd.raw.rawValue }
 
     public var connectionDescriptor: CInt { socketFD }
+    /// None: a vhost-user backend that cannot go on closes the connection instead.
+    public var configChangeDescriptor: CInt { -1 }
 
     // MARK: memory
 

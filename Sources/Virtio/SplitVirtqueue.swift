@@ -304,6 +304,17 @@ public struct SplitVirtqueue: ~Copyable {
         return head
     }
 
+    /// Fault injection: puts a head that names no descriptor (Queue Size, one past the
+    /// table) in the next available-ring slot, as a driver bug would; the next `publish`
+    /// shows it to the device, which must refuse it (§2.1.2: a device that finds an error
+    /// sets DEVICE_NEEDS_RESET). The queue's own accounting does not count it: the queue is
+    /// usable again after `reset`.
+    public mutating func addInvalidHead() {
+        (memory + layout.availRingOffset).storeBytes(
+            of: UInt16(layout.size).littleEndian, toByteOffset: 2 * Int(availShadow & mask), as: UInt16.self)
+        availShadow &+= 1
+    }
+
     @inline(__always)
     func storeDescriptor(_ d: VirtqDescriptor, at id: UInt16) {
         (memory + layout.descriptorOffset).storeBytes(

@@ -115,6 +115,11 @@ public protocol VirtioTransport: ~Copyable {
     func interruptDescriptor(_ index: Int) -> CInt
     /// A descriptor on which the device's going away shows (vhost-user: the socket), or -1.
     var connectionDescriptor: CInt { get }
+    /// The descriptor that becomes readable when the device signals a configuration change
+    /// (§2.5.2, §4.1.5.3: virtio-pci's MSI-X configuration vector), which is also how it
+    /// says it set DEVICE_NEEDS_RESET (§2.1.2); -1 if the transport has none. Watched like
+    /// `interruptDescriptor`: edge-triggered, never read.
+    var configChangeDescriptor: CInt { get }
 
     /// Lets the device reach `memory` (vhost-user: an entry in its memory table). Returns
     /// when the device can use it.

@@ -197,6 +197,8 @@ public struct VirtioPCITransport<Function: PCIFunction & ~Copyable>: ~Copyable, 
     /// function dropped, with its BAR mappings. The eventfds stay.
     public mutating func detach() {
         forgetDevice()
+        // The next device starts with nothing exposed (a reset keeps the exposures).
+        exposed.removeAll()
         registers = nil
         if var f = function.take() {
             try? f.routeMSIX(to: [])

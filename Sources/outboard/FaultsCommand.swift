@@ -41,6 +41,9 @@ struct FaultsCommand: ParsableCommand {
     @Option(help: "Number of faults to inject.")
     var faults: Int = 20
 
+    @Option(help: "Faults to inject, in turn, comma separated: kill, segv, hang, abort (each ends the driver), bad-ring (an available-ring entry naming no descriptor: the device refuses the queue, the driver resets or reconnects it and resubmits).")
+    var kinds: ListOption<FaultName> = [FaultName(.kill), FaultName(.segfault), FaultName(.hang), FaultName(.abort)]
+
     @Option(help: "Operations between faults (after recovery).")
     var opsBetween: Int = 200
 
@@ -89,7 +92,7 @@ struct FaultsCommand: ParsableCommand {
         // Every block written once, so that earlier contents of the device do not matter.
         try w.prepare()
         try w.run(operations: opsBetween)
-        let kinds = FaultKind.crashes
+        let kinds = self.kinds.values.map(\.kind)
         var recovered = 0, injected = 0
         var recoveryMs: [Double] = []
         var byKind: [String: [Double]] = [:]
@@ -97,6 +100,9 @@ struct FaultsCommand: ParsableCommand {
         for i in 0..<faults {
             let kind = kinds[i % kinds.count]
             let t0 = Clock.monotonicNanoseconds
+            // A fault that leaves the driver running is over when the device was lost and
+            // is connected again, and a request completed after that.
+            let lossesBefore = kind.endsTheDriver ? 0 : try deviceState(admin).losses
             let hit: (generation: UInt64, pid: Int32)
             do { hit = try admin.injectFault(device: device, kind) } catch {
                 failure = "injecting fault \(i + 1) (\(kind)): \(error)"
@@ -105,9 +111,18 @@ struct FaultsCommand: ParsableCommand {
             injected += 1
             let deadline = t0 + UInt64(recoveryTimeout) * 1_000_000_000
             var timedOut = false
+            var reconnectedAt: Int? = nil
+            var nextLook: UInt64 = 0
             do {
                 try w.run { w in
-                    if w.lastCompletionGeneration > hit.generation { return true }
+                    if kind.endsTheDriver {
+                        if w.lastCompletionGeneration > hit.generation { return true }
+                    } else if let at = reconnectedAt {
+                        if w.ops > at { return true }
+                    } else if Clock.monotonicNanoseconds >= nextLook {
+                        nextLook = Clock.monotonicNanoseconds + 5_000_000
+                        if let s = try? deviceState(admin), s.losses > lossesBefore, s.connected { reconnectedAt = w.ops }
+                    }
                     if Clock.monotonicNanoseconds > deadline { timedOut = true; return true }
                     return false
                 }
@@ -168,6 +183,15 @@ struct FaultsCommand: ParsableCommand {
         }
     }
 
+    /// The device's connection losses and whether it is connected now (`outboard status`).
+    func deviceState(_ admin: borrowing AdminConnection) throws -> (losses: Int, connected: Bool) {
+        let report = try StatusReport.decode(admin.status())
+        guard let d = report.devices.first(where: { $0.name == device }) else {
+            throw ValidationError("the manager has no device '\(device)'")
+        }
+        return (d.deviceLosses ?? 0, d.deviceConnected ?? false)
+    }
+
     func fmt(_ v: Double) -> String {
         let tenths = Int((v * 10).rounded())
         return "\(tenths / 10).\(tenths % 10)"
@@ -191,4 +215,15 @@ struct FaultReport: Codable {
     var recoveryMsP50ByFault: [String: Double]
     var firstError: String?
     var failure: String?
+}
+
+/// A fault kind as `--kinds` spells it (`segv`, `bad-ring`).
+struct FaultName: LosslessStringConvertible, Sendable {
+    var kind: FaultKind
+    init(_ kind: FaultKind) { self.kind = kind }
+    init?(_ description: String) {
+        guard let k = FaultKind(name: description), k != .strayDMA else { return nil }
+        kind = k
+    }
+    var description: String { kind.description }
 }

@@ -169,6 +169,25 @@ func pattern(_ seed: UInt8, _ count: Int) -> [UInt8] { (0..<count).map { UInt8(t
         #expect(try f.imageBytes(at: 16 << 20, count: 64 << 10) == expected)
     }
 
+    /// The driver puts an available-ring entry naming no descriptor (fault bad-ring) under a
+    /// verified workload: the daemon refuses the queue and drops the connection, the same
+    /// driver reconnects and resubmits, and nothing acknowledged is lost.
+    @Test func aBadRingEntryCostsAReconnectionNotData() throws {
+        let f = try VirtioFixture()
+        let (status, lines) = try runOutboard(["faults", "--config", f.manager.configPath, "--device", "vblk0", "--kinds", "bad-ring",
+                                               "--faults", "3", "--ops-between", "300", "--json"], seconds: 120)
+        #expect(status == 0, "\(lines)")
+        let o = try JSONSerialization.jsonObject(with: Data((lines.last ?? "").utf8)) as? [String: Any]
+        #expect(o?["faults_injected"] as? Int == 3 && o?["recovered"] as? Int == 3, "\(lines)")
+        #expect(o?["verify_errors"] as? Int == 0 && o?["client_errors"] as? Int == 0, "\(lines)")
+        let d = try f.device()
+        #expect(d["restarts"] as? Int == 0, "the driver stayed: \(d)")
+        #expect((d["device_losses"] as? Int ?? 0) >= 3 && d["device_connected"] as? Bool == true, "\(d)")
+        // stray-dma is not among them: it fails its request on purpose (check --dma-isolation).
+        let stray = try runOutboard(["faults", "--config", f.manager.configPath, "--device", "vblk0", "--kinds", "stray-dma"], seconds: 30)
+        #expect(stray.status == 64, "a usage error: \(stray)")
+    }
+
     @Test func requestBeyondCapacity() throws {
         let f = try VirtioFixture()
         var s = try f.open()

@@ -14,9 +14,11 @@ extension GuestLaneTests {
         """
 
     /// Verified reads and writes, the pattern in the host's image file afterwards, flush,
-    /// write-zeroes and discard, a request beyond the end; kill, segv, hang and abort of
-    /// the driver under a verified workload with nothing acknowledged lost; and the device
-    /// given back to the guest kernel's virtio-pci driver whenever the manager stops.
+    /// write-zeroes and discard, a request beyond the end; a stray DMA contained by the
+    /// IOMMU; kill, segv, hang and abort of the driver, and a bad available-ring entry
+    /// (the device sets DEVICE_NEEDS_RESET, the driver resets it and resubmits), under a
+    /// verified workload with nothing acknowledged lost; and the device given back to the
+    /// guest kernel's virtio-pci driver whenever the manager stops.
     @Test func theVirtioBlkDriverRunsOverVFIO() throws {
         let work = NSTemporaryDirectory() + "outboard-guest-vfio-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
@@ -29,7 +31,7 @@ extension GuestLaneTests {
             ("given-back", driverOf),
             ("isolation", "outboard check --config /scratch/ob/outboard.json --device vblk --json --blocks 64 --operations 200 --seed 7 --dma-isolation"),
             ("dmar", "dmesg | grep 'DMAR' | grep 'fault addr'"),
-            ("faults", "outboard faults --config /scratch/ob/outboard.json --device vblk --faults 4 --ops-between 300 --json"),
+            ("faults", "outboard faults --config /scratch/ob/outboard.json --device vblk --faults 5 --kinds kill,segv,hang,abort,bad-ring --ops-between 300 --json"),
             ("given-back-again", driverOf),
         ], includingFio: false, workDirectory: work)
 
@@ -62,7 +64,8 @@ extension GuestLaneTests {
         let faults = try #require(run["faults"], "\(run)")
         #expect(faults.status == 0, "\(faults)")
         let f = try JSONSerialization.jsonObject(with: Data((faults.lines.last { !$0.isEmpty } ?? "").utf8)) as? [String: Any]
-        #expect(f?["faults_injected"] as? Int == 4 && f?["recovered"] as? Int == 4, "\(faults)")
+        #expect(f?["faults_injected"] as? Int == 5 && f?["recovered"] as? Int == 5, "\(faults)")
+        #expect((f?["recovery_ms_p50_by_fault"] as? [String: Any])?.keys.sorted() == ["abort", "bad-ring", "hang", "kill", "segv"], "\(faults)")
         #expect(f?["verify_errors"] as? Int == 0 && f?["client_errors"] as? Int == 0, "\(faults)")
         #expect(f?["failure"] == nil, "\(faults)")
         #expect(run["given-back-again"]?.lines.first == "virtio-pci", "\(run)")

@@ -68,6 +68,7 @@ public struct LoopbackBlkTransport: ~Copyable, VirtioTransport {
     public func notify(_ index: Int) {}
     public func interruptDescriptor(_ index: Int) -> CInt { -1 }
     public var connectionDescriptor: CInt { -1 }
+    public var configChangeDescriptor: CInt { -1 }
     public mutating func expose(_ m: DeviceMemory) throws(VirtioTransportError) {
         if let limit = regionLimit, regions.count >= limit { throw .noMemorySlot(limit: limit) }
         regions.append((m.ioAddress.rawValue, m.size, m.base))

@@ -200,6 +200,11 @@ public struct VirtioBlkDevice<Transport: VirtioTransport & ~Copyable>: ~Copyable
         }
     }
 
+    /// Fault injection (`bad-ring`): an available-ring entry naming no descriptor, ahead of
+    /// the next chains (`SplitVirtqueue.addInvalidHead`). The device refuses the queue;
+    /// the driver must reset it and resubmit.
+    public mutating func addInvalidHead() { vq.addInvalidHead() }
+
     /// Makes submitted chains visible and notifies the device if it asked (§2.7.13.3,
     /// §2.7.10). Returns whether it notified.
     public mutating func publish() -> Bool {

@@ -22,6 +22,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     static var keepsDataDescriptors: Bool { true }
     static var callToken: UInt64 { HostToken.deviceFirst }
     static var socketToken: UInt64 { HostToken.deviceFirst + 1 }
+    static var configToken: UInt64 { HostToken.deviceFirst + 2 }
 
     var device: VirtioBlkDevice<Link>
     let dma: DMARegion
@@ -39,8 +40,10 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     var sequence: UInt64 = 0
     /// Where each session's region is exposed to the device on this connection.
     var exposedAt: [IOAddress?] = Array(repeating: nil, count: SessionTable.capacity)
-    /// The stray-dma fault was injected into this driver's requests once.
-    var strayDMADone = false
+    /// The stray-dma and bad-ring requests (translation table counts) this driver has
+    /// acted on; those before its start are not its own.
+    var strayDMASeen: UInt64
+    var badRingSeen: UInt64
     /// Where an injected stray descriptor points: above the driver's DMA region, below the
     /// first session address (4 GiB) and the x86 interrupt window (0xfee00000), so no grant
     /// covers it.
@@ -67,11 +70,17 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
             // ring says what finished), and each read would be a system call per wake-up.
             try context.epoll.add(FileDescriptor(rawValue: dev.transport.interruptDescriptor(0)), events: [.readable, .edgeTriggered],
                                   token: Self.callToken)
+            let config = dev.transport.configChangeDescriptor
+            if config >= 0 {
+                try context.epoll.add(FileDescriptor(rawValue: config), events: [.readable, .edgeTriggered], token: Self.configToken)
+            }
         } catch {
             throw .setup("epoll: \(error)")
         }
         device = dev
         dma = region
+        strayDMASeen = context.table.strayDMARequests
+        badRingSeen = context.table.badRingRequests
         mode = cfg.notifyMode
         pollWindow = UInt64(cfg.pollMicroseconds) * 1000
         maxTransfer = cfg.maxTransfer
@@ -289,9 +298,15 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
         case .discard: request.op = VirtioBlkOp.discard
         case .writeZeroes: request.op = VirtioBlkOp.writeZeroes
         }
-        if !strayDMADone, context.table.strayDMAGeneration == context.generation {
-            strayDMADone = true
+        let stray = context.table.strayDMARequests
+        if stray != strayDMASeen {
+            strayDMASeen = stray
             device.strayStatusAddress = Self.strayIOAddress
+        }
+        let bad = context.table.badRingRequests
+        if bad != badRingSeen {
+            badRingSeen = bad
+            device.addInvalidHead()
         }
         guard device.submit(slot: k, request) else { return .ioError }
         context.page.add(.submitted)
@@ -372,6 +387,22 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
             // Nothing is expected on the device socket between our own requests: the
             // backend closed it (or sent something unasked for).
             if connected { lose("the device closed the connection", context: &context) }
+        case Self.configToken:
+            // A configuration change, or the device stopped (§2.1.2: DEVICE_NEEDS_RESET,
+            // after an error it found in what the driver gave it). The manager hands the
+            // device over again at once (reconnect-device): a reset, the queue set up
+            // again, and every request in flight resubmitted in its first order.
+            guard connected else { break }
+            switch Result(catching: { () throws(VirtioTransportError) in try device.transport.status() }) {
+            case .success(let s) where s.contains(.deviceNeedsReset):
+                lose("the device needs a reset (DEVICE_NEEDS_RESET, status \(s))", context: &context)
+            case .success:
+                // A change of the configuration space (virtio-blk: the capacity). Sessions
+                // keep the size they opened with; the next connection reports the new one.
+                break
+            case .failure(let e):
+                lose("reading the device status after a configuration change: \(e)", context: &context)
+            }
         default:
             break
         }
