@@ -109,6 +109,9 @@ struct GuestRun {
     var fioIops: Double?
     /// Outboard only: the driver's signals over the interval, per I/O.
     var signals: (clientBells: Double, kicks: Double, interrupts: Double, clientSignals: Double)?
+    /// Outboard only: the client's heavy barriers (membarrier(2) before a sleeping wait),
+    /// per I/O.
+    var heavyBarriers: Double?
     /// Outboard at a fixed load: submitted in the interval, and late (fell due with every
     /// slot busy, or due by the end and never issued).
     var issued: Int?
@@ -257,7 +260,7 @@ struct GuestBenchRunner {
             engine: engine, op: op, qd: depth, fraction: nil, offeredIops: rate,
             ios: done(b.disk) &- done(a.disk), seconds: Double(b.time - a.time) / 1e9,
             p50Us: report.clatP50Us, p99Us: report.clatP99Us, cpu: a.cpu.delta(to: b.cpu), client: a.fio.delta(to: b.fio),
-            driver: nil, manager: nil, fioIops: report.iops, signals: nil, issued: nil, late: nil,
+            driver: nil, manager: nil, fioIops: report.iops, signals: nil, heavyBarriers: nil, issued: nil, late: nil,
             deviceInterrupts: b.interrupts &- a.interrupts)
     }
 
@@ -293,6 +296,7 @@ struct GuestBenchRunner {
         var manager: ProcessTimes?
         var counters: DriverCounters
         var bells: Int
+        var barriers: Int
         var interrupts: UInt64
         init(admin: borrowing AdminConnection, session: borrowing BlockSession, driverPid: pid_t, managerPid: pid_t, pci: String,
              ending: Bool) throws {
@@ -305,10 +309,12 @@ struct GuestBenchRunner {
                 driver = ProcessTimes.read(pid: driverPid)
                 manager = ProcessTimes.read(pid: managerPid)
                 bells = session.doorbellsRung
+                barriers = session.heavyBarriers
                 counters = DriverCounters(try StatusReport.decode(admin.status()))
             } else {
                 counters = DriverCounters(try StatusReport.decode(admin.status()))
                 bells = session.doorbellsRung
+                barriers = session.heavyBarriers
                 manager = ProcessTimes.read(pid: managerPid)
                 driver = ProcessTimes.read(pid: driverPid)
                 client = ProcessTimes.read(pid: me) ?? ProcessTimes(user: 0, system: 0)
@@ -331,6 +337,7 @@ struct GuestBenchRunner {
                 signals: (Double(end.bells - bells) / io, Double(end.counters.kicks &- counters.kicks) / io,
                           Double(end.counters.interrupts &- counters.interrupts) / io,
                           Double(end.counters.clientSignals &- counters.clientSignals) / io),
+                heavyBarriers: Double(end.barriers - barriers) / io,
                 issued: nil, late: nil, deviceInterrupts: end.interrupts &- interrupts)
         }
     }
@@ -491,6 +498,7 @@ func guestRunJSON(_ r: GuestRun, reference ref: GuestRun, linuxMaxIops: Double?,
         parts += ["\"client_bells_per_io\":\(fmt(s.clientBells, 4))", "\"kicks_per_io\":\(fmt(s.kicks, 4))",
                   "\"interrupts_per_io\":\(fmt(s.interrupts, 4))", "\"client_signals_per_io\":\(fmt(s.clientSignals, 4))"]
     }
+    if let b = r.heavyBarriers { parts.append("\"client_heavy_barriers_per_io\":\(fmt(b, 4))") }
     return "{" + parts.joined(separator: ",") + "}"
 }
 
