@@ -125,28 +125,42 @@ public struct DiskCounters: Sendable, Equatable {
     }
 }
 
-/// Interrupts taken so far from one PCI function, summed over its vectors and every CPU,
-/// from /proc/interrupts: the rows whose chip column names the function
-/// ("IR-PCI-MSIX-0000:00:05.0"), whoever handles them (virtio_blk, vfio-pci).
+/// Interrupts taken so far from one PCI function, summed over its MSI and MSI-X vectors
+/// and every CPU, whoever handles them (virtio_blk, vfio-pci): the rows of
+/// /proc/interrupts whose IRQ numbers /sys/bus/pci/devices/ADDRESS/msi_irqs lists (with
+/// interrupt remapping the rows do not name the function).
 public enum InterruptCounts {
-    public static func parse(procInterrupts text: [UInt8], pci: String) -> UInt64 {
+    public static func parse(procInterrupts text: [UInt8], irqs: Set<Int>) -> UInt64 {
         var total: UInt64 = 0
         let lines = String(decoding: text, as: UTF8.self).split(separator: "\n")
         guard let header = lines.first else { return 0 }
         let cpus = header.split(separator: " ").filter { $0.hasPrefix("CPU") }.count
         for line in lines.dropFirst() {
             let fields = line.split(separator: " ")
-            // "NN:", one count per CPU, then the chip and the handlers.
-            guard fields.count > cpus + 1, fields[0].hasSuffix(":"),
-                  fields[(cpus + 1)...].contains(where: { $0.hasSuffix("-" + pci) || $0 == pci }) else { continue }
+            // "NN:", then one count per CPU, then the chip and the handlers.
+            guard fields.count > cpus, fields[0].hasSuffix(":"), let irq = Int(fields[0].dropLast()), irqs.contains(irq) else { continue }
             for f in fields[1...cpus] { total &+= UInt64(f) ?? 0 }
         }
         return total
     }
 
+    /// The IRQ numbers of a PCI function's MSI and MSI-X vectors (none when it has none
+    /// enabled, or no such function).
+    public static func irqs(pci: String) -> Set<Int> {
+        guard let d = opendir("/sys/bus/pci/devices/\(pci)/msi_irqs") else { return [] }
+        defer { closedir(d) }
+        var out = Set<Int>()
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if let n = Int(name) { out.insert(n) }
+        }
+        return out
+    }
+
     public static func read(pci: String) -> UInt64 {
-        guard let text = try? readSmallFile("/proc/interrupts", limit: 4 << 20) else { return 0 }
-        return parse(procInterrupts: text, pci: pci)
+        let numbers = irqs(pci: pci)
+        guard !numbers.isEmpty, let text = try? readSmallFile("/proc/interrupts", limit: 4 << 20) else { return 0 }
+        return parse(procInterrupts: text, irqs: numbers)
     }
 }
 

@@ -43,7 +43,7 @@ struct GuestBenchOptions: ParsableArguments {
     @Flag(help: "Only the maximum (closed-loop) rows.") var noLoads = false
     @Option(help: "Access patterns (fio --rw), comma separated: randread, randwrite.") var rw: ListOption<String> = ["randread", "randwrite"]
     @Option(help: "fio engines on the guest kernel's disk, comma separated: io_uring, libaio.") var engines: ListOption<String> = ["io_uring", "libaio"]
-    @Option(help: "Measured seconds per run.") var seconds: Double = 2
+    @Option(help: "Measured seconds per run.") var seconds: Double = 1.5
     @Option(help: "Warm-up seconds per run (fio: --ramp_time).") var warmup: Double = 0.5
     @Option(help: "How the manager reaches Outboard's disk: vfio (the disk at --pci, through vfio-pci) or memory (manager-owned memory of the kernel disk's size; for development). Default: vfio if this build's manager has it, else memory.")
     var transport: String = guestBenchDefaultTransport
@@ -111,7 +111,8 @@ struct GuestBench: ParsableCommand {
             (Outboard: submit to completion in the client; fio: completion latency), the whole guest's busy \
             CPU from /proc/stat (total - idle - iowait, all CPUs) and per I/O, and its split: the client's \
             utime and stime (/proc/PID/stat of fio, --thread, or of the client), the driver's and the \
-            manager's (Outboard), irq and softirq (/proc/stat), and the rest (other). Each run row carries \
+            manager's (Outboard), irq and softirq (/proc/stat), and the rest (other); and the disk's \
+            interrupts per I/O (/proc/interrupts, the vectors of its PCI function). Each run row carries \
             the Linux reference of the same run (the engine with more IOPS at the maximum, the one with less \
             CPU per I/O at a fixed load) and the ratios to it; a summary row per depth and pattern says \
             whether Outboard reached Linux's maximum at no more than 0.7 of its CPU per I/O at every load.
@@ -253,11 +254,11 @@ func printGuestBenchTables(_ rows: [[String: JSONValue]]) {
     let runs = rows.filter { $0["row"]?.string == "run" }
     func load(_ r: [String: JSONValue]) -> String { r["load"]?.number.map { fmt($0 * 100, 0) + "%" } ?? "max" }
     print("runs (ratio and cpu ratio: against the Linux reference of the same depth, pattern and load):")
-    print("   qd  rw          load  engine        IOPS   ratio   p50 us    p99 us  guest CPU %  CPU us/IO  cpu ratio  ref")
+    print("   qd  rw          load  engine        IOPS   ratio   p50 us    p99 us  guest CPU %  CPU us/IO  cpu ratio  irqs/IO  ref")
     for r in runs {
         print("\(pad(s(r, "qd"), 5))  \(padRight(s(r, "rw"), 10))  \(pad(load(r), 4))  \(padRight(s(r, "engine"), 8))  \(pad(n(r, "iops", 0), 8))  "
               + "\(pad(n(r, "iops_ratio", 2), 6))  \(pad(n(r, "p50_us", 1), 7))  \(pad(n(r, "p99_us", 1), 8))  \(pad(n(r, "guest_cpu_pct", 1), 11))  "
-              + "\(pad(n(r, "cpu_us_per_io", 1), 9))  \(pad(n(r, "cpu_ratio", 2), 9))  \(s(r, "ref_engine"))")
+              + "\(pad(n(r, "cpu_us_per_io", 1), 9))  \(pad(n(r, "cpu_ratio", 2), 9))  \(pad(n(r, "device_interrupts_per_io", 2), 7))  \(s(r, "ref_engine"))")
     }
     print("CPU per I/O by component, us (client: fio's or Outboard's client process; driver and manager: Outboard's; irq, softirq: /proc/stat; other: the rest of the guest's busy time):")
     print("   qd  rw          load  engine     client usr  client sys  driver usr  driver sys  manager     irq  softirq   other   total")
