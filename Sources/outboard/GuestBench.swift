@@ -152,7 +152,15 @@ struct GuestBench: ParsableCommand {
         installInterruptFlag()
         let (fioRuns, obRuns) = options.runCount
         writeStderr("bench guest: \(fioRuns) fio runs and \(obRuns) Outboard runs in one guest boot (timeout \(seconds) s)\n")
+        // The host's own load over the boot: under TCG a vCPU the host does not run is, for
+        // the guest, time its current task took, so a busy host inflates every figure.
+        let hostBefore = try? CPUTimes.read()
+        let loadBefore = loadAverage()
+        if loadBefore > 1 {
+            writeStderr("bench guest: the host's load average is \(fmt(loadBefore, 2)): under TCG other work on the host shows in the guest as time its tasks took\n")
+        }
         let (status, output) = try runCapturingStdout(executable: executable, arguments: executable == script ? Array(arguments.dropFirst()) : arguments)
+        let hostAfter = try? CPUTimes.read()
         var rows: [[String: JSONValue]] = []
         var rawRows: [String] = []
         for line in output.split(separator: "\n", omittingEmptySubsequences: true) {
@@ -162,6 +170,15 @@ struct GuestBench: ParsableCommand {
             } else {
                 writeStderr("guest: \(line)\n")
             }
+        }
+        if let a = hostBefore, let b = hostAfter {
+            let d = a.delta(to: b)
+            let busy = d.total > 0 ? Double(d.busy) * 100 / Double(d.total) : 0
+            let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
+            let line = "{\"bench\":\"guest\",\"row\":\"host\",\"host_cpus\":\(cpus),\"host_busy_pct\":\(fmt(busy, 2)),"
+                + "\"host_busy_cpus\":\(fmt(busy * Double(cpus) / 100, 2)),\"loadavg_before\":\(fmt(loadBefore, 2)),\"loadavg_after\":\(fmt(loadAverage(), 2))}"
+            if let row = try? JSONDecoder().decode([String: JSONValue].self, from: Data(line.utf8)) { rows.append(row) }
+            rawRows.append(line)
         }
         if json {
             for r in rawRows { print(r) }
@@ -251,6 +268,9 @@ func printGuestBenchTables(_ rows: [[String: JSONValue]]) {
               + "\(s(setup, "guest_memory_mib")) MiB, disks \(s(setup, "disk_mib")) MiB, \(n(setup, "seconds", 1)) s per run after \(n(setup, "warmup", 1)) s, "
               + "\(s(setup, "fio"))")
     }
+    if let host = rows.first(where: { $0["row"]?.string == "host" }) {
+        print("host during the boot: \(n(host, "host_busy_cpus", 2)) of \(s(host, "host_cpus")) CPUs busy (QEMU included), load average \(n(host, "loadavg_before", 2)) before, \(n(host, "loadavg_after", 2)) after")
+    }
     let runs = rows.filter { $0["row"]?.string == "run" }
     func load(_ r: [String: JSONValue]) -> String { r["load"]?.number.map { fmt($0 * 100, 0) + "%" } ?? "max" }
     print("runs (ratio and cpu ratio: against the Linux reference of the same depth, pattern and load):")
@@ -282,4 +302,10 @@ func printGuestBenchTables(_ rows: [[String: JSONValue]]) {
 /// `s` followed by spaces up to `width` characters.
 func padRight(_ s: String, _ width: Int) -> String {
     s.count >= width ? s : s + String(repeating: " ", count: width - s.count)
+}
+
+/// The host's 1-minute load average (/proc/loadavg), 0 if unreadable.
+func loadAverage() -> Double {
+    guard let text = try? readSmallFile("/proc/loadavg", limit: 256) else { return 0 }
+    return String(decoding: text, as: UTF8.self).split(separator: " ").first.flatMap { Double($0) } ?? 0
 }
