@@ -144,6 +144,20 @@ public enum InterruptCounts {
         return total
     }
 
+    /// The per-CPU counts of one named row of /proc/interrupts ("CAL": function-call
+    /// IPIs, "RES": rescheduling IPIs, "TLB": TLB shootdowns), summed; 0 if absent.
+    public static func parse(procInterrupts text: [UInt8], row: String) -> UInt64 {
+        let lines = String(decoding: text, as: UTF8.self).split(separator: "\n")
+        guard let header = lines.first else { return 0 }
+        let cpus = header.split(separator: " ").filter { $0.hasPrefix("CPU") }.count
+        for line in lines.dropFirst() {
+            let fields = line.split(separator: " ")
+            guard fields.count > cpus, fields[0] == row + ":" else { continue }
+            return fields[1...cpus].reduce(0) { $0 &+ (UInt64($1) ?? 0) }
+        }
+        return 0
+    }
+
     /// The IRQ numbers of a PCI function's MSI and MSI-X vectors (none when it has none
     /// enabled, or no such function).
     public static func irqs(pci: String) -> Set<Int> {
@@ -157,10 +171,13 @@ public enum InterruptCounts {
         return out
     }
 
-    public static func read(pci: String) -> UInt64 {
+    /// Now: the PCI function's interrupts, and the function-call IPIs, rescheduling IPIs
+    /// and TLB shootdowns of all CPUs.
+    public static func read(pci: String) -> (device: UInt64, call: UInt64, resched: UInt64, tlb: UInt64) {
+        guard let text = try? readSmallFile("/proc/interrupts", limit: 4 << 20) else { return (0, 0, 0, 0) }
         let numbers = irqs(pci: pci)
-        guard !numbers.isEmpty, let text = try? readSmallFile("/proc/interrupts", limit: 4 << 20) else { return 0 }
-        return parse(procInterrupts: text, irqs: numbers)
+        return (numbers.isEmpty ? 0 : parse(procInterrupts: text, irqs: numbers), parse(procInterrupts: text, row: "CAL"),
+                parse(procInterrupts: text, row: "RES"), parse(procInterrupts: text, row: "TLB"))
     }
 }
 

@@ -118,6 +118,8 @@ struct GuestRun {
     var late: Int?
     /// Interrupts from the run's PCI function (/proc/interrupts) over the interval.
     var deviceInterrupts: UInt64 = 0
+    /// All CPUs' function-call IPIs, rescheduling IPIs and TLB shootdowns over the interval.
+    var ipis: (call: UInt64, resched: UInt64, tlb: UInt64) = (0, 0, 0)
 
     var iops: Double { seconds > 0 ? Double(ios) / seconds : 0 }
     var isLinux: Bool { engine != "outboard" }
@@ -261,7 +263,8 @@ struct GuestBenchRunner {
             ios: done(b.disk) &- done(a.disk), seconds: Double(b.time - a.time) / 1e9,
             p50Us: report.clatP50Us, p99Us: report.clatP99Us, cpu: a.cpu.delta(to: b.cpu), client: a.fio.delta(to: b.fio),
             driver: nil, manager: nil, fioIops: report.iops, signals: nil, heavyBarriers: nil, issued: nil, late: nil,
-            deviceInterrupts: b.interrupts &- a.interrupts)
+            deviceInterrupts: b.interrupts.device &- a.interrupts.device,
+            ipis: (b.interrupts.call &- a.interrupts.call, b.interrupts.resched &- a.interrupts.resched, b.interrupts.tlb &- a.interrupts.tlb))
     }
 
     /// The counters at one edge of fio's measured interval: at its start the clock last,
@@ -271,7 +274,7 @@ struct GuestBenchRunner {
         var cpu: CPUTimes
         var fio: ProcessTimes
         var disk: DiskCounters
-        var interrupts: UInt64
+        var interrupts: (device: UInt64, call: UInt64, resched: UInt64, tlb: UInt64)
         init(pid: pid_t, disk name: String, pci: String, ending: Bool) throws {
             let early = Clock.monotonicNanoseconds
             disk = try DiskCounters.read(disk: name)
@@ -297,7 +300,7 @@ struct GuestBenchRunner {
         var counters: DriverCounters
         var bells: Int
         var barriers: Int
-        var interrupts: UInt64
+        var interrupts: (device: UInt64, call: UInt64, resched: UInt64, tlb: UInt64)
         init(admin: borrowing AdminConnection, session: borrowing BlockSession, driverPid: pid_t, managerPid: pid_t, pci: String,
              ending: Bool) throws {
             let me = getpid()
@@ -338,7 +341,8 @@ struct GuestBenchRunner {
                           Double(end.counters.interrupts &- counters.interrupts) / io,
                           Double(end.counters.clientSignals &- counters.clientSignals) / io),
                 heavyBarriers: Double(end.barriers - barriers) / io,
-                issued: nil, late: nil, deviceInterrupts: end.interrupts &- interrupts)
+                issued: nil, late: nil, deviceInterrupts: end.interrupts.device &- interrupts.device,
+                ipis: (end.interrupts.call &- interrupts.call, end.interrupts.resched &- interrupts.resched, end.interrupts.tlb &- interrupts.tlb))
         }
     }
 
@@ -494,6 +498,8 @@ func guestRunJSON(_ r: GuestRun, reference ref: GuestRun, linuxMaxIops: Double?,
                  + "\"driver_user\":\(fmt(driverUser, 2)),\"driver_sys\":\(fmt(driverSys, 2)),\"manager\":\(fmt(manager, 2)),"
                  + "\"irq\":\(fmt(irq, 2)),\"softirq\":\(fmt(softirq, 2)),\"other\":\(fmt(other, 2))}")
     parts.append("\"device_interrupts_per_io\":\(fmt(Double(r.deviceInterrupts) / io, 4))")
+    parts.append("\"ipi_call_per_io\":\(fmt(Double(r.ipis.call) / io, 4)),\"ipi_resched_per_io\":\(fmt(Double(r.ipis.resched) / io, 4)),"
+                 + "\"tlb_shootdowns_per_io\":\(fmt(Double(r.ipis.tlb) / io, 4))")
     if let s = r.signals {
         parts += ["\"client_bells_per_io\":\(fmt(s.clientBells, 4))", "\"kicks_per_io\":\(fmt(s.kicks, 4))",
                   "\"interrupts_per_io\":\(fmt(s.interrupts, 4))", "\"client_signals_per_io\":\(fmt(s.clientSignals, 4))"]

@@ -72,6 +72,9 @@ import Testing
         #expect(InterruptCounts.parse(procInterrupts: text, irqs: [5]) == 0)
         #expect(InterruptCounts.parse(procInterrupts: text, irqs: []) == 0)
         #expect(InterruptCounts.parse(procInterrupts: [], irqs: [27]) == 0)
+        #expect(InterruptCounts.parse(procInterrupts: text, row: "LOC") == 99999)
+        #expect(InterruptCounts.parse(procInterrupts: text, row: "ERR") == 0, "a row with fewer counts than CPUs is not read")
+        #expect(InterruptCounts.parse(procInterrupts: text, row: "CAL") == 0)
     }
 
     /// A fio 3.33 report as `--output-format=json` writes it, cut to the fields read, with
