@@ -18,7 +18,7 @@ struct Outboard: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure Outboard against a reference run in the same invocation.",
-        subcommands: [RingBench.self, BlkBench.self]
+        subcommands: [RingBench.self, BlkBench.self, GuestBench.self, GuestBenchRun.self]
     )
 }
 
