@@ -218,7 +218,10 @@ lap "initramfs and disks"
 # caching-mode lets VFIO map DMA through it. -nodefaults keeps the PCI bus to what is
 # named here, at fixed addresses. iommu_platform makes the disks' DMA go through the
 # IOMMU (each lands in its own IOMMU group); disable-legacy makes them virtio 1.x only.
-# ttyS0: console; ttyS1: the command's output (see init).
+# ttyS0: console; ttyS1: the command's output (see init). tsc=reliable: under TCG the guest
+# kernel finds the vCPUs' TSCs unsynchronized and falls back to the emulated HPET, which
+# makes every clock_gettime a system call and an emulated register read; a real machine
+# reads the TSC in the vDSO.
 : >"$work/console.log"; : >"$work/output.log"
 q=${work//,/,,}  # QEMU option values escape a comma by doubling it
 # One guest at a time on this machine: TCG guests side by side would slow each other past
@@ -231,7 +234,7 @@ timeout --kill-after=10 "$timeout_s" qemu-system-x86_64 -nodefaults -no-user-con
   -M q35,kernel-irqchip=split -device intel-iommu,intremap=on,caching-mode=on \
   -display none -no-reboot \
   -kernel "$vmlinux" -initrd "$work/initramfs.cpio" \
-  -append "console=ttyS0 panic=-1 quiet intel_iommu=on iommu=pt" \
+  -append "console=ttyS0 panic=-1 quiet intel_iommu=on iommu=pt tsc=reliable" \
   -chardev "file,id=console,path=$q/console.log" -serial chardev:console \
   -chardev "file,id=output,path=$q/output.log" -serial chardev:output \
   -drive "if=none,id=outboard,file=$q/outboard.img,format=raw,cache=unsafe" \

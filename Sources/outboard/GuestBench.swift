@@ -2,6 +2,7 @@ import ArgumentParser
 import FoundationEssentials
 import Manager
 import OutboardBench
+import OutboardSession
 import OutboardSystem
 import SystemPackage
 
@@ -12,19 +13,15 @@ import Glibc
 /// The Outboard device's name in the guest benchmark's manager config.
 let guestBenchDeviceName = "ob0"
 
-/// The transport `bench guest` uses unless told: vfio when this build's manager knows it,
-/// memory (manager-owned memory, for developing the benchmark) otherwise.
-let guestBenchDefaultTransport = ManagerConfig.Transport(rawValue: "vfio") != nil ? "vfio" : "memory"
-
 /// The Outboard device of the guest benchmark, as an entry of the manager config's
 /// `devices`: the one place that says how the device is reached. vfio: the disk at `pci`,
 /// which the manager binds to vfio-pci and drives with the sandboxed virtio-blk driver
 /// over virtio-pci. memory: `sizeMib` of manager-owned memory (the same size as the guest
 /// kernel's disk) served by the memory block driver, for development only (no device, no
 /// interrupts: not a comparison with the kernel's disk).
-func guestBenchDeviceJSON(transport: String, pci: String, sizeMib: UInt64) -> String {
+func guestBenchDeviceJSON(transport: String, pci: String, notify: String, sizeMib: UInt64) -> String {
     let reach = switch transport {
-    case "vfio": "\"transport\": \"vfio\", \"pci\": \"\(pci)\""
+    case "vfio": "\"transport\": \"vfio\", \"pci\": \"\(pci)\", \"notify\": \"\(notify)\""
     default: "\"transport\": \"memory\", \"size_mib\": \(sizeMib)"
     }
     return """
@@ -45,8 +42,10 @@ struct GuestBenchOptions: ParsableArguments {
     @Option(help: "fio engines on the guest kernel's disk, comma separated: io_uring, libaio.") var engines: ListOption<String> = ["io_uring", "libaio"]
     @Option(help: "Measured seconds per run.") var seconds: Double = 1.5
     @Option(help: "Warm-up seconds per run (fio: --ramp_time).") var warmup: Double = 0.5
-    @Option(help: "How the manager reaches Outboard's disk: vfio (the disk at --pci, through vfio-pci) or memory (manager-owned memory of the kernel disk's size; for development). Default: vfio if this build's manager has it, else memory.")
-    var transport: String = guestBenchDefaultTransport
+    @Option(help: "How the manager reaches Outboard's disk: vfio (the disk at --pci, through vfio-pci) or memory (manager-owned memory of the kernel disk's size; for development).")
+    var transport: String = "vfio"
+    @Option(help: "vfio: how the driver learns of completions: event-idx (interrupts, batched, as the kernel's driver), adaptive (busy-polls while busy and 50 us after), interrupt, poll.")
+    var notify: String = "event-idx"
     @Option(help: "PCI address of Outboard's disk in the guest (vfio).") var pci: String = "0000:00:04.0"
     @Option(help: "PCI address of the guest kernel's disk.") var kernelPci: String = "0000:00:05.0"
     @Option(help: "Serial the guest kernel's disk must have.") var kernelSerial: String = "guest-kernel"
@@ -63,6 +62,7 @@ struct GuestBenchOptions: ParsableArguments {
         guard engines.values.allSatisfy({ $0 == "io_uring" || $0 == "libaio" }) else { throw ValidationError("--engines: io_uring, libaio") }
         guard seconds > 0, seconds <= 600, warmup >= 0, warmup <= 600 else { throw ValidationError("--seconds: more than 0; --warmup: at least 0 (each at most 600)") }
         guard transport == "vfio" || transport == "memory" else { throw ValidationError("--transport: vfio or memory") }
+        guard NotifyMode(name: notify) != nil else { throw ValidationError("--notify: interrupt, event-idx, adaptive or poll") }
         guard clientSpinUs >= 0, clientSpinUs <= 100_000 else { throw ValidationError("--client-spin-us: 0...100000") }
         for (name, a) in [("--pci", pci), ("--kernel-pci", kernelPci)] {
             guard a.utf8.count == 12, a.allSatisfy({ $0.isHexDigit || $0 == ":" || $0 == "." }) else {
@@ -79,7 +79,7 @@ struct GuestBenchOptions: ParsableArguments {
     var forwarded: [String] {
         func list<T>(_ l: ListOption<T>) -> String { l.values.map { "\($0)" }.joined(separator: ",") }
         var a = ["--qd", list(qd), "--loads", list(loads), "--rw", list(rw), "--engines", list(engines),
-                 "--seconds", "\(seconds)", "--warmup", "\(warmup)", "--transport", transport, "--pci", pci,
+                 "--seconds", "\(seconds)", "--warmup", "\(warmup)", "--transport", transport, "--notify", notify, "--pci", pci,
                  "--kernel-pci", kernelPci, "--kernel-serial", kernelSerial, "--client-spin-us", "\(clientSpinUs)"]
         if noLoads { a.append("--no-loads") }
         return a

@@ -33,7 +33,7 @@ struct GuestBenchRun: ParsableCommand {
         let lab = try Lab(name: "guest-bench")
         defer { lab.remove() }
         let sizeMib = diskBytes >> 20
-        let device = guestBenchDeviceJSON(transport: options.transport, pci: options.pci, sizeMib: sizeMib)
+        let device = guestBenchDeviceJSON(transport: options.transport, pci: options.pci, notify: options.notify, sizeMib: sizeMib)
         let config = try writeGuestBenchConfig(lab: lab, device: device)
         var manager = try ManagerProcess(config: config, socket: lab.controlSocket)
         defer { manager.stop() }
@@ -42,7 +42,7 @@ struct GuestBenchRun: ParsableCommand {
                                      kernelDisk: kernelDisk, fio: fioPath, outputFile: lab.dir + "/fio.json")
         let cpus = sysconf(Int32(_SC_NPROCESSORS_ONLN))
         let memory = (try? readSmallFile("/proc/meminfo", limit: 1 << 16)).flatMap(memTotalKib) ?? 0
-        print("{\"bench\":\"guest\",\"row\":\"setup\",\"transport\":\"\(options.transport)\",\"outboard_pci\":\"\(options.pci)\","
+        print("{\"bench\":\"guest\",\"row\":\"setup\",\"transport\":\"\(options.transport)\",\"notify\":\"\(options.notify)\",\"outboard_pci\":\"\(options.pci)\","
               + "\"kernel_pci\":\"\(options.kernelPci)\",\"kernel_disk\":\"\(kernelDisk)\",\"disk_mib\":\(sizeMib),"
               + "\"guest_cpus\":\(cpus),\"guest_memory_mib\":\(memory / 1024),\"kernel\":\"\(kernelRelease())\","
               + "\"user_hz\":\(userHz),\"seconds\":\(fmt(options.seconds, 3)),\"warmup\":\(fmt(options.warmup, 3)),"
