@@ -22,9 +22,12 @@ struct TrapState {
     /// The offset of the access between the fault and the single-step trap, or -1.
     var pending = -1
     var pendingWrite = false
-    var previousSegv = sigaction()
-    var previousTrap = sigaction()
-    var installed = false
+    /// The handlers that were installed before ours, in heap memory that sigaction(2) fills;
+    /// nil until `installTrapHandlers` ran. The global holds no `sigaction` value: Swift
+    /// 6.3 -O initializes such a global statically with `sigaction`'s interior padding
+    /// left out, so the object comes out 8 bytes short and the fields after it lie outside.
+    var previousSegv: UnsafeMutablePointer<sigaction>?
+    var previousTrap: UnsafeMutablePointer<sigaction>?
 }
 
 nonisolated(unsafe) var trap = TrapState()
@@ -43,9 +46,13 @@ func greg(_ uc: UnsafeMutableRawPointer?, _ index: Int) -> UnsafeMutablePointer<
 }
 func eflags(_ uc: UnsafeMutableRawPointer?) -> UnsafeMutablePointer<Int64> { greg(uc, regEFL) }
 
-func passOn(_ signal: CInt, _ previous: sigaction) {
-    var p = previous
-    sigaction(signal, &p, nil)
+/// Puts back the handler that was installed before ours (the default one if there is none).
+func passOn(_ signal: CInt, _ previous: UnsafeMutablePointer<sigaction>?) {
+    if let p = previous {
+        sigaction(signal, p, nil)
+    } else {
+        Glibc.signal(signal, SIG_DFL)
+    }
 }
 
 let segvHandler: @convention(c) (CInt, UnsafeMutablePointer<siginfo_t>?, UnsafeMutableRawPointer?) -> Void = { sig, info, uc in
@@ -75,18 +82,23 @@ let trapHandler: @convention(c) (CInt, UnsafeMutablePointer<siginfo_t>?, UnsafeM
 }
 
 func installTrapHandlers() {
-    guard !trap.installed else { return }
+    guard trap.previousSegv == nil else { return }
+    let previousSegv = UnsafeMutablePointer<sigaction>.allocate(capacity: 1)
+    let previousTrap = UnsafeMutablePointer<sigaction>.allocate(capacity: 1)
+    // The previous handlers are in place before ours can run and pass a signal on.
+    precondition(sigaction(SIGSEGV, nil, previousSegv) == 0 && sigaction(SIGTRAP, nil, previousTrap) == 0)
+    trap.previousSegv = previousSegv
+    trap.previousTrap = previousTrap
     var sa = sigaction()
     sa.__sigaction_handler.sa_sigaction = segvHandler
     sa.sa_flags = SA_SIGINFO | SA_NODEFER
     sigemptyset(&sa.sa_mask)
-    sigaction(SIGSEGV, &sa, &trap.previousSegv)
+    precondition(sigaction(SIGSEGV, &sa, nil) == 0, "sigaction(SIGSEGV): errno \(errno)")
     var st = sigaction()
     st.__sigaction_handler.sa_sigaction = trapHandler
     st.sa_flags = SA_SIGINFO
     sigemptyset(&st.sa_mask)
-    sigaction(SIGTRAP, &st, &trap.previousTrap)
-    trap.installed = true
+    precondition(sigaction(SIGTRAP, &st, nil) == 0, "sigaction(SIGTRAP): errno \(errno)")
 }
 
 /// Arms `size` bytes at `base` (page-aligned, mapped): from now on every access calls
