@@ -114,12 +114,24 @@ extension Manager {
             do {
                 try link.open(dma: d.memory, logger: logger)
                 if let limit = link.opened?.sessionLimit { d.ioAddresses.limit = limit }
-                try link.withDeviceDescriptor { fd in handOver(d, drv, h, fd) }
             } catch {
-                // Binding or opening a PCI device fails the same way on every try (a shared
-                // IOMMU group, no IOMMU, no vfio-pci): the device fails, the manager and its
+                // Binding a PCI device fails the same way on every try (a shared IOMMU
+                // group, no IOMMU, no vfio-pci): the device fails, the manager and its
                 // other devices carry on.
                 failDevice(d, reason: "device '\(d.name)' at \(link.address): \(error)")
+                return
+            }
+            do {
+                try link.withDeviceDescriptor { fd in handOver(d, drv, h, fd) }
+            } catch {
+                // The device is bound; a new fd of it may work later (descriptors or memory
+                // short for a moment).
+                let why = "cannot open \(link.address) for its driver: \(error)"
+                if d.lastDeviceError != why {
+                    logger.warning("\(why); retrying every \(d.config.reconnectMs) ms", metadata: ["device": "\(d.name)"])
+                }
+                d.lastDeviceError = why
+                h.retryAt = now + h.reconnectNs
             }
         }
     }

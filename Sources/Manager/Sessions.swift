@@ -1,6 +1,7 @@
 import Logging
 import OutboardSession
 import OutboardSystem
+import VFIO
 
 // Sessions and revocation: creating a session's resources and translation entry, handing
 // sessions to drivers, renewing leases, renewing queues after a driver restart, and
@@ -102,8 +103,20 @@ extension Manager {
         // at that index) until it answers the detach: a new session at the same index
         // before that would share the mark with the old one's requests still at the
         // device. Without a driver, nothing of it is left anywhere.
+        // The in-use mark is clear or the lease is over: from here on the IOMMU refuses the
+        // device any access to the region. An unmap the kernel refuses leaves the region
+        // reachable by a device whose table no longer lists it: its addresses stay taken,
+        // and the device fails once the session is gone.
+        var unmapFailure: PCIError? = nil
+        if case .vfio(let link) = d.link {
+            do { try link.unmap(s) } catch { unmapFailure = error }
+        }
         let draining = d.driver != nil && s.attachSent
-        if !draining { d.releaseSlot(s.tableIndex) }
+        if unmapFailure != nil {
+            d.tableSlots[s.tableIndex] = s.id
+        } else if !draining {
+            d.releaseSlot(s.tableIndex)
+        }
         d.registeredBytes -= s.dataBytes
         d.sessions.removeValue(forKey: s.id)
         switch how {
@@ -112,14 +125,6 @@ extension Manager {
         case .noDriver: d.revokedIdle += 1
         }
         if let drv = d.driver, s.attachSent { try? drv.socket.send(.detach(sessionID: s.id), nonBlocking: true) }
-        if case .vfio(let link) = d.link {
-            // The in-use mark is clear or the lease is over: from here on the IOMMU refuses
-            // the device any access to the region. An unmap the kernel refuses leaves the
-            // region reachable by a device whose table no longer lists it: the device fails.
-            do { try link.unmap(s) } catch {
-                failDevice(d, reason: "device '\(d.name)': cannot take session \(s.id)'s data out of the IOMMU: \(error)")
-            }
-        }
         if let c = connections[s.connection] {
             // The session ended on the manager's side (protocol error, device failure):
             // the client's connection goes with it.
@@ -127,6 +132,9 @@ extension Manager {
             connections.removeValue(forKey: c.id)
         }
         logger.info("session revoked", metadata: ["session": "\(s.id)", "device": "\(d.name)", "path": "\(how)"])
+        if let e = unmapFailure {
+            failDevice(d, reason: "device '\(d.name)': cannot take session \(s.id)'s data out of the IOMMU: \(e)")
+        }
         // The manager's fds close with `s`; the memory lives on only in mappings that
         // still exist (the driver unmaps on detach).
     }

@@ -199,8 +199,10 @@ public struct IOAddressAllocator: Sendable {
     /// The end of the session IO addresses: the usable range that holds the allocator's
     /// first address, cut at the first reserved region in it; the DMA region must lie in a
     /// usable range and clear of reserved regions.
-    public static func limit(usable: [IOVARange], reserved: [IOVARange], dma: IOVARange) throws(PCIError) -> UInt64 {
+    public static func limit(usable reported: [IOVARange], reserved: [IOVARange], dma: IOVARange) throws(PCIError) -> UInt64 {
         func overlaps(_ a: IOVARange, _ b: IOVARange) -> Bool { a.first <= b.last && b.first <= a.last }
+        // Kernels before 5.4 report no IOVA ranges: all of it, less the reserved regions.
+        let usable = reported.isEmpty ? [IOVARange(first: 0, last: .max)] : reported
         guard usable.contains(where: { $0.first <= dma.first && dma.last <= $0.last }),
               !reserved.contains(where: { overlaps($0, dma) }) else {
             throw .unsupported("IO addresses 0x\(String(dma.first, radix: 16))-0x\(String(dma.last, radix: 16)) for the driver's memory (the IOMMU's usable ranges: \(usable))")

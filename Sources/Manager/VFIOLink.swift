@@ -122,18 +122,25 @@ final class VFIOLink {
         o.windows.removeValue(forKey: s.ioAddress)
     }
 
-    /// Whether the session's region is mapped now (status and tests).
-    func isMapped(_ ioAddress: IOAddress) -> Bool { opened?.windows[ioAddress] != nil }
-
-    /// Unmaps everything, closes the group and container, and gives the device back to
-    /// the driver it had before the manager bound it.
-    func release(logger: Logger) {
-        guard let o = opened else { return }
+    /// Unmaps everything and closes the group and the container (their fds close with the
+    /// last reference, here: the kernel lets another driver probe the device only when no
+    /// group of it is open). Returns the driver the device had before (nil inside if it had
+    /// none), or nil if nothing was open.
+    private func closeContainer() -> String?? {
+        guard let o = opened else { return nil }
+        opened = nil
         for (a, w) in o.windows { try? o.container.unmap(ioAddress: a, size: w.mapping.size) }
         o.windows.removeAll()
         try? o.container.unmap(ioAddress: DeviceState.dmaIOAddress, size: o.dma.size)
         let previous = o.previousDriver
-        opened = nil
+        _ = consume o  // the last reference: the group's and the container's fds close here
+        return .some(previous)
+    }
+
+    /// Unmaps everything, closes the group and container, and gives the device back to
+    /// the driver it had before the manager bound it.
+    func release(logger: Logger) {
+        guard let previous = closeContainer() else { return }
         guard previous != "vfio-pci" else { return }
         do {
             try sysfs.restore(address, previousDriver: previous)

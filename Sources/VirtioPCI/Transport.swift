@@ -176,11 +176,15 @@ public struct VirtioPCITransport<Function: PCIFunction & ~Copyable>: ~Copyable, 
             throw .unsupported("the device has \(vectors) MSI-X vectors; \(queueCapacity) queue(s) and the "
                                + "configuration change need \(queueCapacity + 1)")
         }
+        // Memory space first, bus mastering only after the reset below: a device a dead
+        // driver left with requests in flight (vfio-pci disables it, and resets it only if
+        // it has a reset method: QEMU's virtio devices have none) must not DMA into
+        // memory that may already belong to someone else.
         let command = UInt16(header[PCIConfigOffset.command]) | UInt16(header[PCIConfigOffset.command + 1]) << 8
-        let wantedCommand = command | PCIConfigOffset.commandMemory | PCIConfigOffset.commandBusMaster
-        if wantedCommand != command {
-            try Self.pci("enabling bus mastering") { () throws(PCIError) in
-                try f.writeConfig(offset: PCIConfigOffset.command, bytes: [UInt8(wantedCommand & 0xFF), UInt8(wantedCommand >> 8)])
+        let memoryOnly = (command | PCIConfigOffset.commandMemory) & ~PCIConfigOffset.commandBusMaster
+        if memoryOnly != command {
+            try Self.pci("enabling memory space") { () throws(PCIError) in
+                try f.writeConfig(offset: PCIConfigOffset.command, bytes: [UInt8(memoryOnly & 0xFF), UInt8(memoryOnly >> 8)])
             }
         }
         var fds: [CInt] = []
@@ -191,6 +195,16 @@ public struct VirtioPCITransport<Function: PCIFunction & ~Copyable>: ~Copyable, 
                               notify: notify, notifyLength: Int(notifyCap.length), notifyMultiplier: m)
         self.function = consume f
         forgetDevice()
+        // §2.4 reset through device_status, then bus mastering: from here the device
+        // holds nothing of its previous life.
+        try reset()
+        let busMaster = memoryOnly | PCIConfigOffset.commandBusMaster
+        guard var g = self.function.take() else { return }
+        let enabled = Result { () throws(PCIError) in
+            try g.writeConfig(offset: PCIConfigOffset.command, bytes: [UInt8(busMaster & 0xFF), UInt8(busMaster >> 8)])
+        }
+        self.function = consume g
+        if case .failure(let e) = enabled { try Self.pci("enabling bus mastering") { () throws(PCIError) in throw e } }
     }
 
     /// Detaches the device: MSI-X off (errors ignored: the device may be gone) and the

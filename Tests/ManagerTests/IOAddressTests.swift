@@ -70,6 +70,8 @@ import VFIO
         // Ranges split at the interrupt window (how AMD and some kernels report it).
         let split = [IOVARange(first: 0, last: 0xFEDF_FFFF), IOVARange(first: 0xFEF0_0000, last: .max)]
         #expect(try IOAddressAllocator.limit(usable: split, reserved: [], dma: dma) == .max)
+        // No ranges reported (kernels before 5.4): everything, less the reserved regions.
+        #expect(try IOAddressAllocator.limit(usable: [], reserved: msi, dma: dma) == .max)
         #expect(throws: PCIError.self) {
             try IOAddressAllocator.limit(usable: [IOVARange(first: 4 << 20, last: .max)], reserved: [], dma: dma)
         }

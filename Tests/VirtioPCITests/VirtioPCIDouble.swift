@@ -55,6 +55,8 @@ struct VirtioPCIModel {
     var barSize = VirtioPCIModel.barSize
     var resetBehaviour = ResetBehaviour.immediate
     var refuseVectors = false
+    /// Refuses only the queues' vectors (the configuration vector is taken).
+    var refuseQueueVectors = false
     var refuseFeatures = false
     /// The next this many device configuration reads each bump config_generation.
     var generationBumps = 0
@@ -65,6 +67,10 @@ struct VirtioPCIModel {
     var config = [UInt8](repeating: 0, count: 256)
     var status: UInt8 = 0
     var statusWrites: [UInt8] = []
+    /// Bus mastering in the command register (set by config writes) and the order of
+    /// events that matter to DMA: "bus-master on", "bus-master off", "status 0x..".
+    var busMaster = false
+    var events: [String] = []
     var deviceFeatureSelect: UInt32 = 0
     var driverFeatureSelect: UInt32 = 0
     var driverFeatures: UInt64 = 0
@@ -180,6 +186,7 @@ struct VirtioPCIModel {
         case VirtioPCICommon.deviceStatus:
             let v = (bar + c).load(as: UInt8.self)
             statusWrites.append(v)
+            events.append("status 0x" + String(v, radix: 16))
             if v == 0 {
                 deviceReset()
             } else {
@@ -191,7 +198,7 @@ struct VirtioPCIModel {
         case VirtioPCICommon.queueSize where q < queues.count: queues[q].size = load16(c)
         case VirtioPCICommon.queueMSIXVector where q < queues.count:
             let v = load16(c)
-            queues[q].vector = refuseVectors || Int(v) >= msixVectors ? VirtioPCICommon.noVector : v
+            queues[q].vector = refuseVectors || refuseQueueVectors || Int(v) >= msixVectors ? VirtioPCICommon.noVector : v
         case VirtioPCICommon.queueEnable where q < queues.count: queues[q].enable = load16(c)
         case VirtioPCICommon.queueDesc, VirtioPCICommon.queueDesc + 4:
             if q < queues.count { queues[q].desc = load64(VirtioPCICommon.queueDesc) }
@@ -292,6 +299,11 @@ struct PCIFunctionDouble: ~Copyable, PCIFunction {
 
     mutating func writeConfig(offset: Int, bytes: [UInt8]) throws(PCIError) {
         model.pointee.configWrites.append((offset, bytes))
+        if offset <= 4, offset + bytes.count > 4 {
+            let on = bytes[4 - offset] & 0x04 != 0
+            if on != model.pointee.busMaster { model.pointee.events.append(on ? "bus-master on" : "bus-master off") }
+            model.pointee.busMaster = on
+        }
         for (k, b) in bytes.enumerated() where offset + k < model.pointee.config.count { model.pointee.config[offset + k] = b }
     }
 

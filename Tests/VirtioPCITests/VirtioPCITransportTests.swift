@@ -209,12 +209,25 @@ func waitReadable(_ fd: CInt) -> Bool {
         }
     }
 
+    /// A device a dead driver left with requests in flight must not reach memory before it
+    /// is reset: attach resets it through device_status first, then turns bus mastering on.
+    @Test func busMasteringComesOnlyAfterTheReset() throws {
+        try withDevice { model in
+            _ = try attached(model)
+            #expect(model.pointee.events.first == "status 0x0", "\(model.pointee.events)")
+            #expect(model.pointee.events.firstIndex(of: "bus-master on") ?? -1 > model.pointee.events.firstIndex(of: "status 0x0") ?? .max,
+                    "\(model.pointee.events)")
+            #expect(model.pointee.busMaster)
+        }
+    }
+
     @Test func refusedVectorsAreErrors() throws {
+        // The configuration vector is set by the reset that attach makes.
         try withDevice({ $0.refuseVectors = true }) { model in
+            #expect(attachError(model) == .refused("the device refused MSI-X vector 0 for configuration changes"))
+        }
+        try withDevice({ $0.refuseQueueVectors = true }) { model in
             var t = try attached(model)
-            #expect(throws: VirtioTransportError.refused("the device refused MSI-X vector 0 for configuration changes")) {
-                try t.reset()
-            }
             let a = QueueAddresses(descriptors: IOAddress(rawValue: 0x10000), driverArea: IOAddress(rawValue: 0x11000),
                                    deviceArea: IOAddress(rawValue: 0x12000))
             #expect(throws: VirtioTransportError.refused("the device refused MSI-X vector 1 for queue 0 (NO_VECTOR)")) {
