@@ -1,5 +1,6 @@
 import CLinux
 import Logging
+import OutboardRings
 import OutboardSession
 import OutboardSystem
 
@@ -18,11 +19,14 @@ extension Manager {
         do { try c.socket.send(.statusReport(json), nonBlocking: true) } catch { logger.warning("cannot send status: \(error)") }
     }
 
-    func injectFault(_ c: Connection, device: String, fault: FaultKind) {
+    func injectFault(_ c: Connection, device: String, fault: FaultKind, argument: UInt64) {
         guard isAdmin(c) else { return refuse(c, .permissionDenied, "uid \(c.credentials.uid) may not inject faults") }
         guard let d = devices.first(where: { $0.name == device }) else { return refuse(c, .unknownDevice, "no device named '\(device)'") }
         guard let drv = d.driver, drv.ready, drv.killReason == nil else {
             return refuse(c, .busy, "device '\(device)' has no running driver (state \(d.state))")
+        }
+        guard argument == 0 || fault == .strayDMA else {
+            return refuse(c, .invalidArgument, "fault \(fault) takes no argument")
         }
         if fault == .badRing, d.config.transport == .memory {
             return refuse(c, .invalidArgument, "fault bad-ring is for virtio devices; '\(device)' is memory")
@@ -36,7 +40,7 @@ extension Manager {
         case .segfault: try? drv.child.signal(SIGSEGV)
         case .hang: try? drv.child.signal(SIGSTOP)
         case .abort: d.table.requestAbort(generation: d.generation)
-        case .strayDMA: d.table.requestStrayDMA()
+        case .strayDMA: d.table.requestStrayDMA(at: IOAddress(rawValue: argument))
         case .badRing: d.table.requestBadRing()
         }
         try? c.socket.send(.faultInjected(generation: d.generation, pid: drv.child.pid), nonBlocking: true)

@@ -77,7 +77,7 @@ extension Manager {
             switch d.message {
             case .openSession(let m): openSession(c, m)
             case .statusRequest: sendStatus(c)
-            case .injectFault(let device, let fault): injectFault(c, device: device, fault: fault)
+            case .injectFault(let device, let fault, let argument): injectFault(c, device: device, fault: fault, argument: argument)
             default:
                 let reason = "\(d.message.type) is not a client request"
                 logger.warning("closing connection: \(reason)", metadata: c.metadata)

@@ -233,8 +233,8 @@ public struct AdminConnection: ~Copyable {
     }
 
     /// Injects a fault into the driver of `device`; returns the generation it hit.
-    public func injectFault(device: String, _ fault: FaultKind) throws(BlockSessionError) -> (generation: UInt64, pid: Int32) {
-        try request(.injectFault(device: device, fault: fault), limit: ControlProtocol.maxMessageBytes) { m throws(BlockSessionError) in
+    public func injectFault(device: String, _ fault: FaultKind, argument: UInt64 = 0) throws(BlockSessionError) -> (generation: UInt64, pid: Int32) {
+        try request(.injectFault(device: device, fault: fault, argument: argument), limit: ControlProtocol.maxMessageBytes) { m throws(BlockSessionError) in
             guard case .faultInjected(let g, let pid) = m else { throw .protocolError("unexpected \(m.type)") }
             return (g, pid)
         }

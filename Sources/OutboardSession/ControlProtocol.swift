@@ -377,7 +377,9 @@ public struct Attach: Equatable, Sendable {
 public enum ControlMessage: Equatable, Sendable {
     case openSession(OpenSession)
     case statusRequest
-    case injectFault(device: String, fault: FaultKind)
+    /// `argument`: stray-dma: the IO address the stray descriptor points at (0: the
+    /// driver's own choice, outside every grant); 0 for the other faults.
+    case injectFault(device: String, fault: FaultKind, argument: UInt64 = 0)
     case sessionOpened(SessionOpened)
     case queuesReplaced(generation: UInt64)
     case sessionFailed(reason: String)
@@ -442,8 +444,8 @@ public enum ControlMessage: Equatable, Sendable {
             w.string(m.device); w.u8(m.deviceClass.rawValue); w.bool(m.writable); w.u64(m.dataBytes); w.u32(m.queueDepth)
         case .statusRequest:
             break
-        case .injectFault(let device, let fault):
-            w.string(device); w.u8(fault.rawValue)
+        case .injectFault(let device, let fault, let argument):
+            w.string(device); w.u8(fault.rawValue); w.u64(argument)
         case .sessionOpened(let m):
             w.u64(m.sessionID); w.u64(m.generation); w.u32(m.queueDepth); w.bool(m.writable); w.u64(m.dataBytes)
             Self.encode(m.classInfo, &w)
@@ -508,7 +510,7 @@ public enum ControlMessage: Equatable, Sendable {
             let device = try r.string("device", maxBytes: name)
             let raw = try r.u8("fault")
             guard let fault = FaultKind(rawValue: raw) else { throw .malformed("fault: unknown kind \(raw)") }
-            m = .injectFault(device: device, fault: fault)
+            m = .injectFault(device: device, fault: fault, argument: try r.u64("argument"))
         case .sessionOpened:
             m = .sessionOpened(SessionOpened(
                 sessionID: try r.u64("sessionID"), generation: try r.u64("generation"), queueDepth: try r.u32("queueDepth"),

@@ -23,6 +23,8 @@ import Glibc
 ///   +32 badRingRequests  UInt64  fault injection, a count: each time it grows, the driver
 ///                                puts a head naming no descriptor in its device queue's
 ///                                available ring (the device must refuse it)
+///   +40 strayDMAAddress  UInt64  where the next stray descriptor points (0: the driver's
+///                                own choice)
 /// entries at +64, 64 bytes each
 ///   +0  seq        UInt32  seqlock: odd while the manager rewrites the entry
 ///   +4  state      UInt32  EntryState
@@ -91,7 +93,11 @@ public struct TranslationTable: @unchecked Sendable {
     public func requestAbort(generation: UInt64) { u64(16).pointee.store(generation, ordering: .releasing) }
     /// Faults that leave the driver running count up: a driver acts once per increment it
     /// sees after its start, never on requests made before it.
-    public func requestStrayDMA() { u64(24).pointee.store(strayDMARequests &+ 1, ordering: .releasing) }
+    public func requestStrayDMA(at address: IOAddress) {
+        u64(40).pointee.store(address.rawValue, ordering: .relaxed)
+        // Release: the address is visible before the count that says to use it.
+        u64(24).pointee.store(strayDMARequests &+ 1, ordering: .releasing)
+    }
     public func requestBadRing() { u64(32).pointee.store(badRingRequests &+ 1, ordering: .releasing) }
 
     /// Rewrites entry `index` under its seqlock. Manager only (single writer).
@@ -121,6 +127,8 @@ public struct TranslationTable: @unchecked Sendable {
     public var abortGeneration: UInt64 { u64(16).pointee.load(ordering: .acquiring) }
     public var strayDMARequests: UInt64 { u64(24).pointee.load(ordering: .acquiring) }
     public var badRingRequests: UInt64 { u64(32).pointee.load(ordering: .acquiring) }
+    /// Read after `strayDMARequests` (whose acquire makes it current).
+    public var strayDMAAddress: IOAddress { IOAddress(rawValue: u64(40).pointee.load(ordering: .relaxed)) }
 
     /// A consistent copy of entry `index`, or nil if it is out of range, being rewritten
     /// (after a few tries), or carries an unknown state.

@@ -1,8 +1,13 @@
 import ArgumentParser
 import FoundationEssentials
+import Manager
 import Outboard
 import OutboardSession
 import OutboardSystem
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `outboard check --config FILE --device NAME`: does a device work through Outboard? On a
 /// running manager (or one it starts from the config and stops after), one session runs
@@ -17,8 +22,10 @@ import OutboardSystem
 /// - `dma-isolation` (with `--dma-isolation`, devices behind an IOMMU): the driver is made
 ///   to point the status descriptor of its next request at an IO address no grant covers
 ///   (fault `stray-dma`); that request, and only it, ends with an I/O error, a second
-///   session's data region is unchanged, and the next request works. The IOMMU's refusal
-///   shows in the kernel log (a DMAR fault on x86).
+///   session's data region is unchanged, and the next request works. Then again at the IO
+///   address of a third session's region after that session was closed and revoked: the
+///   region is out of the IOMMU, so that request fails too. Each refusal shows in the
+///   kernel log (a DMAR fault at that address on x86).
 ///
 /// One line per check (`check NAME ok|failed|skipped: detail`), or with `--json` one
 /// object. Exit status 0 only if no check failed.
@@ -170,9 +177,42 @@ struct CheckCommand: ParsableCommand {
         s.buffer.initializeMemory(as: UInt8.self, repeating: 0)
         st = try io(&s, .read, sector: patternSector, length: Self.patternBytes)
         let after = st == .ok && s.buffer.prefix(Self.patternBytes).elementsEqual(expected)
-        let ok = stray == .ioError && otherIntact && after
+        // A region after its session's revocation: out of the IOMMU, so a stray at its old
+        // IO address is refused too (the kernel logs that address).
+        let (id, revokedAt) = try openUseAndClose(socket: socket, admin, patternSector: patternSector)
+        let deadline = Clock.monotonicNanoseconds + 10_000_000_000
+        while try sessionAddresses(admin)[id] != nil {
+            guard Clock.monotonicNanoseconds < deadline else { return (false, "session \(id) was not revoked within 10 s") }
+            var t = timespec(tv_sec: 0, tv_nsec: 5_000_000)
+            nanosleep(&t, nil)
+        }
+        _ = try admin.injectFault(device: device, .strayDMA, argument: revokedAt)
+        let strayRevoked = try io(&s, .read, sector: patternSector, length: 4096)
+        let again = try io(&s, .read, sector: patternSector, length: 4096)
+        let ok = stray == .ioError && otherIntact && after && strayRevoked == .ioError && again == .ok
         return (ok, "stray status descriptor at generation \(hit.generation): the request ended \(stray) (want ioError); "
-                + "the second session's region \(otherIntact ? "unchanged" : "CHANGED"); the next read \(st)\(after || st != .ok ? "" : ", bytes differ")")
+                + "the second session's region \(otherIntact ? "unchanged" : "CHANGED"); the next read \(st)\(after || st != .ok ? "" : ", bytes differ"); "
+                + "stray at 0x\(String(revokedAt, radix: 16)), revoked session \(id)'s region: \(strayRevoked) (want ioError), the next read \(again)")
+    }
+
+    /// Opens a session, has the device read into its region once, and closes it; returns
+    /// its id and IO address (from `outboard status`).
+    func openUseAndClose(socket: String, _ admin: borrowing AdminConnection, patternSector: UInt64) throws -> (UInt64, UInt64) {
+        let before = try sessionAddresses(admin)
+        var s = try BlockSession.open(socketPath: socket, device: device, writable: true, dataBytes: 4096, queueDepth: 2,
+                                      waitMilliseconds: 30_000)
+        let st = try io(&s, .read, sector: patternSector, length: 4096)
+        guard st == .ok else { throw ValidationError("the third session's read: \(st)") }
+        guard let new = try sessionAddresses(admin).first(where: { before[$0.key] == nil }) else {
+            throw ValidationError("the manager's status does not list the third session")
+        }
+        return (new.key, new.value)
+    }
+
+    /// The device's sessions in `outboard status`: id to IO address.
+    func sessionAddresses(_ admin: borrowing AdminConnection) throws -> [UInt64: UInt64] {
+        let report = try StatusReport.decode(admin.status())
+        return Dictionary(uniqueKeysWithValues: report.sessions.filter { $0.device == device }.map { ($0.id, $0.ioAddress) })
     }
 
     /// One request, waited for (at most 30 s).

@@ -60,6 +60,11 @@ extension GuestLaneTests {
         let dmar = try #require(run["dmar"], "\(run)")
         let short = String(GuestLane.outboardDisk.address.dropFirst(5))  // 00:04.0
         #expect(dmar.lines.contains { $0.contains("[\(short)]") && $0.contains("fault addr 0xc0000000") }, "\(dmar)")
+        // The revoked session's region was out of the IOMMU when the stray aimed at it.
+        let detail = dma?["detail"] as? String ?? ""
+        let revoked = detail.range(of: "stray at 0x").map { detail[$0.upperBound...].prefix { $0.isHexDigit } } ?? ""
+        #expect(!revoked.isEmpty, "\(detail)")
+        #expect(dmar.lines.contains { $0.contains("[\(short)]") && $0.contains("fault addr 0x\(revoked)") }, "0x\(revoked): \(dmar)")
 
         let faults = try #require(run["faults"], "\(run)")
         #expect(faults.status == 0, "\(faults)")

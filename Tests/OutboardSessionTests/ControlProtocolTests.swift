@@ -25,7 +25,7 @@ struct Generator {
         case 0: return .openSession(OpenSession(device: string(max: 20), deviceClass: .block, writable: next() & 1 == 0,
                                                 dataBytes: next(), queueDepth: UInt32(truncatingIfNeeded: next())))
         case 1: return .statusRequest
-        case 2: return .injectFault(device: string(max: 20), fault: FaultKind.allCases[below(4)])
+        case 2: return .injectFault(device: string(max: 20), fault: FaultKind.allCases[below(FaultKind.allCases.count)], argument: next())
         case 3: return .sessionOpened(SessionOpened(sessionID: next(), generation: next(), queueDepth: 16, writable: true,
                                                     dataBytes: next(), classInfo: classInfo()))
         case 4: return .queuesReplaced(generation: next())

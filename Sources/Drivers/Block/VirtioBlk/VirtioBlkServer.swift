@@ -301,7 +301,8 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
         let stray = context.table.strayDMARequests
         if stray != strayDMASeen {
             strayDMASeen = stray
-            device.strayStatusAddress = Self.strayIOAddress
+            let at = context.table.strayDMAAddress
+            device.strayStatusAddress = at.rawValue == 0 ? Self.strayIOAddress : at
         }
         let bad = context.table.badRingRequests
         if bad != badRingSeen {
