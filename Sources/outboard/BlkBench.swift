@@ -289,193 +289,42 @@ struct BlkBench: ParsableCommand {
         }
     }
 
-    /// Submit-to-completion latencies in 0.1 us units, and their percentiles.
-    struct Latencies: ~Copyable {
-        let buffer = UnsafeMutableBufferPointer<UInt32>.allocate(capacity: 1 << 23)
-        var count = 0
-        deinit { buffer.deallocate() }
-        mutating func add(_ nanoseconds: UInt64) {
-            guard count < buffer.count else { return }
-            buffer[count] = UInt32(clamping: nanoseconds / 100)
-            count += 1
-        }
-        /// Sorts what was recorded; returns p50 and p99 in microseconds.
-        mutating func percentiles() -> (p50: Double, p99: Double) {
-            var sorted = UnsafeMutableBufferPointer(rebasing: buffer[0..<count])
-            sorted.sort()
-            let n = count
-            func pct(_ p: Double) -> Double { n == 0 ? 0 : Double(sorted[min(n - 1, Int(Double(n) * p))]) / 10 }
-            return (pct(0.5), pct(0.99))
-        }
-    }
-
     func openSession(socket: String, depth: Int) throws -> BlockSession {
         try BlockSession.open(socketPath: socket, device: "vblk0", writable: false, dataBytes: depth * 4096,
                               queueDepth: max(2, depth.nextPowerOfTwo), waitMilliseconds: 20_000)
     }
 
     /// Keeps `depth` random 4 KiB reads in flight from this process for warm-up plus
-    /// `seconds`, resubmitting each batch of completions with one batch submit.
+    /// `seconds`, resubmitting each batch of completions with one batch submit
+    /// (`BlockLoad`, closed loop).
     func measureOutboard(admin: borrowing AdminConnection, socket: String, depth: Int, daemonPid: pid_t) throws -> OutboardRun {
-        var s = try openSession(socket: socket, depth: depth)
-        let blocks = s.info.blockCount / 8
-        let poll = mode == "poll"
-        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: s.queueDepth)
-        let batch = UnsafeMutableBufferPointer<BlockSubmission>.allocate(capacity: s.queueDepth)
-        let started = UnsafeMutablePointer<UInt64>.allocate(capacity: depth)
-        var latencies = Latencies()
-        defer { results.deallocate(); batch.deallocate(); started.deallocate() }
-        var rng: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(depth)
-        func next() -> UInt64 { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng }
-        let now0 = Clock.monotonicNanoseconds
-        for b in 0..<depth {
-            batch[b] = BlockSubmission(.read, sector: (next() % blocks) * 8, offset: b * 4096, length: 4096, userData: UInt64(b))
-            started[b] = now0
-        }
-        guard try s.submit(batch: UnsafeBufferPointer(rebasing: batch[0..<depth])) == depth else {
-            throw CommandFailure("could not submit \(depth) requests")
-        }
-        let warmEnd = now0 + UInt64(warmup * 1e9)
-        let end = warmEnd + UInt64(seconds * 1e9)
-        var first: Snapshot?
-        var ios = 0, errors = 0
-        var driverPid: Int32 = 0
-        while true {
-            let n = poll ? try s.poll(into: results)
-                : try s.wait(into: results, timeoutMilliseconds: 100, spinMicroseconds: mode == "adaptive" ? pollUs : 0)
-            let now = Clock.monotonicNanoseconds
-            if first == nil && now >= warmEnd {
-                first = try Snapshot(admin: admin, session: s, driverPid: &driverPid, daemonPid: daemonPid)
-            }
-            if first != nil && now >= end { break }
-            if interrupted() { throw ExitCode(130) }
-            for i in 0..<n {
-                let r = results[i]
-                let b = Int(r.userData)
-                if r.status != .ok { errors += 1 }
-                if first != nil {
-                    ios += 1
-                    latencies.add(now - started[b])
-                }
-                batch[i] = BlockSubmission(.read, sector: (next() % blocks) * 8, offset: b * 4096, length: 4096, userData: UInt64(b))
-                started[b] = now
-            }
-            if n > 0 { _ = try s.submit(batch: UnsafeBufferPointer(rebasing: batch[0..<n])) }
-        }
-        let last = try Snapshot(admin: admin, session: s, driverPid: &driverPid, daemonPid: daemonPid, ending: true)
-        _ = try s.drainAll()
-        let (p50, p99) = latencies.percentiles()
-        return first!.run(to: last, ios: ios, errors: errors, p50: p50, p99: p99)
+        try measure(admin: admin, socket: socket, depth: depth, rate: nil, daemonPid: daemonPid)
     }
 
-    /// Open loop at `rate` requests per second: request k is due at start + k / rate
-    /// (a deadline schedule: a late request does not move the later ones), issued as soon as
-    /// it is due and one of the `depth` slots is free. The same schedule and waits as the C
-    /// reference's (CRefBlk.h, rate_iops): with requests in flight, wait for a completion or
-    /// the next deadline (the client library's wait, in whole milliseconds); with none,
-    /// sleep until the deadline (poll mode: spin).
+    /// Open loop at `rate` requests per second (`BlockLoad`): request k is due at start +
+    /// k / rate, issued as soon as it is due and one of the `depth` slots is free; the same
+    /// schedule and waits as the C reference's (CRefBlk.h, rate_iops).
     func measureOutboardPaced(admin: borrowing AdminConnection, socket: String, depth: Int, rate: Double, daemonPid: pid_t) throws -> OutboardRun {
+        try measure(admin: admin, socket: socket, depth: depth, rate: rate, daemonPid: daemonPid)
+    }
+
+    func measure(admin: borrowing AdminConnection, socket: String, depth: Int, rate: Double?, daemonPid: pid_t) throws -> OutboardRun {
         var s = try openSession(socket: socket, depth: depth)
-        let blocks = s.info.blockCount / 8
-        let poll = mode == "poll"
-        let spin = mode == "adaptive" ? pollUs : 0
-        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: s.queueDepth)
-        let batch = UnsafeMutableBufferPointer<BlockSubmission>.allocate(capacity: depth)
-        let started = UnsafeMutablePointer<UInt64>.allocate(capacity: depth)
-        let freeSlots = UnsafeMutablePointer<Int>.allocate(capacity: depth)
-        var latencies = Latencies()
-        defer { results.deallocate(); batch.deallocate(); started.deallocate(); freeSlots.deallocate() }
-        var rng: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(depth)
-        func random() -> UInt64 { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng }
-        let start = Clock.monotonicNanoseconds
-        func deadline(_ k: UInt64) -> UInt64 { start &+ UInt64(Double(k) * 1e9 / rate) }
-        func dueBy(_ t: UInt64) -> UInt64 { t < start ? 0 : UInt64(Double(t - start) * rate / 1e9) + 1 }
-        let warmEnd = start + UInt64(warmup * 1e9)
-        var end = UInt64.max
+        let load = BlockLoad(op: .read, depth: depth, rate: rate, warmup: warmup, seconds: seconds,
+                             spinMicroseconds: mode == "adaptive" ? pollUs : 0, busyPoll: mode == "poll", seed: UInt64(depth))
         var first: Snapshot?
         var driverPid: Int32 = 0
-        // next: the index of the next request; every request below blockedThrough fell due
-        // while every slot was busy. lastProgress: the last completion, or the last issue
-        // into an empty queue (the stall check's start).
-        var next: UInt64 = 0, blockedThrough: UInt64 = 0, lastProgress = start
-        var nfree = depth
-        for i in 0..<depth { freeSlots[i] = depth - 1 - i }
-        var ios = 0, errors = 0, issued = 0, late = 0
-        var now = start
-        while true {
-            var n = 0
-            while nfree > 0 && deadline(next) <= now {
-                nfree -= 1
-                let b = freeSlots[nfree]
-                batch[n] = BlockSubmission(.read, sector: (random() % blocks) * 8, offset: b * 4096, length: 4096, userData: UInt64(b))
-                started[b] = now
-                if first != nil {
-                    issued += 1
-                    if next < blockedThrough { late += 1 }
-                }
-                if s.inFlight + n == 0 { lastProgress = now }
-                next += 1
-                n += 1
-            }
-            if nfree == 0 && deadline(next) <= now { blockedThrough = max(blockedThrough, dueBy(now)) }
-            if n > 0 {
-                guard try s.submit(batch: UnsafeBufferPointer(rebasing: batch[0..<n])) == n else {
-                    throw CommandFailure("could not submit \(n) requests with \(nfree) of \(depth) slots free")
-                }
-            }
-            // With every slot busy the next deadline cannot be served: wait for a
-            // completion (or the phase's end) instead of spinning past it.
-            let until = min(nfree > 0 ? deadline(next) : .max, first == nil ? warmEnd : end)
-            var k = 0
-            if s.inFlight == 0 {
-                if poll {
-                    while Clock.monotonicNanoseconds < until {}
-                } else {
-                    sleepUntil(until)
-                }
-            } else if poll {
-                repeat { k = try s.poll(into: results) } while k == 0 && Clock.monotonicNanoseconds < until
-            } else {
-                let t = Clock.monotonicNanoseconds
-                k = t < until
-                    ? try s.wait(into: results, timeoutMilliseconds: Int(min((until - t + 999_999) / 1_000_000, 5000)), spinMicroseconds: spin)
-                    : try s.poll(into: results)
-            }
-            now = Clock.monotonicNanoseconds
-            if interrupted() { throw ExitCode(130) }
-            if k > 0 {
-                lastProgress = now
-            } else if s.inFlight > 0 && now - lastProgress > 10_000_000_000 {
-                throw CommandFailure("no completion for 10 s with \(s.inFlight) requests in flight")
-            }
-            for i in 0..<k {
-                let r = results[i]
-                let b = Int(r.userData)
-                if r.status != .ok { errors += 1 }
-                if first != nil {
-                    ios += 1
-                    latencies.add(now - started[b])
-                }
-                freeSlots[nfree] = b
-                nfree += 1
-            }
-            if first == nil && now >= warmEnd {
-                first = try Snapshot(admin: admin, session: s, driverPid: &driverPid, daemonPid: daemonPid)
-                end = first!.time + UInt64(seconds * 1e9)
-                now = first!.time
-            } else if first != nil && now >= end {
-                break
-            }
+        let out = try load.run(&s) { s in
+            first = try Snapshot(admin: admin, session: s, driverPid: &driverPid, daemonPid: daemonPid)
+            return first!.time
         }
         let last = try Snapshot(admin: admin, session: s, driverPid: &driverPid, daemonPid: daemonPid, ending: true)
-        // Due by the end and never issued: late as well.
-        let due = dueBy(end)
-        if due > next { late += Int(due - next) }
         _ = try s.drainAll()
-        let (p50, p99) = latencies.percentiles()
-        var run = first!.run(to: last, ios: ios, errors: errors, p50: p50, p99: p99)
-        run.issued = issued
-        run.late = late
+        var run = first!.run(to: last, ios: out.ios, errors: out.errors, p50: out.p50Us, p99: out.p99Us)
+        if rate != nil {
+            run.issued = out.issued
+            run.late = out.late
+        }
         return run
     }
 

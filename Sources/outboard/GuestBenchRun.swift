@@ -346,11 +346,9 @@ struct GuestBenchRunner {
         }
     }
 
-    /// Outboard's client in this process, 4 KiB random `op` on the whole device: closed
-    /// loop (`rate` nil: `depth` requests kept in flight, each batch of completions
-    /// resubmitted at once) or open loop at `rate` (request k due at k / rate from the
-    /// start, issued when due and a slot is free; the same schedule as `bench blk`'s paced
-    /// rows). Waits sleep on the session's doorbell after `--client-spin-us` of polling.
+    /// Outboard's client in this process (`BlockLoad`, the same as `bench blk`'s), 4 KiB
+    /// random `op` on the whole device: closed loop (`rate` nil) or open loop at `rate`.
+    /// Waits sleep on the session's doorbell after `--client-spin-us` of polling.
     func runOutboard(admin: borrowing AdminConnection, op: String, depth: Int, rate: Double?) throws -> GuestRun {
         let write = op == "randwrite"
         var s = try BlockSession.open(socketPath: socket, device: guestBenchDeviceName, writable: write, dataBytes: depth * 4096,
@@ -365,102 +363,20 @@ struct GuestBenchRunner {
             let b = s.buffer
             for i in 0..<b.count { b[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 7) }
         }
-        let blocks = s.info.blockCount / 8
-        guard blocks > 0 else { throw CommandFailure("the Outboard device has fewer than 8 sectors") }
-        let spin = options.clientSpinUs
-        let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: s.queueDepth)
-        let batch = UnsafeMutableBufferPointer<BlockSubmission>.allocate(capacity: s.queueDepth)
-        let started = UnsafeMutablePointer<UInt64>.allocate(capacity: depth)
-        let freeSlots = UnsafeMutablePointer<Int>.allocate(capacity: depth)
-        var latencies = BlkBench.Latencies()
-        defer { results.deallocate(); batch.deallocate(); started.deallocate(); freeSlots.deallocate() }
-        var rng: UInt64 = 0x9E37_79B9_7F4A_7C15 ^ UInt64(depth) ^ (write ? 0x5555 : 0)
-        func random() -> UInt64 { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng }
-        func request(_ slot: Int) -> BlockSubmission {
-            BlockSubmission(bop, sector: (random() % blocks) * 8, offset: slot * 4096, length: 4096, userData: UInt64(slot))
-        }
-        let start = Clock.monotonicNanoseconds
-        let warmEnd = start + UInt64(options.warmup * 1e9)
-        var end = UInt64.max
+        let load = BlockLoad(op: bop, depth: depth, rate: rate, warmup: options.warmup, seconds: options.seconds,
+                             spinMicroseconds: options.clientSpinUs, seed: UInt64(depth) ^ (write ? 0x5555 : 0))
         var first: OutboardEdge?
-        var ios = 0, errors = 0, issued = 0, late = 0
-        // Open loop: request k falls due at start + k / rate.
-        let interval = rate.map { 1e9 / $0 } ?? 0
-        func deadline(_ k: UInt64) -> UInt64 { rate == nil ? 0 : start &+ UInt64(Double(k) * interval) }
-        func dueBy(_ t: UInt64) -> UInt64 { rate.map { r in t < start ? 0 : UInt64(Double(t - start) * r / 1e9) + 1 } ?? 0 }
-        var next: UInt64 = 0, blockedThrough: UInt64 = 0, lastProgress = start
-        var nfree = depth
-        for i in 0..<depth { freeSlots[i] = depth - 1 - i }
-        var now = start
-        while true {
-            var n = 0
-            while nfree > 0 && deadline(next) <= now {
-                nfree -= 1
-                let b = freeSlots[nfree]
-                batch[n] = request(b)
-                started[b] = now
-                if first != nil {
-                    issued += 1
-                    if next < blockedThrough { late += 1 }
-                }
-                if s.inFlight + n == 0 { lastProgress = now }
-                next += 1
-                n += 1
-            }
-            if rate != nil && nfree == 0 && deadline(next) <= now { blockedThrough = max(blockedThrough, dueBy(now)) }
-            if n > 0 {
-                guard try s.submit(batch: UnsafeBufferPointer(rebasing: batch[0..<n])) == n else {
-                    throw CommandFailure("could not submit \(n) requests with \(nfree) of \(depth) slots free")
-                }
-            }
-            let until = min(nfree > 0 && rate != nil ? deadline(next) : .max, first == nil ? warmEnd : end)
-            var k = 0
-            if s.inFlight == 0 {
-                sleepUntil(until)
-            } else {
-                let t = Clock.monotonicNanoseconds
-                k = t < until
-                    ? try s.wait(into: results, timeoutMilliseconds: Int(min((until - t + 999_999) / 1_000_000, 1000)), spinMicroseconds: spin)
-                    : try s.poll(into: results)
-            }
-            now = Clock.monotonicNanoseconds
-            if interrupted() { throw ExitCode(130) }
-            if k > 0 {
-                lastProgress = now
-            } else if s.inFlight > 0 && now - lastProgress > 10_000_000_000 {
-                throw CommandFailure("no completion for 10 s with \(s.inFlight) requests in flight")
-            }
-            for i in 0..<k {
-                let r = results[i]
-                let b = Int(r.userData)
-                if r.status != .ok { errors += 1 }
-                if first != nil {
-                    ios += 1
-                    latencies.add(now - started[b])
-                }
-                freeSlots[nfree] = b
-                nfree += 1
-            }
-            if first == nil && now >= warmEnd {
-                first = try OutboardEdge(admin: admin, session: s, driverPid: driverPid, managerPid: managerPid, pci: options.pci, ending: false)
-                end = first!.time + UInt64(options.seconds * 1e9)
-                now = first!.time
-            } else if first != nil && now >= end {
-                break
-            }
+        let out = try load.run(&s) { s in
+            first = try OutboardEdge(admin: admin, session: s, driverPid: driverPid, managerPid: managerPid, pci: options.pci, ending: false)
+            return first!.time
         }
         let last = try OutboardEdge(admin: admin, session: s, driverPid: driverPid, managerPid: managerPid, pci: options.pci, ending: true)
-        if rate != nil {
-            let due = dueBy(end)
-            if due > next { late += Int(due - next) }
-        }
         _ = try s.drainAll()
-        guard errors == 0 else { throw CommandFailure("\(errors) Outboard requests failed") }
-        let (p50, p99) = latencies.percentiles()
-        var run = try first!.run(to: last, op: op, depth: depth, rate: rate, ios: ios, p50: p50, p99: p99)
+        guard out.errors == 0 else { throw CommandFailure("\(out.errors) Outboard requests failed") }
+        var run = try first!.run(to: last, op: op, depth: depth, rate: rate, ios: out.ios, p50: out.p50Us, p99: out.p99Us)
         if rate != nil {
-            run.issued = issued
-            run.late = late
+            run.issued = out.issued
+            run.late = out.late
         }
         return run
     }
