@@ -42,42 +42,14 @@ public func runKernelReference(file: String, queueDepth: Int, seconds: Double, f
     return try parseFioReport(output)
 }
 
-/// Parses fio's JSON report (the first job's read side). Exposed for tests.
+/// Parses fio's JSON report (the first job's read side, `FioJobReport.parse`). Exposed
+/// for tests.
 public func parseFioReport(_ output: [UInt8]) throws -> KernelReferenceResult {
-    // fio may print warnings before the JSON object on stdout.
-    guard let start = output.firstIndex(of: UInt8(ascii: "{")) else {
-        throw LabError("fio printed no JSON report: \(String(decoding: output.prefix(300), as: UTF8.self))")
-    }
-    struct Report: Decodable { var jobs: [Job] }
-    struct Job: Decodable {
-        var error: Int?
-        var read: Side
-        var usr_cpu: Double
-        var sys_cpu: Double
-    }
-    struct Side: Decodable {
-        var iops: Double
-        var runtime: Double // ms
-        var total_ios: UInt64
-        var clat_ns: Clat
-    }
-    struct Clat: Decodable { var percentile: [String: Double]? }
-    let report: Report
-    do {
-        report = try JSONDecoder().decode(Report.self, from: Data(output[start...]))
-    } catch {
-        throw LabError("cannot parse fio's report: \(error)")
-    }
-    guard let job = report.jobs.first else { throw LabError("fio's report has no job") }
-    if let e = job.error, e != 0 { throw LabError("fio job failed with error \(e)") }
-    let r = job.read
-    guard r.total_ios > 0, r.runtime > 0 else { throw LabError("fio completed no reads") }
-    let seconds = r.runtime / 1000
-    let percentile = { (key: String) -> Double in (r.clat_ns.percentile?[key] ?? 0) / 1000 }
+    let r = try FioJobReport.parse(output, write: false)
     return KernelReferenceResult(
-        ios: r.total_ios, seconds: seconds, iops: r.iops,
-        cpuUsPerIo: (job.usr_cpu + job.sys_cpu) / 100 * seconds * 1e6 / Double(r.total_ios),
-        p50Us: percentile("50.000000"), p99Us: percentile("99.000000"))
+        ios: r.ios, seconds: r.seconds, iops: r.iops,
+        cpuUsPerIo: (r.usrCpuPct + r.sysCpuPct) / 100 * r.seconds * 1e6 / Double(r.ios),
+        p50Us: r.clatP50Us, p99Us: r.clatP99Us)
 }
 
 /// Runs a program with stdin from /dev/null, stdout into a pipe, stderr inherited, and
