@@ -86,7 +86,7 @@ public final class Manager {
         try epoll.add(listener.fd.raw, events: .readable, token: Token.listener)
         try epoll.add(shutdownBell.fd.raw, events: .readable, token: Token.shutdown)
         for (i, d) in config.devices.enumerated() {
-            devices.append(try DeviceState(index: i, config: d))
+            devices.append(try DeviceState(index: i, config: d, stateDirectory: dir.isEmpty ? "." : dir))
         }
     }
 

@@ -102,7 +102,9 @@ final class DeviceState {
     static let virtioDMABytes = 1 << 20
     static let dmaIOAddress = IOAddress(rawValue: 1 << 20)
 
-    init(index: Int, config: ManagerConfig.DeviceConfig) throws {
+    /// `stateDirectory`: the control socket's directory, where links keep what must outlive
+    /// a manager (the VFIO link: the driver a device had before).
+    init(index: Int, config: ManagerConfig.DeviceConfig, stateDirectory: String) throws {
         self.index = index
         self.config = config
         // Memory transport: the device itself. Vhost-user: the driver's DMA memory (rings,
@@ -118,7 +120,8 @@ final class DeviceState {
             // The driver's DMA memory, which the manager maps into the device's IOMMU
             // container. The address was checked with the config.
             memory = try SharedRegion(name: "outboard-\(config.name)-memory", size: DeviceState.virtioDMABytes)
-            link = .vfio(VFIOLink(address: PCIAddress(config.pci ?? "")!, reconnectMs: config.reconnectMs))
+            link = .vfio(VFIOLink(address: PCIAddress(config.pci ?? "")!, reconnectMs: config.reconnectMs,
+                                  stateDirectory: stateDirectory))
         }
         let capacity = Int(config.limits.maxSessions)
         tableRegion = try SharedRegion(name: "outboard-\(config.name)-table", size: TranslationTable.byteCount(capacity: capacity))

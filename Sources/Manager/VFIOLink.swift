@@ -5,6 +5,10 @@ import OutboardSystem
 import SystemPackage
 import VFIO
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The manager's side of a PCI device behind an IOMMU. The manager binds the device to
 /// vfio-pci, holds the VFIO container and group, and maps into the container exactly what
 /// the device may reach: the driver's DMA region at `DeviceState.dmaIOAddress`, and each
@@ -50,10 +54,39 @@ final class VFIOLink {
         init(_ mapping: consuming SharedMapping) { self.mapping = mapping }
     }
 
-    init(address: PCIAddress, reconnectMs: UInt32, sysfs: PCISysfs = PCISysfs()) {
+    /// Where the driver the device had before is written down while the manager holds it
+    /// (root's, mode 0600), so that a manager started after one that crashed still knows
+    /// whom to give the device back to.
+    let recordPath: String
+
+    init(address: PCIAddress, reconnectMs: UInt32, stateDirectory: String, sysfs: PCISysfs = PCISysfs()) {
         self.address = address
         self.sysfs = sysfs
+        recordPath = stateDirectory + "/vfio-\(address).driver"
         handoff = DeviceHandoff(reconnectMs: reconnectMs)
+    }
+
+    /// A driver name as sysfs spells them: it becomes part of a sysfs path.
+    static func isDriverName(_ s: String) -> Bool {
+        !s.isEmpty && s.utf8.count <= 64 && s.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }
+    }
+
+    /// The previous driver a manager before this one wrote down, if the record is root's,
+    /// not writable by anyone else, and names a driver ("" inside: the device had none).
+    func recordedDriver() -> String?? {
+        guard let fd = try? OwnedFD.open(recordPath, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) else { return nil }
+        var st = stat()
+        guard fstat(fd.raw.rawValue, &st) == 0, st.st_uid == 0, st.st_mode & 0o022 == 0,
+              let bytes = try? fd.readToEnd(limit: 128) else { return nil }
+        let name = String(decoding: bytes, as: UTF8.self).trimmingNewline()
+        if name.isEmpty { return .some(nil) }
+        return Self.isDriverName(name) && name != "vfio-pci" ? .some(name) : nil
+    }
+
+    func writeRecord(_ driver: String?) {
+        unlink(recordPath)
+        guard let fd = try? OwnedFD.open(recordPath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600) else { return }
+        try? fd.writeAll(Array(((driver ?? "") + "\n").utf8))
     }
 
     /// Binds the device to vfio-pci (its IOMMU group must hold nothing bound to another
@@ -68,7 +101,13 @@ final class VFIOLink {
         guard blockers.isEmpty else {
             throw .unsupported("an IOMMU group of its own: group \(groupNumber) also holds \(blockers.map(\.description).joined(separator: ", ")), bound to other drivers (bind them to vfio-pci or move the device)")
         }
-        let previous = try sysfs.bindToVFIO(address)
+        var previous = try sysfs.bindToVFIO(address)
+        if previous == "vfio-pci", let recorded = recordedDriver() {
+            // Bound by a manager that did not get to give it back.
+            previous = recorded
+        } else if previous != "vfio-pci" {
+            writeRecord(previous)
+        }
         do throws(PCIError) {
             var container = try VFIOContainer()
             let group = try VFIOGroup(number: groupNumber)
@@ -87,7 +126,10 @@ final class VFIOLink {
                 "pci": "\(address)", "iommu_group": "\(groupNumber)", "previous_driver": "\(previous ?? "none")",
                 "session_io_limit": "0x\(String(limit, radix: 16))"])
         } catch {
-            if previous != "vfio-pci" { try? sysfs.restore(address, previousDriver: previous) }
+            if previous != "vfio-pci" {
+                try? sysfs.restore(address, previousDriver: previous)
+                unlink(recordPath)
+            }
             throw error
         }
     }
@@ -144,9 +186,18 @@ final class VFIOLink {
         guard previous != "vfio-pci" else { return }
         do {
             try sysfs.restore(address, previousDriver: previous)
+            unlink(recordPath)
             logger.info("device given back", metadata: ["pci": "\(address)", "driver": "\(previous ?? "none")"])
         } catch {
             logger.error("cannot give the device back to its driver: \(error)", metadata: ["pci": "\(address)"])
         }
+    }
+}
+
+extension String {
+    func trimmingNewline() -> String {
+        var s = self
+        while s.last == "\n" || s.last == "\r" || s.last == " " { s.removeLast() }
+        return s
     }
 }

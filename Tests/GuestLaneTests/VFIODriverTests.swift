@@ -24,7 +24,7 @@ extension GuestLaneTests {
         try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: work) }
         let config = Self.vfioConfig.replacingOccurrences(of: "\n", with: " ")
-        let driverOf = "basename $(readlink /sys/bus/pci/devices/\(GuestLane.outboardDisk.address)/driver)"
+        let driverOf = "basename \"$(readlink /sys/bus/pci/devices/\(GuestLane.outboardDisk.address)/driver)\" 2>/dev/null"
         let run = try GuestLane.run(checks: [
             ("config", "mkdir -p /scratch/ob && printf '%s\\n' '\(config)' > /scratch/ob/outboard.json && echo written"),
             ("check", "outboard check --config /scratch/ob/outboard.json --device vblk --json --blocks 512 --operations 2000 --seed 7"),
@@ -33,6 +33,15 @@ extension GuestLaneTests {
             ("dmar", "dmesg | grep 'DMAR' | grep 'fault addr'"),
             ("faults", "outboard faults --config /scratch/ob/outboard.json --device vblk --faults 5 --kinds kill,segv,hang,abort,bad-ring --ops-between 300 --json"),
             ("given-back-again", driverOf),
+            // A manager killed while it holds the device: the next one gives it back.
+            ("crash", """
+                outboard run --config /scratch/ob/outboard.json --log-level error & pid=$!
+                i=0; while [ "$(\(driverOf))" != vfio-pci ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
+                kill -9 $pid; wait $pid 2>/dev/null; sleep 0.3
+                echo "after the crash: $(\(driverOf))"
+                outboard check --config /scratch/ob/outboard.json --device vblk --blocks 16 --operations 50 --seed 7 >/dev/null; echo "check $?"
+                echo "after the next manager: $(\(driverOf))"
+                """),
         ], includingFio: false, workDirectory: work)
 
         #expect(run["config"]?.lines.first == "written", "\(run)")
@@ -74,5 +83,7 @@ extension GuestLaneTests {
         #expect(f?["verify_errors"] as? Int == 0 && f?["client_errors"] as? Int == 0, "\(faults)")
         #expect(f?["failure"] == nil, "\(faults)")
         #expect(run["given-back-again"]?.lines.first == "virtio-pci", "\(run)")
+        let crash = try #require(run["crash"], "\(run)")
+        #expect(crash.lines.filter { !$0.isEmpty } == ["after the crash: vfio-pci", "check 0", "after the next manager: virtio-pci"], "\(crash)")
     }
 }
