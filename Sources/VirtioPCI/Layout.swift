@@ -8,8 +8,7 @@ public enum PCIConfigOffset {
     public static let command = 0x04
     public static let status = 0x06
     public static let capabilitiesPointer = 0x34
-    /// Capability list entries live above the standard header, below 256.
-    public static let firstCapability = 0x40
+    /// The end of the configuration space the capability list lives in (the rest is PCIe's).
     public static let legacyConfigEnd = 0x100
 
     /// Command register bits: memory space decoding and bus mastering (DMA).

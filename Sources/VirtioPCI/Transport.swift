@@ -511,19 +511,15 @@ public struct VirtioPCICapabilities: Equatable, Sendable {
         guard u16(PCIConfigOffset.status) & PCIConfigOffset.statusCapabilityList != 0 else {
             throw .unsupported("the device has no capability list")
         }
+        // The list itself is walked (and checked) once, by the VFIO module's walk.
+        let list: PCICapabilities
+        do { list = try PCICapabilities(config: Array(config.prefix(PCIConfigOffset.legacyConfigEnd))) } catch {
+            throw .refused("the capability list: \(error)")
+        }
         var caps: [VirtioPCICapability] = []
-        var visited = Set<Int>()
-        var at = Int(config[PCIConfigOffset.capabilitiesPointer] & 0xFC)
-        while at != 0 {
-            guard at >= PCIConfigOffset.firstCapability, at <= PCIConfigOffset.legacyConfigEnd - 2 else {
-                throw .refused("a capability pointer (0x\(String(at, radix: 16))) lies outside 0x40..<0x100")
-            }
-            guard visited.insert(at).inserted else {
-                throw .refused("the capability list loops (at 0x\(String(at, radix: 16)))")
-            }
-            let id = config[at]
-            let next = Int(config[at + 1] & 0xFC)
-            if id == PCIConfigOffset.capabilityVendor {
+        for entry in list.entries(withID: PCIConfigOffset.capabilityVendor) {
+            let at = entry.offset
+            do {
                 guard at + 3 < PCIConfigOffset.legacyConfigEnd else { throw .refused("a vendor capability at 0x\(String(at, radix: 16)) is cut off") }
                 let length = Int(config[at + 2])
                 let type = config[at + 3]
@@ -540,7 +536,6 @@ public struct VirtioPCICapabilities: Equatable, Sendable {
                         notifyOffMultiplier: type == VirtioPCICapabilityType.notify.rawValue ? u32(at + 16) : 0))
                 }
             }
-            at = next
         }
         return VirtioPCICapabilities(all: caps)
     }
