@@ -34,6 +34,10 @@ extension Manager {
         if fault == .strayDMA, d.config.transport != .vfio {
             return refuse(c, .invalidArgument, "fault stray-dma is for devices behind an IOMMU (transport vfio); '\(device)' is \(d.config.transport.rawValue)")
         }
+        if fault == .strayDMA, argument != 0, let reason = d.grantedIOAddress(argument) {
+            // A fault injection must not become a way to write into someone's memory.
+            return refuse(c, .invalidArgument, "stray-dma at 0x\(String(argument, radix: 16)) would reach \(reason)")
+        }
         logger.notice("injecting fault", metadata: ["device": "\(device)", "fault": "\(fault)", "pid": "\(drv.child.pid)"])
         switch fault {
         case .kill: try? drv.child.signal(SIGKILL)

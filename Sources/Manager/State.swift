@@ -134,6 +134,18 @@ final class DeviceState {
         slotAddresses = Array(repeating: nil, count: capacity)
     }
 
+    /// What the device may reach at IO address `a` now, or nil if nothing: the driver's DMA
+    /// region, or the span of a session (live, or revoked with its index still held).
+    func grantedIOAddress(_ a: UInt64) -> String? {
+        let dma = DeviceState.dmaIOAddress.rawValue
+        if a >= dma && a - dma < UInt64(memory.size) { return "the driver's DMA region" }
+        for (k, span) in slotAddresses.enumerated() {
+            guard let (io, bytes) = span else { continue }
+            if a >= io.rawValue && a - io.rawValue < bytes { return "the data region at table index \(k)" }
+        }
+        return nil
+    }
+
     /// Table index `k` is free again: nothing of its last session can be at the device.
     func releaseSlot(_ k: Int) {
         tableSlots[k] = nil

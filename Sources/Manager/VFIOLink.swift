@@ -71,22 +71,42 @@ final class VFIOLink {
         !s.isEmpty && s.utf8.count <= 64 && s.utf8.allSatisfy { ($0 >= 0x61 && $0 <= 0x7A) || ($0 >= 0x30 && $0 <= 0x39) || $0 == 0x2D || $0 == 0x5F }
     }
 
-    /// The previous driver a manager before this one wrote down, if the record is root's,
-    /// not writable by anyone else, and names a driver ("" inside: the device had none).
-    func recordedDriver() -> String?? {
-        guard let fd = try? OwnedFD.open(recordPath, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) else { return nil }
+    /// The record lives only in a directory that is root's and writable by nobody else
+    /// (`/run/outboard`, the default): elsewhere another user could remove or replace it.
+    var recordDirectoryIsSafe: Bool {
+        let dir = String(recordPath[..<(recordPath.lastIndex(of: "/") ?? recordPath.startIndex)])
         var st = stat()
-        guard fstat(fd.raw.rawValue, &st) == 0, st.st_uid == 0, st.st_mode & 0o022 == 0,
-              let bytes = try? fd.readToEnd(limit: 128) else { return nil }
+        return lstat(dir.isEmpty ? "/" : dir, &st) == 0 && st.st_mode & S_IFMT == S_IFDIR && st.st_uid == 0 && st.st_mode & 0o022 == 0
+    }
+
+    /// The previous driver a manager before this one wrote down, if the record is a
+    /// regular file of root's, not writable by anyone else, in a safe directory, and names
+    /// a driver ("" inside: the device had none).
+    func recordedDriver() -> String?? {
+        guard recordDirectoryIsSafe,
+              let fd = try? OwnedFD.open(recordPath, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC) else { return nil }
+        var st = stat()
+        guard fstat(fd.raw.rawValue, &st) == 0, st.st_mode & S_IFMT == S_IFREG, st.st_uid == 0, st.st_mode & 0o022 == 0,
+              st.st_nlink == 1, let bytes = try? fd.readToEnd(limit: 128) else { return nil }
         let name = String(decoding: bytes, as: UTF8.self).trimmingNewline()
         if name.isEmpty { return .some(nil) }
         return Self.isDriverName(name) && name != "vfio-pci" ? .some(name) : nil
     }
 
-    func writeRecord(_ driver: String?) {
+    /// Writes the record (replacing any); a failure is logged: a crash would then leave
+    /// the device on vfio-pci.
+    func writeRecord(_ driver: String?, logger: Logger) {
+        guard recordDirectoryIsSafe else {
+            logger.warning("not recording the device's driver: \(recordPath)'s directory is not root's alone; a manager killed while it holds the device leaves it on vfio-pci", metadata: ["pci": "\(address)"])
+            return
+        }
         unlink(recordPath)
-        guard let fd = try? OwnedFD.open(recordPath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600) else { return }
-        try? fd.writeAll(Array(((driver ?? "") + "\n").utf8))
+        do {
+            let fd = try OwnedFD.open(recordPath, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode: 0o600)
+            try fd.writeAll(Array(((driver ?? "") + "\n").utf8))
+        } catch {
+            logger.warning("cannot record the device's driver in \(recordPath): \(error)", metadata: ["pci": "\(address)"])
+        }
     }
 
     /// Binds the device to vfio-pci (its IOMMU group must hold nothing bound to another
@@ -101,12 +121,23 @@ final class VFIOLink {
         guard blockers.isEmpty else {
             throw .unsupported("an IOMMU group of its own: group \(groupNumber) also holds \(blockers.map(\.description).joined(separator: ", ")), bound to other drivers (bind them to vfio-pci or move the device)")
         }
-        var previous = try sysfs.bindToVFIO(address)
-        if previous == "vfio-pci", let recorded = recordedDriver() {
-            // Bound by a manager that did not get to give it back.
-            previous = recorded
-        } else if previous != "vfio-pci" {
-            writeRecord(previous)
+        // The record first, then the bind: a manager killed in between leaves a record that
+        // names the driver the device had.
+        let current = sysfs.driver(of: address)
+        var previous: String?
+        var boundHere = false
+        if current == "vfio-pci" {
+            // Bound already: by a manager that did not get to give it back if it left a
+            // record (then that driver gets it at the end), else by someone else (then it
+            // stays on vfio-pci).
+            previous = recordedDriver() ?? "vfio-pci"
+        } else {
+            writeRecord(current, logger: logger)
+            do { previous = try sysfs.bindToVFIO(address) } catch {
+                unlink(recordPath)
+                throw error
+            }
+            boundHere = true
         }
         do throws(PCIError) {
             var container = try VFIOContainer()
@@ -126,7 +157,9 @@ final class VFIOLink {
                 "pci": "\(address)", "iommu_group": "\(groupNumber)", "previous_driver": "\(previous ?? "none")",
                 "session_io_limit": "0x\(String(limit, radix: 16))"])
         } catch {
-            if previous != "vfio-pci" {
+            // Only a bind of this call is undone: a device found on vfio-pci may be in use
+            // by whoever holds its group.
+            if boundHere {
                 try? sysfs.restore(address, previousDriver: previous)
                 unlink(recordPath)
             }

@@ -19,12 +19,13 @@ import Glibc
 ///                                abort() inside its next request
 ///   +24 strayDMARequests UInt64  fault injection, a count: each time it grows, the
 ///                                driver points a descriptor of its next device request
-///                                at an IO address no grant covers (the IOMMU must stop it)
+///                                at strayDMAAddress (the IOMMU must stop it)
 ///   +32 badRingRequests  UInt64  fault injection, a count: each time it grows, the driver
 ///                                puts a head naming no descriptor in its device queue's
 ///                                available ring (the device must refuse it)
 ///   +40 strayDMAAddress  UInt64  where the next stray descriptor points (0: the driver's
-///                                own choice)
+///                                own choice, which no grant covers; the manager writes no
+///                                address a grant covers)
 /// entries at +64, 64 bytes each
 ///   +0  seq        UInt32  seqlock: odd while the manager rewrites the entry
 ///   +4  state      UInt32  EntryState
