@@ -55,20 +55,6 @@ const int OB_MSG_CTRUNC = MSG_CTRUNC;
 const int OB_MSG_NOSIGNAL = MSG_NOSIGNAL;
 const int OB_MSG_DONTWAIT = MSG_DONTWAIT;
 
-const unsigned long OB_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
-const unsigned long OB_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
-const unsigned long OB_VFIO_SET_IOMMU = VFIO_SET_IOMMU;
-const unsigned long OB_VFIO_GROUP_GET_STATUS = VFIO_GROUP_GET_STATUS;
-const unsigned long OB_VFIO_GROUP_SET_CONTAINER = VFIO_GROUP_SET_CONTAINER;
-const unsigned long OB_VFIO_GROUP_GET_DEVICE_FD = VFIO_GROUP_GET_DEVICE_FD;
-const unsigned long OB_VFIO_DEVICE_GET_INFO = VFIO_DEVICE_GET_INFO;
-const unsigned long OB_VFIO_DEVICE_GET_REGION_INFO = VFIO_DEVICE_GET_REGION_INFO;
-const unsigned long OB_VFIO_DEVICE_GET_IRQ_INFO = VFIO_DEVICE_GET_IRQ_INFO;
-const unsigned long OB_VFIO_DEVICE_SET_IRQS = VFIO_DEVICE_SET_IRQS;
-const unsigned long OB_VFIO_DEVICE_RESET = VFIO_DEVICE_RESET;
-const unsigned long OB_VFIO_IOMMU_MAP_DMA = VFIO_IOMMU_MAP_DMA;
-const unsigned long OB_VFIO_IOMMU_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA;
-
 int ob_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
 int ob_fcntl_int(int fd, int cmd, int arg) { return fcntl(fd, cmd, arg); }
 int ob_eventfd(unsigned int initval, int flags) { return eventfd(initval, flags); }

@@ -30,7 +30,6 @@ final class VFIOLink {
     final class Opened {
         var container: VFIOContainer
         let group: VFIOGroup
-        let groupNumber: Int
         let previousDriver: String?
         /// The driver's DMA region, mapped in the manager (VFIO pins by virtual address).
         let dma: SharedMapping
@@ -40,9 +39,9 @@ final class VFIOLink {
         /// Session data regions mapped into the container, by IO address.
         var windows: [IOAddress: Window] = [:]
 
-        init(container: consuming VFIOContainer, group: consuming VFIOGroup, groupNumber: Int, previousDriver: String?,
+        init(container: consuming VFIOContainer, group: consuming VFIOGroup, previousDriver: String?,
              dma: consuming SharedMapping, sessionLimit: UInt64) {
-            self.container = container; self.group = group; self.groupNumber = groupNumber
+            self.container = container; self.group = group
             self.previousDriver = previousDriver; self.dma = dma; self.sessionLimit = sessionLimit
         }
     }
@@ -151,7 +150,7 @@ final class VFIOLink {
             let mapping: SharedMapping
             do { mapping = try region.map(.readWrite) } catch { throw .system("mapping the DMA region: \(error)") }
             try container.map(hostAddress: mapping.base, ioAddress: DeviceState.dmaIOAddress, size: mapping.size, writable: true)
-            opened = Opened(container: container, group: group, groupNumber: groupNumber, previousDriver: previous,
+            opened = Opened(container: container, group: group, previousDriver: previous,
                             dma: mapping, sessionLimit: limit)
             logger.info("device bound to vfio-pci", metadata: [
                 "pci": "\(address)", "iommu_group": "\(groupNumber)", "previous_driver": "\(previous ?? "none")",

@@ -107,20 +107,6 @@ static inline void ob_mmio_write64(volatile void *a, uint64_t v) { *(volatile ui
 /// letting a sibling hyperthread run. Used by both the Swift and the C queue workers.
 static inline void ob_cpu_relax(void) { __builtin_ia32_pause(); }
 
-// VFIO ioctl numbers (linux/vfio.h), exported as constants for the VFIO transport.
-extern const unsigned long OB_VFIO_GET_API_VERSION;
-extern const unsigned long OB_VFIO_CHECK_EXTENSION;
-extern const unsigned long OB_VFIO_SET_IOMMU;
-extern const unsigned long OB_VFIO_GROUP_GET_STATUS;
-extern const unsigned long OB_VFIO_GROUP_SET_CONTAINER;
-extern const unsigned long OB_VFIO_GROUP_GET_DEVICE_FD;
-extern const unsigned long OB_VFIO_DEVICE_GET_INFO;
-extern const unsigned long OB_VFIO_DEVICE_GET_REGION_INFO;
-extern const unsigned long OB_VFIO_DEVICE_GET_IRQ_INFO;
-extern const unsigned long OB_VFIO_DEVICE_SET_IRQS;
-extern const unsigned long OB_VFIO_DEVICE_RESET;
-extern const unsigned long OB_VFIO_IOMMU_MAP_DMA;
-extern const unsigned long OB_VFIO_IOMMU_UNMAP_DMA;
 
 // Driver sandbox (OutboardSystem/Sandbox.swift): namespaces, a private read-only root,
 // rlimits, identity, no_new_privs, and a seccomp BPF filter written here (no libseccomp).
