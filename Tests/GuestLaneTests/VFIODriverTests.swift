@@ -35,7 +35,7 @@ extension GuestLaneTests {
             ("given-back-again", driverOf),
             // A manager killed while it holds the device: the next one gives it back.
             ("crash", """
-                outboard run --config /scratch/ob/outboard.json --log-level error & pid=$!
+                outboard run --config /scratch/ob/outboard.json --log-level error 2>/dev/null & pid=$!
                 i=0; while [ "$(\(driverOf))" != vfio-pci ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
                 kill -9 $pid; wait $pid 2>/dev/null; sleep 0.3
                 echo "after the crash: $(\(driverOf))"
