@@ -16,6 +16,11 @@ cd "$(dirname "$0")/.."
 #   xz-utils                        unpacking the kernel image (vmlinuz) for a faster boot
 PACKAGES=(gcc libc6-dev linux-libc-dev qemu-system-common fio
           qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils)
+# The network tests' kernel peers:
+#   iproute2                        `ip`: network namespaces, moving a TAP into one, addresses
+#   iputils-ping                    ping through a TAP (answered from Swift) and through the bridges
+#   iperf3                          TCP across the TAP bridges
+PACKAGES+=(iproute2 iputils-ping iperf3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

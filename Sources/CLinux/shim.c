@@ -540,3 +540,102 @@ int ob_count_signal(int sig) {
 unsigned long ob_signals_counted(void) {
     return atomic_load_explicit(&ob_counted_signals, memory_order_relaxed);
 }
+
+/* TAP devices and interface ioctls. */
+#include <linux/if.h>
+#include <linux/if_arp.h>
+#include <linux/if_tun.h>
+
+const int OB_IFNAMSIZ = IFNAMSIZ;
+const unsigned int OB_IFF_UP = IFF_UP;
+const unsigned int OB_IFF_RUNNING = IFF_RUNNING;
+
+/* An ifreq naming `name`; -1 with EINVAL when it does not fit (the kernel would cut it). */
+static int ob_ifreq_named(struct ifreq *ifr, const char *name) {
+    memset(ifr, 0, sizeof *ifr);
+    size_t n = strlen(name);
+    if (n >= IFNAMSIZ) { errno = EINVAL; return -1; }
+    memcpy(ifr->ifr_name, name, n);
+    return 0;
+}
+
+static void ob_ifreq_name_out(const struct ifreq *ifr, char *out) {
+    memcpy(out, ifr->ifr_name, IFNAMSIZ);
+    out[IFNAMSIZ - 1] = 0;
+}
+
+int ob_tap_attach(int fd, const char *name, char *out) {
+    struct ifreq ifr;
+    if (ob_ifreq_named(&ifr, name) < 0) return -1;
+    ifr.ifr_flags = IFF_TAP | IFF_NO_PI;
+    if (ioctl(fd, TUNSETIFF, &ifr) < 0) return -1;
+    ob_ifreq_name_out(&ifr, out);
+    return 0;
+}
+
+int ob_tap_name(int fd, char *out) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ioctl(fd, TUNGETIFF, &ifr) < 0) return -1;
+    ob_ifreq_name_out(&ifr, out);
+    return 0;
+}
+
+int ob_tap_netns(int fd) { return ioctl(fd, TUNGETDEVNETNS); }
+
+int ob_tap_get_hwaddr(int fd, uint8_t mac[6]) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0) return -1;
+    memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+    return 0;
+}
+
+int ob_tap_set_hwaddr(int fd, const uint8_t mac[6]) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+    memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+    return ioctl(fd, SIOCSIFHWADDR, &ifr);
+}
+
+int ob_if_control_socket(void) { return socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0); }
+
+int ob_if_get_mtu(int sock, const char *name, int *mtu) {
+    struct ifreq ifr;
+    if (ob_ifreq_named(&ifr, name) < 0) return -1;
+    if (ioctl(sock, SIOCGIFMTU, &ifr) < 0) return -1;
+    *mtu = ifr.ifr_mtu;
+    return 0;
+}
+
+int ob_if_set_mtu(int sock, const char *name, int mtu) {
+    struct ifreq ifr;
+    if (ob_ifreq_named(&ifr, name) < 0) return -1;
+    ifr.ifr_mtu = mtu;
+    return ioctl(sock, SIOCSIFMTU, &ifr);
+}
+
+int ob_if_get_flags(int sock, const char *name, unsigned int *flags) {
+    struct ifreq ifr;
+    if (ob_ifreq_named(&ifr, name) < 0) return -1;
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) < 0) return -1;
+    *flags = (unsigned short)ifr.ifr_flags;
+    return 0;
+}
+
+int ob_if_set_flags(int sock, const char *name, unsigned int flags) {
+    struct ifreq ifr;
+    if (ob_ifreq_named(&ifr, name) < 0) return -1;
+    if (flags > 0xffff) { errno = EINVAL; return -1; }
+    ifr.ifr_flags = (short)flags;
+    return ioctl(sock, SIOCSIFFLAGS, &ifr);
+}
+
+int ob_if_get_index(int sock, const char *name, int *index) {
+    struct ifreq ifr;
+    if (ob_ifreq_named(&ifr, name) < 0) return -1;
+    if (ioctl(sock, SIOCGIFINDEX, &ifr) < 0) return -1;
+    *index = ifr.ifr_ifindex;
+    return 0;
+}

@@ -213,4 +213,29 @@ unsigned long ob_signals_counted(void);
 // VFIO (linux/vfio.h): request numbers, ioctl(2), layouts, the full MMIO barrier.
 #include "CVFIO.h"
 
+// TAP devices (<linux/if_tun.h>) and the interface ioctls of <linux/sockios.h> (struct
+// ifreq, a union Swift imports badly, stays on this side). Each returns 0 or -1 with errno.
+extern const int OB_IFNAMSIZ;
+/// TUNSETIFF on an open /dev/net/tun descriptor: a TAP (IFF_TAP | IFF_NO_PI, no virtio-net
+/// header) named `name` ("" lets the kernel choose; a "%d" pattern is filled in). The
+/// interface's name is written to `out` (OB_IFNAMSIZ bytes, NUL-terminated).
+int ob_tap_attach(int fd, const char *name, char *out);
+/// TUNGETIFF: the attached interface's current name into `out` (OB_IFNAMSIZ bytes).
+int ob_tap_name(int fd, char *out);
+/// TUNGETDEVNETNS: a new descriptor of the network namespace the interface is in.
+int ob_tap_netns(int fd);
+/// SIOCGIFHWADDR / SIOCSIFHWADDR on the TAP descriptor itself (wherever the interface is).
+int ob_tap_get_hwaddr(int fd, uint8_t mac[6]);
+int ob_tap_set_hwaddr(int fd, const uint8_t mac[6]);
+/// A socket for the interface ioctls below (AF_INET, SOCK_DGRAM, close-on-exec): they name
+/// the interface, and the name is looked up in the socket's network namespace.
+int ob_if_control_socket(void);
+int ob_if_get_mtu(int sock, const char *name, int *mtu);
+int ob_if_set_mtu(int sock, const char *name, int mtu);
+int ob_if_get_flags(int sock, const char *name, unsigned int *flags);
+int ob_if_set_flags(int sock, const char *name, unsigned int flags);
+int ob_if_get_index(int sock, const char *name, int *index);
+extern const unsigned int OB_IFF_UP;
+extern const unsigned int OB_IFF_RUNNING;
+
 #endif

@@ -1,0 +1,222 @@
+import CLinux
+import SystemPackage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An Ethernet (MAC) address: six octets, the first on the wire first.
+public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
+    /// The six octets in the low 48 bits, the first octet highest.
+    public let rawValue: UInt64
+
+    public init(_ a: UInt8, _ b: UInt8, _ c: UInt8, _ d: UInt8, _ e: UInt8, _ f: UInt8) {
+        rawValue = UInt64(a) << 40 | UInt64(b) << 32 | UInt64(c) << 24 | UInt64(d) << 16 | UInt64(e) << 8 | UInt64(f)
+    }
+
+    /// The address in the first six bytes of `bytes`; nil when it is shorter.
+    public init?(bytes: UnsafeRawBufferPointer) {
+        guard bytes.count >= 6 else { return nil }
+        self.init(bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5])
+    }
+
+    /// Six hex pairs separated by colons ("02:00:5e:10:00:01"); nil for anything else.
+    public init?(_ text: String) {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { return nil }
+        var v: UInt64 = 0
+        for p in parts {
+            guard p.count == 2, let o = UInt8(p, radix: 16) else { return nil }
+            v = v << 8 | UInt64(o)
+        }
+        rawValue = v
+    }
+
+    /// Octet `i` (0 to 5), in wire order.
+    public subscript(i: Int) -> UInt8 {
+        precondition(i >= 0 && i < 6, "a MAC address has 6 octets")
+        return UInt8(truncatingIfNeeded: rawValue >> UInt64(40 - 8 * i))
+    }
+
+    /// Stores the six octets at `p`, in wire order.
+    public func store(to p: UnsafeMutableRawPointer) {
+        for i in 0..<6 { p.storeBytes(of: self[i], toByteOffset: i, as: UInt8.self) }
+    }
+
+    public static let broadcast = MACAddress(0xff, 0xff, 0xff, 0xff, 0xff, 0xff)
+    /// The group bit (the first octet's lowest bit): multicast and broadcast.
+    public var isMulticast: Bool { self[0] & 1 != 0 }
+    /// The locally administered bit (the first octet's second bit).
+    public var isLocallyAdministered: Bool { self[0] & 2 != 0 }
+
+    public var description: String {
+        let hex = Array("0123456789abcdef".utf8)
+        var s: [UInt8] = []
+        for i in 0..<6 {
+            if i > 0 { s.append(UInt8(ascii: ":")) }
+            s.append(hex[Int(self[i] >> 4)]); s.append(hex[Int(self[i] & 15)])
+        }
+        return String(decoding: s, as: UTF8.self)
+    }
+}
+
+/// A TAP interface: the kernel's end of an Ethernet link whose other end is this process.
+/// The one owner of the /dev/net/tun descriptor; the interface goes away with it (the
+/// device is never made persistent).
+///
+/// - Frames only (IFF_TAP | IFF_NO_PI): a read gives one whole Ethernet frame as the
+///   kernel sent it out of the interface, a write hands one to the kernel as if received
+///   on it. No virtio-net header (no IFF_VNET_HDR): no checksum or segmentation offload
+///   crosses the descriptor, so every frame is at most the MTU plus its Ethernet header.
+/// - Non-blocking: register `descriptor` for readability (epoll) and read until nil.
+///   `read` and `write` allocate nothing; one frame per call (the kernel has no batched
+///   read or write for TAP descriptors).
+/// - Opened in the calling thread's network namespace; it may be moved to another one
+///   afterwards (`ip link set dev NAME netns NS`) and the descriptor keeps working. Moving
+///   it takes it down. MTU and up/down go through an interface ioctl by name, which only
+///   reaches an interface in the caller's namespace: once the device is elsewhere they
+///   fail with ENODEV. The MAC address is read and set through the descriptor itself,
+///   wherever the device is.
+public struct TapDevice: ~Copyable, Sendable {
+    public let fd: OwnedFD
+    /// The interface's name as the kernel gave it at open (renaming it later is not seen
+    /// here; `currentName()` asks the kernel).
+    public let name: String
+
+    /// The longest interface name (IFNAMSIZ - 1 bytes).
+    public static let maxNameLength = Int(OB_IFNAMSIZ) - 1
+
+    /// Opens /dev/net/tun and creates a TAP interface: `name` exactly, a pattern with "%d"
+    /// that the kernel fills in, or nil for the kernel's own choice ("tap0", ...). A name
+    /// longer than `maxNameLength` bytes or with a NUL is EINVAL; one that an existing
+    /// interface has is EBUSY (another TAP's) or EINVAL (another kind); EPERM without
+    /// CAP_NET_ADMIN.
+    public init(name: String? = nil) throws(Errno) {
+        let wanted = name ?? ""
+        guard wanted.utf8.count <= Self.maxNameLength, !wanted.utf8.contains(0) else { throw Errno.invalidArgument }
+        let fd = try OwnedFD.open("/dev/net/tun", O_RDWR | O_NONBLOCK)
+        var out = [CChar](repeating: 0, count: Int(OB_IFNAMSIZ))
+        let raw = fd.raw.rawValue
+        _ = try sys { ob_tap_attach(raw, wanted, &out) }
+        self.fd = fd
+        self.name = Self.string(out)
+    }
+
+    /// The descriptor, for epoll (readable: frames are waiting).
+    public var descriptor: FileDescriptor { fd.raw }
+
+    /// The next frame the kernel sent out of the interface, copied into `buffer`; its
+    /// length, or nil when none is waiting (EAGAIN). The kernel cuts a frame longer than
+    /// the buffer without saying so, so a frame that fills `buffer` is taken as cut and
+    /// refused with EMSGSIZE (the frame is gone; the next read gives the next one): give
+    /// at least one byte more than the longest frame, e.g. MTU + 14 (Ethernet header)
+    /// + 4 (one VLAN tag) + 1. While the interface is down nothing arrives.
+    @inline(__always)
+    public func read(into buffer: UnsafeMutableRawBufferPointer) throws(Errno) -> Int? {
+        let raw = fd.raw.rawValue
+        let n: Int
+        do {
+            n = try sys { Glibc.read(raw, buffer.baseAddress, buffer.count) }
+        } catch .resourceTemporarilyUnavailable {
+            return nil
+        }
+        guard n < buffer.count else { throw Errno.messageTooLong }
+        return n
+    }
+
+    /// Hands `frame` (a whole Ethernet frame, header first) to the kernel as received on
+    /// the interface. A frame shorter than an Ethernet header is EINVAL; one the kernel
+    /// cannot take now is EAGAIN (the caller drops it, as a NIC would); EIO while the
+    /// interface is down.
+    @inline(__always)
+    public func write(_ frame: UnsafeRawBufferPointer) throws(Errno) {
+        let raw = fd.raw.rawValue
+        let n = try sys { Glibc.write(raw, frame.baseAddress, frame.count) }
+        guard n == frame.count else { throw Errno.ioError }
+    }
+
+    /// The interface's name now (TUNGETIFF): it may have been renamed since it was opened.
+    public func currentName() throws(Errno) -> String {
+        var out = [CChar](repeating: 0, count: Int(OB_IFNAMSIZ))
+        let raw = fd.raw.rawValue
+        _ = try sys { ob_tap_name(raw, &out) }
+        return Self.string(out)
+    }
+
+    /// The interface's MAC address (SIOCGIFHWADDR on the descriptor). The kernel gives a
+    /// new TAP a random locally administered one.
+    public func macAddress() throws(Errno) -> MACAddress {
+        var mac = [UInt8](repeating: 0, count: 6)
+        let raw = fd.raw.rawValue
+        _ = try sys { ob_tap_get_hwaddr(raw, &mac) }
+        return MACAddress(mac[0], mac[1], mac[2], mac[3], mac[4], mac[5])
+    }
+
+    /// Sets the interface's MAC address (SIOCSIFHWADDR on the descriptor), also while it is
+    /// up. A multicast or all-zero address is EADDRNOTAVAIL.
+    public func setMACAddress(_ mac: MACAddress) throws(Errno) {
+        let bytes = (0..<6).map { mac[$0] }
+        let raw = fd.raw.rawValue
+        _ = try sys { ob_tap_set_hwaddr(raw, bytes) }
+    }
+
+    /// The interface's MTU (SIOCGIFMTU). ENODEV once the device is in another namespace.
+    public func mtu() throws(Errno) -> Int {
+        var mtu: CInt = 0
+        try withControlSocket { (s, name) throws(Errno) in _ = try sys { ob_if_get_mtu(s, name, &mtu) } }
+        return Int(mtu)
+    }
+
+    /// Sets the interface's MTU (SIOCSIFMTU): 68 to 65521 for a TAP, else EINVAL. ENODEV
+    /// once the device is in another namespace.
+    public func setMTU(_ mtu: Int) throws(Errno) {
+        guard let m = CInt(exactly: mtu) else { throw Errno.invalidArgument }
+        try withControlSocket { (s, name) throws(Errno) in _ = try sys { ob_if_set_mtu(s, name, m) } }
+    }
+
+    /// Whether the interface is administratively up (IFF_UP, SIOCGIFFLAGS). ENODEV once
+    /// the device is in another namespace.
+    public func isUp() throws(Errno) -> Bool {
+        var flags: CUnsignedInt = 0
+        try withControlSocket { (s, name) throws(Errno) in _ = try sys { ob_if_get_flags(s, name, &flags) } }
+        return flags & OB_IFF_UP != 0
+    }
+
+    /// Brings the interface up or down (IFF_UP, SIOCSIFFLAGS; the other flags are kept).
+    /// ENODEV once the device is in another namespace.
+    public func setUp(_ up: Bool = true) throws(Errno) {
+        try withControlSocket { (s, name) throws(Errno) in
+            var flags: CUnsignedInt = 0
+            _ = try sys { ob_if_get_flags(s, name, &flags) }
+            let wanted = up ? flags | OB_IFF_UP : flags & ~OB_IFF_UP
+            if wanted != flags { _ = try sys { ob_if_set_flags(s, name, wanted) } }
+        }
+    }
+
+    /// Whether the interface is in the calling thread's network namespace (TUNGETDEVNETNS,
+    /// compared with /proc/thread-self/ns/net).
+    public func isInCurrentNamespace() throws(Errno) -> Bool {
+        let raw = fd.raw.rawValue
+        let ns = OwnedFD(adopting: try sys { ob_tap_netns(raw) })
+        var theirs = stat(), ours = stat()
+        let nsRaw = ns.raw.rawValue
+        _ = try sys { fstat(nsRaw, &theirs) }
+        _ = try sys { stat("/proc/thread-self/ns/net", &ours) }
+        return theirs.st_dev == ours.st_dev && theirs.st_ino == ours.st_ino
+    }
+
+    /// Runs `body` with an interface-ioctl socket and the interface's current name, after
+    /// checking that the name names this device: in another namespace it could name another
+    /// interface, or none.
+    private func withControlSocket(_ body: (CInt, String) throws(Errno) -> Void) throws(Errno) {
+        guard try isInCurrentNamespace() else { throw Errno.operationNotSupportedByDevice }
+        let name = try currentName()
+        let socket = OwnedFD(adopting: try sys { ob_if_control_socket() })
+        try body(socket.raw.rawValue, name)
+    }
+
+    private static func string(_ cchars: [CChar]) -> String {
+        let bytes = cchars.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
