@@ -61,13 +61,14 @@ public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
 }
 
 /// A TAP interface: the kernel's end of an Ethernet link whose other end is this process.
-/// The one owner of the /dev/net/tun descriptor; the interface goes away with it (the
-/// device is never made persistent).
+/// The one owner of the /dev/net/tun descriptor; the interface goes away with it (this
+/// type never makes a device persistent).
 ///
 /// - Frames only (IFF_TAP | IFF_NO_PI): a read gives one whole Ethernet frame as the
 ///   kernel sent it out of the interface, a write hands one to the kernel as if received
 ///   on it. No virtio-net header (no IFF_VNET_HDR): no checksum or segmentation offload
-///   crosses the descriptor, so every frame is at most the MTU plus its Ethernet header.
+///   crosses the descriptor, so every frame read is at most the MTU plus its Ethernet
+///   header (and a VLAN tag).
 /// - Non-blocking: register `descriptor` for readability (epoll) and read until nil.
 ///   `read` and `write` allocate nothing; one frame per call (the kernel has no batched
 ///   read or write for TAP descriptors).
@@ -88,9 +89,10 @@ public struct TapDevice: ~Copyable, Sendable {
 
     /// Opens /dev/net/tun and creates a TAP interface: `name` exactly, a pattern with "%d"
     /// that the kernel fills in, or nil for the kernel's own choice ("tap0", ...). A name
-    /// longer than `maxNameLength` bytes or with a NUL is EINVAL; one that an existing
-    /// interface has is EBUSY (another TAP's) or EINVAL (another kind); EPERM without
-    /// CAP_NET_ADMIN.
+    /// longer than `maxNameLength` bytes or with a NUL is EINVAL; the name of an interface
+    /// that exists is EBUSY (a TAP another descriptor holds) or EINVAL (another kind),
+    /// except a persistent TAP nobody holds (`ip tuntap add`), which this attaches to and
+    /// which stays after it; EPERM without CAP_NET_ADMIN.
     public init(name: String? = nil) throws(Errno) {
         let wanted = name ?? ""
         guard wanted.utf8.count <= Self.maxNameLength, !wanted.utf8.contains(0) else { throw Errno.invalidArgument }
