@@ -8,7 +8,7 @@ import Glibc
 #endif
 
 /// Why a block session call failed. `recovery` says what a caller can do about it.
-public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertible, RecoverableError {
+public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible, RecoverableError {
     /// Nobody listens on the socket (yet): the manager is starting, or not running.
     case unreachable(path: String, Errno)
     /// The manager (or virtualizer) refused the request.
@@ -136,7 +136,7 @@ public struct BlockSession: ~Copyable {
     /// `device`, with a data region of `dataBytes` and at most `queueDepth` requests in
     /// flight (a power of two).
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int,
-                            queueDepth: Int = 32) throws(BlockSessionError) -> BlockSession {
+                            queueDepth: Int = 32) throws(SessionError) -> BlockSession {
         let socket: UnixSocket
         do { socket = try UnixSocket.connect(path: socketPath) } catch {
             throw .unreachable(path: socketPath, error)
@@ -151,10 +151,10 @@ public struct BlockSession: ~Copyable {
         do {
             // A server that never answers is an error, not a hang (as AdminConnection's requests).
             guard try socket.waitReadable(timeoutMilliseconds: answerTimeoutMilliseconds) else {
-                throw BlockSessionError.failed("\(socketPath) did not answer the open within \(answerTimeoutMilliseconds) ms")
+                throw SessionError.failed("\(socketPath) did not answer the open within \(answerTimeoutMilliseconds) ms")
             }
             reply = try socket.receiveControl()
-        } catch let e as BlockSessionError {
+        } catch let e as SessionError {
             throw e
         } catch {
             throw .protocolError("no answer to open: \(error)")
@@ -178,7 +178,7 @@ public struct BlockSession: ~Copyable {
     /// A server that refuses a connection (the manager at its connection cap) answers and
     /// closes at once, possibly before our request went out, which then fails (EPIPE):
     /// its answer is still queued for us, and says more than the failed send.
-    static func refusalWaiting(on socket: borrowing UnixSocket) -> BlockSessionError? {
+    static func refusalWaiting(on socket: borrowing UnixSocket) -> SessionError? {
         guard let d = try? socket.receiveControl(nonBlocking: true), case .failure(let code, let message) = d.message else {
             return nil
         }
@@ -189,7 +189,7 @@ public struct BlockSession: ~Copyable {
     /// or the device is not ready: its driver is starting or has not reached the device) it
     /// tries again, for up to `waitMilliseconds`.
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int, queueDepth: Int = 32,
-                            waitMilliseconds: Int) throws(BlockSessionError) -> BlockSession {
+                            waitMilliseconds: Int) throws(SessionError) -> BlockSession {
         let deadline = Clock.monotonicNanoseconds + UInt64(max(0, waitMilliseconds)) * 1_000_000
         while true {
             do {
@@ -202,7 +202,7 @@ public struct BlockSession: ~Copyable {
         }
     }
 
-    init(opened: SessionOpened, info: BlockInfo, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(BlockSessionError) {
+    init(opened: SessionOpened, info: BlockInfo, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(SessionError) {
         // The server's numbers are checked before anything is sized by them.
         guard opened.queueDepth >= 2, opened.queueDepth <= 4096, opened.queueDepth.nonzeroBitCount == 1,
               opened.dataBytes > 0, opened.dataBytes <= UInt64(Int.max / 2), info.blockSize == UInt32(blockSectorSize),
@@ -246,11 +246,11 @@ public struct BlockSession: ~Copyable {
         submitScratch = .allocate(capacity: depth)
     }
 
-    static func map(_ fd: consuming OwnedFD, minimumSize: Int, _ access: SharedMapping.Access) throws(BlockSessionError) -> SharedMapping {
+    static func map(_ fd: consuming OwnedFD, minimumSize: Int, _ access: SharedMapping.Access) throws(SessionError) -> SharedMapping {
         do { return try SharedRegion(adopting: fd, minimumSize: minimumSize).map(access) } catch { throw .system(error) }
     }
 
-    static func epoll(_ bell: borrowing Doorbell, _ control: borrowing UnixSocket) throws(BlockSessionError) -> Epoll {
+    static func epoll(_ bell: borrowing Doorbell, _ control: borrowing UnixSocket) throws(SessionError) -> Epoll {
         do {
             let e = try Epoll()
             try e.add(bell.fd.raw, events: .readable, token: 1)
@@ -261,7 +261,7 @@ public struct BlockSession: ~Copyable {
         }
     }
 
-    static func requestQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout) throws(BlockSessionError) -> QueueProducer<BlockRequest> {
+    static func requestQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout) throws(SessionError) -> QueueProducer<BlockRequest> {
         do {
             return try QueueProducer<BlockRequest>(memory: m.base, size: m.size, at: layout.requestOffset, layout: layout.requests)
         } catch {
@@ -272,7 +272,7 @@ public struct BlockSession: ~Copyable {
     /// Completions between waits from which the asymmetric ordering pays (QueueConsumer).
     static let heavyBarrierThreshold: UInt32 = 4096
 
-    static func completionQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout, depth: UInt32) throws(BlockSessionError)
+    static func completionQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout, depth: UInt32) throws(SessionError)
         -> QueueConsumer<BlockCompletion> {
         do {
             var q = try QueueConsumer<BlockCompletion>(memory: m.base, size: m.size, at: layout.completionOffset,
@@ -309,7 +309,7 @@ public struct BlockSession: ~Copyable {
     /// `queueDepth` requests are already in flight. Discard and write-zeroes name a range
     /// (`sector`, `length` bytes) and no buffer; flush names neither.
     public mutating func submit(_ op: BlockOp, sector: UInt64, offset: Int, length: Int,
-                                userData: UInt64 = 0) throws(BlockSessionError) -> UInt32? {
+                                userData: UInt64 = 0) throws(SessionError) -> UInt32? {
         try checkGeneration()
         guard freeCount > 0 else { return nil }
         let r = try stage(BlockSubmission(op, sector: sector, offset: offset, length: length, userData: userData))
@@ -325,7 +325,7 @@ public struct BlockSession: ~Copyable {
     /// Submits as many of `batch` as there are free tags, in order, with one publication
     /// and at most one doorbell for all of them. Returns how many were submitted. A
     /// request this session cannot express throws before anything of the batch is sent.
-    public mutating func submit(batch: UnsafeBufferPointer<BlockSubmission>) throws(BlockSessionError) -> Int {
+    public mutating func submit(batch: UnsafeBufferPointer<BlockSubmission>) throws(SessionError) -> Int {
         try checkGeneration()
         let n = min(batch.count, freeCount)
         guard n > 0 else { return 0 }
@@ -350,7 +350,7 @@ public struct BlockSession: ~Copyable {
     /// as usual.
     @_spi(Testing)
     /// `offset` is the raw bit pattern a hostile client would write.
-    public mutating func submitUnchecked(_ op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) throws(BlockSessionError) -> UInt32? {
+    public mutating func submitUnchecked(_ op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) throws(SessionError) -> UInt32? {
         try checkGeneration()
         guard freeCount > 0 else { return nil }
         freeCount -= 1
@@ -387,7 +387,7 @@ public struct BlockSession: ~Copyable {
         }
     }
 
-    func validate(_ b: BlockSubmission) throws(BlockSessionError) {
+    func validate(_ b: BlockSubmission) throws(SessionError) {
         switch b.op {
         case .flush:
             break
@@ -404,7 +404,7 @@ public struct BlockSession: ~Copyable {
     }
 
     /// Takes a tag and records the request (validated first).
-    mutating func stage(_ b: BlockSubmission) throws(BlockSessionError) -> BlockRequest {
+    mutating func stage(_ b: BlockSubmission) throws(SessionError) -> BlockRequest {
         try validate(b)
         freeCount -= 1
         let tag = freeTags[freeCount]
@@ -418,7 +418,7 @@ public struct BlockSession: ~Copyable {
     }
 
     /// Collects finished requests without blocking. Returns how many were written to `out`.
-    public mutating func poll(into out: UnsafeMutableBufferPointer<BlockResult>) throws(BlockSessionError) -> Int {
+    public mutating func poll(into out: UnsafeMutableBufferPointer<BlockResult>) throws(SessionError) -> Int {
         try checkGeneration()
         let want = min(out.count, depth)
         guard want > 0 else { return 0 }
@@ -465,7 +465,7 @@ public struct BlockSession: ~Copyable {
     /// instead of 0.08, and about a fifth fewer IOPS).
     public mutating func wait(into out: UnsafeMutableBufferPointer<BlockResult>,
                               timeoutMilliseconds: Int, spinMicroseconds: Int = 0,
-                              wakeAfter: Int? = nil) throws(BlockSessionError) -> Int {
+                              wakeAfter: Int? = nil) throws(SessionError) -> Int {
         let n = try poll(into: out)
         if n > 0 || inFlight == 0 { return n }
         if spinMicroseconds > 0 {
@@ -497,7 +497,7 @@ public struct BlockSession: ~Copyable {
 
     /// Sleeps on the completion doorbell and the control socket, then withdraws the request
     /// for a doorbell (whatever woke us) and handles what woke us.
-    mutating func sleep(timeoutMilliseconds: Int) throws(BlockSessionError) {
+    mutating func sleep(timeoutMilliseconds: Int) throws(SessionError) {
         // We go idle as the requests' producer: a driver waiting for more than one request
         // gets what we submitted (QueueProducer.consumerWantsSignalBeforeIdle).
         if requests.consumerWantsSignalBeforeIdle() {
@@ -518,7 +518,7 @@ public struct BlockSession: ~Copyable {
     }
 
     /// Blocks until every request in flight has finished, handing each to `body`.
-    public mutating func drain(_ body: (BlockResult) throws(BlockSessionError) -> Void) throws(BlockSessionError) {
+    public mutating func drain(_ body: (BlockResult) throws(SessionError) -> Void) throws(SessionError) {
         let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: depth)
         defer { out.deallocate() }
         while inFlight > 0 {
@@ -530,7 +530,7 @@ public struct BlockSession: ~Copyable {
     // MARK: recovery
 
     @inline(__always)
-    mutating func checkGeneration() throws(BlockSessionError) {
+    mutating func checkGeneration() throws(SessionError) {
         let g = header.generation
         // Only forward: new queues may be adopted from the socket (checkControl) just
         // before the manager publishes their generation.
@@ -541,7 +541,7 @@ public struct BlockSession: ~Copyable {
 
     /// Something arrived on the control socket while we slept: the manager went away, or
     /// told us the session failed. (New queues are taken by `recover`, on a generation change.)
-    mutating func checkControl() throws(BlockSessionError) {
+    mutating func checkControl() throws(SessionError) {
         if header.generation > generation || header.state == .failed || header.state == .closed { return }
         do {
             guard try control.waitReadable(timeoutMilliseconds: 0) else { return }
@@ -563,13 +563,13 @@ public struct BlockSession: ~Copyable {
         }
     }
 
-    mutating func failFromControl() throws(BlockSessionError) {
+    mutating func failFromControl() throws(SessionError) {
         while true {
             var d: ControlDelivery
             do {
-                guard try control.waitReadable(timeoutMilliseconds: 1000) else { throw BlockSessionError.failed("device failed") }
+                guard try control.waitReadable(timeoutMilliseconds: 1000) else { throw SessionError.failed("device failed") }
                 d = try control.receiveControl()
-            } catch let e as BlockSessionError {
+            } catch let e as SessionError {
                 throw e
             } catch {
                 throw .failed("device failed (\(error))")
@@ -581,15 +581,15 @@ public struct BlockSession: ~Copyable {
     }
 
     /// Moves to the queues of generation `target` and reissues what is in flight.
-    mutating func recover(to target: UInt64) throws(BlockSessionError) {
+    mutating func recover(to target: UInt64) throws(SessionError) {
         while generation < target {
             var d: ControlDelivery
             do {
                 guard try control.waitReadable(timeoutMilliseconds: 5000) else {
-                    throw BlockSessionError.protocolError("generation \(target) published without new queues")
+                    throw SessionError.protocolError("generation \(target) published without new queues")
                 }
                 d = try control.receiveControl()
-            } catch let e as BlockSessionError {
+            } catch let e as SessionError {
                 throw e
             } catch {
                 throw .failed("manager connection: \(error)")
@@ -607,7 +607,7 @@ public struct BlockSession: ~Copyable {
         }
     }
 
-    mutating func adoptQueues(_ d: inout ControlDelivery, generation g: UInt64) throws(BlockSessionError) {
+    mutating func adoptQueues(_ d: inout ControlDelivery, generation g: UInt64) throws(SessionError) {
         guard g > generation else { return }  // stale: its fd is closed with `d`
         let layout: BlockQueueLayout
         do { layout = try BlockQueueLayout(queueDepth: depth) } catch { throw .protocolError("\(error)") }

@@ -415,7 +415,7 @@ import Testing
             try? s.send(.failure(.unknownDevice, "no device named 'd'"))
         }
         server.start()
-        #expect(throws: BlockSessionError.refused(.unknownDevice, "no device named 'd'")) {
+        #expect(throws: SessionError.refused(.unknownDevice, "no device named 'd'")) {
             _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2,
                                       waitMilliseconds: 5000)
         }
