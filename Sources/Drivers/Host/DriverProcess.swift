@@ -96,19 +96,19 @@ public enum DriverProcess {
         do throws(DriverError) {
             switch o.kind {
             case .memoryBlock:
-                var host = try DriverHost<MemBlockServer>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<MemBlockServer, BlockServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in try MemBlockServer(start: cfg, memory: memory, context: ctx)
                 }
                 try host.run()
             case .virtioBlkVhostUser:
-                var host = try DriverHost<VirtioBlkServer<VhostUserTransport>>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<VirtioBlkServer<VhostUserTransport>, BlockServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in
                     guard let l = link.take() else { throw .setup("the device link was used already") }
                     return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
                 }
                 try host.run()
             case .virtioBlkVFIO:
-                var host = try DriverHost<VirtioBlkServer<VirtioPCITransport<VFIODevice>>>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<VirtioBlkServer<VirtioPCITransport<VFIODevice>>, BlockServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in
                     guard let l = pci.take() else { throw .setup("the device link was used already") }
                     return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
