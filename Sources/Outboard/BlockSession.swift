@@ -7,45 +7,6 @@ import SystemPackage
 import Glibc
 #endif
 
-/// Why a block session call failed. `recovery` says what a caller can do about it.
-public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible, RecoverableError {
-    /// Nobody listens on the socket (yet): the manager is starting, or not running.
-    case unreachable(path: String, Errno)
-    /// The manager (or virtualizer) refused the request.
-    case refused(ErrorCode, String)
-    /// The session ended: the device failed, the manager went away or shut down.
-    case failed(String)
-    /// A peer broke the protocol.
-    case protocolError(String)
-    /// A request this session cannot express (outside the data region, misaligned).
-    case invalidRequest(String)
-    case system(Errno)
-
-    public var description: String {
-        switch self {
-        case .unreachable(let path, let e): return "cannot connect to \(path): \(e)"
-        case .refused(let code, let m): return "refused (\(code)): \(m)"
-        case .failed(let m): return "session failed: \(m)"
-        case .protocolError(let m): return "protocol error: \(m)"
-        case .invalidRequest(let m): return "invalid request: \(m)"
-        case .system(let e): return "system error: \(e)"
-        }
-    }
-
-    public var recovery: Recovery {
-        switch self {
-        case .unreachable: return .retry
-        case .refused(let code, _): return code.recovery
-        // The session is over (the device failed, the manager went away or shut down):
-        // open a new one; if the device is gone for good, that open is refused with a
-        // code that says so (deviceFailed: fail device).
-        case .failed: return .reconnectDevice
-        case .protocolError, .invalidRequest: return .fatal
-        case .system(let e): return e == .wouldBlock || e == .interrupted ? .retry : .fatal
-        }
-    }
-}
-
 /// One request of a batch (`BlockSession.submit(batch:)`).
 public struct BlockSubmission: Sendable, Equatable {
     public var op: BlockOp
@@ -92,24 +53,18 @@ public struct BlockResult: Sendable, Equatable {
 /// reads and writes are idempotent). Callers see a pause, not an error. If the device
 /// fails for good, calls throw `.failed` instead of hanging.
 public struct BlockSession: ~Copyable {
-    /// The session as the server opened it (common part).
-    public let opened: SessionOpened
     /// The block device as this session sees it.
     public let info: BlockInfo
-    let control: UnixSocket
-    let headerMapping: SharedMapping
-    let header: SessionHeaderPage
-    var queueMapping: SharedMapping
-    let dataMapping: SharedMapping
-    let requestBell: Doorbell
-    let completionBell: Doorbell
-    let epoll: Epoll
+    /// Control socket, header page, regions, doorbells: shared with every session class.
+    var link: SessionLink
     var requests: QueueProducer<BlockRequest>
     var completions: QueueConsumer<BlockCompletion>
+    /// The session as the server opened it (common part).
+    public var opened: SessionOpened { link.opened }
     /// Driver generation of the queues in use.
-    public private(set) var generation: UInt64
+    public var generation: UInt64 { link.generation }
     /// How many times the session moved to a restarted driver.
-    public private(set) var recoveries = 0
+    public var recoveries: Int { link.recoveries }
     /// Requests reissued after restarts.
     public private(set) var reissued = 0
     /// Request doorbells this session rang (the driver asked for each).
@@ -119,7 +74,6 @@ public struct BlockSession: ~Copyable {
     public private(set) var heavyBarriers = 0
     /// Heavy barriers that failed; each such wait slept at most 1 ms.
     public private(set) var heavyBarrierFailures = 0
-    var events = EpollEvents(capacity: 4)
 
     let depth: Int
     let inflight: UnsafeMutablePointer<BlockRequest>
@@ -137,102 +91,41 @@ public struct BlockSession: ~Copyable {
     /// flight (a power of two).
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int,
                             queueDepth: Int = 32) throws(SessionError) -> BlockSession {
-        let socket: UnixSocket
-        do { socket = try UnixSocket.connect(path: socketPath) } catch {
-            throw .unreachable(path: socketPath, error)
-        }
-        do {
-            try socket.send(.openSession(OpenSession(device: device, deviceClass: .block, writable: writable,
-                                                     dataBytes: UInt64(max(dataBytes, 0)), queueDepth: UInt32(clamping: queueDepth))))
-        } catch {
-            throw refusalWaiting(on: socket) ?? .system(error)
-        }
-        var reply: ControlDelivery
-        do {
-            // A server that never answers is an error, not a hang (as AdminConnection's requests).
-            guard try socket.waitReadable(timeoutMilliseconds: answerTimeoutMilliseconds) else {
-                throw SessionError.failed("\(socketPath) did not answer the open within \(answerTimeoutMilliseconds) ms")
-            }
-            reply = try socket.receiveControl()
-        } catch let e as SessionError {
-            throw e
-        } catch {
-            throw .protocolError("no answer to open: \(error)")
-        }
-        switch reply.message {
-        case .sessionOpened(let opened):
-            guard case .block(let info) = opened.classInfo else {
-                throw .protocolError("asked for a block session, got \(opened.classInfo.deviceClass)")
-            }
-            return try BlockSession(opened: opened, info: info, control: socket, &reply)
-        case .failure(let code, let message):
-            throw .refused(code, message)
-        default:
-            throw .protocolError("unexpected \(reply.message.type) in answer to open")
-        }
+        let answer = try SessionLink.open(socketPath: socketPath, OpenSession(
+            device: device, deviceClass: .block, writable: writable, dataBytes: UInt64(max(dataBytes, 0)),
+            queueDepth: UInt32(clamping: queueDepth)))
+        return try BlockSession(answer)
     }
 
     /// How long `open` waits for the server's answer.
-    public static let answerTimeoutMilliseconds = 30_000
-
-    /// A server that refuses a connection (the manager at its connection cap) answers and
-    /// closes at once, possibly before our request went out, which then fails (EPIPE):
-    /// its answer is still queued for us, and says more than the failed send.
-    static func refusalWaiting(on socket: borrowing UnixSocket) -> SessionError? {
-        guard let d = try? socket.receiveControl(nonBlocking: true), case .failure(let code, let message) = d.message else {
-            return nil
-        }
-        return .refused(code, message)
-    }
+    public static var answerTimeoutMilliseconds: Int { SessionLink.answerTimeoutMilliseconds }
 
     /// As `open`, but while the failure is one to retry (the manager is not listening yet,
     /// or the device is not ready: its driver is starting or has not reached the device) it
     /// tries again, for up to `waitMilliseconds`.
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int, queueDepth: Int = 32,
                             waitMilliseconds: Int) throws(SessionError) -> BlockSession {
-        let deadline = Clock.monotonicNanoseconds + UInt64(max(0, waitMilliseconds)) * 1_000_000
-        while true {
-            do {
-                return try open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes,
-                                queueDepth: queueDepth)
-            } catch let e where e.recovery == .retry {
-                if Clock.monotonicNanoseconds > deadline { throw e }
-            }
-            usleep(20_000)
+        try SessionLink.retrying(waitMilliseconds: waitMilliseconds) { () throws(SessionError) in
+            try open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes, queueDepth: queueDepth)
         }
     }
 
-    init(opened: SessionOpened, info: BlockInfo, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(SessionError) {
-        // The server's numbers are checked before anything is sized by them.
-        guard opened.queueDepth >= 2, opened.queueDepth <= 4096, opened.queueDepth.nonzeroBitCount == 1,
-              opened.dataBytes > 0, opened.dataBytes <= UInt64(Int.max / 2), info.blockSize == UInt32(blockSectorSize),
+    init(_ answer: consuming SessionLink.Answer) throws(SessionError) {
+        let opened = answer.opened
+        guard case .block(let info) = opened.classInfo, info.blockSize == UInt32(blockSectorSize),
               info.maxTransfer >= UInt32(blockSectorSize) else {
-            throw .protocolError("session parameters out of range: \(opened)")
+            throw .protocolError("block parameters out of range: \(opened)")
         }
         let layout: BlockQueueLayout
         do { layout = try BlockQueueLayout(queueDepth: Int(opened.queueDepth)) } catch { throw .protocolError("\(error)") }
         // Noncopyable members are built as locals on one straight path, then stored.
-        let hm = try Self.map(d.take(0), minimumSize: SessionHeaderPage.byteCount, .readOnly)
-        let qm = try Self.map(d.take(1), minimumSize: layout.byteCount, .readWrite)
-        let dm = try Self.map(d.take(2), minimumSize: Int(opened.dataBytes), .readWrite)
-        let rb = Doorbell(adopting: d.take(3))
-        let cb = Doorbell(adopting: d.take(4))
-        let ep = try Self.epoll(cb, control)
-        let rq = try Self.requestQueue(qm, layout)
-        let cq = try Self.completionQueue(qm, layout, depth: opened.queueDepth)
-        headerMapping = hm
-        queueMapping = qm
-        dataMapping = dm
-        requestBell = rb
-        completionBell = cb
-        epoll = ep
+        let l = try SessionLink(answer, queueBytes: layout.byteCount)
+        let rq = try Self.requestQueue(l.queueMapping, layout)
+        let cq = try Self.completionQueue(l.queueMapping, layout, depth: opened.queueDepth)
+        link = l
         requests = rq
         completions = cq
-        self.opened = opened
         self.info = info
-        self.control = control
-        header = SessionHeaderPage(headerMapping.base)
-        generation = opened.generation
         depth = Int(opened.queueDepth)
         inflight = .allocate(capacity: depth)
         inflightSeq = .allocate(capacity: depth)
@@ -244,21 +137,6 @@ public struct BlockSession: ~Copyable {
         scratch = .allocate(capacity: depth)
         order = .allocate(capacity: depth)
         submitScratch = .allocate(capacity: depth)
-    }
-
-    static func map(_ fd: consuming OwnedFD, minimumSize: Int, _ access: SharedMapping.Access) throws(SessionError) -> SharedMapping {
-        do { return try SharedRegion(adopting: fd, minimumSize: minimumSize).map(access) } catch { throw .system(error) }
-    }
-
-    static func epoll(_ bell: borrowing Doorbell, _ control: borrowing UnixSocket) throws(SessionError) -> Epoll {
-        do {
-            let e = try Epoll()
-            try e.add(bell.fd.raw, events: .readable, token: 1)
-            try e.add(control.fd.raw, events: .readable, token: 2)
-            return e
-        } catch {
-            throw .system(error)
-        }
     }
 
     static func requestQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout) throws(SessionError) -> QueueProducer<BlockRequest> {
@@ -299,7 +177,7 @@ public struct BlockSession: ~Copyable {
 
     /// The session's data region: put write data here, find read data here, by offset.
     public var buffer: UnsafeMutableRawBufferPointer {
-        UnsafeMutableRawBufferPointer(start: dataMapping.base, count: dataMapping.size)
+        UnsafeMutableRawBufferPointer(start: link.dataMapping.base, count: link.dataMapping.size)
     }
 
     public var inFlight: Int { depth - freeCount }
@@ -316,7 +194,7 @@ public struct BlockSession: ~Copyable {
         // Never more than `depth` in flight: the queue has room.
         _ = requests.enqueue(r)
         if requests.consumerWantsSignal() {
-            try? requestBell.ring()
+            link.ringRequest()
             doorbellsRung += 1
         }
         return r.tag
@@ -334,7 +212,7 @@ public struct BlockSession: ~Copyable {
         for k in 0..<n { staged[k] = try stage(batch[k]) }
         _ = requests.enqueue(UnsafeBufferPointer(staged))
         if requests.consumerWantsSignal() {
-            try? requestBell.ring()
+            link.ringRequest()
             doorbellsRung += 1
         }
         return n
@@ -361,7 +239,7 @@ public struct BlockSession: ~Copyable {
         inflightUser[Int(tag)] = 0
         nextSeq &+= 1
         _ = requests.enqueue(r)
-        try? requestBell.ring()
+        link.ringRequest()
         return tag
     }
 
@@ -371,7 +249,7 @@ public struct BlockSession: ~Copyable {
     @_spi(Testing)
     public mutating func enqueueRaw(_ request: BlockRequest) -> Bool {
         let sent = requests.enqueue(request)
-        try? requestBell.ring()
+        link.ringRequest()
         return sent
     }
 
@@ -393,8 +271,8 @@ public struct BlockSession: ~Copyable {
             break
         case .read, .write:
             guard b.length > 0, b.length % blockSectorSize == 0, b.length <= Int(info.maxTransfer),
-                  b.offset >= 0, b.offset <= dataMapping.size, b.length <= dataMapping.size - b.offset else {
-                throw .invalidRequest("\(b.op) of \(b.length) bytes at buffer offset \(b.offset): outside the \(dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
+                  b.offset >= 0, b.offset <= link.dataMapping.size, b.length <= link.dataMapping.size - b.offset else {
+                throw .invalidRequest("\(b.op) of \(b.length) bytes at buffer offset \(b.offset): outside the \(link.dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
             }
         case .discard, .writeZeroes:
             guard b.length > 0, b.length % blockSectorSize == 0, b.length <= Int(UInt32.max) else {
@@ -501,20 +379,16 @@ public struct BlockSession: ~Copyable {
         // We go idle as the requests' producer: a driver waiting for more than one request
         // gets what we submitted (QueueProducer.consumerWantsSignalBeforeIdle).
         if requests.consumerWantsSignalBeforeIdle() {
-            try? requestBell.ring()
+            link.ringRequest()
             doorbellsRung += 1
         }
-        let n: Int
-        do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMilliseconds) } catch {
+        let controlReady: Bool
+        do { controlReady = try link.sleep(timeoutMilliseconds: timeoutMilliseconds) } catch {
             completions.cancelSignal()
             throw .system(error)
         }
         completions.cancelSignal()
-        for k in 0..<n {
-            let token = events.token(k)
-            if token == 1 { _ = try? completionBell.drain() }
-            if token == 2 { try checkControl() }
-        }
+        if controlReady, let q = try link.controlMessage() { try adopt(q) }
     }
 
     /// Blocks until every request in flight has finished, handing each to `body`.
@@ -531,94 +405,18 @@ public struct BlockSession: ~Copyable {
 
     @inline(__always)
     mutating func checkGeneration() throws(SessionError) {
-        let g = header.generation
-        // Only forward: new queues may be adopted from the socket (checkControl) just
-        // before the manager publishes their generation.
-        if g > generation { try recover(to: g) }
-        // Failed (device) or closed (the manager ended the session): terminal.
-        if let st = header.state, st == .failed || st == .closed { try failFromControl() }
+        while let q = try link.nextQueues() { try adopt(q) }
     }
 
-    /// Something arrived on the control socket while we slept: the manager went away, or
-    /// told us the session failed. (New queues are taken by `recover`, on a generation change.)
-    mutating func checkControl() throws(SessionError) {
-        if header.generation > generation || header.state == .failed || header.state == .closed { return }
-        do {
-            guard try control.waitReadable(timeoutMilliseconds: 0) else { return }
-        } catch {
-            throw .system(error)
-        }
-        // Only sessionFailed or a close can be pending while the generation is unchanged
-        // (new queues always come with a new generation, which is checked first). If the
-        // message is new queues whose generation is not yet published, leave it.
-        var d: ControlDelivery
-        do { d = try control.receiveControl(nonBlocking: true) } catch .socket(.system(.wouldBlock)) { return } catch {
-            throw .failed("manager connection: \(error)")
-        }
-        switch d.message {
-        case .sessionFailed(let reason): throw .failed(reason)
-        case .queuesReplaced(let g):
-            try adoptQueues(&d, generation: g)
-        default: throw .protocolError("unexpected \(d.message.type) from manager")
-        }
-    }
-
-    mutating func failFromControl() throws(SessionError) {
-        while true {
-            var d: ControlDelivery
-            do {
-                guard try control.waitReadable(timeoutMilliseconds: 1000) else { throw SessionError.failed("device failed") }
-                d = try control.receiveControl()
-            } catch let e as SessionError {
-                throw e
-            } catch {
-                throw .failed("device failed (\(error))")
-            }
-            // Anything else (queues of a generation that will not serve) is dropped with
-            // its descriptors.
-            if case .sessionFailed(let reason) = d.message { throw .failed(reason) }
-        }
-    }
-
-    /// Moves to the queues of generation `target` and reissues what is in flight.
-    mutating func recover(to target: UInt64) throws(SessionError) {
-        while generation < target {
-            var d: ControlDelivery
-            do {
-                guard try control.waitReadable(timeoutMilliseconds: 5000) else {
-                    throw SessionError.protocolError("generation \(target) published without new queues")
-                }
-                d = try control.receiveControl()
-            } catch let e as SessionError {
-                throw e
-            } catch {
-                throw .failed("manager connection: \(error)")
-            }
-            switch d.message {
-            case .queuesReplaced(let g) where g < target:
-                continue  // superseded: the driver died again; its fd is closed with `d`
-            case .queuesReplaced(let g):
-                try adoptQueues(&d, generation: g)
-            case .sessionFailed(let reason):
-                throw .failed(reason)
-            default:
-                throw .protocolError("unexpected \(d.message.type) during recovery")
-            }
-        }
-    }
-
-    mutating func adoptQueues(_ d: inout ControlDelivery, generation g: UInt64) throws(SessionError) {
-        guard g > generation else { return }  // stale: its fd is closed with `d`
+    /// Moves to the queues of a restarted driver and reissues what is in flight.
+    mutating func adopt(_ q: consuming SessionLink.NewQueues) throws(SessionError) {
         let layout: BlockQueueLayout
         do { layout = try BlockQueueLayout(queueDepth: depth) } catch { throw .protocolError("\(error)") }
-        let m = try Self.map(d.take(0), minimumSize: layout.byteCount, .readWrite)
-        let rq = try Self.requestQueue(m, layout)
-        let cq = try Self.completionQueue(m, layout, depth: UInt32(depth))
+        let rq = try Self.requestQueue(q.mapping, layout)
+        let cq = try Self.completionQueue(q.mapping, layout, depth: UInt32(depth))
         requests = rq
         completions = cq
-        queueMapping = m
-        generation = g
-        recoveries += 1
+        link.adopt(q)
         // Reissue in submission order.
         var n = 0
         for t in 0..<depth where inflightSeq[t] != 0 {
@@ -630,6 +428,6 @@ public struct BlockSession: ~Copyable {
         pending.sort { seq[Int($0)] < seq[Int($1)] }
         for i in 0..<n { _ = requests.enqueue(inflight[Int(order[i])]) }
         reissued += n
-        if n > 0 { try? requestBell.ring() }
+        if n > 0 { link.ringRequest() }
     }
 }

@@ -241,7 +241,7 @@ public struct AdminConnection: ~Copyable {
     }
 
     func request<T>(_ m: ControlMessage, limit: Int, _ decode: (ControlMessage) throws(SessionError) -> T) throws(SessionError) -> T {
-        do { try socket.send(m) } catch { throw BlockSession.refusalWaiting(on: socket) ?? .system(error) }
+        do { try socket.send(m) } catch { throw SessionLink.refusalWaiting(on: socket) ?? .system(error) }
         let answered: Bool
         do { answered = try socket.waitReadable(timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
         guard answered else {
