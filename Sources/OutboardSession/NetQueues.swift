@@ -112,6 +112,18 @@ public struct NetServerEndpoint: ~Copyable {
     public var rxActive: QueueProducer<BufferDescriptor>
     /// Doorbells rung for the client.
     public private(set) var signalsSent: UInt64 = 0
+    /// Received frames and sent buffers finished and not yet published (`flush` publishes
+    /// them in one batch each): room for the depth, which bounds what the server holds.
+    public let stagedRx: UnsafeMutableBufferPointer<BufferDescriptor>
+    public let stagedTx: UnsafeMutableBufferPointer<BufferDescriptor>
+    public var stagedRxCount = 0
+    public var stagedTxCount = 0
+    /// Buffers of this session the server has at the device, by direction.
+    public var rxHeld = 0
+    public var txHeld = 0
+    /// The largest frame this session may send and the smallest receive buffer it may
+    /// post (the configured MTU's frame).
+    public let maxFrame: UInt32
 
     /// From an Attach and its four descriptors (queues, data, request doorbell, completion
     /// doorbell). Frames to send must be `minFrame...maxFrame` bytes; receive buffers at
@@ -156,6 +168,58 @@ public struct NetServerEndpoint: ~Copyable {
         data = dm
         self.dataFD = rawData
         self.dataRegion = kept
+        self.maxFrame = maxFrame
+        stagedRx = .allocate(capacity: Int(attach.queueDepth))
+        stagedTx = .allocate(capacity: Int(attach.queueDepth))
+    }
+
+    deinit {
+        stagedRx.deallocate()
+        stagedTx.deallocate()
+    }
+
+    /// Receive buffers this session may still hand the server: room in rxActive (its
+    /// depth less what the client has not taken) less what the server holds of its
+    /// receive buffers. A client that keeps its depth never has one waiting when it is 0.
+    @inlinable public mutating func receiveAllowance() -> Int {
+        max(0, rxActive.freeSlots() - rxHeld - stagedRxCount)
+    }
+
+    /// Frames this session may still hand the server, as `receiveAllowance`.
+    @inlinable public mutating func transmitAllowance() -> Int {
+        max(0, txFree.freeSlots() - txHeld - stagedTxCount)
+    }
+
+    /// Stages a received frame (`d`: the client's buffer with the frame's length).
+    @inline(__always) public mutating func stageReceived(_ d: BufferDescriptor) {
+        precondition(stagedRxCount < stagedRx.count, "a session holds no more than its depth")
+        stagedRx[stagedRxCount] = d
+        stagedRxCount += 1
+    }
+
+    /// Stages a sent (or dropped) frame's buffer.
+    @inline(__always) public mutating func stageSent(_ d: BufferDescriptor) {
+        precondition(stagedTxCount < stagedTx.count, "a session holds no more than its depth")
+        stagedTx[stagedTxCount] = d
+        stagedTxCount += 1
+    }
+
+    /// Publishes what is staged, one batch per queue, and rings the client once if it
+    /// asked. Returns the entries published, or nil if a queue took fewer (the client
+    /// broke the protocol).
+    public mutating func flush() -> Int? {
+        var ok = true
+        let n = stagedRxCount + stagedTxCount
+        if stagedRxCount > 0 {
+            ok = deliver(UnsafeBufferPointer(rebasing: stagedRx[0..<stagedRxCount])) && ok
+            stagedRxCount = 0
+        }
+        if stagedTxCount > 0 {
+            ok = release(UnsafeBufferPointer(rebasing: stagedTx[0..<stagedTxCount])) && ok
+            stagedTxCount = 0
+        }
+        if n > 0 { signalIfWanted() }
+        return ok ? n : nil
     }
 
     static func consumer(_ m: borrowing SharedMapping, at offset: Int, _ layout: QueueLayout,

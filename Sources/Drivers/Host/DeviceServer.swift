@@ -39,6 +39,9 @@ protocol DeviceServer: ~Copyable {
 
     /// A session was attached; return why it cannot be served, or nil.
     mutating func attached(_ session: Int, context: inout HostContext) -> String?
+    /// A session begins to leave: no more of its entries are taken. What the device holds
+    /// of it must come back (or be forgotten, with the connection) before it can go.
+    mutating func detaching(_ session: Int, context: inout HostContext)
     /// A session is leaving and nothing of it is at the device any more; take back what
     /// the device was given for it.
     mutating func removing(_ session: Int, context: inout HostContext)
@@ -72,6 +75,11 @@ protocol BlockDeviceServer: DeviceServer, ~Copyable {
     /// already work. `deviceWoke`: after the sleep.
     mutating func prepareDeviceToSleep() -> Bool
     mutating func deviceWoke()
+}
+
+extension BlockDeviceServer where Self: ~Copyable {
+    /// A block request at the device always finishes: nothing to do but wait for it.
+    mutating func detaching(_ session: Int, context: inout HostContext) {}
 }
 
 extension BlockDeviceServer where Self: ~Copyable {

@@ -172,6 +172,7 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
         guard !context.sessions.detaching[i] else { return }
         context.sessions.detaching[i] = true
         try? context.epoll.remove(context.sessions.endpoints(Session.self)[i].requestBellFD)
+        server.detaching(i, context: &context)
         // Without a device, what it had of this session is gone with it.
         if !server.deviceConnected && context.sessions.inFlight[i] > 0 {
             server.forget(i, context: &context)
