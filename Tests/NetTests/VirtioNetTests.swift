@@ -131,8 +131,10 @@ func roundTrip(_ s: inout NetSession, count: Int, sizes: [Int], first: UInt32 = 
         #expect(r.seen.count == 2000, "came back: \(r.seen.count) of 2000; received \(s.framesReceived), stray \(s.strayEntries), sent \(s.framesSent)")
         #expect(s.strayEntries == 0)
         let status = try f.manager.report()
-        let devices = status["devices"] as? [[String: Any]] ?? []
-        #expect(devices.first?["class"] as? String == "net" || devices.first?["device_class"] as? String == "net", "\(devices)")
+        let device = (status["devices"] as? [[String: Any]])?.first ?? [:]
+        #expect(device["device_class"] as? String == "net" && device["mac"] as? String == "\(NetFixture.mac)"
+                && device["mtu"] as? Int == 1500, "\(device)")
+        #expect((device["requests_completed"] as? Int ?? 0) >= 4000, "frames sent and received, counted by the driver: \(device)")
     }
 
     /// A net device has one owner: a second session is refused while the first lives, and
