@@ -128,6 +128,10 @@ let package = Package(
         // Inside a QEMU guest with an IOMMU (scripts/guest-lane.sh): what the VFIO tests and
         // the benchmark rely on there.
         .testTarget(name: "GuestLaneTests", dependencies: ["OutboardTestSupport", "OutboardSystem"]),
+        // DPDK's testpmd as the network class's peer: the vhost-user-net device and the
+        // virtio-user reference of `bench net`.
+        .testTarget(name: "NetPeerTests", dependencies: ["OutboardBench", "OutboardSystem", "OutboardTestSupport"]),
+        .testTarget(name: "NetTests", dependencies: ["Outboard", "OutboardBench", "OutboardSession", "OutboardSystem", "OutboardTestSupport"]),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(
             name: "OutboardBenchTests",

@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 #   busybox-static                  the guest lane's userland (sh, modprobe, switch_root)
 #   cpio                            the guest lane's initramfs
 #   xz-utils                        unpacking the kernel image (vmlinuz) for a faster boot
+#   dpdk-dev                        dpdk-testpmd: the vhost-user-net device and `bench net`'s virtio-user reference
 PACKAGES=(gcc libc6-dev linux-libc-dev qemu-system-common fio
-          qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils)
+          qemu-system-x86 linux-image-amd64 busybox-static cpio xz-utils dpdk-dev)
 # The network tests' kernel peers:
 #   iproute2                        `ip`: network namespaces, moving a TAP into one, addresses
 #   iputils-ping                    ping through a TAP (answered from Swift) and through the bridges
@@ -32,6 +33,9 @@ if ((${#missing[@]})); then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
+
+# 2 MiB hugepages for DPDK's virtio-user, the reference driver of `bench net` and its tests.
+scripts/hugepages.sh "${OUTBOARD_HUGEPAGES:-1024}"
 
 . scripts/toolchain.sh
 command -v swift >/dev/null || { echo "setup: the Swift 6 toolchain is required (swift not on PATH)" >&2; exit 1; }

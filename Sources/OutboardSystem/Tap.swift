@@ -5,61 +5,6 @@ import SystemPackage
 import Glibc
 #endif
 
-/// An Ethernet (MAC) address: six octets, the first on the wire first.
-public struct MACAddress: Hashable, Sendable, CustomStringConvertible {
-    /// The six octets in the low 48 bits, the first octet highest.
-    public let rawValue: UInt64
-
-    public init(_ a: UInt8, _ b: UInt8, _ c: UInt8, _ d: UInt8, _ e: UInt8, _ f: UInt8) {
-        rawValue = UInt64(a) << 40 | UInt64(b) << 32 | UInt64(c) << 24 | UInt64(d) << 16 | UInt64(e) << 8 | UInt64(f)
-    }
-
-    /// The address in the first six bytes of `bytes`; nil when it is shorter.
-    public init?(bytes: UnsafeRawBufferPointer) {
-        guard bytes.count >= 6 else { return nil }
-        self.init(bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5])
-    }
-
-    /// Six hex pairs separated by colons ("02:00:5e:10:00:01"); nil for anything else.
-    public init?(_ text: String) {
-        let parts = text.split(separator: ":", omittingEmptySubsequences: false)
-        guard parts.count == 6 else { return nil }
-        var v: UInt64 = 0
-        for p in parts {
-            guard p.count == 2, let o = UInt8(p, radix: 16) else { return nil }
-            v = v << 8 | UInt64(o)
-        }
-        rawValue = v
-    }
-
-    /// Octet `i` (0 to 5), in wire order.
-    public subscript(i: Int) -> UInt8 {
-        precondition(i >= 0 && i < 6, "a MAC address has 6 octets")
-        return UInt8(truncatingIfNeeded: rawValue >> UInt64(40 - 8 * i))
-    }
-
-    /// Stores the six octets at `p`, in wire order.
-    public func store(to p: UnsafeMutableRawPointer) {
-        for i in 0..<6 { p.storeBytes(of: self[i], toByteOffset: i, as: UInt8.self) }
-    }
-
-    public static let broadcast = MACAddress(0xff, 0xff, 0xff, 0xff, 0xff, 0xff)
-    /// The group bit (the first octet's lowest bit): multicast and broadcast.
-    public var isMulticast: Bool { self[0] & 1 != 0 }
-    /// The locally administered bit (the first octet's second bit).
-    public var isLocallyAdministered: Bool { self[0] & 2 != 0 }
-
-    public var description: String {
-        let hex = Array("0123456789abcdef".utf8)
-        var s: [UInt8] = []
-        for i in 0..<6 {
-            if i > 0 { s.append(UInt8(ascii: ":")) }
-            s.append(hex[Int(self[i] >> 4)]); s.append(hex[Int(self[i] & 15)])
-        }
-        return String(decoding: s, as: UTF8.self)
-    }
-}
-
 /// A TAP interface: the kernel's end of an Ethernet link whose other end is this process.
 /// The one owner of the /dev/net/tun descriptor; the interface goes away with it (this
 /// type never makes a device persistent).
@@ -151,13 +96,13 @@ public struct TapDevice: ~Copyable, Sendable {
         var mac = [UInt8](repeating: 0, count: 6)
         let raw = fd.raw.rawValue
         _ = try sys { ob_tap_get_hwaddr(raw, &mac) }
-        return MACAddress(mac[0], mac[1], mac[2], mac[3], mac[4], mac[5])
+        return MACAddress(bytes: mac)!
     }
 
     /// Sets the interface's MAC address (SIOCSIFHWADDR on the descriptor), also while it is
     /// up. A multicast or all-zero address is EADDRNOTAVAIL.
     public func setMACAddress(_ mac: MACAddress) throws(Errno) {
-        let bytes = (0..<6).map { mac[$0] }
+        let bytes = mac.bytes
         let raw = fd.raw.rawValue
         _ = try sys { ob_tap_set_hwaddr(raw, bytes) }
     }

@@ -47,7 +47,7 @@ public enum VirtioError: Error, Equatable, Sendable, CustomStringConvertible {
         case .missingFeatures(let mask):
             return "device does not offer required feature bits 0x\(String(mask, radix: 16))"
         case .invalidConfig(let why):
-            return "invalid virtio-blk configuration: \(why)"
+            return "invalid device configuration: \(why)"
         case .invalidLayout(let why):
             return "invalid virtqueue layout: \(why)"
         case .queueFull:

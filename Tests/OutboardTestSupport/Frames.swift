@@ -17,6 +17,13 @@ public struct IPv4Address: Hashable, Sendable, CustomStringConvertible {
     }
 }
 
+extension MACAddress {
+    /// From its six octets, in wire order.
+    public init(_ a: UInt8, _ b: UInt8, _ c: UInt8, _ d: UInt8, _ e: UInt8, _ f: UInt8) {
+        self = MACAddress(bytes: [a, b, c, d, e, f])!
+    }
+}
+
 public enum EtherType {
     public static let ipv4: UInt16 = 0x0800
     public static let arp: UInt16 = 0x0806
@@ -30,7 +37,7 @@ extension Array where Element == UInt8 {
     public func mac(_ at: Int) -> MACAddress { MACAddress(self[at], self[at + 1], self[at + 2], self[at + 3], self[at + 4], self[at + 5]) }
     public mutating func appendBE16(_ v: UInt16) { append(UInt8(v >> 8)); append(UInt8(v & 255)) }
     public mutating func appendBE32(_ v: UInt32) { appendBE16(UInt16(v >> 16)); appendBE16(UInt16(v & 0xffff)) }
-    public mutating func append(_ m: MACAddress) { for i in 0..<6 { append(m[i]) } }
+    public mutating func append(_ m: MACAddress) { append(contentsOf: m.bytes) }
     public mutating func setBE16(_ at: Int, _ v: UInt16) { self[at] = UInt8(v >> 8); self[at + 1] = UInt8(v & 255) }
 }
 
