@@ -131,6 +131,7 @@ let package = Package(
         // DPDK's testpmd as the network class's peer: the vhost-user-net device and the
         // virtio-user reference of `bench net`.
         .testTarget(name: "NetPeerTests", dependencies: ["OutboardBench", "OutboardSystem", "OutboardTestSupport"]),
+        .testTarget(name: "NetTests", dependencies: ["Outboard", "OutboardBench", "OutboardSession", "OutboardSystem", "OutboardTestSupport"]),
         // Cross-process tests: they spawn the `outboard` executable's worker processes.
         .testTarget(
             name: "OutboardBenchTests",

@@ -134,6 +134,14 @@ extension Manager {
             if m.writable && b.flags.contains(.readOnly) {
                 return refuse(c, .permissionDenied, "device '\(d.name)' is read-only")
             }
+        case .net:
+            // A port has one owner: frames land in whoever's receive buffers come next,
+            // so two sessions would see each other's traffic. Sharing a port is a
+            // multiplexer's job (one session here, its own clients below).
+            if !d.sessions.isEmpty {
+                return refuse(c, .busy, "net device '\(d.name)' serves one session at a time (share it through a multiplexer)")
+            }
+            if !m.writable { return refuse(c, .invalidArgument, "a net session sends frames: open it writable") }
         }
         let limits = d.config.limits
         guard m.queueDepth >= 2, m.queueDepth <= limits.maxQueueDepth, m.queueDepth.nonzeroBitCount == 1 else {

@@ -60,9 +60,14 @@ public struct ManagerConfig: Decodable, Sendable {
     public struct DeviceConfig: Decodable, Sendable {
         public var name: String
         public var transport: Transport
-        /// The device class: what its sessions carry. "block" (the default and, for now,
-        /// the only one).
+        /// The device class: what its sessions carry. "block" (the default) or "net".
         public var deviceClass: DeviceClass = .block
+        /// net: the port's MAC address ("02:00:00:00:00:01"), for devices that report none
+        /// (DPDK's vhost backend); default: a locally administered address made from the
+        /// device's name. A device that reports its own is believed instead.
+        public var mac: String? = nil
+        /// net: the MTU, for devices that report none (68...9000).
+        public var mtu: UInt16 = 1500
         /// Size of the device in MiB (memory transport; a vhost-user device reports its own).
         public var sizeMib: UInt64 = 64
         /// vhost-user: the device's socket. The manager connects to it and hands
@@ -189,8 +194,20 @@ extension ManagerConfig.DeviceConfig {
     /// must say which pairs exist.
     func validateTransport(_ fail: (String) -> ConfigError) throws {
         switch (transport, deviceClass) {
-        case (.memory, .block), (.vhostUser, .block), (.vfio, .block):
+        case (.memory, .block), (.vhostUser, .block), (.vfio, .block), (.vhostUser, .net):
             break
+        case (.memory, .net), (.vfio, .net):
+            throw fail("device '\(name)': class net runs over transport vhost-user only")
+        }
+        for key in givenKeys {
+            guard let (written, owners) = Self.classKeys[key], !owners.contains(deviceClass) else { continue }
+            throw fail("device '\(name)': '\(written)' is for class \(owners.map(\.description).sorted().joined(separator: " or ")), this device's class is \(deviceClass)")
+        }
+        if deviceClass == .net {
+            if let m = mac, MACAddress(m) == nil || MACAddress(m)!.isMulticast {
+                throw fail("device '\(name)': mac '\(m)' is not a unicast address like 02:00:00:00:00:01")
+            }
+            guard NetInfo.mtuRange.contains(mtu) else { throw fail("device '\(name)': mtu must be in \(NetInfo.mtuRange)") }
         }
         for key in givenKeys {
             guard let (written, owners) = Self.transportKeys[key], !owners.contains(transport) else { continue }
@@ -215,6 +232,20 @@ extension ManagerConfig.DeviceConfig {
             throw fail("device '\(name)': notify '\(notify)' (use interrupt, event-idx, adaptive or poll)")
         }
         guard reconnectMs >= 1 else { throw fail("device '\(name)': reconnect_ms must be at least 1") }
+    }
+
+    /// Class keys, as `transportKeys`.
+    static let classKeys: [String: (String, Set<DeviceClass>)] = [
+        "mac": ("mac", [.net]), "mtu": ("mtu", [.net]),
+    ]
+
+    /// The port's address: the configured one, or a locally administered unicast address
+    /// (02:xx:...) made from the device's name, the same on every start.
+    public var macAddress: MACAddress {
+        if let m = mac, let a = MACAddress(m) { return a }
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325  // FNV-1a
+        for b in name.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+        return MACAddress(rawValue: 0x02_00_0000_0000 | (h & 0xFF_FFFF_FFFF))
     }
 
     /// Transport keys: decoded spelling (the decoder converts snake_case) to the key as
@@ -316,7 +347,7 @@ extension ManagerConfig.SandboxConfig {
 extension ManagerConfig.DeviceConfig {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case name, transport, deviceClass = "class", sizeMib, socket, pci, queueSize, notify, pollUs, reconnectMs, access, limits
-        case latencyUs, probeSandbox, testExitAtStart, testExitRecovery
+        case latencyUs, probeSandbox, testExitAtStart, testExitRecovery, mac, mtu
     }
     public init(name: String, transport: ManagerConfig.Transport, deviceClass: DeviceClass = .block) {
         self.name = name; self.transport = transport; self.deviceClass = deviceClass
@@ -360,6 +391,8 @@ extension ManagerConfig.DeviceConfig {
         probeSandbox = try c.value(.probeSandbox, d.probeSandbox)
         testExitAtStart = try c.value(.testExitAtStart, d.testExitAtStart)
         testExitRecovery = try c.decodeIfPresent(String.self, forKey: .testExitRecovery)
+        mac = try c.decodeIfPresent(String.self, forKey: .mac)
+        mtu = try c.value(.mtu, d.mtu)
     }
 }
 

@@ -172,6 +172,13 @@ extension Manager {
             }
             logger.info("device connected", metadata: ["device": "\(d.name)", "sectors": "\(b.blockCount)",
                                                        "block_size": "\(b.blockSize)", "flags": "\(b.flags)"])
+        case .net(let n):
+            guard !n.mac.isMulticast, NetInfo.mtuRange.contains(n.mtu) else {
+                failDevice(d, reason: "device '\(d.name)' reported an unusable port: \(n)")
+                return
+            }
+            logger.info("device connected", metadata: ["device": "\(d.name)", "mac": "\(n.mac)", "mtu": "\(n.mtu)",
+                                                       "link": "\(n.linkUp ? "up" : "down")"])
         }
         d.reported = info
         link.connected = true

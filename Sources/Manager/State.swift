@@ -68,6 +68,8 @@ final class DeviceState {
             case .block:
                 return .block(BlockInfo(blockSize: UInt32(blockSectorSize), blockCount: config.sizeMib << 20 / UInt64(blockSectorSize),
                                         maxTransfer: limit, flags: [.flush]))
+            case .net:
+                return nil  // refused by the config check
             }
         case .vhostUser, .vfio:
             return reported
@@ -80,6 +82,11 @@ final class DeviceState {
         case .block(var b)?:
             b.maxTransfer = min(b.maxTransfer, config.limits.maxTransferBytes)
             return .block(b)
+        case .net(var n)?:
+            // Receive buffers are sized by the configured MTU (the driver checks them
+            // against it); a device that reports a larger one is held to the config's.
+            n.mtu = min(n.mtu, config.mtu)
+            return .net(n)
         case nil:
             return nil
         }
@@ -93,6 +100,8 @@ final class DeviceState {
             if case .block(let b)? = classInfo { blockCount = b.blockCount } else { blockCount = 0 }
             return .block(BlockParameters(blockSize: UInt32(blockSectorSize), blockCount: blockCount,
                                           maxTransfer: config.limits.maxTransferBytes))
+        case .net:
+            return .net(NetParameters(mac: config.macAddress, mtu: config.mtu))
         }
     }
 

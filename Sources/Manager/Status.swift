@@ -8,7 +8,7 @@ public struct StatusReport: Codable, Sendable {
         public var name: String
         /// "memory" or "vhost-user" (the config's `transport`).
         public var transport: String
-        /// "block" (the config's `class`).
+        /// "block" or "net" (the config's `class`).
         public var deviceClass: String
         public var state: String
         public var pid: Int32?
@@ -27,6 +27,10 @@ public struct StatusReport: Codable, Sendable {
         /// negotiated, and the connection's history.
         public var blockCount: UInt64?
         public var deviceFlags: String?
+        /// Net devices: the port as sessions see it.
+        public var mac: String?
+        public var mtu: UInt16?
+        public var linkUp: Bool?
         public var deviceConnected: Bool?
         public var deviceConnections: UInt64?
         public var deviceLosses: Int?
@@ -65,9 +69,15 @@ public struct StatusReport: Codable, Sendable {
         devices = m.devices.map { d in
             let link = d.link.handoff
             var blockCount: UInt64? = nil, flags: String? = nil
-            if case .block(let b)? = d.classInfo {
+            var mac: String? = nil, mtu: UInt16? = nil, linkUp: Bool? = nil
+            switch d.sessionInfo() {
+            case .block(let b)?:
                 blockCount = b.blockCount
                 if link != nil { flags = "\(b.flags)" }
+            case .net(let n)?:
+                mac = "\(n.mac)"; mtu = n.mtu; linkUp = n.linkUp
+            case nil:
+                break
             }
             return Device(name: d.name, transport: d.config.transport.rawValue, deviceClass: d.config.deviceClass.description, state: d.state.description, pid: d.driver?.child.pid,
                    generation: d.generation, restarts: d.restarts, failures: d.failures,
@@ -75,7 +85,7 @@ public struct StatusReport: Codable, Sendable {
                    registeredBytes: d.registeredBytes, maxDeviceBytes: d.config.limits.maxDeviceBytes,
                    revokedIdle: d.revokedIdle, revokedAtLeaseEnd: d.revokedAtLeaseEnd,
                    requestsCompleted: d.driver?.page.completed, sandboxProbes: d.probes,
-                   blockCount: blockCount, deviceFlags: flags, deviceConnected: link?.connected,
+                   blockCount: blockCount, deviceFlags: flags, mac: mac, mtu: mtu, linkUp: linkUp, deviceConnected: link?.connected,
                    deviceConnections: link?.made, deviceLosses: link?.losses,
                    lastDeviceError: d.lastDeviceError, deviceKicks: d.driver?.page.count(.kicks),
                    deviceInterrupts: d.driver?.page.count(.interrupts), clientSignals: d.driver?.page.count(.signals),

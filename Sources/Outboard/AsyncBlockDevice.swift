@@ -56,7 +56,7 @@ public actor AsyncBlockDevice {
     public func write(sector: UInt64, _ data: [UInt8]) async throws {
         try await withChunk { chunk in
             guard data.count <= chunkBytes else {
-                throw BlockSessionError.invalidRequest("\(data.count) bytes: more than a call's \(chunkBytes)-byte chunk")
+                throw SessionError.invalidRequest("\(data.count) bytes: more than a call's \(chunkBytes)-byte chunk")
             }
             let b = session.buffer
             data.withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: b[chunk..<(chunk + data.count)]).copyMemory(from: $0) }

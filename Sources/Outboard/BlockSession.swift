@@ -7,45 +7,6 @@ import SystemPackage
 import Glibc
 #endif
 
-/// Why a block session call failed. `recovery` says what a caller can do about it.
-public enum BlockSessionError: Error, Equatable, Sendable, CustomStringConvertible, RecoverableError {
-    /// Nobody listens on the socket (yet): the manager is starting, or not running.
-    case unreachable(path: String, Errno)
-    /// The manager (or virtualizer) refused the request.
-    case refused(ErrorCode, String)
-    /// The session ended: the device failed, the manager went away or shut down.
-    case failed(String)
-    /// A peer broke the protocol.
-    case protocolError(String)
-    /// A request this session cannot express (outside the data region, misaligned).
-    case invalidRequest(String)
-    case system(Errno)
-
-    public var description: String {
-        switch self {
-        case .unreachable(let path, let e): return "cannot connect to \(path): \(e)"
-        case .refused(let code, let m): return "refused (\(code)): \(m)"
-        case .failed(let m): return "session failed: \(m)"
-        case .protocolError(let m): return "protocol error: \(m)"
-        case .invalidRequest(let m): return "invalid request: \(m)"
-        case .system(let e): return "system error: \(e)"
-        }
-    }
-
-    public var recovery: Recovery {
-        switch self {
-        case .unreachable: return .retry
-        case .refused(let code, _): return code.recovery
-        // The session is over (the device failed, the manager went away or shut down):
-        // open a new one; if the device is gone for good, that open is refused with a
-        // code that says so (deviceFailed: fail device).
-        case .failed: return .reconnectDevice
-        case .protocolError, .invalidRequest: return .fatal
-        case .system(let e): return e == .wouldBlock || e == .interrupted ? .retry : .fatal
-        }
-    }
-}
-
 /// One request of a batch (`BlockSession.submit(batch:)`).
 public struct BlockSubmission: Sendable, Equatable {
     public var op: BlockOp
@@ -92,24 +53,18 @@ public struct BlockResult: Sendable, Equatable {
 /// reads and writes are idempotent). Callers see a pause, not an error. If the device
 /// fails for good, calls throw `.failed` instead of hanging.
 public struct BlockSession: ~Copyable {
-    /// The session as the server opened it (common part).
-    public let opened: SessionOpened
     /// The block device as this session sees it.
     public let info: BlockInfo
-    let control: UnixSocket
-    let headerMapping: SharedMapping
-    let header: SessionHeaderPage
-    var queueMapping: SharedMapping
-    let dataMapping: SharedMapping
-    let requestBell: Doorbell
-    let completionBell: Doorbell
-    let epoll: Epoll
+    /// Control socket, header page, regions, doorbells: shared with every session class.
+    var link: SessionLink
     var requests: QueueProducer<BlockRequest>
     var completions: QueueConsumer<BlockCompletion>
+    /// The session as the server opened it (common part).
+    public var opened: SessionOpened { link.opened }
     /// Driver generation of the queues in use.
-    public private(set) var generation: UInt64
+    public var generation: UInt64 { link.generation }
     /// How many times the session moved to a restarted driver.
-    public private(set) var recoveries = 0
+    public var recoveries: Int { link.recoveries }
     /// Requests reissued after restarts.
     public private(set) var reissued = 0
     /// Request doorbells this session rang (the driver asked for each).
@@ -119,7 +74,6 @@ public struct BlockSession: ~Copyable {
     public private(set) var heavyBarriers = 0
     /// Heavy barriers that failed; each such wait slept at most 1 ms.
     public private(set) var heavyBarrierFailures = 0
-    var events = EpollEvents(capacity: 4)
 
     let depth: Int
     let inflight: UnsafeMutablePointer<BlockRequest>
@@ -136,103 +90,42 @@ public struct BlockSession: ~Copyable {
     /// `device`, with a data region of `dataBytes` and at most `queueDepth` requests in
     /// flight (a power of two).
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int,
-                            queueDepth: Int = 32) throws(BlockSessionError) -> BlockSession {
-        let socket: UnixSocket
-        do { socket = try UnixSocket.connect(path: socketPath) } catch {
-            throw .unreachable(path: socketPath, error)
-        }
-        do {
-            try socket.send(.openSession(OpenSession(device: device, deviceClass: .block, writable: writable,
-                                                     dataBytes: UInt64(max(dataBytes, 0)), queueDepth: UInt32(clamping: queueDepth))))
-        } catch {
-            throw refusalWaiting(on: socket) ?? .system(error)
-        }
-        var reply: ControlDelivery
-        do {
-            // A server that never answers is an error, not a hang (as AdminConnection's requests).
-            guard try socket.waitReadable(timeoutMilliseconds: answerTimeoutMilliseconds) else {
-                throw BlockSessionError.failed("\(socketPath) did not answer the open within \(answerTimeoutMilliseconds) ms")
-            }
-            reply = try socket.receiveControl()
-        } catch let e as BlockSessionError {
-            throw e
-        } catch {
-            throw .protocolError("no answer to open: \(error)")
-        }
-        switch reply.message {
-        case .sessionOpened(let opened):
-            guard case .block(let info) = opened.classInfo else {
-                throw .protocolError("asked for a block session, got \(opened.classInfo.deviceClass)")
-            }
-            return try BlockSession(opened: opened, info: info, control: socket, &reply)
-        case .failure(let code, let message):
-            throw .refused(code, message)
-        default:
-            throw .protocolError("unexpected \(reply.message.type) in answer to open")
-        }
+                            queueDepth: Int = 32) throws(SessionError) -> BlockSession {
+        let answer = try SessionLink.open(socketPath: socketPath, OpenSession(
+            device: device, deviceClass: .block, writable: writable, dataBytes: UInt64(max(dataBytes, 0)),
+            queueDepth: UInt32(clamping: queueDepth)))
+        return try BlockSession(answer)
     }
 
     /// How long `open` waits for the server's answer.
-    public static let answerTimeoutMilliseconds = 30_000
-
-    /// A server that refuses a connection (the manager at its connection cap) answers and
-    /// closes at once, possibly before our request went out, which then fails (EPIPE):
-    /// its answer is still queued for us, and says more than the failed send.
-    static func refusalWaiting(on socket: borrowing UnixSocket) -> BlockSessionError? {
-        guard let d = try? socket.receiveControl(nonBlocking: true), case .failure(let code, let message) = d.message else {
-            return nil
-        }
-        return .refused(code, message)
-    }
+    public static var answerTimeoutMilliseconds: Int { SessionLink.answerTimeoutMilliseconds }
 
     /// As `open`, but while the failure is one to retry (the manager is not listening yet,
     /// or the device is not ready: its driver is starting or has not reached the device) it
     /// tries again, for up to `waitMilliseconds`.
     public static func open(socketPath: String, device: String, writable: Bool, dataBytes: Int, queueDepth: Int = 32,
-                            waitMilliseconds: Int) throws(BlockSessionError) -> BlockSession {
-        let deadline = Clock.monotonicNanoseconds + UInt64(max(0, waitMilliseconds)) * 1_000_000
-        while true {
-            do {
-                return try open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes,
-                                queueDepth: queueDepth)
-            } catch let e where e.recovery == .retry {
-                if Clock.monotonicNanoseconds > deadline { throw e }
-            }
-            usleep(20_000)
+                            waitMilliseconds: Int) throws(SessionError) -> BlockSession {
+        try SessionLink.retrying(waitMilliseconds: waitMilliseconds) { () throws(SessionError) in
+            try open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes, queueDepth: queueDepth)
         }
     }
 
-    init(opened: SessionOpened, info: BlockInfo, control: consuming UnixSocket, _ d: inout ControlDelivery) throws(BlockSessionError) {
-        // The server's numbers are checked before anything is sized by them.
-        guard opened.queueDepth >= 2, opened.queueDepth <= 4096, opened.queueDepth.nonzeroBitCount == 1,
-              opened.dataBytes > 0, opened.dataBytes <= UInt64(Int.max / 2), info.blockSize == UInt32(blockSectorSize),
+    init(_ answer: consuming SessionLink.Answer) throws(SessionError) {
+        let opened = answer.opened
+        guard case .block(let info) = opened.classInfo, info.blockSize == UInt32(blockSectorSize),
               info.maxTransfer >= UInt32(blockSectorSize) else {
-            throw .protocolError("session parameters out of range: \(opened)")
+            throw .protocolError("block parameters out of range: \(opened)")
         }
         let layout: BlockQueueLayout
         do { layout = try BlockQueueLayout(queueDepth: Int(opened.queueDepth)) } catch { throw .protocolError("\(error)") }
         // Noncopyable members are built as locals on one straight path, then stored.
-        let hm = try Self.map(d.take(0), minimumSize: SessionHeaderPage.byteCount, .readOnly)
-        let qm = try Self.map(d.take(1), minimumSize: layout.byteCount, .readWrite)
-        let dm = try Self.map(d.take(2), minimumSize: Int(opened.dataBytes), .readWrite)
-        let rb = Doorbell(adopting: d.take(3))
-        let cb = Doorbell(adopting: d.take(4))
-        let ep = try Self.epoll(cb, control)
-        let rq = try Self.requestQueue(qm, layout)
-        let cq = try Self.completionQueue(qm, layout, depth: opened.queueDepth)
-        headerMapping = hm
-        queueMapping = qm
-        dataMapping = dm
-        requestBell = rb
-        completionBell = cb
-        epoll = ep
+        let l = try SessionLink(answer, queueBytes: layout.byteCount)
+        let rq = try Self.requestQueue(l.queueMapping, layout)
+        let cq = try Self.completionQueue(l.queueMapping, layout, depth: opened.queueDepth)
+        link = l
         requests = rq
         completions = cq
-        self.opened = opened
         self.info = info
-        self.control = control
-        header = SessionHeaderPage(headerMapping.base)
-        generation = opened.generation
         depth = Int(opened.queueDepth)
         inflight = .allocate(capacity: depth)
         inflightSeq = .allocate(capacity: depth)
@@ -246,22 +139,7 @@ public struct BlockSession: ~Copyable {
         submitScratch = .allocate(capacity: depth)
     }
 
-    static func map(_ fd: consuming OwnedFD, minimumSize: Int, _ access: SharedMapping.Access) throws(BlockSessionError) -> SharedMapping {
-        do { return try SharedRegion(adopting: fd, minimumSize: minimumSize).map(access) } catch { throw .system(error) }
-    }
-
-    static func epoll(_ bell: borrowing Doorbell, _ control: borrowing UnixSocket) throws(BlockSessionError) -> Epoll {
-        do {
-            let e = try Epoll()
-            try e.add(bell.fd.raw, events: .readable, token: 1)
-            try e.add(control.fd.raw, events: .readable, token: 2)
-            return e
-        } catch {
-            throw .system(error)
-        }
-    }
-
-    static func requestQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout) throws(BlockSessionError) -> QueueProducer<BlockRequest> {
+    static func requestQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout) throws(SessionError) -> QueueProducer<BlockRequest> {
         do {
             return try QueueProducer<BlockRequest>(memory: m.base, size: m.size, at: layout.requestOffset, layout: layout.requests)
         } catch {
@@ -272,7 +150,7 @@ public struct BlockSession: ~Copyable {
     /// Completions between waits from which the asymmetric ordering pays (QueueConsumer).
     static let heavyBarrierThreshold: UInt32 = 4096
 
-    static func completionQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout, depth: UInt32) throws(BlockSessionError)
+    static func completionQueue(_ m: borrowing SharedMapping, _ layout: BlockQueueLayout, depth: UInt32) throws(SessionError)
         -> QueueConsumer<BlockCompletion> {
         do {
             var q = try QueueConsumer<BlockCompletion>(memory: m.base, size: m.size, at: layout.completionOffset,
@@ -299,7 +177,7 @@ public struct BlockSession: ~Copyable {
 
     /// The session's data region: put write data here, find read data here, by offset.
     public var buffer: UnsafeMutableRawBufferPointer {
-        UnsafeMutableRawBufferPointer(start: dataMapping.base, count: dataMapping.size)
+        UnsafeMutableRawBufferPointer(start: link.dataMapping.base, count: link.dataMapping.size)
     }
 
     public var inFlight: Int { depth - freeCount }
@@ -309,14 +187,14 @@ public struct BlockSession: ~Copyable {
     /// `queueDepth` requests are already in flight. Discard and write-zeroes name a range
     /// (`sector`, `length` bytes) and no buffer; flush names neither.
     public mutating func submit(_ op: BlockOp, sector: UInt64, offset: Int, length: Int,
-                                userData: UInt64 = 0) throws(BlockSessionError) -> UInt32? {
+                                userData: UInt64 = 0) throws(SessionError) -> UInt32? {
         try checkGeneration()
         guard freeCount > 0 else { return nil }
         let r = try stage(BlockSubmission(op, sector: sector, offset: offset, length: length, userData: userData))
         // Never more than `depth` in flight: the queue has room.
         _ = requests.enqueue(r)
         if requests.consumerWantsSignal() {
-            try? requestBell.ring()
+            link.ringRequest()
             doorbellsRung += 1
         }
         return r.tag
@@ -325,7 +203,7 @@ public struct BlockSession: ~Copyable {
     /// Submits as many of `batch` as there are free tags, in order, with one publication
     /// and at most one doorbell for all of them. Returns how many were submitted. A
     /// request this session cannot express throws before anything of the batch is sent.
-    public mutating func submit(batch: UnsafeBufferPointer<BlockSubmission>) throws(BlockSessionError) -> Int {
+    public mutating func submit(batch: UnsafeBufferPointer<BlockSubmission>) throws(SessionError) -> Int {
         try checkGeneration()
         let n = min(batch.count, freeCount)
         guard n > 0 else { return 0 }
@@ -334,7 +212,7 @@ public struct BlockSession: ~Copyable {
         for k in 0..<n { staged[k] = try stage(batch[k]) }
         _ = requests.enqueue(UnsafeBufferPointer(staged))
         if requests.consumerWantsSignal() {
-            try? requestBell.ring()
+            link.ringRequest()
             doorbellsRung += 1
         }
         return n
@@ -350,7 +228,7 @@ public struct BlockSession: ~Copyable {
     /// as usual.
     @_spi(Testing)
     /// `offset` is the raw bit pattern a hostile client would write.
-    public mutating func submitUnchecked(_ op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) throws(BlockSessionError) -> UInt32? {
+    public mutating func submitUnchecked(_ op: BlockOp, sector: UInt64, offset: UInt64, length: UInt32) throws(SessionError) -> UInt32? {
         try checkGeneration()
         guard freeCount > 0 else { return nil }
         freeCount -= 1
@@ -361,7 +239,7 @@ public struct BlockSession: ~Copyable {
         inflightUser[Int(tag)] = 0
         nextSeq &+= 1
         _ = requests.enqueue(r)
-        try? requestBell.ring()
+        link.ringRequest()
         return tag
     }
 
@@ -371,7 +249,7 @@ public struct BlockSession: ~Copyable {
     @_spi(Testing)
     public mutating func enqueueRaw(_ request: BlockRequest) -> Bool {
         let sent = requests.enqueue(request)
-        try? requestBell.ring()
+        link.ringRequest()
         return sent
     }
 
@@ -387,14 +265,14 @@ public struct BlockSession: ~Copyable {
         }
     }
 
-    func validate(_ b: BlockSubmission) throws(BlockSessionError) {
+    func validate(_ b: BlockSubmission) throws(SessionError) {
         switch b.op {
         case .flush:
             break
         case .read, .write:
             guard b.length > 0, b.length % blockSectorSize == 0, b.length <= Int(info.maxTransfer),
-                  b.offset >= 0, b.offset <= dataMapping.size, b.length <= dataMapping.size - b.offset else {
-                throw .invalidRequest("\(b.op) of \(b.length) bytes at buffer offset \(b.offset): outside the \(dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
+                  b.offset >= 0, b.offset <= link.dataMapping.size, b.length <= link.dataMapping.size - b.offset else {
+                throw .invalidRequest("\(b.op) of \(b.length) bytes at buffer offset \(b.offset): outside the \(link.dataMapping.size)-byte data region, misaligned, or over the \(info.maxTransfer)-byte transfer limit")
             }
         case .discard, .writeZeroes:
             guard b.length > 0, b.length % blockSectorSize == 0, b.length <= Int(UInt32.max) else {
@@ -404,7 +282,7 @@ public struct BlockSession: ~Copyable {
     }
 
     /// Takes a tag and records the request (validated first).
-    mutating func stage(_ b: BlockSubmission) throws(BlockSessionError) -> BlockRequest {
+    mutating func stage(_ b: BlockSubmission) throws(SessionError) -> BlockRequest {
         try validate(b)
         freeCount -= 1
         let tag = freeTags[freeCount]
@@ -418,7 +296,7 @@ public struct BlockSession: ~Copyable {
     }
 
     /// Collects finished requests without blocking. Returns how many were written to `out`.
-    public mutating func poll(into out: UnsafeMutableBufferPointer<BlockResult>) throws(BlockSessionError) -> Int {
+    public mutating func poll(into out: UnsafeMutableBufferPointer<BlockResult>) throws(SessionError) -> Int {
         try checkGeneration()
         let want = min(out.count, depth)
         guard want > 0 else { return 0 }
@@ -465,7 +343,7 @@ public struct BlockSession: ~Copyable {
     /// instead of 0.08, and about a fifth fewer IOPS).
     public mutating func wait(into out: UnsafeMutableBufferPointer<BlockResult>,
                               timeoutMilliseconds: Int, spinMicroseconds: Int = 0,
-                              wakeAfter: Int? = nil) throws(BlockSessionError) -> Int {
+                              wakeAfter: Int? = nil) throws(SessionError) -> Int {
         let n = try poll(into: out)
         if n > 0 || inFlight == 0 { return n }
         if spinMicroseconds > 0 {
@@ -497,28 +375,24 @@ public struct BlockSession: ~Copyable {
 
     /// Sleeps on the completion doorbell and the control socket, then withdraws the request
     /// for a doorbell (whatever woke us) and handles what woke us.
-    mutating func sleep(timeoutMilliseconds: Int) throws(BlockSessionError) {
+    mutating func sleep(timeoutMilliseconds: Int) throws(SessionError) {
         // We go idle as the requests' producer: a driver waiting for more than one request
         // gets what we submitted (QueueProducer.consumerWantsSignalBeforeIdle).
         if requests.consumerWantsSignalBeforeIdle() {
-            try? requestBell.ring()
+            link.ringRequest()
             doorbellsRung += 1
         }
-        let n: Int
-        do { n = try epoll.wait(into: &events, timeoutMilliseconds: timeoutMilliseconds) } catch {
+        let controlReady: Bool
+        do { controlReady = try link.sleep(timeoutMilliseconds: timeoutMilliseconds) } catch {
             completions.cancelSignal()
             throw .system(error)
         }
         completions.cancelSignal()
-        for k in 0..<n {
-            let token = events.token(k)
-            if token == 1 { _ = try? completionBell.drain() }
-            if token == 2 { try checkControl() }
-        }
+        if controlReady, let q = try link.controlMessage() { try adopt(q) }
     }
 
     /// Blocks until every request in flight has finished, handing each to `body`.
-    public mutating func drain(_ body: (BlockResult) throws(BlockSessionError) -> Void) throws(BlockSessionError) {
+    public mutating func drain(_ body: (BlockResult) throws(SessionError) -> Void) throws(SessionError) {
         let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: depth)
         defer { out.deallocate() }
         while inFlight > 0 {
@@ -530,95 +404,19 @@ public struct BlockSession: ~Copyable {
     // MARK: recovery
 
     @inline(__always)
-    mutating func checkGeneration() throws(BlockSessionError) {
-        let g = header.generation
-        // Only forward: new queues may be adopted from the socket (checkControl) just
-        // before the manager publishes their generation.
-        if g > generation { try recover(to: g) }
-        // Failed (device) or closed (the manager ended the session): terminal.
-        if let st = header.state, st == .failed || st == .closed { try failFromControl() }
+    mutating func checkGeneration() throws(SessionError) {
+        while let q = try link.nextQueues() { try adopt(q) }
     }
 
-    /// Something arrived on the control socket while we slept: the manager went away, or
-    /// told us the session failed. (New queues are taken by `recover`, on a generation change.)
-    mutating func checkControl() throws(BlockSessionError) {
-        if header.generation > generation || header.state == .failed || header.state == .closed { return }
-        do {
-            guard try control.waitReadable(timeoutMilliseconds: 0) else { return }
-        } catch {
-            throw .system(error)
-        }
-        // Only sessionFailed or a close can be pending while the generation is unchanged
-        // (new queues always come with a new generation, which is checked first). If the
-        // message is new queues whose generation is not yet published, leave it.
-        var d: ControlDelivery
-        do { d = try control.receiveControl(nonBlocking: true) } catch .socket(.system(.wouldBlock)) { return } catch {
-            throw .failed("manager connection: \(error)")
-        }
-        switch d.message {
-        case .sessionFailed(let reason): throw .failed(reason)
-        case .queuesReplaced(let g):
-            try adoptQueues(&d, generation: g)
-        default: throw .protocolError("unexpected \(d.message.type) from manager")
-        }
-    }
-
-    mutating func failFromControl() throws(BlockSessionError) {
-        while true {
-            var d: ControlDelivery
-            do {
-                guard try control.waitReadable(timeoutMilliseconds: 1000) else { throw BlockSessionError.failed("device failed") }
-                d = try control.receiveControl()
-            } catch let e as BlockSessionError {
-                throw e
-            } catch {
-                throw .failed("device failed (\(error))")
-            }
-            // Anything else (queues of a generation that will not serve) is dropped with
-            // its descriptors.
-            if case .sessionFailed(let reason) = d.message { throw .failed(reason) }
-        }
-    }
-
-    /// Moves to the queues of generation `target` and reissues what is in flight.
-    mutating func recover(to target: UInt64) throws(BlockSessionError) {
-        while generation < target {
-            var d: ControlDelivery
-            do {
-                guard try control.waitReadable(timeoutMilliseconds: 5000) else {
-                    throw BlockSessionError.protocolError("generation \(target) published without new queues")
-                }
-                d = try control.receiveControl()
-            } catch let e as BlockSessionError {
-                throw e
-            } catch {
-                throw .failed("manager connection: \(error)")
-            }
-            switch d.message {
-            case .queuesReplaced(let g) where g < target:
-                continue  // superseded: the driver died again; its fd is closed with `d`
-            case .queuesReplaced(let g):
-                try adoptQueues(&d, generation: g)
-            case .sessionFailed(let reason):
-                throw .failed(reason)
-            default:
-                throw .protocolError("unexpected \(d.message.type) during recovery")
-            }
-        }
-    }
-
-    mutating func adoptQueues(_ d: inout ControlDelivery, generation g: UInt64) throws(BlockSessionError) {
-        guard g > generation else { return }  // stale: its fd is closed with `d`
+    /// Moves to the queues of a restarted driver and reissues what is in flight.
+    mutating func adopt(_ q: consuming SessionLink.NewQueues) throws(SessionError) {
         let layout: BlockQueueLayout
         do { layout = try BlockQueueLayout(queueDepth: depth) } catch { throw .protocolError("\(error)") }
-        let m = try Self.map(d.take(0), minimumSize: layout.byteCount, .readWrite)
-        let rq = try Self.requestQueue(m, layout)
-        let cq = try Self.completionQueue(m, layout, depth: UInt32(depth))
+        let rq = try Self.requestQueue(q.mapping, layout)
+        let cq = try Self.completionQueue(q.mapping, layout, depth: UInt32(depth))
         requests = rq
         completions = cq
-        queueMapping = m
-        generation = g
-        recoveries += 1
+        link.adopt(q)
         // Reissue in submission order.
         var n = 0
         for t in 0..<depth where inflightSeq[t] != 0 {
@@ -630,6 +428,6 @@ public struct BlockSession: ~Copyable {
         pending.sort { seq[Int($0)] < seq[Int($1)] }
         for i in 0..<n { _ = requests.enqueue(inflight[Int(order[i])]) }
         reissued += n
-        if n > 0 { try? requestBell.ring() }
+        if n > 0 { link.ringRequest() }
     }
 }

@@ -63,7 +63,7 @@ public struct VerifiedWorkload: ~Copyable {
 
     /// Writes every block once (version 1), so that what the device held before does not
     /// matter: from here on every read has one exact expected content.
-    public mutating func prepare() throws(BlockSessionError) {
+    public mutating func prepare() throws(SessionError) {
         lastProgress = Clock.monotonicNanoseconds
         var block = 0
         while block < blocks || session.inFlight > 0 {
@@ -77,7 +77,7 @@ public struct VerifiedWorkload: ~Copyable {
 
     /// Keeps the queue full and handles completions until `stop` returns true (checked
     /// after every completion batch). Session errors (device failed) are thrown.
-    public mutating func run(until stop: (borrowing VerifiedWorkload) -> Bool) throws(BlockSessionError) {
+    public mutating func run(until stop: (borrowing VerifiedWorkload) -> Bool) throws(SessionError) {
         lastProgress = Clock.monotonicNanoseconds
         while !stop(self) {
             try fill()
@@ -86,14 +86,14 @@ public struct VerifiedWorkload: ~Copyable {
     }
 
     /// Runs `count` more operations, then waits for everything in flight.
-    public mutating func run(operations count: Int) throws(BlockSessionError) {
+    public mutating func run(operations count: Int) throws(SessionError) {
         let target = ops + count
         try run { $0.ops >= target }
         try finish()
     }
 
     /// Waits for everything in flight.
-    public mutating func finish() throws(BlockSessionError) {
+    public mutating func finish() throws(SessionError) {
         lastProgress = Clock.monotonicNanoseconds
         while session.inFlight > 0 {
             try collect()
@@ -102,7 +102,7 @@ public struct VerifiedWorkload: ~Copyable {
 
     /// Waits up to 100 ms for completions and handles them; throws once nothing has
     /// finished for `stallLimitMilliseconds` with requests in flight.
-    mutating func collect() throws(BlockSessionError) {
+    mutating func collect() throws(SessionError) {
         let n = try session.wait(into: results, timeoutMilliseconds: 100)
         for i in 0..<n { complete(results[i]) }
         let now = Clock.monotonicNanoseconds
@@ -113,7 +113,7 @@ public struct VerifiedWorkload: ~Copyable {
         }
     }
 
-    mutating func fill() throws(BlockSessionError) {
+    mutating func fill() throws(SessionError) {
         var attempts = 0
         while !freeSlots.isEmpty && attempts < 64 {
             attempts += 1
@@ -125,7 +125,7 @@ public struct VerifiedWorkload: ~Copyable {
 
     /// Reads or writes (the next version of) `block` through a free buffer slot. False
     /// when the session has no room.
-    mutating func submit(block: Int, write: Bool) throws(BlockSessionError) -> Bool {
+    mutating func submit(block: Int, write: Bool) throws(SessionError) -> Bool {
         let slot = freeSlots.removeLast()
         let offset = slot * Self.blockBytes
         let version = write ? acked[block] &+ 1 : 0
@@ -216,7 +216,7 @@ public struct AdminConnection: ~Copyable {
     /// late answer must not be taken for the next request's), and later requests fail.
     public let timeoutMilliseconds: Int
 
-    public init(socketPath: String, timeoutMilliseconds: Int = 30_000) throws(BlockSessionError) {
+    public init(socketPath: String, timeoutMilliseconds: Int = 30_000) throws(SessionError) {
         guard timeoutMilliseconds > 0 else { throw .invalidRequest("admin timeout must be positive, not \(timeoutMilliseconds) ms") }
         do { socket = try UnixSocket.connect(path: socketPath) } catch {
             throw .failed("cannot connect to \(socketPath): \(error)")
@@ -225,23 +225,23 @@ public struct AdminConnection: ~Copyable {
     }
 
     /// The manager's status report (JSON).
-    public func status() throws(BlockSessionError) -> String {
-        try request(.statusRequest, limit: ControlProtocol.maxReportBytes) { m throws(BlockSessionError) in
+    public func status() throws(SessionError) -> String {
+        try request(.statusRequest, limit: ControlProtocol.maxReportBytes) { m throws(SessionError) in
             guard case .statusReport(let json) = m else { throw .protocolError("unexpected \(m.type)") }
             return json
         }
     }
 
     /// Injects a fault into the driver of `device`; returns the generation it hit.
-    public func injectFault(device: String, _ fault: FaultKind, argument: UInt64 = 0) throws(BlockSessionError) -> (generation: UInt64, pid: Int32) {
-        try request(.injectFault(device: device, fault: fault, argument: argument), limit: ControlProtocol.maxMessageBytes) { m throws(BlockSessionError) in
+    public func injectFault(device: String, _ fault: FaultKind, argument: UInt64 = 0) throws(SessionError) -> (generation: UInt64, pid: Int32) {
+        try request(.injectFault(device: device, fault: fault, argument: argument), limit: ControlProtocol.maxMessageBytes) { m throws(SessionError) in
             guard case .faultInjected(let g, let pid) = m else { throw .protocolError("unexpected \(m.type)") }
             return (g, pid)
         }
     }
 
-    func request<T>(_ m: ControlMessage, limit: Int, _ decode: (ControlMessage) throws(BlockSessionError) -> T) throws(BlockSessionError) -> T {
-        do { try socket.send(m) } catch { throw BlockSession.refusalWaiting(on: socket) ?? .system(error) }
+    func request<T>(_ m: ControlMessage, limit: Int, _ decode: (ControlMessage) throws(SessionError) -> T) throws(SessionError) -> T {
+        do { try socket.send(m) } catch { throw SessionLink.refusalWaiting(on: socket) ?? .system(error) }
         let answered: Bool
         do { answered = try socket.waitReadable(timeoutMilliseconds: timeoutMilliseconds) } catch { throw .system(error) }
         guard answered else {

@@ -179,7 +179,7 @@ public struct Testpmd: ~Copyable {
     /// - workDirectory: where the log goes (`testpmd-PREFIX.log`); default: beside the first socket.
     /// - extra: more testpmd options (after EAL's `--`).
     public init(sockets: [String], forwardMode: String, filePrefix: String, lcores: String = "0@0,1@1",
-                memory: TestpmdMemory = .anonymous(megabytes: 256), mbufs: Int = 16384, statsPeriod: Int? = nil,
+                memory: TestpmdMemory = .anonymous(megabytes: 64), mbufs: Int = 8192, statsPeriod: Int? = nil,
                 txFrameBytes: Int? = nil, workDirectory: String? = nil, extra: [String] = []) throws(LabError) {
         guard (1...2).contains(sockets.count) else { throw LabError("testpmd: 1 or 2 vhost-user sockets, not \(sockets.count)") }
         for s in sockets where s.contains(",") || s.contains("=") || s.utf8.count > 107 {
@@ -258,11 +258,12 @@ public struct Testpmd: ~Copyable {
     /// Measures `reports` periods of traffic at this device (needs `statsPeriod`): the
     /// number of frames `port` received (`.received`: the frontend transmits) or delivered
     /// into the frontend's receive ring (`.sent`: the frontend receives), by testpmd's own
-    /// port counters, between two of its periodic reports; the time between the moments
-    /// this process read those reports, and the CPU time (utime + stime from
-    /// /proc/PID/stat) that testpmd and `driverPIDs` used in between, sampled at the same
-    /// moments. Start-up is outside the window: it opens at the first report whose previous
-    /// report already counted frames.
+    /// port counters, between two of its periodic reports, and the time between its reads
+    /// of them by its own clock (from the pps figure of each report); the CPU time (utime +
+    /// stime from /proc/PID/stat) that testpmd and `driverPIDs` used between the moments
+    /// this process read those two reports. Start-up is outside the window: it opens at the
+    /// first report that counted frames, so traffic was flowing for all of it. Both reports
+    /// are fresh (`TestpmdReport.fresh`), so the CPU samples match the counters.
     public mutating func measure(port: Int = 0, counter: DeviceCounter, reports: Int, driverPIDs: [pid_t],
                                  timeoutSeconds: Double = 10) throws(LabError) -> NetWindow {
         guard (0..<sockets.count).contains(port) else { throw LabError("testpmd has no port \(port)") }
@@ -279,25 +280,37 @@ public struct Testpmd: ~Copyable {
             }
             return sum
         }
-        var previous = try nextReport(timeoutSeconds: timeoutSeconds)
         var start = try nextReport(timeoutSeconds: timeoutSeconds)
         let waitUntil = Clock.monotonicNanoseconds + UInt64(timeoutSeconds * 1e9)
-        while try count(previous) == 0 {
+        while try count(start) == 0 || !start.fresh {
             guard Clock.monotonicNanoseconds < waitUntil else {
                 throw LabError("no frames \(counter == .received ? "received" : "sent") on testpmd's port \(port) within \(timeoutSeconds) s")
             }
-            previous = start
             start = try nextReport(timeoutSeconds: timeoutSeconds)
         }
         let cpu0 = try (device: cpu([pid]), driver: cpu(driverPIDs))
-        var end = start
-        for _ in 0..<reports { end = try nextReport(timeoutSeconds: timeoutSeconds) }
+        var previous = start
+        var seconds = 0.0
+        var periods = 0
+        // The window ends at a fresh report: one read late is passed over (at most `reports` times).
+        while periods < reports || (!previous.fresh && periods < 2 * reports) {
+            let r = try nextReport(timeoutSeconds: timeoutSeconds)
+            periods += 1
+            let (c0, c1) = try (count(previous), count(r))
+            guard c1 >= c0 else { throw LabError("testpmd's counter on port \(port) went back from \(c0) to \(c1)") }
+            // The interval by testpmd's clock: its pps figure is these frames over that time.
+            let stats = r.ports.first { $0.port == port }
+            let pps = (counter == .received ? stats?.rxPPS : stats?.txPPS) ?? 0
+            seconds += pps > 0 ? Double(c1 - c0) / Double(pps)
+                               : Double(r.seenAtNanoseconds - previous.seenAtNanoseconds) / 1e9
+            previous = r
+        }
         let cpu1 = try (device: cpu([pid]), driver: cpu(driverPIDs))
-        let (c0, c1) = try (count(start), count(end))
-        guard c1 >= c0 else { throw LabError("testpmd's counter went back from \(c0) to \(c1)") }
-        return NetWindow(seconds: Double(end.seenAtNanoseconds - start.seenAtNanoseconds) / 1e9, packets: c1 - c0,
-                         deviceCPUSeconds: Double(cpu1.device - cpu0.device) / 1e9,
-                         driverCPUSeconds: Double(cpu1.driver - cpu0.driver) / 1e9)
+        guard previous.fresh else { throw LabError("this process could not read testpmd's reports as they came (the machine is too busy)") }
+        return try NetWindow(seconds: seconds, observedSeconds: Double(previous.seenAtNanoseconds - start.seenAtNanoseconds) / 1e9,
+                             packets: count(previous) - count(start),
+                             deviceCPUSeconds: Double(cpu1.device - cpu0.device) / 1e9,
+                             driverCPUSeconds: Double(cpu1.driver - cpu0.driver) / 1e9)
     }
 }
 
@@ -311,24 +324,34 @@ public enum DeviceCounter: Sendable, Equatable {
 
 /// A measured window of traffic at a testpmd device.
 public struct NetWindow: Sendable, Equatable {
-    /// Between the two reports that bound the window, by this process's monotonic clock.
+    /// Between testpmd's reads of the counters that bound the window, by its clock.
     public let seconds: Double
+    /// Between this process's reads of the two reports, by its monotonic clock: the span of
+    /// the CPU samples. Close to `seconds` when this process was not kept off the CPU.
+    public let observedSeconds: Double
     /// Frames counted by the device in the window.
     public let packets: UInt64
     public let deviceCPUSeconds: Double
     /// CPU of the driver's processes (summed).
     public let driverCPUSeconds: Double
 
-    public init(seconds: Double, packets: UInt64, deviceCPUSeconds: Double, driverCPUSeconds: Double) {
+    public init(seconds: Double, observedSeconds: Double, packets: UInt64, deviceCPUSeconds: Double, driverCPUSeconds: Double) {
         self.seconds = seconds
+        self.observedSeconds = observedSeconds
         self.packets = packets
         self.deviceCPUSeconds = deviceCPUSeconds
         self.driverCPUSeconds = driverCPUSeconds
     }
 
     public var mpps: Double { seconds > 0 ? Double(packets) / seconds / 1e6 : 0 }
-    public var driverCPUNanosecondsPerPacket: Double { packets > 0 ? driverCPUSeconds * 1e9 / Double(packets) : 0 }
-    public var deviceCPUNanosecondsPerPacket: Double { packets > 0 ? deviceCPUSeconds * 1e9 / Double(packets) : 0 }
+    /// CPU over the frames of the CPU samples' span (the rate times `observedSeconds`).
+    public var driverCPUNanosecondsPerPacket: Double { perPacket(driverCPUSeconds) }
+    public var deviceCPUNanosecondsPerPacket: Double { perPacket(deviceCPUSeconds) }
+
+    func perPacket(_ cpu: Double) -> Double {
+        let frames = mpps * 1e6 * observedSeconds
+        return frames > 0 ? cpu * 1e9 / frames : 0
+    }
 }
 
 /// One periodic report (--stats-period) of testpmd's port counters, and when this process
@@ -336,6 +359,10 @@ public struct NetWindow: Sendable, Equatable {
 public struct TestpmdReport: Sendable, Equatable {
     public let ports: [TestpmdPortStats]
     public let seenAtNanoseconds: UInt64
+    /// Read within a few milliseconds of its printing: the only report a read brought, and
+    /// the read before it less than 5 ms earlier. A report that waited in the log (this
+    /// process was away) has a `seenAtNanoseconds` later than its counters.
+    public let fresh: Bool
 }
 
 /// Reads a growing testpmd log from where it last stopped and scans its periodic reports.
@@ -345,6 +372,7 @@ struct LogReader: ~Copyable {
     var partial: [UInt8] = []
     var ready: [TestpmdReport] = []
     var lastSeen: UInt64?
+    var lastPoll: UInt64?
 
     init(path: String, ports: Int) throws(LabError) {
         do { fd = try OwnedFD.open(path, O_RDONLY) } catch { throw LabError("cannot read \(path): \(error)") }
@@ -364,13 +392,17 @@ struct LogReader: ~Copyable {
             partial.append(contentsOf: buffer[0..<n])
         }
         let now = Clock.monotonicNanoseconds
+        let closely = lastPoll.map { now - $0 < 5_000_000 } ?? false
+        lastPoll = now
+        var brought: [[TestpmdPortStats]] = []
         while let nl = partial.firstIndex(of: UInt8(ascii: "\n")) {
             let line = String(decoding: partial[..<nl], as: UTF8.self)
             partial.removeSubrange(...nl)
-            if let ports = try scanner.feed(line) {
-                ready.append(TestpmdReport(ports: ports, seenAtNanoseconds: now))
-                lastSeen = now
-            }
+            if let ports = try scanner.feed(line) { brought.append(ports) }
+        }
+        for ports in brought {
+            ready.append(TestpmdReport(ports: ports, seenAtNanoseconds: now, fresh: closely && brought.count == 1))
+            lastSeen = now
         }
         return ready.isEmpty ? nil : ready.removeFirst()
     }
@@ -393,9 +425,16 @@ public struct TestpmdPortStats: Sendable, Equatable {
     /// Frames the forwarding engine could not hand to the port, its ring full (TX-dropped,
     /// final block only).
     public var txDropped: UInt64
+    /// Packets per second since the previous report, by testpmd's own clock (Rx-pps and
+    /// Tx-pps, periodic block only: the difference of the counters over the time between
+    /// its two reads of them).
+    public var rxPPS: UInt64?
+    public var txPPS: UInt64?
 
     public init(port: Int, rxPackets: UInt64, rxMissed: UInt64 = 0, rxErrors: UInt64 = 0, rxNoMbuf: UInt64 = 0,
-                txPackets: UInt64, txErrors: UInt64 = 0, txDropped: UInt64 = 0) {
+                txPackets: UInt64, txErrors: UInt64 = 0, txDropped: UInt64 = 0, rxPPS: UInt64? = nil, txPPS: UInt64? = nil) {
+        self.rxPPS = rxPPS
+        self.txPPS = txPPS
         self.port = port
         self.rxPackets = rxPackets
         self.rxMissed = rxMissed
@@ -468,7 +507,8 @@ public struct TestpmdStatsScanner: Sendable {
         switch kind {
         case .nic:
             return TestpmdPortStats(port: port, rxPackets: rx, rxMissed: f["RX-missed"] ?? 0, rxErrors: f["RX-errors"] ?? 0,
-                                    rxNoMbuf: f["RX-nombuf"] ?? 0, txPackets: tx, txErrors: f["TX-errors"] ?? 0)
+                                    rxNoMbuf: f["RX-nombuf"] ?? 0, txPackets: tx, txErrors: f["TX-errors"] ?? 0,
+                                    rxPPS: f["Rx-pps"], txPPS: f["Tx-pps"])
         case .forward:
             return TestpmdPortStats(port: port, rxPackets: rx, rxMissed: f["RX-dropped"] ?? 0, rxErrors: f["RX-error"] ?? 0,
                                     rxNoMbuf: f["RX-nombufs"] ?? 0, txPackets: tx, txDropped: f["TX-dropped"] ?? 0)

@@ -23,6 +23,10 @@ public struct BlockServerEndpoint: ~Copyable {
     public var completions: QueueProducer<BlockCompletion>
     /// Completion doorbells rung for the client.
     public private(set) var signalsSent: UInt64 = 0
+    /// Completions finished and not yet published (`complete` publishes them in one batch):
+    /// room for the session's depth, so everything the server holds of the session fits.
+    public let staged: UnsafeMutableBufferPointer<BlockCompletion>
+    public var stagedCount = 0
 
     /// Sets up from an Attach (or the equivalent parameters) and its four descriptors:
     /// queues, data, request doorbell, completion doorbell. Sizes come from `attach`, and
@@ -77,7 +81,10 @@ public struct BlockServerEndpoint: ~Copyable {
         data = dm
         self.dataFD = rawData
         self.dataRegion = kept
+        staged = .allocate(capacity: Int(attach.queueDepth))
     }
+
+    deinit { staged.deallocate() }
 
     static func adopt(_ fd: consuming OwnedFD, minimumSize: Int) throws(SessionSetupError) -> SharedRegion {
         do {

@@ -27,9 +27,7 @@ import OutboardSystem
 /// messages that need them; the number is fixed per type and checked by the receiver.
 public enum ControlProtocol {
     public static let magic: UInt32 = 0x3143_424F  // "OBC1" little-endian
-    /// 2: sessions and driver starts carry a device class, driver starts a transport,
-    /// `deviceLost` a recovery.
-    public static let version: UInt16 = 3
+    public static let version: UInt16 = 4
     public static let headerSize = 16
     /// Limit for every message except status reports.
     public static let maxMessageBytes = 4096
@@ -152,10 +150,12 @@ public enum FaultKind: UInt8, Sendable, CaseIterable, CustomStringConvertible {
 /// reinterpretation of an old one.
 public enum DeviceClass: UInt8, Sendable, CaseIterable, CustomStringConvertible {
     case block = 1
+    case net = 2
 
     public var description: String {
         switch self {
         case .block: return "block"
+        case .net: return "net"
         }
     }
     public init?(name: String) {
@@ -194,13 +194,31 @@ public struct BlockInfo: Equatable, Sendable {
     }
 }
 
+/// A network device as a session sees it (and as a driver found it: `DeviceInfo`).
+public struct NetInfo: Equatable, Sendable {
+    /// The port's address: the source of every frame the session sends.
+    public var mac: MACAddress
+    /// Largest payload of a frame (the Ethernet MTU, without the 14-byte header).
+    public var mtu: UInt16
+    /// Receive buffers must hold this many bytes (a frame of `mtu` with its header and
+    /// a VLAN tag); the driver refuses smaller ones.
+    public var maxFrame: UInt32 { UInt32(mtu) + 18 }
+    /// Whether the link is up (the device's status; up where it reports none).
+    public var linkUp: Bool
+    public init(mac: MACAddress, mtu: UInt16, linkUp: Bool = true) {
+        self.mac = mac; self.mtu = mtu; self.linkUp = linkUp
+    }
+}
+
 /// What a session's (or a device's) class adds to the common part.
 public enum ClassInfo: Equatable, Sendable {
     case block(BlockInfo)
+    case net(NetInfo)
 
     public var deviceClass: DeviceClass {
         switch self {
         case .block: return .block
+        case .net: return .net
         }
     }
 }
@@ -329,13 +347,24 @@ public struct BlockParameters: Equatable, Sendable {
     }
 }
 
+/// Network devices: what the manager's config says of the port, for devices that cannot
+/// say it themselves (DPDK's vhost backend has no configuration space); a device that
+/// reports its MAC and MTU is believed instead.
+public struct NetParameters: Equatable, Sendable {
+    public var mac: MACAddress
+    public var mtu: UInt16
+    public init(mac: MACAddress, mtu: UInt16) { self.mac = mac; self.mtu = mtu }
+}
+
 /// What a driver of a device class needs to know of its device.
 public enum ClassParameters: Equatable, Sendable {
     case block(BlockParameters)
+    case net(NetParameters)
 
     public var deviceClass: DeviceClass {
         switch self {
         case .block: return .block
+        case .net: return .net
         }
     }
 }
@@ -575,6 +604,16 @@ public enum ControlMessage: Equatable, Sendable {
         return m
     }
 
+    static func mac(_ raw: UInt64) throws(ControlError) -> MACAddress {
+        guard raw >> 48 == 0 else { throw .malformed("MAC address: bits above 48 set in \(raw)") }
+        return MACAddress(rawValue: raw)
+    }
+
+    static func mtu(_ raw: UInt16) throws(ControlError) -> UInt16 {
+        guard NetInfo.mtuRange.contains(raw) else { throw .malformed("MTU \(raw) outside \(NetInfo.mtuRange)") }
+        return raw
+    }
+
     static func deviceClass(_ raw: UInt8) throws(ControlError) -> DeviceClass {
         guard let c = DeviceClass(rawValue: raw) else { throw .malformed("device class: unknown \(raw)") }
         return c
@@ -585,6 +624,8 @@ public enum ControlMessage: Equatable, Sendable {
     /// Body sizes per tag: a body of any other length is refused before it is read.
     static let blockInfoBytes = 4 + 8 + 4 + 4
     static let blockParametersBytes = 4 + 8 + 4
+    static let netInfoBytes = 8 + 2 + 1
+    static let netParametersBytes = 8 + 2
     static let memoryTransportBytes = 4
     static let virtioParametersBytes = 4 + 1 + 4 + 8
 
@@ -611,17 +652,21 @@ public enum ControlMessage: Equatable, Sendable {
             section(&w, tag: DeviceClass.block.rawValue) { w in
                 w.u32(b.blockSize); w.u64(b.blockCount); w.u32(b.maxTransfer); w.u32(b.flags.rawValue)
             }
+        case .net(let n):
+            section(&w, tag: DeviceClass.net.rawValue) { w in w.u64(n.mac.rawValue); w.u16(n.mtu); w.u8(n.linkUp ? 1 : 0) }
         }
     }
 
     static func classInfo(_ r: inout ControlReader) throws(ControlError) -> ClassInfo {
         var (tag, b) = try section(&r, "class info") { DeviceClass(rawValue: $0).map { c in
-            switch c { case .block: return blockInfoBytes } } }
+            switch c { case .block: return blockInfoBytes; case .net: return netInfoBytes } } }
         let info: ClassInfo
         switch DeviceClass(rawValue: tag)! {
         case .block:
             info = .block(BlockInfo(blockSize: try b.u32("blockSize"), blockCount: try b.u64("blockCount"),
                                     maxTransfer: try b.u32("maxTransfer"), flags: try flags(b.u32("flags"))))
+        case .net:
+            info = .net(NetInfo(mac: try mac(b.u64("mac")), mtu: try mtu(b.u16("mtu")), linkUp: try b.bool("linkUp")))
         }
         try b.finish("class info")
         return info
@@ -631,17 +676,21 @@ public enum ControlMessage: Equatable, Sendable {
         switch p {
         case .block(let b):
             section(&w, tag: DeviceClass.block.rawValue) { w in w.u32(b.blockSize); w.u64(b.blockCount); w.u32(b.maxTransfer) }
+        case .net(let n):
+            section(&w, tag: DeviceClass.net.rawValue) { w in w.u64(n.mac.rawValue); w.u16(n.mtu) }
         }
     }
 
     static func classParameters(_ r: inout ControlReader) throws(ControlError) -> ClassParameters {
         var (tag, b) = try section(&r, "class parameters") { DeviceClass(rawValue: $0).map { c in
-            switch c { case .block: return blockParametersBytes } } }
+            switch c { case .block: return blockParametersBytes; case .net: return netParametersBytes } } }
         let p: ClassParameters
         switch DeviceClass(rawValue: tag)! {
         case .block:
             p = .block(BlockParameters(blockSize: try b.u32("blockSize"), blockCount: try b.u64("blockCount"),
                                        maxTransfer: try b.u32("maxTransfer")))
+        case .net:
+            p = .net(NetParameters(mac: try mac(b.u64("mac")), mtu: try mtu(b.u16("mtu"))))
         }
         try b.finish("class parameters")
         return p

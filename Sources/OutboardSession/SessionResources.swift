@@ -57,6 +57,13 @@ public struct SessionResources: ~Copyable {
             let m = try system { () throws(Errno) in try region.map(.readWrite) }
             do { try layout.initialize(memory: m.base, size: m.size) } catch { throw .queue(error) }
             return region
+        case .net:
+            let layout: NetQueueLayout
+            do { layout = try NetQueueLayout(queueDepth: Int(depth)) } catch { throw .queue(error) }
+            let region = try system { () throws(Errno) in try SharedRegion(name: "\(name)-queues", size: layout.byteCount) }
+            let m = try system { () throws(Errno) in try region.map(.readWrite) }
+            do { try layout.initialize(memory: m.base, size: m.size) } catch { throw .queue(error) }
+            return region
         }
     }
 

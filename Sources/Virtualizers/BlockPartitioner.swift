@@ -51,7 +51,7 @@ public final class BlockPartitioner {
     /// Client requests waiting for an upstream slot.
     var waiting: [(client: UInt64, request: BlockRequest)] = []
 
-    public init(upstream: consuming BlockSession, partitions: [Partition], socketPath: String) throws(BlockSessionError) {
+    public init(upstream: consuming BlockSession, partitions: [Partition], socketPath: String) throws(SessionError) {
         let end = upstream.info.blockCount
         for p in partitions where p.firstSector > end || p.sectorCount > end - p.firstSector || p.sectorCount == 0 {
             throw .invalidRequest("partition \(p.name) (\(p.firstSector)+\(p.sectorCount)) outside the device's \(end) sectors")
@@ -81,7 +81,7 @@ public final class BlockPartitioner {
 
     /// Serves for up to `milliseconds`: accepts clients, moves requests down and
     /// completions up. Call in a loop (on a thread of its own).
-    public func serve(milliseconds: Int) throws(BlockSessionError) {
+    public func serve(milliseconds: Int) throws(SessionError) {
         let until = Clock.monotonicNanoseconds + UInt64(milliseconds) * 1_000_000
         while Clock.monotonicNanoseconds < until {
             var work = try pumpUpstream()
@@ -186,7 +186,7 @@ public final class BlockPartitioner {
     }
 
     /// Sends waiting requests down while slots are free; completes finished ones up.
-    func pumpUpstream() throws(BlockSessionError) -> Int {
+    func pumpUpstream() throws(SessionError) -> Int {
         var work = 0
         while !waiting.isEmpty, let slot = freeSlots.last {
             let (id, r) = waiting.removeFirst()

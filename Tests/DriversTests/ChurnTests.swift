@@ -45,7 +45,7 @@ import Testing
         var s: BlockSession
         do {
             s = try f.open(dataBytes: depth * 4096, depth: depth)
-        } catch BlockSessionError.refused(let code, let why) where code == .limitExceeded || code == .busy {
+        } catch SessionError.refused(let code, let why) where code == .limitExceeded || code == .busy {
             outcome.refusals.append("session \(k) (depth \(depth)): \(code): \(why)")
             return nil
         } catch {
@@ -92,7 +92,7 @@ import Testing
     /// Takes `count` completions of churn session `k` (no more), waiting for them until
     /// `deadline`; each must be `ok`.
     static func reap(_ s: inout BlockSession, _ count: Int, _ k: Int, _ outcome: inout Outcome,
-                     deadline: Date) throws(BlockSessionError) {
+                     deadline: Date) throws(SessionError) {
         let results = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: count)
         defer { results.deallocate() }
         var done = 0

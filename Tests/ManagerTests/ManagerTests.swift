@@ -348,8 +348,20 @@ import Testing
 
         let unknownTransport = Self.refusal(#"{"name": "m0", "transport": "pci"}"#)
         #expect(unknownTransport.contains("unknown transport 'pci' (known: memory, vhost-user, vfio)"), "\(unknownTransport)")
-        let unknownClass = Self.refusal(#"{"name": "m0", "transport": "memory", "class": "net"}"#)
-        #expect(unknownClass.contains("unknown class 'net' (known: block)"), "\(unknownClass)")
+        let unknownClass = Self.refusal(#"{"name": "m0", "transport": "memory", "class": "tape"}"#)
+        #expect(unknownClass.contains("unknown class 'tape' (known: block, net)"), "\(unknownClass)")
+        let netOverMemory = Self.refusal(#"{"name": "m0", "transport": "memory", "class": "net"}"#)
+        #expect(netOverMemory.contains("class net runs over transport vhost-user only"), "\(netOverMemory)")
+        let n = try Self.parse(#"{"name": "n0", "transport": "vhost-user", "class": "net", "socket": "/run/n0.sock", "mac": "02:00:00:00:00:07", "mtu": 9000}"#)
+        #expect(n.devices[0].macAddress == MACAddress("02:00:00:00:00:07") && n.devices[0].mtu == 9000)
+        let derived = try Self.parse(#"{"name": "n0", "transport": "vhost-user", "class": "net", "socket": "/run/n0.sock"}"#)
+        #expect(!derived.devices[0].macAddress.isMulticast && derived.devices[0].macAddress.rawValue >> 40 == 0x02, "locally administered unicast")
+        let multicast = Self.refusal(#"{"name": "n0", "transport": "vhost-user", "class": "net", "socket": "/s", "mac": "01:00:5e:00:00:01"}"#)
+        #expect(multicast.contains("is not a unicast address"), "\(multicast)")
+        let tiny = Self.refusal(#"{"name": "n0", "transport": "vhost-user", "class": "net", "socket": "/s", "mtu": 60}"#)
+        #expect(tiny.contains("mtu must be in 68...9000"), "\(tiny)")
+        let macOnBlock = Self.refusal(#"{"name": "v0", "transport": "vhost-user", "socket": "/s", "mac": "02:00:00:00:00:01"}"#)
+        #expect(macOnBlock.contains("'mac' is for class net, this device's class is block"), "\(macOnBlock)")
         let missing = Self.refusal(#"{"name": "m0"}"#)
         #expect(missing.contains("missing key 'transport'"), "\(missing)")
         let oldKey = Self.refusal(#"{"name": "m0", "driver": "memblock"}"#)
@@ -415,7 +427,7 @@ import Testing
             try? s.send(.failure(.unknownDevice, "no device named 'd'"))
         }
         server.start()
-        #expect(throws: BlockSessionError.refused(.unknownDevice, "no device named 'd'")) {
+        #expect(throws: SessionError.refused(.unknownDevice, "no device named 'd'")) {
             _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2,
                                       waitMilliseconds: 5000)
         }

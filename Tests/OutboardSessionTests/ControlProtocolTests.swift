@@ -35,7 +35,9 @@ struct Generator {
         case 8: return .faultInjected(generation: next(), pid: Int32(truncatingIfNeeded: next()))
         case 9: return .driverStart(DriverStart(device: string(max: 30), generation: next(), tableCapacity: 16, heartbeatIntervalMs: 20,
                                                 transport: transport(),
-                                                deviceClass: .block(BlockParameters(blockSize: 512, blockCount: next(), maxTransfer: 4096))))
+                                                deviceClass: below(2) == 0
+                                                    ? .block(BlockParameters(blockSize: 512, blockCount: next(), maxTransfer: 4096))
+                                                    : .net(NetParameters(mac: MACAddress(rawValue: next()), mtu: UInt16(68 + below(8933))))))
         case 10: return .attach(Attach(sessionID: next(), tableIndex: 3, queueDepth: 32, writable: false, dataBytes: next()))
         case 11: return .detach(sessionID: next())
         case 12: return .driverReady(pid: 42, probes: (0..<below(10)).map { _ in string(max: 30) })
@@ -49,7 +51,10 @@ struct Generator {
     }
 
     mutating func classInfo() -> ClassInfo {
-        .block(BlockInfo(blockSize: 4096, blockCount: next(), maxTransfer: UInt32(truncatingIfNeeded: next()),
+        if below(3) == 0 {
+            return .net(NetInfo(mac: MACAddress(rawValue: next()), mtu: UInt16(68 + below(8933)), linkUp: below(2) == 0))
+        }
+        return .block(BlockInfo(blockSize: 4096, blockCount: next(), maxTransfer: UInt32(truncatingIfNeeded: next()),
                          flags: DeviceFlags(rawValue: UInt32(below(16)))))
     }
 
@@ -166,7 +171,7 @@ struct Generator {
         let open = ControlMessage.openSession(OpenSession(device: "m0", deviceClass: .block, writable: true, dataBytes: 1, queueDepth: 2)).encode()
         let at = 16 + 4 + 2  // header, name length, "m0"
         #expect(open[at] == DeviceClass.block.rawValue)
-        for tag: UInt8 in [0, 2, 0x7F, 0xFF] {
+        for tag: UInt8 in [0, 3, 0x7F, 0xFF] {
             var b = open; b[at] = tag
             #expect(Self.refused(b, "device class: unknown \(tag)"))
         }
@@ -178,7 +183,7 @@ struct Generator {
                                                            classInfo: .block(info))).encode()
         let at = 16 + 8 + 8 + 4 + 1 + 8
         #expect(m[at] == DeviceClass.block.rawValue && m[at + 1] == 20 && m[at + 2] == 0)
-        for tag: UInt8 in [0, 2, 0xFF] {
+        for tag: UInt8 in [0, 3, 0xFF] {
             var b = m; b[at] = tag
             #expect(Self.refused(b, "class info: unknown tag \(tag)"))
         }
@@ -192,6 +197,28 @@ struct Generator {
         #expect(Self.refused(b, "class info: unknown tag 9"))
         b = d; b[16 + 3 + 16] |= 0x80
         #expect(Self.refused(b, "device flags: unknown bits"))
+    }
+
+    /// A net section: its length, a MAC of more than 48 bits, an MTU outside 68...9000.
+    @Test func netClassInfoIsChecked() throws {
+        let info = NetInfo(mac: MACAddress("02:00:00:00:00:01")!, mtu: 1500)
+        let m = ControlMessage.deviceInfo(.net(info)).encode()
+        #expect(m[16] == DeviceClass.net.rawValue && m[17] == 11 && m[18] == 0)
+        #expect(try ControlMessage.decode(m) == .deviceInfo(.net(info)))
+        var b = m; b[19 + 6] = 1  // byte 6 of the little-endian UInt64: bit 48
+        #expect(Self.refused(b, "MAC address: bits above 48"))
+        b = m; b[19 + 8] = 0; b[19 + 9] = 0  // MTU 0
+        #expect(Self.refused(b, "MTU 0 outside"))
+        b = m; b[19 + 8] = 0x29; b[19 + 9] = 0x23  // 9001
+        #expect(Self.refused(b, "MTU 9001 outside"))
+        b = m; b[17] = 10
+        #expect(Self.refused(b, "class info 2: body of 10 bytes"))
+        let p = ControlMessage.driverStart(DriverStart(device: "n", generation: 1, tableCapacity: 4, heartbeatIntervalMs: 10,
+                                                       transport: .memory(latencyMicroseconds: 0),
+                                                       deviceClass: .net(NetParameters(mac: info.mac, mtu: 9000)))).encode()
+        #expect(try ControlMessage.decode(p) == .driverStart(DriverStart(device: "n", generation: 1, tableCapacity: 4, heartbeatIntervalMs: 10,
+                                                                        transport: .memory(latencyMicroseconds: 0),
+                                                                        deviceClass: .net(NetParameters(mac: info.mac, mtu: 9000)))))
     }
 
     @Test func transportAndClassParametersAreChecked() {
@@ -228,8 +255,11 @@ struct Generator {
         // The class parameters follow the transport.
         let cls = at + 3 + 4
         #expect(memory[cls] == DeviceClass.block.rawValue && memory[cls + 1] == 16)
+        b = memory; b[cls] = 3
+        #expect(Self.refused(b, "class parameters: unknown tag 3"))
+        // A block body under the net tag: the lengths differ.
         b = memory; b[cls] = 2
-        #expect(Self.refused(b, "class parameters: unknown tag 2"))
+        #expect(Self.refused(b, "class parameters 2: body of 16 bytes"))
         b = memory; b[cls + 1] = 15
         #expect(Self.refused(b, "class parameters 1: body of 15 bytes"))
     }
@@ -243,12 +273,12 @@ struct Generator {
         }
     }
 
-    /// Version 1 peers (no classes, no transports) are refused by version, not misread.
+    /// Peers of an earlier version (version 3: no net class) are refused by version, not misread.
     @Test func theVersionChanged() {
         var b = ControlMessage.statusRequest.encode()
-        #expect(ControlProtocol.version == 3)
-        b[4] = 2
-        #expect(throws: ControlError.unsupportedVersion(2)) { try ControlMessage.decode(b) }
+        #expect(ControlProtocol.version == 4)
+        b[4] = 3
+        #expect(throws: ControlError.unsupportedVersion(3)) { try ControlMessage.decode(b) }
     }
 
     /// Descriptor counts are fixed per type, whatever the class or transport.

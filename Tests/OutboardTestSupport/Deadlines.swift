@@ -27,7 +27,7 @@ func nanoseconds(_ seconds: Double) -> UInt64 { UInt64(max(0, seconds) * 1e9) }
 /// most `seconds`; then throws `.failed` naming what is still in flight (BlockSession's own
 /// `drain` waits as long as it takes).
 public func drain(_ s: inout BlockSession, within seconds: Double = testDeadlineSeconds,
-                  _ body: (BlockResult) throws(BlockSessionError) -> Void) throws(BlockSessionError) {
+                  _ body: (BlockResult) throws(SessionError) -> Void) throws(SessionError) {
     let out = UnsafeMutableBufferPointer<BlockResult>.allocate(capacity: s.queueDepth)
     defer { out.deallocate() }
     let deadline = Clock.monotonicNanoseconds + nanoseconds(seconds)

@@ -123,7 +123,7 @@ public final class ManagerFixture {
         throw FixtureError("timed out waiting for \(what)")
     }
 
-    public func open(_ device: String, writable: Bool = true, dataBytes: Int = 16 * 4096, depth: Int = 16) throws(BlockSessionError) -> BlockSession {
+    public func open(_ device: String, writable: Bool = true, dataBytes: Int = 16 * 4096, depth: Int = 16) throws(SessionError) -> BlockSession {
         try BlockSession.open(socketPath: socketPath, device: device, writable: writable, dataBytes: dataBytes, queueDepth: depth)
     }
 }
@@ -139,7 +139,7 @@ public func memDevice(_ name: String, sizeMib: Int = 16, access: String = #"[{"u
 /// Runs one request and waits for it, at most `seconds` (then throws: a lost request
 /// fails the test instead of hanging it).
 public func io(_ s: inout BlockSession, _ op: BlockOp, sector: UInt64, offset: Int = 0, length: Int = 4096,
-               within seconds: Double = testDeadlineSeconds) throws(BlockSessionError) -> BlockStatus? {
+               within seconds: Double = testDeadlineSeconds) throws(SessionError) -> BlockStatus? {
     guard try s.submit(op, sector: sector, offset: offset, length: length) != nil else { throw .invalidRequest("queue full") }
     var result: BlockStatus?? = nil
     try drain(&s, within: seconds) { r in result = r.status }

@@ -86,7 +86,7 @@ import Testing
         let listener = try UnixListener(path: path)
         let admin = try AdminConnection(socketPath: path, timeoutMilliseconds: 200)
         let peer = try listener.accept()  // connected, reads nothing, sends nothing
-        #expect(throws: BlockSessionError.failed("manager did not answer within 200 ms")) { _ = try admin.status() }
+        #expect(throws: SessionError.failed("manager did not answer within 200 ms")) { _ = try admin.status() }
         // The connection is done: a late answer cannot be mistaken for the next reply.
         try? peer.send(.statusReport("{}"))
         #expect(throws: (any Error).self) { _ = try admin.status() }
@@ -115,7 +115,7 @@ import Testing
             try? s.send(.failure(.limitExceeded, "too many connections"), nonBlocking: true)
         }  // s closes here, with the request unread
         server.start()
-        #expect(throws: BlockSessionError.refused(.limitExceeded, "too many connections")) {
+        #expect(throws: SessionError.refused(.limitExceeded, "too many connections")) {
             _ = try BlockSession.open(socketPath: path, device: "d", writable: false, dataBytes: 4096, queueDepth: 2)
         }
         try waitSignalled(served, for: "the refusing server's thread")
@@ -131,6 +131,6 @@ import Testing
             let s = try listener.accept()
             try s.send(.failure(.limitExceeded, "too many connections"))
         }  // closed before the client sends anything
-        #expect(throws: BlockSessionError.refused(.limitExceeded, "too many connections")) { _ = try admin.status() }
+        #expect(throws: SessionError.refused(.limitExceeded, "too many connections")) { _ = try admin.status() }
     }
 }

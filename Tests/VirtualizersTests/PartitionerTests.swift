@@ -81,7 +81,7 @@ final class PartitionerBox: @unchecked Sendable {
     let lock = NSLock()
     let done = DispatchSemaphore(value: 0)
     var stopped = false
-    var failure: BlockSessionError?
+    var failure: SessionError?
     init(_ p: BlockPartitioner) { partitioner = p }
     func run() {
         defer { done.signal() }
@@ -92,7 +92,7 @@ final class PartitionerBox: @unchecked Sendable {
             }
         }
     }
-    var error: BlockSessionError? { lock.withLock { failure } }
+    var error: SessionError? { lock.withLock { failure } }
     /// Stops the loop and waits (up to the test deadline) for the thread to leave it (once).
     func stop() {
         let first = lock.withLock { () -> Bool in

@@ -7,26 +7,26 @@ import SystemPackage
 import Glibc
 #endif
 
-/// One driver process: serves block sessions on one device through `Server`, the device's
-/// own logic. Written once for every driver:
+/// One driver process: serves the sessions of one device through `Server`, the device's
+/// own logic (a block or a net device). Written once for every driver:
 /// - the manager socket: start, attach and detach, device connections, exit on close;
 /// - the heartbeat on the driver page, and the counters the manager reports;
-/// - the session table: requests taken in batches, round robin, each checked against the
-///   device's limits; the in-use mark and the translation check right before a transfer;
-///   completions published in batches with at most one doorbell per session;
-/// - the sleep rule: stay awake only for work that can be taken now (requests while the
-///   device has room, completions at the device), otherwise ask every client for a
-///   doorbell, double-check, and sleep in epoll;
-/// - the fault-injection point (abort inside request handling, as a driver bug would).
+/// - the session table: a record per session, what the device holds of it, the one
+///   translation check, sessions dropped when they break their protocol;
+/// - the sleep loop: spin while the server says so, otherwise let it ask the device and
+///   the sessions for a notification (for the work it can take now), double-check, and
+///   sleep in epoll.
+/// The data path of a class (taking entries off the session queues, the device's
+/// completions, publishing in batches, the fault-injection points) is the server's: the
+/// block class writes it once for every block device (`BlockDeviceServer`).
 ///
 /// The process is sandboxed before `start`: it holds only what the manager sent it.
-struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
+struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Copyable>: ~Copyable {
     var context: HostContext
     var server: Server
     var events = EpollEvents(capacity: 64)
     var lastWork: UInt64 = 0
     var exitRequested = false
-    var broken: [Int] = []
 
     /// Receives DriverStart, maps the driver page and the translation table (read-only),
     /// makes the server from the rest, and reports ready. `epoll`: a fresh epoll set, made
@@ -41,8 +41,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
         guard case .driverStart(let cfg) = delivery.message else {
             throw .setup("expected driverStart, got \(delivery.message.type)")
         }
-        guard cfg.tableCapacity >= 1, cfg.tableCapacity <= 4096, cfg.heartbeatIntervalMs >= 1,
-              cfg.maxTransfer >= UInt32(blockSectorSize), cfg.maxTransfer % UInt32(blockSectorSize) == 0 else {
+        guard cfg.tableCapacity >= 1, cfg.tableCapacity <= 4096, cfg.heartbeatIntervalMs >= 1 else {
             throw .setup("bad start parameters \(cfg)")
         }
         let capacity = Int(cfg.tableCapacity)
@@ -51,8 +50,9 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
         do { try epoll.add(manager.fd.raw, events: .readable, token: HostToken.manager) } catch { throw .setup("epoll: \(error)") }
         let page = DriverPage(pm.base, tableCapacity: capacity)
         let table = TranslationTable(tm.base, capacity: capacity)
+        precondition(Server.deviceClass == Session.deviceClass, "a \(Server.deviceClass) server with \(Session.deviceClass) sessions")
         let ctx = HostContext(manager: manager, start: cfg, page: page, table: table, epoll: epoll,
-                              sessions: SessionTable(), pageMapping: pm, tableMapping: tm)
+                              sessions: SessionTable(of: Session.self), pageMapping: pm, tableMapping: tm)
         let srv = try make(cfg, delivery.take(2), ctx)
         do {
             try ctx.manager.send(.driverReady(pid: getpid(), probes: probes))
@@ -70,10 +70,9 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
         var spins = 0
         while !exitRequested {
             context.page.beat()
-            var work = server.poll(context: &context)
-            if work > 0 { afterCompletions() }
-            work += serveSessions()
+            let work = server.serve(context: &context)
             spins &+= 1
+            if work > 0 || !context.sessions.drops.isEmpty { afterWork() }
             if work > 0 {
                 lastWork = Clock.monotonicNanoseconds
                 // Under load, look at the manager socket now and then without sleeping.
@@ -87,28 +86,10 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
                 if spins & 1023 == 0 { try pollEvents(timeoutMs: 0) }
                 continue
             }
-            // Stay awake only for work that can be taken now. Requests are such work only
-            // while the device has room: without a device (nothing can serve them until the
-            // manager hands over a connection, which only the sleep below receives) or with
-            // its queue full (only a completion, which the device's notification reports,
-            // makes room), staying awake for them would spin without reading the manager
-            // or the device.
-            var sleep = true
-            let watchSessions = server.room > 0
-            if watchSessions {
-                for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
-                    if !context.sessions.endpoints[i].requests.prepareToSleep()
-                        && !context.sessions.endpoints[i].requests.hasFailed { sleep = false }
-                }
+            if server.prepareToSleep(context: &context) {
+                try pollEvents(timeoutMs: Int(max(1, context.start.heartbeatIntervalMs / 2)))
             }
-            if !server.prepareToSleep() { sleep = false }
-            if sleep { try pollEvents(timeoutMs: Int(max(1, context.start.heartbeatIntervalMs / 2))) }
-            if watchSessions {
-                for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
-                    context.sessions.endpoints[i].requests.cancelSignal()
-                }
-            }
-            server.woke()
+            server.woke(context: &context)
         }
     }
 
@@ -121,10 +102,9 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             case HostToken.manager:
                 try handleManagerMessages()
             case HostToken.session..<(HostToken.session + UInt64(SessionTable.capacity)):
-                let i = Int(token - HostToken.session)
                 // Edge-triggered: each ring of the doorbell is one event, and nothing needs
                 // reading (an eventfd's counter would take 2^64 rings to fill).
-                _ = i
+                break
             default:
                 server.event(token, context: &context)
             }
@@ -140,7 +120,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
                 detach(id)
             case .deviceConnection:
                 server.connect(d.take(0), context: &context)
-                afterCompletions()
+                afterWork()
             default:
                 throw .fatal("unexpected message from manager: \(d.message.type)")
             }
@@ -156,9 +136,8 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             return
         }
         do {
-            let ep = try BlockServerEndpoint(a, queues: d.take(0), data: d.take(1), requestBell: d.take(2),
-                                             completionBell: d.take(3), keepDataDescriptor: Server.keepsDataDescriptors)
-            try context.epoll.add(ep.requestBell.fd.raw, events: [.readable, .edgeTriggered], token: HostToken.session + UInt64(i))
+            let ep = try Session.make(a, &d, start: context.start, keepDataDescriptor: Server.keepsDataDescriptors)
+            try context.epoll.add(ep.requestBellFD, events: [.readable, .edgeTriggered], token: HostToken.session + UInt64(i))
             context.sessions.insert(ep, at: i)
         } catch {
             try? context.manager.send(.sessionError(sessionID: a.sessionID, reason: "cannot attach: \(error)"))
@@ -169,6 +148,8 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
             finishDetaches()
             return
         }
+        // A server may find others it cannot serve while it sets this one up.
+        dropPending()
         try? context.manager.send(.attached(sessionID: a.sessionID))
     }
 
@@ -176,7 +157,7 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     /// device, the device lets go of it and the session is gone.
     mutating func detach(_ id: UInt64) {
         var known = false
-        for i in 0..<SessionTable.capacity where context.sessions.occupied[i] && context.sessions.endpoints[i].sessionID == id {
+        for i in 0..<SessionTable.capacity where context.sessions.occupied[i] && context.sessions.sessionIDs[i] == id {
             beginDetach(i)
             known = true
         }
@@ -190,7 +171,8 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     mutating func beginDetach(_ i: Int) {
         guard !context.sessions.detaching[i] else { return }
         context.sessions.detaching[i] = true
-        try? context.epoll.remove(context.sessions.endpoints[i].requestBell.fd.raw)
+        try? context.epoll.remove(context.sessions.endpoints(Session.self)[i].requestBellFD)
+        server.detaching(i, context: &context)
         // Without a device, what it had of this session is gone with it.
         if !server.deviceConnected && context.sessions.inFlight[i] > 0 {
             server.forget(i, context: &context)
@@ -201,9 +183,9 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     mutating func finishDetaches() {
         for i in 0..<SessionTable.capacity
         where context.sessions.occupied[i] && context.sessions.detaching[i] && context.sessions.inFlight[i] == 0 {
-            let id = context.sessions.endpoints[i].sessionID
+            let id = context.sessions.sessionIDs[i]
             server.removing(i, context: &context)
-            context.page.clearInUse(context.sessions.endpoints[i].tableIndex)
+            context.page.clearInUse(context.sessions.tableIndices[i])
             context.sessions.remove(i)
             try? context.manager.send(.detached(sessionID: id))
         }
@@ -213,115 +195,26 @@ struct DriverHost<Server: BlockDeviceServer & ~Copyable>: ~Copyable {
     /// stop serving it. The manager revokes the session.
     mutating func drop(_ i: Int, reason: String) {
         guard context.sessions.occupied[i], !context.sessions.detaching[i] else { return }
-        try? context.manager.send(.sessionError(sessionID: context.sessions.endpoints[i].sessionID, reason: reason))
+        try? context.manager.send(.sessionError(sessionID: context.sessions.sessionIDs[i], reason: reason))
         beginDetach(i)
     }
 
-    mutating func dropBroken() {
-        // The data path calls this after every batch: nothing to do is one check each.
-        guard !context.sessions.refused.isEmpty || !broken.isEmpty else { return }
-        if !context.sessions.refused.isEmpty {
-            let list = context.sessions.refused
-            context.sessions.refused.removeAll()
-            for (i, why) in list { drop(i, reason: why) }
-        }
-        if !broken.isEmpty {
-            let list = broken
-            broken.removeAll()
-            for i in list {
-                let why = context.sessions.endpoints[i].failure?.description ?? "completion queue full: client exceeded its queue depth"
-                drop(i, reason: why)
-            }
-        }
-        // A dropped session with nothing at the device goes now, not at the next detach.
-        finishDetaches()
+    /// Drops the sessions the last pass (or an attach) found unservable.
+    mutating func dropPending() {
+        // The data path calls this after every pass with work: nothing to do is one check.
+        guard !context.sessions.drops.isEmpty else { return }
+        let list = context.sessions.drops
+        context.sessions.drops.removeAll()
+        for (i, why) in list { drop(i, reason: why) }
     }
 
-    // MARK: data path
-
-    /// Takes requests from every session (a batch each, as far as the device has room),
-    /// starts them, publishes once, and publishes the completions.
-    mutating func serveSessions() -> Int {
-        guard let limits = server.limits else { return 0 }
-        var total = 0
-        var dropped = false
-        let n = SessionTable.capacity
-        let generation = context.generation
-        for step in 0..<n {
-            let i = (context.sessions.next + step) % n
-            guard context.sessions.isActive(i) else { continue }
-            let deviceRoom = min(SessionTable.batch, server.room)
-            if deviceRoom == 0 { break }
-            // Never more of a session's requests than its depth: what this driver holds of
-            // it (at the device, or finished and not yet published) plus what it takes now.
-            // A client that obeys its depth cannot have more in its queue; one that does is
-            // dropped, here, before it can make the driver hold more than its buffers take.
-            let allowance = context.sessions.allowance(i)
-            if allowance == 0 {
-                // A request waiting is a violation only if the room is still not there once
-                // it is seen: a client takes a completion (head store) before it submits the
-                // request that reuses its tag (tail store, release); seeing that tail
-                // (acquire, in isEmpty) and then reading the head again sees the room.
-                if context.sessions.endpoints[i].hasFailed, let e = context.sessions.endpoints[i].failure {
-                    drop(i, reason: e.description)
-                    dropped = true
-                } else if !context.sessions.endpoints[i].requests.isEmpty(), context.sessions.allowance(i) == 0 {
-                    drop(i, reason: "more requests than the queue depth of \(context.sessions.endpoints[i].queueDepth)")
-                    dropped = true
-                }
-                continue
-            }
-            let room = min(deviceRoom, allowance)
-            let got = context.sessions.endpoints[i].requests.dequeue(
-                into: UnsafeMutableBufferPointer(rebasing: context.sessions.requestBuffer[0..<room]))
-            if got == 0 {
-                if context.sessions.endpoints[i].hasFailed, let e = context.sessions.endpoints[i].failure {
-                    drop(i, reason: e.description)
-                    dropped = true
-                }
-                continue
-            }
-            total += got
-            let index = context.sessions.endpoints[i].tableIndex
-            let writable = context.sessions.endpoints[i].writable
-            // In use before any translation is read: the manager marks an entry revoking
-            // before it reads our mark, so either it sees the mark and waits, or we see the
-            // revocation (DriverPage.markInUse).
-            if context.sessions.inFlight[i] == 0 { context.page.markInUse(index) }
-            for k in 0..<got {
-                let r = context.sessions.requestBuffer[k]
-                if context.table.abortGeneration == generation {
-                    // Fault injection: die inside request handling, as a driver bug would.
-                    abort()
-                }
-                if let status = limits.check(r, writable: writable) {
-                    context.sessions.complete(i, tag: r.tag, status: status, generation: generation)
-                } else if let status = server.start(r, session: i, context: &context) {
-                    context.sessions.complete(i, tag: r.tag, status: status, generation: generation)
-                } else {
-                    context.sessions.inFlight[i] += 1
-                }
-            }
-            if context.sessions.inFlight[i] == 0 { context.page.clearInUse(index) }
-        }
-        context.sessions.next = (context.sessions.next + 1) % n
-        // A session dropped above with nothing at the device leaves now.
-        if dropped { finishDetaches() }
-        if total > 0 {
-            server.publish(context: &context)
-            context.sessions.flush(page: context.page, broken: &broken)
-            dropBroken()
-        }
-        return total
-    }
-
-    /// After the device finished requests: publish, clear the in-use marks of sessions
-    /// with nothing left at the device, and let go of sessions that were waiting for that.
-    mutating func afterCompletions() {
-        context.sessions.flush(page: context.page, broken: &broken)
-        dropBroken()
+    /// After a pass with work (or a new device connection): drop the sessions found
+    /// broken, clear the in-use marks of sessions with nothing left at the device, and let
+    /// go of sessions that were waiting for that.
+    mutating func afterWork() {
+        dropPending()
         for i in 0..<SessionTable.capacity where context.sessions.occupied[i] && context.sessions.inFlight[i] == 0 {
-            context.page.clearInUse(context.sessions.endpoints[i].tableIndex)
+            context.page.clearInUse(context.sessions.tableIndices[i])
         }
         finishDetaches()
     }

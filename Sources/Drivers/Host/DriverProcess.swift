@@ -18,6 +18,7 @@ public enum DriverProcess {
         case memoryBlock
         case virtioBlkVhostUser
         case virtioBlkVFIO
+        case virtioNetVhostUser
 
         /// As the manager names them on the command line (`--transport`, `--class`).
         public init?(transport: String, deviceClass: String) {
@@ -25,6 +26,7 @@ public enum DriverProcess {
             case ("memory", "block"): self = .memoryBlock
             case ("vhost-user", "block"): self = .virtioBlkVhostUser
             case ("vfio", "block"): self = .virtioBlkVFIO
+            case ("vhost-user", "net"): self = .virtioNetVhostUser
             default: return nil
             }
         }
@@ -61,6 +63,10 @@ public enum DriverProcess {
             switch o.kind {
             case .memoryBlock: break
             case .virtioBlkVhostUser: link = try VhostUserTransport(queues: 1)
+            case .virtioNetVhostUser:
+                // DPDK's vhost backend maps (and pre-faults) every region of SET_MEM_TABLE
+                // before it answers: tens of milliseconds, more on a loaded machine.
+                link = try VhostUserTransport(queues: 2, replyTimeoutMilliseconds: 400)
             case .virtioBlkVFIO:
                 pci = try VirtioPCITransport(queues: 1)
                 // The device fd's own ioctls (regions, interrupts, reset), argument-checked:
@@ -96,22 +102,29 @@ public enum DriverProcess {
         do throws(DriverError) {
             switch o.kind {
             case .memoryBlock:
-                var host = try DriverHost<MemBlockServer>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<MemBlockServer, BlockServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in try MemBlockServer(start: cfg, memory: memory, context: ctx)
                 }
                 try host.run()
             case .virtioBlkVhostUser:
-                var host = try DriverHost<VirtioBlkServer<VhostUserTransport>>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<VirtioBlkServer<VhostUserTransport>, BlockServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in
                     guard let l = link.take() else { throw .setup("the device link was used already") }
                     return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
                 }
                 try host.run()
             case .virtioBlkVFIO:
-                var host = try DriverHost<VirtioBlkServer<VirtioPCITransport<VFIODevice>>>(manager: socket, epoll: epoll, probes: probes) {
+                var host = try DriverHost<VirtioBlkServer<VirtioPCITransport<VFIODevice>>, BlockServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
                     (cfg, memory, ctx) throws(DriverError) in
                     guard let l = pci.take() else { throw .setup("the device link was used already") }
                     return try VirtioBlkServer(start: cfg, memory: memory, link: l, context: ctx)
+                }
+                try host.run()
+            case .virtioNetVhostUser:
+                var host = try DriverHost<VirtioNetServer<VhostUserTransport>, NetServerEndpoint>(manager: socket, epoll: epoll, probes: probes) {
+                    (cfg, memory, ctx) throws(DriverError) in
+                    guard let l = link.take() else { throw .setup("the device link was used already") }
+                    return try VirtioNetServer(start: cfg, memory: memory, link: l, context: ctx)
                 }
                 try host.run()
             }

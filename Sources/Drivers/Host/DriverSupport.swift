@@ -30,7 +30,12 @@ public enum DriverError: RecoverableError, CustomStringConvertible {
 /// the other transport reads as zero; `start` checks the transport first).
 extension DriverStart {
     var block: BlockParameters {
-        switch deviceClass { case .block(let b): return b }
+        if case .block(let b) = deviceClass { return b }
+        return BlockParameters(blockSize: 0, blockCount: 0, maxTransfer: 0)
+    }
+    var net: NetParameters? {
+        if case .net(let n) = deviceClass { return n }
+        return nil
     }
     var blockSize: UInt32 { block.blockSize }
     var blockCount: UInt64 { block.blockCount }

@@ -18,7 +18,7 @@ struct MemBlockServer: ~Copyable, BlockDeviceServer {
     let latencyMicroseconds: UInt32
     let heartbeatIntervalMs: UInt32
 
-    init(start cfg: DriverStart, memory: consuming OwnedFD, context: borrowing HostContext) throws(DriverError) {
+    init(start cfg: DriverStart, memory: consuming OwnedFD, context: borrowing BlockContext) throws(DriverError) {
         guard case .memory = cfg.transport else { throw .setup("the memory block driver got transport \(cfg.transport)") }
         guard cfg.blockSize == UInt32(blockSectorSize) else { throw .setup("block size \(cfg.blockSize): only 512 is served") }
         let bytes = cfg.blockCount.multipliedReportingOverflow(by: UInt64(blockSectorSize))
@@ -32,7 +32,7 @@ struct MemBlockServer: ~Copyable, BlockDeviceServer {
     var room: Int { SessionTable.batch }
     var deviceConnected: Bool { true }
 
-    mutating func start(_ r: BlockRequest, session i: Int, context: inout HostContext) -> BlockStatus? {
+    mutating func start(_ r: BlockRequest, session i: Int, context: inout BlockContext) -> BlockStatus? {
         guard let op = BlockOp(rawValue: r.op) else { return .unsupported }
         // Memory is never cached: a flush has nothing to do. Nothing else but read and
         // write is offered (limits.flags), so nothing else comes here.
@@ -47,7 +47,7 @@ struct MemBlockServer: ~Copyable, BlockDeviceServer {
             return status
         case .granted(_, let regionOffset):
             // "DMA": the IO address resolves to our mapping of that region.
-            let buffer = context.sessions.endpoints[i].data.base + regionOffset
+            let buffer = context.sessions.block[i].data.base + regionOffset
             let disk = device.base + Int(r.sector * UInt64(blockSectorSize))
             if op == .read {
                 buffer.copyMemory(from: disk, byteCount: Int(r.length))
@@ -71,19 +71,19 @@ struct MemBlockServer: ~Copyable, BlockDeviceServer {
         }
     }
 
-    mutating func publish(context: inout HostContext) {}
-    mutating func poll(context: inout HostContext) -> Int {
+    mutating func publish(context: inout BlockContext) {}
+    mutating func poll(context: inout BlockContext) -> Int {
         // Requests finish inside `start`; count them for the manager there.
         0
     }
     func shouldSpin(lastWork: UInt64) -> Bool { false }
-    mutating func prepareToSleep() -> Bool { true }
-    mutating func woke() {}
-    mutating func event(_ token: UInt64, context: inout HostContext) {}
-    mutating func connect(_ fd: consuming OwnedFD, context: inout HostContext) {
+    mutating func prepareDeviceToSleep() -> Bool { true }
+    mutating func deviceWoke() {}
+    mutating func event(_ token: UInt64, context: inout BlockContext) {}
+    mutating func connect(_ fd: consuming OwnedFD, context: inout BlockContext) {
         _ = consume fd  // a memory device has no connection
     }
-    mutating func attached(_ session: Int, context: inout HostContext) -> String? { nil }
-    mutating func removing(_ session: Int, context: inout HostContext) {}
-    mutating func forget(_ session: Int, context: inout HostContext) {}
+    mutating func attached(_ session: Int, context: inout BlockContext) -> String? { nil }
+    mutating func removing(_ session: Int, context: inout BlockContext) {}
+    mutating func forget(_ session: Int, context: inout BlockContext) {}
 }

@@ -58,7 +58,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
 
     /// `link`: the transport, its eventfds made before the sandbox was entered.
     init(start cfg: DriverStart, memory: consuming OwnedFD, link: consuming Link,
-         context: borrowing HostContext) throws(DriverError) {
+         context: borrowing BlockContext) throws(DriverError) {
         guard cfg.virtio != nil else { throw .setup("the virtio-blk driver got transport \(cfg.transport)") }
         guard cfg.queueSize >= 8, cfg.queueSize <= 1024, cfg.queueSize.nonzeroBitCount == 1 else {
             throw .setup("queue size \(cfg.queueSize): a power of two in 8...1024")
@@ -129,7 +129,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     /// Sets the device up on a fresh connection (§3.1.1 through the transport), exposes
     /// the DMA region and every session's region, starts the queue and resubmits what was
     /// in flight. Any failure: the connection is dropped and a new one asked for.
-    mutating func connect(_ fd: consuming OwnedFD, context: inout HostContext) {
+    mutating func connect(_ fd: consuming OwnedFD, context: inout BlockContext) {
         // A connection the manager replaces is simply dropped: reporting it lost would ask
         // for yet another.
         if connected { drop() }
@@ -147,7 +147,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
             try device.transport.expose(device.deviceMemory(fd: dma.region.fd.raw.rawValue))
             for i in 0..<SessionTable.capacity { exposedAt[i] = nil }
             for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
-                if let refusal = try expose(i, context: &context) { context.sessions.refused.append((i, refusal)) }
+                if let refusal = try expose(i, context: &context) { context.sessions.drops.append((i, refusal)) }
                 context.page.beat()
             }
             try device.start(notificationsOff: mode == .adaptive || mode == .poll)
@@ -198,8 +198,8 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     /// Exposes session `i`'s data region at its translation-table IO address. Returns why
     /// the session cannot be served (no slot, no active entry), or throws if the
     /// connection failed.
-    mutating func expose(_ i: Int, context: inout HostContext) throws(VirtioTransportError) -> String? {
-        let ep = context.sessions.endpoints
+    mutating func expose(_ i: Int, context: inout BlockContext) throws(VirtioTransportError) -> String? {
+        let ep = context.sessions.block
         guard let e = context.table.readPatiently(ep[i].tableIndex), e.state == .active, e.sessionID == ep[i].sessionID,
               e.length > 0 else {
             return "its region is not active in the translation table"
@@ -219,14 +219,14 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
 
     /// The connection is unusable: drop it and ask the manager for another. What is in
     /// flight stays recorded and is resubmitted on the next connection.
-    mutating func lose(_ reason: String, context: inout HostContext) {
+    mutating func lose(_ reason: String, context: inout BlockContext) {
         if connected {
             if socketFD >= 0 { try? context.epoll.remove(FileDescriptor(rawValue: socketFD)) }
             drop()
         }
         // Nothing more comes from the device until a new connection: a client waiting for
         // a wake index it will not reach gets what is already published.
-        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) { context.sessions.endpoints[i].producerIdle() }
+        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) { context.sessions.block[i].producerIdle() }
         context.reportDeviceLost(reason)
     }
 
@@ -242,7 +242,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     /// After (re)connecting: every recorded request goes to the new device in the order it
     /// first went to a device, except those of sessions on their way out, which end as
     /// revoked.
-    mutating func resubmitAll(context: inout HostContext) {
+    mutating func resubmitAll(context: inout BlockContext) {
         let size = device.layout.queueSize
         var waiting: [(UInt64, Int)] = []
         for k in 0..<size where records[k].active { waiting.append((records[k].sequence, k)) }
@@ -260,7 +260,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
 
     // MARK: data path
 
-    mutating func start(_ r: BlockRequest, session i: Int, context: inout HostContext) -> BlockStatus? {
+    mutating func start(_ r: BlockRequest, session i: Int, context: inout BlockContext) -> BlockStatus? {
         // Without VIRTIO_BLK_F_FLUSH the device writes through (§5.2.5): nothing to do.
         if r.op == BlockOp.flush.rawValue && !(limits?.flags.contains(.flush) ?? false) { return .ok }
         guard freeCount > 0 else { return .ioError }  // cannot happen: the host checked `room`
@@ -277,7 +277,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
 
     /// Request slot `k` to the device: its buffer translated right before the device gets
     /// the address. Returns the status to end it with if it cannot go.
-    mutating func submit(_ k: Int, context: inout HostContext) -> BlockStatus? {
+    mutating func submit(_ k: Int, context: inout BlockContext) -> BlockStatus? {
         let r = records[k].request
         let i = records[k].session
         guard let op = BlockOp(rawValue: r.op) else { return .unsupported }
@@ -314,12 +314,12 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
         return nil
     }
 
-    mutating func publish(context: inout HostContext) {
+    mutating func publish(context: inout BlockContext) {
         if connected, device.publish() { context.page.add(.kicks) }
     }
 
     /// Takes finished chains off the used ring and queues their completions.
-    mutating func poll(context: inout HostContext) -> Int {
+    mutating func poll(context: inout BlockContext) -> Int {
         guard connected else { return 0 }
         var n = 0
         while let c = device.nextCompletion() {
@@ -337,7 +337,7 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
         return n
     }
 
-    mutating func finish(_ k: Int, _ status: BlockStatus, context: inout HostContext) {
+    mutating func finish(_ k: Int, _ status: BlockStatus, context: inout BlockContext) {
         context.sessions.finish(records[k].session, tag: records[k].request.tag, status: status, generation: context.generation)
         release(k)
     }
@@ -371,15 +371,15 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
     /// device run dry at QD32.
     static func holdOff(inFlight: Int) -> Int { max(1, inFlight / 3) }
 
-    mutating func prepareToSleep() -> Bool {
+    mutating func prepareDeviceToSleep() -> Bool {
         !(connected && device.inFlight > 0 && device.enableNotifications(after: Self.holdOff(inFlight: device.inFlight)))
     }
 
-    mutating func woke() {
+    mutating func deviceWoke() {
         if connected && (mode == .adaptive || mode == .poll) { device.disableNotifications() }
     }
 
-    mutating func event(_ token: UInt64, context: inout HostContext) {
+    mutating func event(_ token: UInt64, context: inout BlockContext) {
         switch token {
         case Self.callToken:
             // One edge per wake-up, however many notifications it gathered.
@@ -411,26 +411,26 @@ struct VirtioBlkServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, BlockD
 
     // MARK: sessions
 
-    mutating func attached(_ i: Int, context: inout HostContext) -> String? {
+    mutating func attached(_ i: Int, context: inout BlockContext) -> String? {
         guard connected else { return nil }  // exposed on the next connection
         do {
             return try expose(i, context: &context)
         } catch {
-            lose("exposing session \(context.sessions.endpoints[i].sessionID)'s region: \(error)", context: &context)
+            lose("exposing session \(context.sessions.block[i].sessionID)'s region: \(error)", context: &context)
             return nil
         }
     }
 
-    mutating func removing(_ i: Int, context: inout HostContext) {
+    mutating func removing(_ i: Int, context: inout BlockContext) {
         guard let io = exposedAt[i] else { return }
         exposedAt[i] = nil
         guard connected else { return }
         do { try device.transport.withdraw(io) } catch {
-            lose("withdrawing session \(context.sessions.endpoints[i].sessionID)'s region: \(error)", context: &context)
+            lose("withdrawing session \(context.sessions.block[i].sessionID)'s region: \(error)", context: &context)
         }
     }
 
-    mutating func forget(_ i: Int, context: inout HostContext) {
+    mutating func forget(_ i: Int, context: inout BlockContext) {
         for k in 0..<device.layout.queueSize where records[k].active && records[k].session == i { release(k) }
     }
 }
