@@ -2,7 +2,7 @@ import Testing
 import Virtio
 
 /// virtio-net (§5.1): the configuration space and the header, built by hand byte by byte.
-@Suite struct NetTests {
+@Suite struct NetConfigTests {
     static let all = VirtioNetFeature.mac | VirtioNetFeature.status | VirtioNetFeature.multiQueue | VirtioNetFeature.mtu
 
     /// mac 52:54:00:12:34:56, status LINK_UP, 4 queue pairs, mtu 9000 (§5.1.4 offsets).
