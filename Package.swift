@@ -113,7 +113,7 @@ let package = Package(
         .testTarget(
             name: "DriversTests",
             dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardBench", "OutboardTestSupport",
-                           "Drivers", "Virtio", "OutboardRings"]
+                           "Drivers", "Virtio", "VhostUser", "OutboardRings"]
         ),
         // The client library against a real manager: sessions, the admin client.
         .testTarget(
