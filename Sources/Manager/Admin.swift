@@ -31,6 +31,12 @@ extension Manager {
         if fault == .badRing, d.config.transport == .memory {
             return refuse(c, .invalidArgument, "fault bad-ring is for virtio devices; '\(device)' is memory")
         }
+        if fault == .badRing, d.config.deviceClass == .net {
+            // DPDK's vhost backend answers a bad available-ring entry by stalling the queue
+            // without a word (no used entry, no disconnect), and the net driver has no stall
+            // watchdog yet: the fault would stop the port for good.
+            return refuse(c, .invalidArgument, "fault bad-ring is not offered for net devices (the vhost-user net backend stalls the queue silently)")
+        }
         if fault == .strayDMA, d.config.transport != .vfio {
             return refuse(c, .invalidArgument, "fault stray-dma is for devices behind an IOMMU (transport vfio); '\(device)' is \(d.config.transport.rawValue)")
         }

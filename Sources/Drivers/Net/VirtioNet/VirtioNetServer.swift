@@ -68,7 +68,6 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     let queueSize: Int
     /// Where each session's region is exposed to the device on this connection.
     var exposedAt: [IOAddress?] = Array(repeating: nil, count: SessionTable.capacity)
-    var badRingSeen: UInt64
     /// Frames given back unsent because the device connection was lost under them.
     var transmitLost: UInt64 = 0
 
@@ -118,7 +117,6 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         device = dev
         dma = DMARegion(region: region, mapping: mapping)
         parameters = net
-        badRingSeen = context.table.badRingRequests
         mode = cfg.notifyMode
         pollWindow = UInt64(cfg.pollMicroseconds) * 1000
         let size = Int(cfg.queueSize)
@@ -342,14 +340,6 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
                                                count: SessionTable.batch)
         let generation = context.generation
         var sent = 0, posted = 0
-        // Fault injection (bad-ring), once per pass: the next receive chains follow a head
-        // naming no descriptor; the device refuses the queue and the driver starts over.
-        let bad = context.table.badRingRequests
-        if bad != badRingSeen {
-            badRingSeen = bad
-            device.addInvalidHead(.receive)
-            posted += 1
-        }
         for step in 0..<n {
             let i = (context.sessions.next + step) % n
             guard context.sessions.isActive(i), exposedAt[i] != nil else { continue }
