@@ -61,9 +61,10 @@ struct ReturnedDescriptor: QueueEntry {
 ///
 /// Recovery: when the driver was replaced (the generation on the header page moves and the
 /// manager sends new queues), the session takes the new queues, gives every receive buffer
-/// to the new driver, and drops the frames that were out for transmission, as a NIC loses
-/// its transmit ring when it resets: their buffers are free again, counted in
-/// `txDroppedInRecovery`. A frame is never sent twice, and never altered. Frames sent but
+/// to the new driver, and drops the frames that were out for transmission and not given
+/// back on the old txFree, as a NIC loses its transmit ring when it resets: their buffers
+/// are free again, counted in `txDroppedInRecovery`. A frame is never sent twice, and never
+/// altered. Frames sent but
 /// not yet flushed are still here and go to the new driver at the next flush.
 public struct NetSession: ~Copyable {
     /// The port as this session sees it: MAC, MTU, link.
