@@ -61,9 +61,10 @@ struct ReturnedDescriptor: QueueEntry {
 ///
 /// Recovery: when the driver was replaced (the generation on the header page moves and the
 /// manager sends new queues), the session takes the new queues, gives every receive buffer
-/// to the new driver, and drops the frames that were out for transmission, as a NIC loses
-/// its transmit ring when it resets: their buffers are free again, counted in
-/// `txDroppedInRecovery`. A frame is never sent twice, and never altered. Frames sent but
+/// to the new driver, and drops the frames that were out for transmission and not given
+/// back on the old txFree, as a NIC loses its transmit ring when it resets: their buffers
+/// are free again, counted in `txDroppedInRecovery`. A frame is never sent twice, and never
+/// altered. Frames sent but
 /// not yet flushed are still here and go to the new driver at the next flush.
 public struct NetSession: ~Copyable {
     /// The port as this session sees it: MAC, MTU, link.
@@ -82,7 +83,8 @@ public struct NetSession: ~Copyable {
     public private(set) var framesSent: UInt64 = 0
     /// Frames handed to `receive`'s closure.
     public private(set) var framesReceived: UInt64 = 0
-    /// Transmitted frames dropped because the driver was replaced while they were out.
+    /// Transmitted frames dropped because the driver was replaced while they were out (not
+    /// given back on the old txFree).
     public private(set) var txDroppedInRecovery: UInt64 = 0
     /// Queue entries from the driver that named no buffer of ours that was out (or held an
     /// impossible length): skipped.
@@ -319,11 +321,15 @@ public struct NetSession: ~Copyable {
 
     @discardableResult
     mutating func reclaim() throws(SessionError) -> Int {
+        let n = harvest()
+        if n == 0 && txFree.hasFailed { try queueFailed() }
+        return n
+    }
+
+    /// Takes what is on txFree: each entry that names a transmit buffer that is out frees
+    /// it; anything else is counted and skipped. Returns how many came back.
+    mutating func harvest() -> Int {
         let n = txFree.dequeue(into: scratch)
-        if n == 0 {
-            if txFree.hasFailed { try queueFailed() }
-            return 0
-        }
         let txBase = queueDepth * bufferBytes
         var back = 0
         for k in 0..<n {
@@ -500,8 +506,9 @@ public struct NetSession: ~Copyable {
         }
     }
 
-    /// Moves to the queues of a restarted driver: every receive buffer goes to it, the
-    /// frames that were out for transmission are dropped (their buffers are free again).
+    /// Moves to the queues of a restarted driver: every receive buffer goes to it; of the
+    /// frames that were out for transmission, those the old driver gave back on its txFree
+    /// are free as usual, the others are dropped (their buffers are free again).
     mutating func adopt(_ q: consuming SessionLink.NewQueues) throws(SessionError) {
         let layout: NetQueueLayout
         do { layout = try NetQueueLayout(queueDepth: queueDepth) } catch { throw .protocolError("\(error)") }
@@ -509,6 +516,9 @@ public struct NetSession: ~Copyable {
         let tf = try Self.consumer(q.mapping, at: layout.txFreeOffset, layout)
         let rf = try Self.producer(q.mapping, at: layout.rxFreeOffset, layout)
         let ra = try Self.consumer(q.mapping, at: layout.rxActiveOffset, layout)
+        // What the old driver gave back before it went is free (checked as ever); the rest
+        // of what was out is dropped.
+        _ = harvest()
         txActive = ta
         txFree = tf
         rxFree = rf
