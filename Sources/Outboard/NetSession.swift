@@ -379,6 +379,10 @@ public struct NetSession: ~Copyable {
             rxOut[i] = 0
             reposts[back] = BufferDescriptor(offset: RegionOffset(i * bufferBytes), length: UInt32(bufferBytes), cookie: UInt32(i))
             back += 1
+            // Length 0: the server gives the buffer back unused (it could not post it to
+            // the device: its region's translation ended). Anything else this short, or
+            // longer than the buffer, is a frame not to be believed.
+            if d.length == 0 { continue }
             guard d.length >= UInt32(NetInfo.headerBytes), d.length <= UInt32(bufferBytes) else {
                 strayEntries &+= 1  // the frame is dropped; the buffer goes back
                 continue
