@@ -88,7 +88,7 @@ let package = Package(
             ]
         ),
         // Shared by the test targets that run the `outboard` executable.
-        .target(name: "OutboardTestSupport", dependencies: ["Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "Virtio"],
+        .target(name: "OutboardTestSupport", dependencies: ["Outboard", "OutboardBench", "OutboardSession", "OutboardSystem", "OutboardRings", "Virtio"],
                 path: "Tests/OutboardTestSupport"),
         .testTarget(name: "OutboardSystemTests", dependencies: ["OutboardSystem", "CLinux", "OutboardTestSupport"]),
         .testTarget(name: "OutboardRingsTests", dependencies: ["OutboardRings", "OutboardTestSupport"]),
