@@ -82,7 +82,7 @@ let package = Package(
             name: "outboard",
             dependencies: [
                 "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers", "VFIO", "CLinux",
-                "OutboardRings",
+                "OutboardRings", "Virtualizers",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -123,7 +123,8 @@ let package = Package(
         // Virtualizers against a real manager: the partitioner chains sessions.
         .testTarget(
             name: "VirtualizersTests",
-            dependencies: ["Virtualizers", "Outboard", "OutboardSession", "OutboardSystem", "OutboardRings", "OutboardTestSupport"]
+            dependencies: ["Virtualizers", "Outboard", "OutboardBench", "OutboardSession", "OutboardSystem", "OutboardRings",
+                           "OutboardTestSupport"]
         ),
         // Inside a QEMU guest with an IOMMU (scripts/guest-lane.sh): what the VFIO tests and
         // the benchmark rely on there.
