@@ -63,6 +63,13 @@ struct NetMuxCommand: ParsableCommand {
             }
         }
         installInterruptFlag()
+        // A parent may have started us with these blocked (the mask is inherited across
+        // exec): then they would never arrive.
+        var stopSignals = sigset_t()
+        sigemptyset(&stopSignals)
+        sigaddset(&stopSignals, SIGINT)
+        sigaddset(&stopSignals, SIGTERM)
+        pthread_sigmask(SIG_UNBLOCK, &stopSignals, nil)
         let upstream = try NetSession.open(socketPath: socket, device: device, queueDepth: depth, waitMilliseconds: waitMs)
         let info = upstream.info
         var mux = try NetMultiplexer(upstream: upstream, socketPath: listen,
