@@ -190,19 +190,25 @@ import Virtualizers
         let ports = try (0..<3).map { _ in try ClientPort(mux.path) }
         try pump(ports, count: 300, sizes: [64, 1518])
         #expect(ports.allSatisfy { $0.seen.count == 300 })
-        let hit = try f.manager.admin().injectFault(device: NetFixture.name(0), .kill)
-        #expect(hit.generation >= 1)
-        try mux.waitFor("the upstream session's recovery") { $0.upstreamRecoveries >= 1 }
         for p in ports { p.reset() }
-        try pump(ports, count: 300, sizes: [64, 1518], first: 10_000, seconds: 20)
+        // Killed half-way through the traffic.
+        var hit: (generation: UInt64, pid: Int32)? = nil
+        try pump(ports, count: 600, sizes: [64, 1518], first: 10_000, seconds: 30) {
+            hit = try f.manager.admin().injectFault(device: NetFixture.name(0), .kill)
+        }
+        #expect(hit != nil)
+        try mux.waitFor("the upstream session's recovery") { $0.upstreamRecoveries >= 1 }
         for p in ports {
-            // Frames sent while no driver ran are lost, as on a wire.
-            #expect(p.damaged == 0 && p.seen.count >= 200, "\(p.mac): \(p.seen.count) of 300 after the restart")
+            // Frames out while no driver ran are lost, as on a wire: a few windows' worth.
+            #expect(p.damaged == 0 && p.seen.count >= 450, "\(p.mac): \(p.seen.count) of 600 across the restart")
             p.reset()
         }
         try pump(ports, count: 200, sizes: [128], first: 20_000)
         for p in ports { #expect(p.seen.count == 200 && p.damaged == 0, "\(p.mac): \(p.seen.count) of 200 after recovery") }
         for p in ports { #expect(p.session.recoveries == 0, "a client saw the restart below: \(p.session.recoveries)") }
+        let s = mux.stop()
+        #expect(s.upstreamRecoveries >= 1 && s.clients.prefix(3).allSatisfy { $0.connected && $0.sessions == 1 && $0.lastDrop == nil },
+                "\(s)")
     }
 
     /// `outboard net mux` as a process: it prints the client MACs, serves a client that
@@ -340,17 +346,24 @@ final class ClientPort {
 }
 
 /// Every client sends `count` frames (sequence numbers from `first`, at most `window` out
-/// at once) and collects what comes back, all interleaved, until each has all back or
-/// `seconds` passed. A frame that comes back damaged or addressed to anyone else counts
-/// in `damaged`. Frames out for 300 ms with nothing coming back are written off (lost
-/// while a driver restarted), so that the window opens again.
-func pump(_ ports: [ClientPort], count: Int, sizes: [Int], first: UInt32 = 0, seconds: Double = 15, window: Int = 24) throws {
+/// at once) and collects what comes back, all interleaved, until each has all back (or the
+/// rest written off) or `seconds` passed. A frame that comes back damaged or addressed to
+/// anyone else counts in `damaged`. Frames out for 300 ms with nothing coming back are
+/// written off (lost while a driver restarted), so that the window opens again.
+/// `halfWay` runs once, when half of all the frames are back.
+func pump(_ ports: [ClientPort], count: Int, sizes: [Int], first: UInt32 = 0, seconds: Double = 15, window: Int = 24,
+          halfWay: (() throws -> Void)? = nil) throws {
+    var halfWay = halfWay
     for p in ports { p.sent = 0 }
     let start = ports.map(\.seen.count)
     var writtenOff = Array(repeating: 0, count: ports.count)
     var progress = Array(repeating: Date(), count: ports.count)
     let deadline = Date().addingTimeInterval(seconds)
-    func done(_ k: Int) -> Bool { ports[k].seen.count - start[k] >= count }
+    // All back, or all sent and the rest written off.
+    func done(_ k: Int) -> Bool {
+        let back = ports[k].seen.count - start[k]
+        return back >= count || (ports[k].sent == count && back + writtenOff[k] >= count)
+    }
     while !(0..<ports.count).allSatisfy(done) && Date() < deadline {
         var moved = false
         for (k, p) in ports.enumerated() where !done(k) {
@@ -377,6 +390,10 @@ func pump(_ ports: [ClientPort], count: Int, sizes: [Int], first: UInt32 = 0, se
                 moved = true
                 progress[k] = Date()
             }
+        }
+        if let h = halfWay, (0..<ports.count).reduce(0, { $0 + ports[$1].seen.count - start[$1] }) >= count * ports.count / 2 {
+            halfWay = nil
+            try h()
         }
         if !moved, let k = (0..<ports.count).first(where: { !done($0) }) { try ports[k].session.wait(timeoutMilliseconds: 5) }
     }
