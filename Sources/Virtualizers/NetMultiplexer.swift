@@ -393,11 +393,16 @@ public struct NetMultiplexer: ~Copyable {
 
     /// Accepts one waiting connection (the listener is readable; it blocks, and stays
     /// readable while more wait); it gets `openTimeoutNanoseconds` to send its open
-    /// request, and nobody waits for it meanwhile.
+    /// request, and nobody waits for it meanwhile. With 64 waiting already it is refused
+    /// at once (left in the backlog, it would keep the listener readable and the loop awake).
     mutating func accept() {
-        guard pending.count < 64 else { return }
         let s: UnixSocket
         do { s = try listener.accept() } catch { return }
+        guard pending.count < 64 else {
+            try? s.send(.failure(.busy, "too many connections waiting to open a session"), nonBlocking: true)
+            refused &+= 1
+            return
+        }
         // Authentication: the multiplexer's own uid or root.
         guard let creds = try? s.peerCredentials(), creds.uid == getuid() || creds.uid == 0 else {
             try? s.send(.failure(.permissionDenied, "not allowed to use this multiplexer"), nonBlocking: true)
