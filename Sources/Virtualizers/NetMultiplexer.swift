@@ -44,7 +44,8 @@ import Glibc
 /// uid, or root, may connect.
 public struct NetMultiplexer: ~Copyable {
     public struct Configuration: Sendable {
-        /// The device name clients open (nil: the upstream device's name).
+        /// The device name clients open on the multiplexer's socket (the command uses the
+        /// upstream device's).
         public var deviceName: String
         /// Client ports served at once (at most `maxClients`).
         public var clients: Int
