@@ -82,7 +82,7 @@ let package = Package(
             name: "outboard",
             dependencies: [
                 "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers", "VFIO", "CLinux",
-                "OutboardRings",
+                "OutboardRings", "Virtualizers",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

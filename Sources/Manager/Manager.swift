@@ -172,7 +172,11 @@ extension Doorbell {
 // SIGINT/SIGTERM ring an eventfd the loop polls (write(2) is async-signal-safe).
 nonisolated(unsafe) var shutdownSignalFD: CInt = -1
 
-func installShutdownSignals(_ fd: CInt) {
+/// Makes SIGINT and SIGTERM ring the eventfd `fd` (an event loop polls it), and ignores
+/// SIGPIPE. One such descriptor per process. SIGINT and SIGTERM are unblocked in the
+/// calling thread: a process started by one that blocks them (a test runner's worker
+/// thread, say) inherits the mask, and must still stop when told.
+public func installShutdownSignals(_ fd: CInt) {
     shutdownSignalFD = fd
     let handler: @convention(c) (CInt) -> Void = { _ in
         var one: UInt64 = 1
@@ -181,4 +185,9 @@ func installShutdownSignals(_ fd: CInt) {
     signal(SIGINT, handler)
     signal(SIGTERM, handler)
     signal(SIGPIPE, SIG_IGN)
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGINT)
+    sigaddset(&set, SIGTERM)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
 }
