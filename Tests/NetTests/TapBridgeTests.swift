@@ -117,13 +117,6 @@ func iperf3TCP(from client: borrowing NetworkNamespace, to server: borrowing Net
     return (json, c, sr)
 }
 
-/// Ping's round-trip average (ms) from its summary line ("rtt min/avg/max/mdev = a/b/c/d ms").
-func pingAverageMilliseconds(_ output: String) -> Double? {
-    guard let line = output.split(separator: "\n").first(where: { $0.contains("min/avg/max") }),
-          let values = line.split(separator: "=").last?.split(separator: "/"), values.count >= 2 else { return nil }
-    return Double(values[1].trimmingCharacters(in: .whitespaces))
-}
-
 @Suite(.serialized, .enabled(if: canUseNetworkNamespaces && getuid() == 0))
 struct TapBridgeTests {
     static var verbose: Bool { ProcessInfo.processInfo.environment["OUTBOARD_TEST_VERBOSE"] != nil }
@@ -143,10 +136,8 @@ struct TapBridgeTests {
         #expect(sent > 0 && received > 0, "bytes moved: sent \(sent), received \(received)")
         #expect(received <= sent)
         if Self.verbose {
-            let rate = (end["sum_received"] as? [String: Any])?["bits_per_second"] as? Double ?? 0
-            let retransmits = (end["sum_sent"] as? [String: Any])?["retransmits"] as? Int ?? -1
-            print("bridges: ping avg \(pingAverageMilliseconds(ping.output) ?? -1) ms, iperf3 TCP \(rate / 1e9) Gb/s, "
-                  + "retransmits \(retransmits)")
+            print(figures("bridges", ping: ping, iperf3: r.json))
+            try Self.kernelPathForComparison()
         }
         let c0 = bridgeCounters(p.stop(0)?.output ?? "")
         let c1 = bridgeCounters(p.stop(1)?.output ?? "")
@@ -154,6 +145,19 @@ struct TapBridgeTests {
         #expect((c0["to_port_bytes"] ?? 0) > UInt64(received) && (c1["to_tap_bytes"] ?? 0) > UInt64(received), "\(c0) \(c1)")
         #expect((c1["to_port_frames"] ?? 0) > 0 && (c0["to_tap_frames"] ?? 0) > 0, "acknowledgements came back: \(c0) \(c1)")
         #expect(c0["oversize_dropped"] == 0 && c1["oversize_dropped"] == 0)
+    }
+
+    /// The same ping and iperf3 over the kernel's own path, a veth pair between two
+    /// namespaces, for the figures in docs/benchmarks/net-tap.md (OUTBOARD_TEST_VERBOSE).
+    static func kernelPathForComparison() throws {
+        let a = try NetworkNamespace(), b = try NetworkNamespace()
+        let left = uniqueLinkName("v"), right = uniqueLinkName("v")
+        try runChecked(ipTool!, ["link", "add", left, "type", "veth", "peer", "name", right])
+        try BridgedPair.place(left, in: a, address: "10.78.0.1")
+        try BridgedPair.place(right, in: b, address: "10.78.0.2")
+        let ping = try a.runChecked(["ping", "-n", "-c", "20", "-i", "0.05", "-W", "5", "10.78.0.2"], seconds: 60)
+        let r = try iperf3TCP(from: a, to: b, address: "10.78.0.2", seconds: 4)
+        print(figures("veth", ping: ping, iperf3: r.json))
     }
 
     /// A frame longer than the port's maxFrame (the TAP's MTU raised past the port's in the
@@ -190,4 +194,13 @@ struct TapBridgeTests {
         let c0 = bridgeCounters(p.stop(0)?.output ?? "")
         #expect((c0["recoveries"] ?? 0) >= 1, "\(c0)")
     }
+}
+
+/// One line of figures: ping's average round trip, iperf3's received rate and retransmits.
+func figures(_ path: String, ping: CommandResult, iperf3 json: [String: Any]) -> String {
+    let end = json["end"] as? [String: Any] ?? [:]
+    let rate = (end["sum_received"] as? [String: Any])?["bits_per_second"] as? Double ?? 0
+    let retransmits = (end["sum_sent"] as? [String: Any])?["retransmits"] as? Int ?? -1
+    let rtt = ping.output.split(separator: "\n").first(where: { $0.contains("min/avg/max") }).map(String.init) ?? "no rtt line"
+    return "\(path): ping \(rtt); iperf3 TCP \(String(format: "%.2f", rate / 1e9)) Gb/s, retransmits \(retransmits)"
 }
