@@ -34,6 +34,8 @@ struct DemoNet: ParsableCommand {
     @Option(help: "Seconds of TCP stream.") var seconds: Int = 10
     @Option(help: "Seconds per iperf3 report interval (the resolution of the stop).") var interval: Double = 0.1
     @Option(help: "Driver kills during the run (evenly spaced).") var kills: Int = 1
+    @Option(help: "Buffers each way: the bridges' session depth and the drivers' virtqueue size (a power of two, 8...1024).")
+    var depth: Int = 1024
     @Flag(help: "Print the summary as one JSON object (progress goes to stderr).") var json = false
 
     static let addresses = ["10.79.0.1", "10.79.0.2"]
@@ -42,6 +44,7 @@ struct DemoNet: ParsableCommand {
         guard seconds >= 2, seconds <= 600 else { throw ValidationError("--seconds: 2 to 600") }
         guard interval >= 0.1, interval <= 10 else { throw ValidationError("--interval: 0.1 to 10 s (iperf3's range)") }
         guard kills >= 0 else { throw ValidationError("--kills must not be negative") }
+        guard (8...1024).contains(depth), depth.nonzeroBitCount == 1 else { throw ValidationError("--depth: a power of two in 8...1024") }
     }
 
     func run() throws {
@@ -58,7 +61,7 @@ struct DemoNet: ParsableCommand {
         var device = try Testpmd(sockets: sockets, forwardMode: "io", filePrefix: "demo-net-\(getpid())", workDirectory: lab.dir)
         defer { _ = device.stop() }
         say.line("device: dpdk-testpmd pid \(device.pid), two vhost-user-net ports forwarding to each other (io)")
-        let configPath = try writeNetManagerConfig(lab, sockets: sockets)
+        let configPath = try writeNetManagerConfig(lab, sockets: sockets, depth: depth)
         var manager = try ManagerProcess(config: configPath, socket: lab.controlSocket)
         defer { manager.stop() }
         let admin = try AdminConnection(socketPath: lab.controlSocket)
@@ -67,9 +70,9 @@ struct DemoNet: ParsableCommand {
         // The bridges, then their TAPs in namespaces of their own.
         let tag = String(getpid(), radix: 16)
         let links = ["obdemo\(tag)a", "obdemo\(tag)b"]
-        var bridge0 = try BridgeProcess(lab: lab, device: "vnet0", ifname: links[0])
+        var bridge0 = try BridgeProcess(lab: lab, device: "vnet0", ifname: links[0], depth: depth)
         defer { bridge0.stop() }
-        var bridge1 = try BridgeProcess(lab: lab, device: "vnet1", ifname: links[1])
+        var bridge1 = try BridgeProcess(lab: lab, device: "vnet1", ifname: links[1], depth: depth)
         defer { bridge1.stop() }
         let ns0 = try DemoNamespace(ip: ip, name: "obdemo-\(getpid())-0")
         let ns1 = try DemoNamespace(ip: ip, name: "obdemo-\(getpid())-1")
@@ -260,7 +263,7 @@ struct BridgeProcess: ~Copyable {
     let ready: String
     var final: [String: UInt64]? = nil
 
-    init(lab: Lab, device: String, ifname: String) throws {
+    init(lab: Lab, device: String, ifname: String, depth: Int) throws {
         log = lab.dir + "/tap-\(device).log"
         var c: ChildProcess
         do {
@@ -268,7 +271,7 @@ struct BridgeProcess: ~Copyable {
             let null = try OwnedFD.open("/dev/null", O_RDONLY)
             c = try ChildProcess(executable: currentExecutable(),
                                  arguments: ["net", "tap", "--socket", lab.controlSocket, "--device", device, "--ifname", ifname,
-                                             "--interval", "0.5", "--wait-ms", "20000"],
+                                             "--depth", "\(depth)", "--interval", "0.5", "--wait-ms", "20000"],
                                  descriptors: [(null.raw, 0), (out.raw, 1), (out.raw, 2)])
         } catch {
             throw CommandFailure("cannot start the bridge for \(device): \(error)")
@@ -378,14 +381,14 @@ func findTool(_ name: String, package: String) throws -> String {
 /// allowed to open them. A killed driver is seen at once (its exit); the heartbeat
 /// deadline only catches hangs, and is long enough for a driver starting on a busy
 /// machine.
-func writeNetManagerConfig(_ lab: Lab, sockets: [String]) throws -> String {
+func writeNetManagerConfig(_ lab: Lab, sockets: [String], depth: Int) throws -> String {
     let path = lab.dir + "/outboard.json"
     let devices = sockets.enumerated().map { k, socket in
         """
             {
               "name": "vnet\(k)", "transport": "vhost-user", "class": "net", "socket": "\(socket)",
-              "mac": "02:00:00:00:00:0\(k + 1)", "queue_size": 256, "notify": "event-idx",
-              "access": [ { "uid": 0, "mode": "rw" } ]
+              "mac": "02:00:00:00:00:0\(k + 1)", "queue_size": \(depth), "notify": "event-idx",
+              "access": [ { "uid": 0, "mode": "rw" } ], "limits": { "max_queue_depth": \(depth) }
             }
         """
     }
