@@ -145,7 +145,8 @@ struct DemoNet: ParsableCommand {
         let final0 = bridge0.stop(), final1 = bridge1.stop()
         status = (try? StatusReport.decode(admin.status())) ?? status
         let text = String(decoding: (try? readSmallFile(resultPath, limit: 64 << 20)) ?? [], as: UTF8.self)
-        var summary = DemoNetSummary(iperf3JSON: text, interval: interval)
+        let firstKill = killTimes.first.map { Double($0 &- t0) / 1e9 }
+        var summary = DemoNetSummary(iperf3JSON: text, interval: interval, firstKillS: nextKill > 0 ? firstKill : nil)
         summary.iperf3Exit = clientStatus.map { "\($0)" } ?? "not finished"
         summary.iperf3ServerExit = serverStatus.map { "\($0)" } ?? "not finished"
         summary.driverRestarts = status.devices.first { $0.name == "vnet0" }?.restarts ?? 0
@@ -179,6 +180,11 @@ struct DemoNetSummary: Codable {
     /// traffic stopped), and when it began (seconds into the stream).
     var longestStopMs: Double = 0
     var longestStopStartS: Double = 0
+    /// When the first driver kill was (seconds after the client started, which is within a
+    /// few milliseconds of the stream's start), and the longest stop that began from the
+    /// interval before it on: what the kills cost, apart from stalls of the machine.
+    var firstKillAtS: Double?
+    var stopAfterKillMs: Double = 0
     /// Bytes the intervals of the stream's last second moved: it was flowing at the end,
     /// after the kills.
     var bytesLastSecond: UInt64 = 0
@@ -200,8 +206,9 @@ struct DemoNetSummary: Codable {
     var failure: String?
 
     /// Reads iperf3's JSON: totals from "end", the stop from "intervals".
-    init(iperf3JSON text: String, interval: Double) {
+    init(iperf3JSON text: String, interval: Double, firstKillS: Double?) {
         intervalS = interval
+        firstKillAtS = firstKillS
         guard let v = try? JSONDecoder().decode(JSONValue.self, from: Data(text.utf8)) else {
             iperf3Error = text.isEmpty ? "no output from iperf3" : "iperf3's output is not JSON"
             return
@@ -229,6 +236,7 @@ struct DemoNetSummary: Codable {
                     longestStopMs = run * 1000
                     longestStopStartS = runStart
                 }
+                if let k = firstKillS, runStart >= k - interval, run * 1000 > stopAfterKillMs { stopAfterKillMs = run * 1000 }
             } else {
                 run = 0
             }
@@ -244,7 +252,7 @@ struct DemoNetSummary: Codable {
             summary
               TCP stream         \(bytesReceived) bytes received (\(bytesSent) sent) in \(fmt(seconds, 1)) s, \(fmt(gbPerS, 2)) Gb/s
               retransmits        \(retransmits)
-              traffic stopped    \(longestStopMs == 0 ? "never for a whole \(fmt(intervalS * 1000, 0)) ms interval" : "\(fmt(longestStopMs, 0)) ms at most (from \(fmt(longestStopStartS, 1)) s, \(stopSeenBy) intervals of \(fmt(intervalS * 1000, 0)) ms)")
+              traffic stopped    \(firstKillAtS.map { "\(fmt(stopAfterKillMs, 0)) ms after the kill at \(fmt($0, 1)) s; " } ?? "")\(longestStopMs == 0 ? "never for a whole interval" : "the longest stop in the run \(fmt(longestStopMs, 0)) ms (from \(fmt(longestStopStartS, 1)) s)") (\(stopSeenBy)'s intervals of \(fmt(intervalS * 1000, 0)) ms with no byte)
               driver kills       \(kills), restarts \(driverRestarts)\(restartMs.isEmpty ? "" : " (running again " + restartMs.map { "\(fmt($0, 1)) ms" }.joined(separator: ", ") + " after the kill)")
               lost in recovery   \(bridge0["dropped_in_recovery"] ?? 0) frames (bridge 0, out for transmission when its driver died)
               iperf3             client \(iperf3Exit), server \(iperf3ServerExit)\(iperf3Error.map { ", error: \($0)" } ?? "")
