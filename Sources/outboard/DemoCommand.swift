@@ -167,10 +167,7 @@ struct DemoBlock: ParsableCommand {
             deviceSectors: w.session.info.blockCount, notify: notify, queueDepth: depth,
             firstError: w.firstError, failure: failure ?? (interrupted() ? "interrupted" : nil))
         if json {
-            let e = JSONEncoder()
-            e.keyEncodingStrategy = .convertToSnakeCase
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(summary), as: UTF8.self))
+            try printJSONObject(summary)
         } else {
             print("""
 

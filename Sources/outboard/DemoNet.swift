@@ -158,10 +158,7 @@ struct DemoNet: ParsableCommand {
             && summary.bytesLastSecond > 0
         summary.failure = failure
         if json {
-            let e = JSONEncoder()
-            e.keyEncodingStrategy = .convertToSnakeCase
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(summary), as: UTF8.self))
+            try printJSONObject(summary)
         } else {
             print(summary.text)
         }
@@ -181,10 +178,14 @@ struct DemoNetSummary: Codable {
     var longestStopMs: Double = 0
     var longestStopStartS: Double = 0
     /// When the first driver kill was (seconds after the client started, which is within a
-    /// few milliseconds of the stream's start), and the longest stop that began from the
-    /// interval before it on: what the kills cost, apart from stalls of the machine.
+    /// few milliseconds of the stream's start), and the longest stop that began within a
+    /// second of it (from the interval before): what the kill cost, apart from stalls of
+    /// the machine elsewhere in the run.
     var firstKillAtS: Double?
     var stopAfterKillMs: Double = 0
+    /// The slowest interval within a second of the first kill, in percent of the run's
+    /// median interval.
+    var slowestAfterKillPercent: Double?
     /// Bytes the intervals of the stream's last second moved: it was flowing at the end,
     /// after the kills.
     var bytesLastSecond: UInt64 = 0
@@ -236,10 +237,22 @@ struct DemoNetSummary: Codable {
                     longestStopMs = run * 1000
                     longestStopStartS = runStart
                 }
-                if let k = firstKillS, runStart >= k - interval, run * 1000 > stopAfterKillMs { stopAfterKillMs = run * 1000 }
+                if let k = firstKillS, runStart >= k - interval, runStart < k + 1, run * 1000 > stopAfterKillMs { stopAfterKillMs = run * 1000 }
             } else {
                 run = 0
             }
+        }
+        // The slowest interval within a second of the kill, against the run's median: a stop
+        // shorter than two intervals can fall across two and leave no empty one.
+        let bytes = intervals.map { $0["sum"]?["bytes"]?.number ?? 0 }
+        let sorted = bytes.sorted()
+        let median = sorted.isEmpty ? 0 : sorted[sorted.count / 2]
+        if let k = firstKillS, median > 0 {
+            let near = intervals.filter { x in
+                let start = x["sum"]?["start"]?.number ?? 0
+                return start >= k - interval && start < k + 1
+            }
+            slowestAfterKillPercent = (near.map { ($0["sum"]?["bytes"]?.number ?? 0) / median }.min() ?? 1) * 100
         }
         let last = intervals.last?["sum"]?["end"]?.number ?? 0
         bytesLastSecond = UInt64(intervals.filter { ($0["sum"]?["start"]?.number ?? 0) >= last - 1 }
@@ -252,7 +265,7 @@ struct DemoNetSummary: Codable {
             summary
               TCP stream         \(bytesReceived) bytes received (\(bytesSent) sent) in \(fmt(seconds, 1)) s, \(fmt(gbPerS, 2)) Gb/s
               retransmits        \(retransmits)
-              traffic stopped    \(firstKillAtS.map { "\(fmt(stopAfterKillMs, 0)) ms after the kill at \(fmt($0, 1)) s; " } ?? "")\(longestStopMs == 0 ? "never for a whole interval" : "the longest stop in the run \(fmt(longestStopMs, 0)) ms (from \(fmt(longestStopStartS, 1)) s)") (\(stopSeenBy)'s intervals of \(fmt(intervalS * 1000, 0)) ms with no byte)
+              traffic stopped    \(firstKillAtS.map { "\(stopAfterKillMs == 0 ? "not for a whole interval" : "\(fmt(stopAfterKillMs, 0)) ms") after the kill at \(fmt($0, 1)) s (slowest interval within 1 s of it: \(fmt(slowestAfterKillPercent ?? 100, 0))% of the median); " } ?? "")\(longestStopMs == 0 ? "never for a whole interval" : "the longest stop in the run \(fmt(longestStopMs, 0)) ms (from \(fmt(longestStopStartS, 1)) s)") (\(stopSeenBy)'s intervals of \(fmt(intervalS * 1000, 0)) ms with no byte)
               driver kills       \(kills), restarts \(driverRestarts)\(restartMs.isEmpty ? "" : " (running again " + restartMs.map { "\(fmt($0, 1)) ms" }.joined(separator: ", ") + " after the kill)")
               lost in recovery   \(bridge0["dropped_in_recovery"] ?? 0) frames (bridge 0, out for transmission when its driver died)
               iperf3             client \(iperf3Exit), server \(iperf3ServerExit)\(iperf3Error.map { ", error: \($0)" } ?? "")
@@ -415,4 +428,12 @@ func writeNetManagerConfig(_ lab: Lab, sockets: [String], depth: Int) throws -> 
         throw CommandFailure("cannot write \(path): \(error)")
     }
     return path
+}
+
+/// Prints `value` as one JSON object on one line: snake_case keys, sorted.
+func printJSONObject<T: Encodable>(_ value: T) throws {
+    let e = JSONEncoder()
+    e.keyEncodingStrategy = .convertToSnakeCase
+    e.outputFormatting = [.sortedKeys]
+    print(String(decoding: try e.encode(value), as: UTF8.self))
 }
