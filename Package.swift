@@ -68,6 +68,10 @@ let package = Package(
         // Virtualizers: client of one session and server of others at once (the block
         // partitioner), built on the client library and the session layer's resources.
         .target(name: "Virtualizers", dependencies: ["Outboard", "OutboardSession", "OutboardRings", "OutboardSystem"]),
+        // Bridges: clients that expose an Outboard device to ordinary programs (a net
+        // session as a TAP interface).
+        .target(name: "Bridges", dependencies: ["Outboard", "OutboardSession", "OutboardSystem",
+                                                .product(name: "SystemPackage", package: "swift-system")]),
         // The C reference queue the ring benchmark measures Outboard against: same layout,
         // same algorithm, same work per descriptor.
         .target(name: "CRefRing"),
@@ -82,7 +86,7 @@ let package = Package(
             name: "outboard",
             dependencies: [
                 "OutboardBench", "OutboardSystem", "OutboardSession", "Outboard", "Manager", "Drivers", "VFIO", "CLinux",
-                "OutboardRings", "Virtualizers",
+                "OutboardRings", "Virtualizers", "Bridges",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]

@@ -168,17 +168,3 @@ final class Connection {
 extension Doorbell {
     func ringIgnoringErrors() { try? ring() }
 }
-
-// SIGINT/SIGTERM ring an eventfd the loop polls (write(2) is async-signal-safe).
-nonisolated(unsafe) var shutdownSignalFD: CInt = -1
-
-func installShutdownSignals(_ fd: CInt) {
-    shutdownSignalFD = fd
-    let handler: @convention(c) (CInt) -> Void = { _ in
-        var one: UInt64 = 1
-        _ = write(shutdownSignalFD, &one, 8)
-    }
-    signal(SIGINT, handler)
-    signal(SIGTERM, handler)
-    signal(SIGPIPE, SIG_IGN)
-}

@@ -11,12 +11,23 @@ import SystemPackage
 import Glibc
 #endif
 
-/// `outboard demo`: the whole framework in one run. A disk image, qemu-storage-daemon as
-/// the vhost-user-blk device, the manager with the virtio-blk driver sandboxed, a verified
-/// random read/write workload from this process, and the driver killed part-way through.
+/// `outboard demo`: the whole framework in one run; with no part named, the block demo
+/// (`outboard demo blk`), whose options it takes; `outboard demo net` is the network's.
 struct DemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
+        abstract: "Run a demo: the block demo (the default, `demo blk`) or the network's (`demo net`); needs root.",
+        subcommands: [DemoBlock.self, DemoNet.self],
+        defaultSubcommand: DemoBlock.self
+    )
+}
+
+/// `outboard demo [blk]`: a disk image, qemu-storage-daemon as the vhost-user-blk device,
+/// the manager with the virtio-blk driver sandboxed, a verified random read/write workload
+/// from this process, and the driver killed part-way through.
+struct DemoBlock: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "blk",
         abstract: "Run the virtio-blk demo: device, manager, sandboxed driver, verified workload, a driver kill (needs root).",
         discussion: """
             Makes a disk image in a temporary directory, starts qemu-storage-daemon on it, starts \
@@ -156,10 +167,7 @@ struct DemoCommand: ParsableCommand {
             deviceSectors: w.session.info.blockCount, notify: notify, queueDepth: depth,
             firstError: w.firstError, failure: failure ?? (interrupted() ? "interrupted" : nil))
         if json {
-            let e = JSONEncoder()
-            e.keyEncodingStrategy = .convertToSnakeCase
-            e.outputFormatting = [.sortedKeys]
-            print(String(decoding: try e.encode(summary), as: UTF8.self))
+            try printJSONObject(summary)
         } else {
             print("""
 
@@ -253,6 +261,7 @@ nonisolated(unsafe) var interruptFlag: Int32 = 0
 func installInterruptFlag() {
     signal(SIGINT) { _ in interruptFlag = 1 }
     signal(SIGTERM) { _ in interruptFlag = 1 }
+    unblockStopSignals()
 }
 
 func interrupted() -> Bool { interruptFlag != 0 }

@@ -13,7 +13,7 @@ struct NetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "net",
         abstract: "Network tools on an Outboard NIC",
-        subcommands: [NetMuxCommand.self]
+        subcommands: [NetMuxCommand.self, NetTapCommand.self]
     )
 }
 
@@ -63,13 +63,6 @@ struct NetMuxCommand: ParsableCommand {
             }
         }
         installInterruptFlag()
-        // A parent may have started us with these blocked (the mask is inherited across
-        // exec): then they would never arrive.
-        var stopSignals = sigset_t()
-        sigemptyset(&stopSignals)
-        sigaddset(&stopSignals, SIGINT)
-        sigaddset(&stopSignals, SIGTERM)
-        pthread_sigmask(SIG_UNBLOCK, &stopSignals, nil)
         let upstream = try NetSession.open(socketPath: socket, device: device, queueDepth: depth, waitMilliseconds: waitMs)
         let info = upstream.info
         var mux = try NetMultiplexer(upstream: upstream, socketPath: listen,

@@ -11,7 +11,7 @@ struct Outboard: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "outboard",
         abstract: "User-level device drivers for Linux: isolated driver processes, shared-memory queues.",
-        subcommands: [DemoCommand.self, RunCommand.self, StatusCommand.self, BlkCommand.self, FaultsCommand.self, CheckCommand.self, Bench.self, DriverCommand.self, RingWorkerCommand.self, SandboxProbeCommand.self, RefBlkCommand.self, VFIOInfoCommand.self, NetCommand.self]
+        subcommands: [DemoCommand.self, RunCommand.self, StatusCommand.self, BlkCommand.self, NetCommand.self, FaultsCommand.self, CheckCommand.self, Bench.self, DriverCommand.self, RingWorkerCommand.self, SandboxProbeCommand.self, RefBlkCommand.self, VFIOInfoCommand.self]
     )
 }
 

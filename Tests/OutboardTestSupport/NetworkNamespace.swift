@@ -61,8 +61,11 @@ public struct BackgroundCommand: ~Copyable {
         let shared = self.shared
         let reader = pipe.fileHandleForReading
         DispatchQueue.global().async {
-            let data = reader.readDataToEndOfFile()
-            shared.output.withLock { $0 = data }
+            while true {
+                let chunk = reader.availableData
+                if chunk.isEmpty { break }
+                shared.output.withLock { $0.append(chunk) }
+            }
             shared.collected.signal()
         }
         let pid = p.processIdentifier
@@ -74,6 +77,25 @@ public struct BackgroundCommand: ~Copyable {
     }
 
     public var isRunning: Bool { process.isRunning }
+    public var pid: pid_t { process.processIdentifier }
+
+    /// What it printed so far.
+    public var output: String { shared.output.withLock { String(decoding: $0, as: UTF8.self) } }
+
+    /// Waits until its output contains `text`, at most `seconds`; false if it did not
+    /// (the command ended or the time passed first).
+    public func waitForOutput(_ text: String, seconds: Double = testDeadlineSeconds) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if output.contains(text) { return true }
+            if !process.isRunning { return output.contains(text) }
+            usleep(20_000)
+        }
+        return false
+    }
+
+    /// Sends it `signal` (SIGTERM to stop it cleanly).
+    public func signal(_ signal: Int32) { kill(process.processIdentifier, signal) }
 
     /// Waits for it to end (the watchdog bounds the wait) and returns what it printed.
     public consuming func finish() -> CommandResult {
