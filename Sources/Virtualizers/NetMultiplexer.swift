@@ -134,8 +134,12 @@ public struct NetMultiplexer: ~Copyable {
     /// Slots to drop after the pass that found them, with why.
     var drops: [(Int, String)] = []
     let scratch: UnsafeMutableBufferPointer<BufferDescriptor>
-    /// MAC of each slot as a raw value, for the receive path (0: slot empty; no client has 0).
+    /// MAC of each slot as a raw value, for the receive path; `emptySlot` when the slot
+    /// holds no client.
     let slotMACs: UnsafeMutablePointer<UInt64>
+    /// Above every 48-bit MAC: no destination read off the wire (00:00:00:00:00:00
+    /// included) names an empty slot, whose record is not initialized.
+    static let emptySlot = UInt64.max
     var rxFrames: UInt64 = 0
     var rxNoClient: UInt64 = 0
     var txFrames: UInt64 = 0
@@ -181,7 +185,7 @@ public struct NetMultiplexer: ~Copyable {
         counters = (0..<n).map { ClientStats(slot: $0, mac: macs[$0], connected: false) }
         scratch = .allocate(capacity: configuration.batch)
         slotMACs = .allocate(capacity: n)
-        slotMACs.initialize(repeating: 0, count: n)
+        slotMACs.initialize(repeating: Self.emptySlot, count: n)
         self.upstream = upstream
     }
 
@@ -257,7 +261,7 @@ public struct NetMultiplexer: ~Copyable {
             guard frame.count >= NetInfo.headerBytes else { return }
             let destination = MACAddress(bytes: frame.baseAddress!)
             if destination.isMulticast {
-                for k in 0..<n where macs[k] != 0 { slots[k].deliver(frame) }
+                for k in 0..<n where macs[k] != Self.emptySlot { slots[k].deliver(frame) }
                 return
             }
             for k in 0..<n where macs[k] == destination.rawValue {
@@ -503,7 +507,7 @@ public struct NetMultiplexer: ~Copyable {
         guard occupied[k] else { return }
         let c = (slots + k).move()
         occupied[k] = false
-        slotMACs[k] = 0
+        slotMACs[k] = Self.emptySlot
         counters[k].rxDelivered &+= c.rxDelivered
         counters[k].rxNotReading &+= c.rxNotReading
         counters[k].txSent &+= c.txSent

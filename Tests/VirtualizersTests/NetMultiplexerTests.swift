@@ -78,6 +78,36 @@ import Virtualizers
         #expect(s.rxNoClient == 1, "\(s)")
     }
 
+    /// A frame for 00:00:00:00:00:00 from the wire, with a slot free that served a client
+    /// (whose receive buffers the multiplexer held) and one never used: it is nobody's, no
+    /// free slot is taken for the address, and the client still there gets only its own.
+    @Test func aFrameForTheZeroAddressReachesNobody() throws {
+        let f = try NetFixture(ports: 2, forwardMode: "io")
+        let mux = try MuxBox(f, clients: 3)
+        defer { mux.stop() }
+        let a = try ClientPort(mux.path)
+        var b: ClientPort? = try ClientPort(mux.path)
+        var peer = try f.open(depth: 64, port: 1)
+        try a.exchange(with: &peer)
+        // b has had a frame: the multiplexer holds b's receive buffers when b goes.
+        try b!.exchange(with: &peer)
+        b = nil
+        try mux.waitFor("client 1's session closed") { !$0.clients[1].connected }
+        var next = 0
+        let sent = try peer.transmit(max: 2) { p in
+            writeFrame(p.pointer, length: 128, source: NetFixture.mac(1), sequence: UInt32(next))
+            (next == 0 ? MACAddress(rawValue: 0) : a.mac).store(to: p.pointer)
+            next += 1
+            return 128
+        }
+        #expect(sent == 2)
+        let got = try a.collect(count: 1, settleMilliseconds: 200)
+        #expect(got.map(\.destination) == [a.mac], "\(got)")
+        try mux.waitFor("the zero-address frame counted") { $0.rxNoClient >= 1 }
+        let s = mux.stop()
+        #expect(s.rxNoClient == 1 && s.clients[1].rxDelivered == 1 && s.clients[2].sessions == 0, "\(s)")
+    }
+
     /// A client sending with another client's source MAC: those frames are dropped and
     /// counted at the multiplexer (had they gone out, macswap would have returned them to
     /// the other client), and the other client's traffic is untouched.
