@@ -216,18 +216,17 @@ public struct NetMultiplexer: ~Copyable {
     // MARK: the loop
 
     /// Serves for up to `milliseconds`: accepts clients, moves frames both ways, sleeps
-    /// when there is nothing to do. Call in a loop (on a thread of its own). Throws only
-    /// when the upstream session ends (the device failed): every client's session then
-    /// fails with the reason.
+    /// when there is nothing to do. Call in a loop (on a thread of its own). Throws only when the upstream session ends (the device failed, or the
+    /// manager went away): every client's session then fails with the reason.
     public mutating func serve(milliseconds: Int) throws(SessionError) {
         let until = Clock.monotonicNanoseconds + UInt64(max(0, milliseconds)) * 1_000_000
         repeat {
-            let work: Int
-            do { work = try pass() } catch {
+            do {
+                if try pass() == 0 { try sleep(until: until) }
+            } catch {
                 for k in 0..<occupied.count where occupied[k] { fail(k, "the port failed: \(error)") }
                 throw error
             }
-            if work == 0 { try sleep(until: until) }
         } while Clock.monotonicNanoseconds < until
     }
 
@@ -358,21 +357,24 @@ public struct NetMultiplexer: ~Copyable {
         let timeout = !sleepy || now >= until ? 0 : Int(min(50, (until - now) / 1_000_000 + 1))
         let ready: Int
         do { ready = try epoll.wait(into: &events, timeoutMilliseconds: timeout) } catch {
-            cancelSignals()
+            try cancelSignals()
             throw .system(error)
         }
-        cancelSignals()
+        try cancelSignals()
         for i in 0..<ready { handle(events.token(i)) }
         applyDrops()
         expirePending()
     }
 
-    mutating func cancelSignals() {
+    /// Withdraws the doorbell requests made before sleeping. Throws when the upstream
+    /// session ended (the manager went away or failed the session): its descriptor would
+    /// stay readable, and every later sleep would return at once.
+    mutating func cancelSignals() throws(SessionError) {
         for k in 0..<occupied.count where occupied[k] { slots[k].endpoint.txActive.cancelSignal() }
         if upstreamArmed {
             upstreamArmed = false
             // Drains the port's doorbell and takes new queues if the driver was replaced.
-            try? upstream.disarm()
+            try upstream.disarm()
         }
     }
 

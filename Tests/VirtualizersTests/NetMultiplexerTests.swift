@@ -108,6 +108,47 @@ import Virtualizers
         #expect(s.rxNoClient == 1 && s.clients[1].rxDelivered == 1 && s.clients[2].sessions == 0, "\(s)")
     }
 
+    /// An idle multiplexer sleeps: with a client connected and nothing moving, its thread
+    /// uses well under a tenth of a CPU over a second (a loop that polled would use it all).
+    @Test func anIdleMultiplexerSleeps() throws {
+        let f = try NetFixture()
+        let mux = try MuxBox(f, clients: 2)
+        defer { mux.stop() }
+        let p = try ClientPort(mux.path)
+        try pump([p], count: 50, sizes: [64])
+        let cpu = mux.cpuNanoseconds, wall = Clock.monotonicNanoseconds
+        usleep(1_000_000)  // the window measured
+        let used = mux.cpuNanoseconds - cpu, elapsed = Clock.monotonicNanoseconds - wall
+        print("net mux: idle with a client, \(used / 1000) us of CPU in \(elapsed / 1000) us")
+        #expect(used * 10 < elapsed, "the idle multiplexer used \(used / 1000) us of CPU in \(elapsed / 1000) us")
+    }
+
+    /// The manager dies (SIGKILL): the upstream session's connection is gone for good, so
+    /// `serve` (asked to serve for ever) throws instead of waking on the dead connection
+    /// again and again, and the client's session fails.
+    @Test func theManagerGoneEndsTheClients() throws {
+        let f = try NetFixture()
+        let mux = try MuxBox(f, clients: 2, milliseconds: .max)
+        let p = try ClientPort(mux.path)
+        try pump([p], count: 50, sizes: [64])
+        try f.manager.kill()
+        let failure = try mux.awaitFailure()
+        guard case .failed = failure else {
+            Issue.record("serve threw \(failure)")
+            return
+        }
+        let deadline = Date().addingTimeInterval(testDeadlineSeconds)
+        var ended: SessionError? = nil
+        while ended == nil && Date() < deadline {
+            do { try p.session.wait(timeoutMilliseconds: 100) } catch { ended = error }
+        }
+        guard case .failed(let reason) = ended else {
+            Issue.record("the client's session did not fail: \(String(describing: ended))")
+            return
+        }
+        #expect(reason.contains("the port failed"), "\(reason)")
+    }
+
     /// A client sending with another client's source MAC: those frames are dropped and
     /// counted at the multiplexer (had they gone out, macswap would have returned them to
     /// the other client), and the other client's traffic is untouched.
@@ -277,8 +318,13 @@ final class MuxBox: @unchecked Sendable {
     var failure: SessionError?
     var snapshot: NetMultiplexer.Stats
     var final: NetMultiplexer.Stats?
+    /// The serving thread's CPU time, as of its last return from `serve`.
+    var cpu: UInt64 = 0
+    /// How long each `serve` call is asked to run.
+    let milliseconds: Int
 
-    init(_ f: NetFixture, clients: Int) throws {
+    init(_ f: NetFixture, clients: Int, milliseconds: Int = 20) throws {
+        self.milliseconds = milliseconds
         path = f.directory + "/mux-\(UInt32.random(in: 0...UInt32.max)).sock"
         mux = try NetMultiplexer(upstream: try f.open(depth: 256), socketPath: path,
                                  configuration: .init(deviceName: NetFixture.name(0), clients: clients))
@@ -290,16 +336,31 @@ final class MuxBox: @unchecked Sendable {
     func run() {
         defer { done.signal() }
         while !lock.withLock({ stopped }) {
-            do { try mux.serve(milliseconds: 20) } catch {
+            do { try mux.serve(milliseconds: milliseconds) } catch {
                 lock.withLock { failure = error }
                 return
             }
             let s = mux.stats()
-            lock.withLock { snapshot = s }
+            var t = timespec()
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t)
+            lock.withLock {
+                snapshot = s
+                cpu = UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
+            }
         }
     }
 
     var stats: NetMultiplexer.Stats { lock.withLock { snapshot } }
+    var cpuNanoseconds: UInt64 { lock.withLock { cpu } }
+
+    /// Waits (up to the test deadline) for the loop to end with an error, and returns it.
+    func awaitFailure() throws -> SessionError {
+        guard done.wait(timeout: .now() + testDeadlineSeconds) == .success, let e = lock.withLock({ failure }) else {
+            throw DeadlinePassed("the multiplexer's loop to fail", seconds: testDeadlineSeconds)
+        }
+        lock.withLock { stopped = true }
+        return e
+    }
 
     /// Waits (up to the test deadline) until `condition` holds of the counters.
     func waitFor(_ what: String, _ condition: (NetMultiplexer.Stats) -> Bool) throws {
