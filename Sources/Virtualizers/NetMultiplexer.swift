@@ -216,10 +216,14 @@ public struct NetMultiplexer: ~Copyable {
     // MARK: the loop
 
     /// Serves for up to `milliseconds`: accepts clients, moves frames both ways, sleeps
-    /// when there is nothing to do. Call in a loop (on a thread of its own). Throws only when the upstream session ends (the device failed, or the
+    /// when there is nothing to do. Call in a loop (on a thread of its own), or once with
+    /// `Int.max`. Throws only when the upstream session ends (the device failed, or the
     /// manager went away): every client's session then fails with the reason.
     public mutating func serve(milliseconds: Int) throws(SessionError) {
-        let until = Clock.monotonicNanoseconds + UInt64(max(0, milliseconds)) * 1_000_000
+        // Saturating: `Int.max` serves until the port fails.
+        let (span, over) = UInt64(max(0, milliseconds)).multipliedReportingOverflow(by: 1_000_000)
+        let (end, later) = Clock.monotonicNanoseconds.addingReportingOverflow(span)
+        let until = over || later ? UInt64.max : end
         repeat {
             do {
                 if try pass() == 0 { try sleep(until: until) }
