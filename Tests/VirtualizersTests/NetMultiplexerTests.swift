@@ -149,6 +149,33 @@ import Virtualizers
         #expect(reason.contains("the port failed"), "\(reason)")
     }
 
+    /// Clients that come and go, closing, being dropped for a bad entry, or never sending
+    /// their open request, leave no descriptor behind in the multiplexer's process.
+    @Test func clientsComingAndGoingLeaveNoDescriptors() throws {
+        let f = try NetFixture()
+        let mux = try MuxBox(f, clients: 2)
+        defer { mux.stop() }
+        let keep = try ClientPort(mux.path)
+        try pump([keep], count: 20, sizes: [64])
+        func descriptors() throws -> Int { try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count }
+        let before = try descriptors()
+        for round in 0..<20 {
+            do {
+                let p = try ClientPort(mux.path)
+                try pump([p], count: 5, sizes: [64], first: UInt32(round * 10))
+            }
+            var c = try RawClient(mux.path)
+            try c.send(BufferDescriptor(offset: RegionOffset(1 << 30), length: 64, cookie: 0))
+            #expect(try c.awaitFailure() != nil)
+            _ = try UnixSocket.connect(path: mux.path)  // closed at once, with no open request
+        }
+        try mux.waitFor("every session but one ended, the silent connections refused") { s in
+            s.clients.filter(\.connected).count == 1 && s.clients[1].sessions == 40 && s.refused == 20
+        }
+        let after = try descriptors()
+        #expect(after == before, "\(after - before) descriptors more after 40 sessions")
+    }
+
     /// A client sending with another client's source MAC: those frames are dropped and
     /// counted at the multiplexer (had they gone out, macswap would have returned them to
     /// the other client), and the other client's traffic is untouched.
