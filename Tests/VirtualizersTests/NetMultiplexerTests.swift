@@ -176,6 +176,36 @@ import Virtualizers
         #expect(after == before, "\(after - before) descriptors more after 40 sessions")
     }
 
+    /// Raw clients of depth 2 that hand the multiplexer a third buffer while it holds their
+    /// two (receive buffers it keeps for frames; sent frames back on a txFree the client
+    /// never reads) lose their sessions for it, counted in `strayEntries`, and a good client
+    /// round-trips meanwhile.
+    @Test func moreBuffersThanTheDepthEndTheSession() throws {
+        let f = try NetFixture()
+        let mux = try MuxBox(f, clients: 2)
+        defer { mux.stop() }
+        let good = try ClientPort(mux.path)
+        var rx = try RawClient(mux.path)
+        try rx.post(BufferDescriptor(offset: RegionOffset(0), length: 2048, cookie: 0))
+        try rx.post(BufferDescriptor(offset: RegionOffset(2048), length: 2048, cookie: 1))
+        try rx.awaitTaken(txActive: false, 2)
+        try rx.post(BufferDescriptor(offset: RegionOffset(4096), length: 2048, cookie: 2))
+        let rxReason = try rx.awaitFailure()
+        #expect(rxReason?.contains("more receive buffers than the queue depth") == true, "\(String(describing: rxReason))")
+        try pump([good], count: 100, sizes: [64, 1518])
+        var tx = try RawClient(mux.path)
+        try tx.send(BufferDescriptor(offset: RegionOffset(0), length: 64, cookie: 0))
+        try tx.send(BufferDescriptor(offset: RegionOffset(2048), length: 64, cookie: 1))
+        try tx.awaitTaken(txActive: true, 2)
+        try tx.send(BufferDescriptor(offset: RegionOffset(4096), length: 64, cookie: 2))
+        let txReason = try tx.awaitFailure()
+        #expect(txReason?.contains("more frames than the queue depth") == true, "\(String(describing: txReason))")
+        try pump([good], count: 100, sizes: [64, 1518], first: 1000)
+        #expect(good.seen.count == 200 && good.damaged == 0)
+        let s = mux.stop()
+        #expect(s.clients[1].sessions == 2 && s.clients[1].strayEntries == 2, "\(s.clients[1])")
+    }
+
     /// A client sending with another client's source MAC: those frames are dropped and
     /// counted at the multiplexer (had they gone out, macswap would have returned them to
     /// the other client), and the other client's traffic is untouched.
@@ -596,6 +626,16 @@ struct RawClient: ~Copyable {
         let ok = rxFree.enqueue(d)
         #expect(ok)
         try bell.ring()
+    }
+
+    /// Waits (up to the test deadline) until the multiplexer has taken `count` entries off
+    /// txActive (or rxFree), all of what was there.
+    mutating func awaitTaken(txActive: Bool, _ count: Int) throws {
+        let deadline = Date().addingTimeInterval(testDeadlineSeconds)
+        while (txActive ? self.txActive.freeSlots() : rxFree.freeSlots()) < count {
+            guard Date() < deadline else { throw DeadlinePassed("the multiplexer to take \(count) entries", seconds: testDeadlineSeconds) }
+            usleep(1000)
+        }
     }
 
     func writeTail(txActive: Bool, _ value: UInt32) throws {
