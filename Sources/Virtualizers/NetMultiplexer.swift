@@ -131,11 +131,16 @@ public struct NetMultiplexer: ~Copyable {
     var nextSessionID: UInt64 = 1
     /// The client served first in the next transmit pass.
     var nextTx = 0
-    /// Slots to drop after the pass that found them, with why.
-    var drops: [(Int, String)] = []
+    /// Slots to drop after the pass that found them, with why, and whether the client broke
+    /// its queues (counted in `strayEntries`).
+    var drops: [(slot: Int, why: String, broke: Bool)] = []
     let scratch: UnsafeMutableBufferPointer<BufferDescriptor>
-    /// MAC of each slot as a raw value, for the receive path (0: slot empty; no client has 0).
+    /// MAC of each slot as a raw value, for the receive path; `emptySlot` when the slot
+    /// holds no client.
     let slotMACs: UnsafeMutablePointer<UInt64>
+    /// Above every 48-bit MAC: no destination read off the wire (00:00:00:00:00:00
+    /// included) names an empty slot, whose record is not initialized.
+    static let emptySlot = UInt64.max
     var rxFrames: UInt64 = 0
     var rxNoClient: UInt64 = 0
     var txFrames: UInt64 = 0
@@ -181,7 +186,7 @@ public struct NetMultiplexer: ~Copyable {
         counters = (0..<n).map { ClientStats(slot: $0, mac: macs[$0], connected: false) }
         scratch = .allocate(capacity: configuration.batch)
         slotMACs = .allocate(capacity: n)
-        slotMACs.initialize(repeating: 0, count: n)
+        slotMACs.initialize(repeating: Self.emptySlot, count: n)
         self.upstream = upstream
     }
 
@@ -212,18 +217,21 @@ public struct NetMultiplexer: ~Copyable {
     // MARK: the loop
 
     /// Serves for up to `milliseconds`: accepts clients, moves frames both ways, sleeps
-    /// when there is nothing to do. Call in a loop (on a thread of its own). Throws only
-    /// when the upstream session ends (the device failed): every client's session then
-    /// fails with the reason.
+    /// when there is nothing to do. Call in a loop (on a thread of its own), or once with
+    /// `Int.max`. Throws only when the upstream session ends (the device failed, or the
+    /// manager went away): every client's session then fails with the reason.
     public mutating func serve(milliseconds: Int) throws(SessionError) {
-        let until = Clock.monotonicNanoseconds + UInt64(max(0, milliseconds)) * 1_000_000
+        // Saturating: `Int.max` serves until the port fails.
+        let (span, over) = UInt64(max(0, milliseconds)).multipliedReportingOverflow(by: 1_000_000)
+        let (end, later) = Clock.monotonicNanoseconds.addingReportingOverflow(span)
+        let until = over || later ? UInt64.max : end
         repeat {
-            let work: Int
-            do { work = try pass() } catch {
+            do {
+                if try pass() == 0 { try sleep(until: until) }
+            } catch {
                 for k in 0..<occupied.count where occupied[k] { fail(k, "the port failed: \(error)") }
                 throw error
             }
-            if work == 0 { try sleep(until: until) }
         } while Clock.monotonicNanoseconds < until
     }
 
@@ -234,9 +242,9 @@ public struct NetMultiplexer: ~Copyable {
         work += try transmitPass()
         for k in 0..<occupied.count where occupied[k] {
             if slots[k].endpoint.flush() == nil {
-                drops.append((k, "its rxActive or txFree had no room: it has more buffers out than its depth"))
+                drops.append((k, "its rxActive or txFree had no room: it has more buffers out than its depth", true))
             } else if slots[k].endpoint.hasFailed, let e = slots[k].endpoint.failure {
-                drops.append((k, "\(e)"))
+                drops.append((k, "\(e)", true))
             }
         }
         applyDrops()
@@ -257,7 +265,7 @@ public struct NetMultiplexer: ~Copyable {
             guard frame.count >= NetInfo.headerBytes else { return }
             let destination = MACAddress(bytes: frame.baseAddress!)
             if destination.isMulticast {
-                for k in 0..<n where macs[k] != 0 { slots[k].deliver(frame) }
+                for k in 0..<n where macs[k] != Self.emptySlot { slots[k].deliver(frame) }
                 return
             }
             for k in 0..<n where macs[k] == destination.rawValue {
@@ -277,7 +285,7 @@ public struct NetMultiplexer: ~Copyable {
         if allowance == 0 {
             // Nothing may be held, yet a buffer waits: more buffers out than the depth.
             if !slots[k].endpoint.rxFree.isEmpty() && slots[k].endpoint.receiveAllowance() == 0 {
-                drops.append((k, "more receive buffers than the queue depth of \(slots[k].endpoint.queueDepth)"))
+                drops.append((k, "more receive buffers than the queue depth of \(slots[k].endpoint.queueDepth)", true))
             }
             return
         }
@@ -300,7 +308,7 @@ public struct NetMultiplexer: ~Copyable {
             if room == 0 {
                 if slots[k].endpoint.transmitAllowance() == 0 && !slots[k].endpoint.txActive.isEmpty()
                     && slots[k].endpoint.transmitAllowance() == 0 {
-                    drops.append((k, "more frames than the queue depth of \(slots[k].endpoint.queueDepth)"))
+                    drops.append((k, "more frames than the queue depth of \(slots[k].endpoint.queueDepth)", true))
                 }
                 continue
             }
@@ -354,21 +362,24 @@ public struct NetMultiplexer: ~Copyable {
         let timeout = !sleepy || now >= until ? 0 : Int(min(50, (until - now) / 1_000_000 + 1))
         let ready: Int
         do { ready = try epoll.wait(into: &events, timeoutMilliseconds: timeout) } catch {
-            cancelSignals()
+            try cancelSignals()
             throw .system(error)
         }
-        cancelSignals()
+        try cancelSignals()
         for i in 0..<ready { handle(events.token(i)) }
         applyDrops()
         expirePending()
     }
 
-    mutating func cancelSignals() {
+    /// Withdraws the doorbell requests made before sleeping. Throws when the upstream
+    /// session ended (the manager went away or failed the session): its descriptor would
+    /// stay readable, and every later sleep would return at once.
+    mutating func cancelSignals() throws(SessionError) {
         for k in 0..<occupied.count where occupied[k] { slots[k].endpoint.txActive.cancelSignal() }
         if upstreamArmed {
             upstreamArmed = false
             // Drains the port's doorbell and takes new queues if the driver was replaced.
-            try? upstream.disarm()
+            try upstream.disarm()
         }
     }
 
@@ -385,7 +396,7 @@ public struct NetMultiplexer: ~Copyable {
             } else {
                 // Clients send nothing after open: a message or a close ends the session.
                 _ = try? slots[k].socket.receiveControl(nonBlocking: true)
-                drops.append((k, "the client closed its session"))
+                drops.append((k, "the client closed its session", false))
             }
         }
     }
@@ -493,22 +504,22 @@ public struct NetMultiplexer: ~Copyable {
 
     mutating func applyDrops() {
         guard !drops.isEmpty else { return }
-        for (k, why) in drops where occupied[k] { fail(k, why) }
+        for d in drops where occupied[d.slot] { fail(d.slot, d.why, brokeItsQueues: d.broke) }
         drops.removeAll(keepingCapacity: true)
     }
 
     /// Ends client `k`'s session: its header says failed, its connection carries the
     /// reason and closes, and its slot is free again.
-    mutating func fail(_ k: Int, _ reason: String) {
+    mutating func fail(_ k: Int, _ reason: String, brokeItsQueues: Bool = false) {
         guard occupied[k] else { return }
         let c = (slots + k).move()
         occupied[k] = false
-        slotMACs[k] = 0
+        slotMACs[k] = Self.emptySlot
         counters[k].rxDelivered &+= c.rxDelivered
         counters[k].rxNotReading &+= c.rxNotReading
         counters[k].txSent &+= c.txSent
         counters[k].txSpoofed &+= c.txSpoofed
-        if c.endpoint.hasFailed { counters[k].strayEntries &+= 1 }
+        if brokeItsQueues { counters[k].strayEntries &+= 1 }
         if reason != "the client closed its session" { counters[k].lastDrop = reason }
         try? epoll.remove(c.socket.fd.raw)
         try? epoll.remove(c.endpoint.requestBell.fd.raw)

@@ -54,6 +54,11 @@ struct NetMuxCommand: ParsableCommand {
     @Option(help: "Milliseconds to wait for a device that is not ready yet.")
     var waitMs: Int = 10_000
 
+    func validate() throws {
+        // The interval becomes nanoseconds in a UInt64.
+        guard interval >= 0, interval <= 86_400 else { throw ValidationError("--interval \(interval): 0...86400 seconds") }
+    }
+
     func run() throws {
         var macs: [MACAddress]? = nil
         if let mac {

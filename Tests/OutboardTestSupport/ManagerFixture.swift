@@ -70,6 +70,10 @@ public final class ManagerFixture {
     /// `resume()`. Its drivers and clients go on.
     public func pause() throws { try process!.signal(SIGSTOP) }
 
+    /// Kills (SIGKILL) the manager process: it closes nothing in order, its clients see their
+    /// connections end.
+    public func kill() throws { try process!.signal(SIGKILL) }
+
     /// Continues (SIGCONT) a manager stopped by `pause()`.
     public func resume() throws { try process!.signal(SIGCONT) }
 
