@@ -345,12 +345,16 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             guard context.sessions.isActive(i), exposedAt[i] != nil else { continue }
             let index = context.sessions.net[i].tableIndex
             if context.sessions.inFlight[i] == 0 { context.page.markInUse(index) }
+            // The session's translation, read once for what this pass takes of it (after
+            // the in-use mark), when it takes anything.
+            var grant: SessionGrant? = nil
             // Frames to send.
             let txRoom = min(batch.count, device.transmitRoom, txFreeCount, context.sessions.net[i].transmitAllowance())
             if txRoom > 0 {
                 let got = context.sessions.net[i].txActive.dequeue(into: UnsafeMutableBufferPointer(rebasing: batch[0..<txRoom]))
                 if got > 0 && context.table.abortGeneration == generation { abort() }
-                for k in 0..<got { if transmit(i, batch[k], context: &context) { sent += 1 } }
+                if got > 0 && grant == nil { grant = context.sessions.grant(i, table: context.table) }
+                for k in 0..<got { if transmit(i, batch[k], grant: grant!, context: &context) { sent += 1 } }
             } else if context.sessions.net[i].transmitAllowance() == 0 {
                 checkOverrun(i, transmit: true, context: &context)
             }
@@ -358,7 +362,8 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             let rxRoom = min(batch.count, device.receiveRoom, rxFreeCount, context.sessions.net[i].receiveAllowance())
             if rxRoom > 0 {
                 let got = context.sessions.net[i].rxFree.dequeue(into: UnsafeMutableBufferPointer(rebasing: batch[0..<rxRoom]))
-                for k in 0..<got { if receiveInto(i, batch[k], context: &context) { posted += 1 } }
+                if got > 0 && grant == nil { grant = context.sessions.grant(i, table: context.table) }
+                for k in 0..<got { if receiveInto(i, batch[k], grant: grant!, context: &context) { posted += 1 } }
             } else if context.sessions.net[i].receiveAllowance() == 0 {
                 checkOverrun(i, transmit: false, context: &context)
             }
@@ -386,14 +391,13 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         }
     }
 
-    /// One frame of session `i` to the device, its buffer translated right before. A frame
-    /// that cannot go (longer than the device's MTU allows, outside the grant) comes back
-    /// at once, unsent, as a NIC drops a frame it cannot send.
-    mutating func transmit(_ i: Int, _ d: BufferDescriptor, context: inout HostContext) -> Bool {
+    /// One frame of session `i` to the device, its buffer translated right before (by the
+    /// session's `grant` for this batch). A frame that cannot go (longer than the device's
+    /// MTU allows, outside the grant) comes back at once, unsent, as a NIC drops a frame it
+    /// cannot send.
+    mutating func transmit(_ i: Int, _ d: BufferDescriptor, grant: SessionGrant, context: inout HostContext) -> Bool {
         var io: IOAddress? = nil
-        if d.length <= maxFrame,
-           case .granted(let a, _) = context.sessions.translate(i, offset: d.offset, length: d.length, deviceWrites: false,
-                                                                 table: context.table) {
+        if d.length <= maxFrame, case .granted(let a, _) = grant.translate(offset: d.offset, length: d.length, deviceWrites: false) {
             io = a
         }
         txFreeCount -= 1
@@ -409,27 +413,29 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         return true
     }
 
-    /// One empty buffer of session `i` to the device.
-    mutating func receiveInto(_ i: Int, _ d: BufferDescriptor, context: inout HostContext) -> Bool {
+    /// One empty buffer of session `i` to the device (translated by the session's `grant`
+    /// for this batch).
+    mutating func receiveInto(_ i: Int, _ d: BufferDescriptor, grant: SessionGrant, context: inout HostContext) -> Bool {
         rxFreeCount -= 1
         let k = Int(rxFreeSlots[rxFreeCount])
         rxRecords[k] = Record(active: true, session: i, buffer: d)
         context.sessions.inFlight[i] += 1
         context.sessions.net[i].rxHeld += 1
-        guard post(k, context: &context) else {
+        guard post(k, grant: grant, context: &context) else {
             returnUnused(k, context: &context)
             return false
         }
         return true
     }
 
-    /// Receive slot `k`'s buffer to the device, translated right before (device writes).
-    mutating func post(_ k: Int, context: inout HostContext) -> Bool {
+    /// Receive slot `k`'s buffer to the device, translated right before (device writes),
+    /// by `grant` when a batch has one for the session, else on its own.
+    mutating func post(_ k: Int, grant: SessionGrant? = nil, context: inout HostContext) -> Bool {
         let i = rxRecords[k].session
         let d = rxRecords[k].buffer
-        guard exposedAt[i] != nil,
-              case .granted(let io, _) = context.sessions.translate(i, offset: d.offset, length: d.length, deviceWrites: true,
-                                                                     table: context.table) else { return false }
+        guard exposedAt[i] != nil else { return false }
+        let g = grant ?? context.sessions.grant(i, table: context.table)
+        guard case .granted(let io, _) = g.translate(offset: d.offset, length: d.length, deviceWrites: true) else { return false }
         return device.postReceive(slot: k, buffer: io, length: d.length)
     }
 
