@@ -30,6 +30,12 @@ protocol DeviceServer: ~Copyable {
     func shouldSpin(lastWork: UInt64) -> Bool
     mutating func prepareToSleep(context: inout HostContext) -> Bool
     mutating func woke(context: inout HostContext)
+    /// While spinning with nothing to do: nil, yield the CPU (sched_yield) at every idle
+    /// poll. A number of nanoseconds: yield once that long has passed since the last yield
+    /// and there was work since (what the driver gave its clients is theirs to take now),
+    /// and at the latest 10 times that long after it; in between, spin without a system
+    /// call (the device, on another CPU, is what the driver waits for).
+    static var yieldInterval: UInt64? { get }
 
     /// An event on a descriptor the server registered with `context.epoll` (tokens
     /// `HostToken.device...`).
@@ -84,6 +90,7 @@ extension BlockDeviceServer where Self: ~Copyable {
 
 extension BlockDeviceServer where Self: ~Copyable {
     static var deviceClass: DeviceClass { .block }
+    static var yieldInterval: UInt64? { nil }
 
     mutating func serve(context: inout BlockContext) -> Int {
         var work = poll(context: &context)

@@ -1,3 +1,4 @@
+import CLinux
 import OutboardRings
 import OutboardSession
 import OutboardSystem
@@ -68,6 +69,9 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
     /// Serves until the manager closes the socket (then returns) or a fatal error.
     mutating func run() throws(DriverError) {
         var spins = 0
+        // Server.yieldInterval: the last yield, and whether there was work since.
+        var lastYield: UInt64 = 0
+        var workSinceYield = false
         while !exitRequested {
             context.page.beat()
             let work = server.serve(context: &context)
@@ -75,6 +79,7 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
             if work > 0 || !context.sessions.drops.isEmpty { afterWork() }
             if work > 0 {
                 lastWork = Clock.monotonicNanoseconds
+                workSinceYield = true
                 // Under load, look at the manager socket now and then without sleeping.
                 if spins & 63 == 0 { try pollEvents(timeoutMs: 0) }
                 continue
@@ -82,7 +87,19 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
             if server.shouldSpin(lastWork: lastWork) {
                 // Yield rather than pause: with fewer cores than busy processes (client,
                 // driver, device), the peer we wait for may need this CPU.
-                sched_yield()
+                if let interval = Server.yieldInterval {
+                    let now = Clock.monotonicNanoseconds
+                    let since = now &- lastYield
+                    if since >= 10 * interval || (workSinceYield && since >= interval) {
+                        sched_yield()
+                        lastYield = Clock.monotonicNanoseconds
+                        workSinceYield = false
+                    } else {
+                        ob_cpu_relax()
+                    }
+                } else {
+                    sched_yield()
+                }
                 if spins & 1023 == 0 { try pollEvents(timeoutMs: 0) }
                 continue
             }
