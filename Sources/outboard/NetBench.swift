@@ -37,7 +37,8 @@ struct NetBench: ParsableCommand {
             (this process pins itself there before starting them). \
             Rows "busy": both drivers busy-poll (Outboard's driver in notify mode poll, the \
             client spinning); target: mpps_ratio >= 1.0. Rows "rate" (transmit only): the \
-            Outboard client sends at --rate-fraction of DPDK's busy Mpps of that row (paced, \
+            Outboard client sends at --rate-fraction of the lower of the two sides' busy Mpps (medians) of that row, a \
+            rate both sustain (paced, \
             sleeping between bursts; the driver in adaptive mode, --poll-us), DPDK's testpmd has \
             no way to pace txonly (no rate option), so its side runs unpaced and its CPU per \
             packet is the one at its maximum (reference_paced false); target: cpu_ratio <= \
@@ -53,7 +54,7 @@ struct NetBench: ParsableCommand {
     @Option(help: "Directions, comma separated: tx (the driver transmits), rx (it receives).") var directions: ListOption<String> = ["tx", "rx"]
     @Option(help: "Measured seconds per run (testpmd's reports, one a second).") var seconds: Int = 3
     @Option(help: "Runs of each side per row (odd), in adjacent pairs of alternating order.") var repeats: Int = 3
-    @Option(help: "Rate rows: the Outboard client's offered load as fractions of DPDK's busy Mpps in the same row, comma separated.")
+    @Option(help: "Rate rows: the Outboard client's offered load as fractions of the lower busy Mpps of the two sides in the same row, comma separated.")
     var rateFraction: ListOption<Double> = [0.5]
     @Flag(help: "Only the busy rows.") var noRate = false
     @Option(help: "Rate rows: the driver's busy-polling after its last work, microseconds (adaptive mode).") var pollUs: Int = 50
@@ -86,7 +87,11 @@ struct NetBench: ParsableCommand {
         var kernel: [Int: KernelNetRun] = [:]
         var counter = 0
         for size in sizes.values where !interrupted() {
-            if !noKernel { kernel[size] = try? runKernel(size: size, lab: lab) }
+            if !noKernel {
+                do { kernel[size] = try runKernel(size: size, lab: lab) } catch {
+                    FileHandleStderr.write("bench net: the kernel reference for \(size)-byte frames failed: \(error)\n")
+                }
+            }
             for dir in directions.values where !interrupted() {
                 let direction: NetDirection = dir == "tx" ? .transmit : .receive
                 counter += 1
@@ -102,10 +107,13 @@ struct NetBench: ParsableCommand {
                 line.attachKernel(kernel[size], direction: direction)
                 emit(line)
                 guard direction == .transmit, !noRate else { continue }
+                // A rate both sides sustain: a fraction of the lower of the two busy medians.
                 let dpdkMax = busy.dpdk.map(\.window.mpps).sorted()[busy.dpdk.count / 2]
+                let outboardMax = busy.outboard.map(\.window.mpps).sorted()[busy.outboard.count / 2]
+                let base = min(dpdkMax, outboardMax)
                 for fraction in rateFraction.values where !interrupted() {
-                    let rate = fraction * dpdkMax * 1e6
-                    guard rate >= 1000 else { throw CommandFailure("DPDK's busy rate (\(fmt(dpdkMax, 3)) Mpps) is too low for a rate row") }
+                    let rate = fraction * base * 1e6
+                    guard rate >= 1000 else { throw CommandFailure("the busy rates (\(fmt(base, 3)) Mpps) are too low for a rate row") }
                     guard let paced = try pairs(
                         outboard: { try measureOutboard(&device, lab: lab, direction: direction, size: size, rate: rate) },
                         reference: { try measureReference(&device, lab: lab, direction: direction, size: size) })
@@ -113,6 +121,7 @@ struct NetBench: ParsableCommand {
                     var line = NetBenchLine(load: "rate", direction: direction, size: size, runs: paced, byCPU: true)
                     line.offeredMpps = rate / 1e6
                     line.rateFraction = fraction
+                    line.rateBaseMpps = base
                     line.attachKernel(kernel[size], direction: direction)
                     emit(line)
                 }
@@ -274,6 +283,8 @@ struct NetBenchLine {
     var cpuRatioMax: Double
     var offeredMpps: Double?
     var rateFraction: Double?
+    /// What the fraction is of: the lower of the two sides' busy medians.
+    var rateBaseMpps: Double?
     var kernelMpps: Double?
     var kernelNsPerPacket: Double?
 
@@ -310,6 +321,7 @@ struct NetBenchLine {
                      "\"device_cpu\":\(NetBench.deviceCPU)", "\"frontend_cpu\":\(NetBench.frontendCPU)", "\"repeats\":\(repeats)"]
         if let r = offeredMpps { parts.append("\"offered_mpps\":\(fmt(r, 4))") }
         if let f = rateFraction { parts.append("\"rate_fraction\":\(fmt(f, 3))") }
+        if let b = rateBaseMpps { parts.append("\"rate_base_mpps\":\(fmt(b, 4))") }
         if load == "rate" { parts.append("\"reference_paced\":false") }
         parts += ["\"outboard_mpps\":\(fmt(outboard.window.mpps, 4))", "\"dpdk_mpps\":\(fmt(dpdk.window.mpps, 4))",
                   "\"mpps_ratio\":\(fmt(mppsRatio, 3))", "\"mpps_ratio_min\":\(fmt(ratioMin, 3))", "\"mpps_ratio_max\":\(fmt(ratioMax, 3))",

@@ -202,8 +202,9 @@ enum KernelNetPath {
         try ip(["netns", "add", b])
         defer { try? ip(["netns", "del", b]) }
         try ip(["link", "add", "nbva", "netns", a, "type", "veth", "peer", "name", "nbvb", "netns", b])
-        try ip(["-n", a, "link", "set", "nbva", "up"])
-        try ip(["-n", b, "link", "set", "nbvb", "up"])
+        // Room for the longest frame (1518 bytes: 1500 and a VLAN tag's worth) on both ends.
+        try ip(["-n", a, "link", "set", "nbva", "mtu", "1600", "up"])
+        try ip(["-n", b, "link", "set", "nbvb", "mtu", "1600", "up"])
         let start = Clock.monotonicNanoseconds + 500_000_000
         let end = start + UInt64(seconds * 1e9)
         func output(_ dir: String) -> String { workDirectory + "/kernel-\(dir).out" }
