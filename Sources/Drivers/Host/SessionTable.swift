@@ -77,6 +77,9 @@ struct SessionTable: ~Copyable {
     var tableIndices: [Int]
     var dataSizes: [Int]
     var next = 0
+    /// One past the highest occupied slot: every session is below it (a pass over the
+    /// sessions need look no further).
+    var span = 0
     /// Sessions to stop serving, with why (a broken queue protocol, no memory slot at the
     /// device): the host drops them after the pass that found them.
     var drops: [(Int, String)] = []
@@ -130,6 +133,7 @@ struct SessionTable: ~Copyable {
         occupied[i] = true
         detaching[i] = false
         inFlight[i] = 0
+        span = max(span, i + 1)
     }
 
     mutating func remove(_ i: Int) {
@@ -138,6 +142,7 @@ struct SessionTable: ~Copyable {
         detaching[i] = false
         inFlight[i] = 0
         tableIndices[i] = -1
+        while span > 0 && !occupied[span - 1] { span -= 1 }
     }
 
     /// Whether a session this driver still has (serving or leaving) uses `tableIndex`.

@@ -335,7 +335,9 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     /// Takes frames to send and empty buffers from every session, as far as the device
     /// and the session's depth allow, and publishes both queues once.
     mutating func takeFromSessions(context: inout HostContext) -> Int {
-        let n = SessionTable.capacity
+        // Round robin over the occupied slots only.
+        let n = context.sessions.span
+        guard n > 0 else { return 0 }
         let batch = UnsafeMutableBufferPointer(start: context.sessions.scratch.bindMemory(to: BufferDescriptor.self, capacity: SessionTable.batch),
                                                count: SessionTable.batch)
         let generation = context.generation
@@ -372,7 +374,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             }
             if context.sessions.inFlight[i] == 0 { context.page.clearInUse(index) }
         }
-        context.sessions.next = (context.sessions.next + 1) % n
+        context.sessions.next = (context.sessions.next % n + 1) % n
         if sent > 0, device.publish(.transmit) { context.page.add(.kicks) }
         if posted > 0, device.publish(.receive) { context.page.add(.kicks) }
         return sent + posted
@@ -441,7 +443,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
 
     /// Publishes what is staged for every session, one batch and at most one doorbell each.
     mutating func flush(context: inout HostContext) {
-        for i in 0..<SessionTable.capacity where context.sessions.occupied[i] {
+        for i in 0..<context.sessions.span where context.sessions.occupied[i] {
             guard context.sessions.net[i].stagedRxCount + context.sessions.net[i].stagedTxCount > 0 else { continue }
             guard context.sessions.isActive(i) else {
                 context.sessions.net[i].stagedRxCount = 0
@@ -485,7 +487,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         guard connected else { return true }
         let txRoom = device.transmitRoom > 0 && txFreeCount > 0
         let rxRoom = device.receiveRoom > 0 && rxFreeCount > 0
-        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
+        for i in 0..<context.sessions.span where context.sessions.isActive(i) {
             if txRoom && !context.sessions.net[i].txActive.prepareToSleep() && !context.sessions.net[i].txActive.hasFailed { sleep = false }
             if rxRoom && !context.sessions.net[i].rxFree.prepareToSleep() && !context.sessions.net[i].rxFree.hasFailed { sleep = false }
         }
@@ -496,7 +498,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     }
 
     mutating func woke(context: inout HostContext) {
-        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
+        for i in 0..<context.sessions.span where context.sessions.isActive(i) {
             context.sessions.net[i].txActive.cancelSignal()
             context.sessions.net[i].rxFree.cancelSignal()
         }
