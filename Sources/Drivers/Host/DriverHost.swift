@@ -69,8 +69,9 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
     /// Serves until the manager closes the socket (then returns) or a fatal error.
     mutating func run() throws(DriverError) {
         var spins = 0
-        // Server.yieldInterval: the last yield, and whether there was work since.
-        var lastYield: UInt64 = 0
+        // Server.idlePollsBeforeYield: idle polls in a row, and whether there was work
+        // since the last yield.
+        var idlePolls = 0
         var workSinceYield = false
         while !exitRequested {
             context.page.beat()
@@ -80,6 +81,7 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
             if work > 0 {
                 lastWork = Clock.monotonicNanoseconds
                 workSinceYield = true
+                idlePolls = 0
                 // Under load, look at the manager socket now and then without sleeping.
                 if spins & 63 == 0 { try pollEvents(timeoutMs: 0) }
                 continue
@@ -87,12 +89,11 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
             if server.shouldSpin(lastWork: lastWork) {
                 // Yield rather than pause: with fewer cores than busy processes (client,
                 // driver, device), the peer we wait for may need this CPU.
-                if let interval = Server.yieldInterval {
-                    let now = Clock.monotonicNanoseconds
-                    let since = now &- lastYield
-                    if since >= 10 * interval || (workSinceYield && since >= interval) {
+                if let polls = Server.idlePollsBeforeYield {
+                    idlePolls += 1
+                    if idlePolls >= (workSinceYield ? polls : 16 * polls) {
                         sched_yield()
-                        lastYield = Clock.monotonicNanoseconds
+                        idlePolls = 0
                         workSinceYield = false
                     } else {
                         ob_cpu_relax()
