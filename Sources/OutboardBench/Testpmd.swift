@@ -272,13 +272,13 @@ public struct Testpmd: ~Copyable {
             guard let s = r.ports.first(where: { $0.port == port }) else { throw LabError("testpmd's report lacks port \(port)") }
             return counter == .received ? s.rxPackets : s.txPackets
         }
-        func cpu(_ pids: [pid_t]) throws(LabError) -> UInt64 {
-            var sum: UInt64 = 0
+        func cpu(_ pids: [pid_t]) throws(LabError) -> [UInt64] {
+            var each: [UInt64] = []
             for p in pids {
                 guard let c = processCPUNanoseconds(pid: p) else { throw LabError("process \(p) is gone") }
-                sum += c
+                each.append(c)
             }
-            return sum
+            return each
         }
         var start = try nextReport(timeoutSeconds: timeoutSeconds)
         let waitUntil = Clock.monotonicNanoseconds + UInt64(timeoutSeconds * 1e9)
@@ -307,10 +307,11 @@ public struct Testpmd: ~Copyable {
         }
         let cpu1 = try (device: cpu([pid]), driver: cpu(driverPIDs))
         guard previous.fresh else { throw LabError("this process could not read testpmd's reports as they came (the machine is too busy)") }
+        let each = zip(cpu0.driver, cpu1.driver).map { Double($1 &- $0) / 1e9 }
         return try NetWindow(seconds: seconds, observedSeconds: Double(previous.seenAtNanoseconds - start.seenAtNanoseconds) / 1e9,
                              packets: count(previous) - count(start),
-                             deviceCPUSeconds: Double(cpu1.device - cpu0.device) / 1e9,
-                             driverCPUSeconds: Double(cpu1.driver - cpu0.driver) / 1e9)
+                             deviceCPUSeconds: Double(cpu1.device[0] - cpu0.device[0]) / 1e9,
+                             driverCPUSeconds: each.reduce(0, +), driverCPUSecondsEach: each)
     }
 }
 
@@ -334,8 +335,12 @@ public struct NetWindow: Sendable, Equatable {
     public let deviceCPUSeconds: Double
     /// CPU of the driver's processes (summed).
     public let driverCPUSeconds: Double
+    /// CPU of each of the driver's processes, in the order `measure` was given them.
+    public let driverCPUSecondsEach: [Double]
 
-    public init(seconds: Double, observedSeconds: Double, packets: UInt64, deviceCPUSeconds: Double, driverCPUSeconds: Double) {
+    public init(seconds: Double, observedSeconds: Double, packets: UInt64, deviceCPUSeconds: Double, driverCPUSeconds: Double,
+                driverCPUSecondsEach: [Double]? = nil) {
+        self.driverCPUSecondsEach = driverCPUSecondsEach ?? [driverCPUSeconds]
         self.seconds = seconds
         self.observedSeconds = observedSeconds
         self.packets = packets

@@ -11,14 +11,14 @@ struct Outboard: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "outboard",
         abstract: "User-level device drivers for Linux: isolated driver processes, shared-memory queues.",
-        subcommands: [DemoCommand.self, RunCommand.self, StatusCommand.self, BlkCommand.self, NetCommand.self, FaultsCommand.self, CheckCommand.self, Bench.self, DriverCommand.self, RingWorkerCommand.self, SandboxProbeCommand.self, RefBlkCommand.self, VFIOInfoCommand.self]
+        subcommands: [DemoCommand.self, RunCommand.self, StatusCommand.self, BlkCommand.self, NetCommand.self, FaultsCommand.self, CheckCommand.self, Bench.self, DriverCommand.self, RingWorkerCommand.self, NetLoadCommand.self, NetKernelCommand.self, SandboxProbeCommand.self, RefBlkCommand.self, VFIOInfoCommand.self]
     )
 }
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Measure Outboard against a reference run in the same invocation.",
-        subcommands: [RingBench.self, BlkBench.self, GuestBench.self, GuestBenchRun.self]
+        subcommands: [RingBench.self, BlkBench.self, NetBench.self, GuestBench.self, GuestBenchRun.self]
     )
 }
 

@@ -213,6 +213,9 @@ unsigned long ob_signals_counted(void);
 // VFIO (linux/vfio.h): request numbers, ioctl(2), layouts, the full MMIO barrier.
 #include "CVFIO.h"
 
+// AF_PACKET sockets (packet.c).
+#include "CPacket.h"
+
 // TAP devices (<linux/if_tun.h>) and the interface ioctls of <linux/sockios.h> (struct
 // ifreq, a union Swift imports badly, stays on this side). Each returns 0 or -1 with errno.
 extern const int OB_IFNAMSIZ;

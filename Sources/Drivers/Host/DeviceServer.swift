@@ -30,6 +30,12 @@ protocol DeviceServer: ~Copyable {
     func shouldSpin(lastWork: UInt64) -> Bool
     mutating func prepareToSleep(context: inout HostContext) -> Bool
     mutating func woke(context: inout HostContext)
+    /// While spinning with nothing to do: nil, yield the CPU (sched_yield) at every idle
+    /// poll. A number N: yield once N polls in a row found nothing after work (what the
+    /// driver gave its clients is theirs to take now: the device has paused), 16 N without
+    /// work since the last yield; spin (pause) in between, with no system call and no
+    /// clock read: the device, on another CPU, is what the driver waits for.
+    static var idlePollsBeforeYield: Int? { get }
 
     /// An event on a descriptor the server registered with `context.epoll` (tokens
     /// `HostToken.device...`).
@@ -84,6 +90,7 @@ extension BlockDeviceServer where Self: ~Copyable {
 
 extension BlockDeviceServer where Self: ~Copyable {
     static var deviceClass: DeviceClass { .block }
+    static var idlePollsBeforeYield: Int? { nil }
 
     mutating func serve(context: inout BlockContext) -> Int {
         var work = poll(context: &context)

@@ -1,3 +1,4 @@
+import CLinux
 import OutboardRings
 import OutboardSession
 import OutboardSystem
@@ -68,6 +69,10 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
     /// Serves until the manager closes the socket (then returns) or a fatal error.
     mutating func run() throws(DriverError) {
         var spins = 0
+        // Server.idlePollsBeforeYield: idle polls in a row, and whether there was work
+        // since the last yield.
+        var idlePolls = 0
+        var workSinceYield = false
         while !exitRequested {
             context.page.beat()
             let work = server.serve(context: &context)
@@ -75,6 +80,8 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
             if work > 0 || !context.sessions.drops.isEmpty { afterWork() }
             if work > 0 {
                 lastWork = Clock.monotonicNanoseconds
+                workSinceYield = true
+                idlePolls = 0
                 // Under load, look at the manager socket now and then without sleeping.
                 if spins & 63 == 0 { try pollEvents(timeoutMs: 0) }
                 continue
@@ -82,7 +89,18 @@ struct DriverHost<Server: DeviceServer & ~Copyable, Session: ServedSession & ~Co
             if server.shouldSpin(lastWork: lastWork) {
                 // Yield rather than pause: with fewer cores than busy processes (client,
                 // driver, device), the peer we wait for may need this CPU.
-                sched_yield()
+                if let polls = Server.idlePollsBeforeYield {
+                    idlePolls += 1
+                    if idlePolls >= (workSinceYield ? polls : 16 * polls) {
+                        sched_yield()
+                        idlePolls = 0
+                        workSinceYield = false
+                    } else {
+                        ob_cpu_relax()
+                    }
+                } else {
+                    sched_yield()
+                }
                 if spins & 1023 == 0 { try pollEvents(timeoutMs: 0) }
                 continue
             }

@@ -77,6 +77,9 @@ struct SessionTable: ~Copyable {
     var tableIndices: [Int]
     var dataSizes: [Int]
     var next = 0
+    /// One past the highest occupied slot: every session is below it (a pass over the
+    /// sessions need look no further).
+    var span = 0
     /// Sessions to stop serving, with why (a broken queue protocol, no memory slot at the
     /// device): the host drops them after the pass that found them.
     var drops: [(Int, String)] = []
@@ -130,6 +133,7 @@ struct SessionTable: ~Copyable {
         occupied[i] = true
         detaching[i] = false
         inFlight[i] = 0
+        span = max(span, i + 1)
     }
 
     mutating func remove(_ i: Int) {
@@ -138,6 +142,7 @@ struct SessionTable: ~Copyable {
         detaching[i] = false
         inFlight[i] = 0
         tableIndices[i] = -1
+        while span > 0 && !occupied[span - 1] { span -= 1 }
     }
 
     /// Whether a session this driver still has (serving or leaving) uses `tableIndex`.
@@ -153,17 +158,43 @@ struct SessionTable: ~Copyable {
     /// the device reaches). Called right before the device is given the address, never
     /// before a wait.
     func translate(_ i: Int, offset: RegionOffset, length: UInt32, deviceWrites: Bool, table: TranslationTable) -> Translation {
-        let sessionID = sessionIDs[i]
-        guard let entry = table.readPatiently(tableIndices[i]) else { return .refused(.revoked) }
-        let now = Clock.monotonicNanoseconds
+        grant(i, table: table).translate(offset: offset, length: length, deviceWrites: deviceWrites)
+    }
+
+    /// Session `i`'s translation for one batch of transfers that start now: its entry read
+    /// once and the clock read once, so that each transfer of the batch is checked
+    /// (`SessionGrant.translate`) without touching the table or the clock. The rules are
+    /// `translate`'s; the batch must go to the device right after (it is at most
+    /// `batch` entries, microseconds against the 20 ms `leaseMargin`), never after a wait,
+    /// and while the session's in-use mark is set (DriverPage.markInUse), so that a
+    /// revocation that begins during the batch waits for the mark.
+    @inline(__always)
+    func grant(_ i: Int, table: TranslationTable) -> SessionGrant {
+        SessionGrant(sessionID: sessionIDs[i], entry: table.readPatiently(tableIndices[i]),
+                     deadline: Clock.monotonicNanoseconds &+ leaseMargin, regionSize: UInt64(dataSizes[i]))
+    }
+}
+
+/// One session's translation entry and the time, read once for a batch (`SessionTable.grant`).
+struct SessionGrant {
+    let sessionID: UInt64
+    /// nil: the entry could not be read (revoked, for the transfer).
+    let entry: TranslationTable.Entry?
+    /// The clock at the read plus `leaseMargin`: the lease must run past it.
+    let deadline: UInt64
+    /// The data region as mapped here.
+    let regionSize: UInt64
+
+    @inline(__always)
+    func translate(offset: RegionOffset, length: UInt32, deviceWrites: Bool) -> Translation {
+        guard let entry else { return .refused(.revoked) }
         guard let io = entry.translate(sessionID: sessionID, offset: offset, length: UInt64(length),
-                                       write: deviceWrites, now: now &+ leaseMargin) else {
-            let live = entry.state == .active && entry.sessionID == sessionID && now &+ leaseMargin < entry.leaseEnd
+                                       write: deviceWrites, now: deadline) else {
+            let live = entry.state == .active && entry.sessionID == sessionID && deadline < entry.leaseEnd
             return .refused(live ? .invalid : .revoked)
         }
-        let size = UInt64(dataSizes[i])
         let regionOffset = io.rawValue &- entry.ioAddress.rawValue
-        guard regionOffset <= size, UInt64(length) <= size - regionOffset else { return .refused(.invalid) }
+        guard regionOffset <= regionSize, UInt64(length) <= regionSize - regionOffset else { return .refused(.invalid) }
         return .granted(io: io, regionOffset: Int(regionOffset))
     }
 }

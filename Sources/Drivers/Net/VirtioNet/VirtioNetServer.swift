@@ -335,7 +335,9 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     /// Takes frames to send and empty buffers from every session, as far as the device
     /// and the session's depth allow, and publishes both queues once.
     mutating func takeFromSessions(context: inout HostContext) -> Int {
-        let n = SessionTable.capacity
+        // Round robin over the occupied slots only.
+        let n = context.sessions.span
+        guard n > 0 else { return 0 }
         let batch = UnsafeMutableBufferPointer(start: context.sessions.scratch.bindMemory(to: BufferDescriptor.self, capacity: SessionTable.batch),
                                                count: SessionTable.batch)
         let generation = context.generation
@@ -345,12 +347,16 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             guard context.sessions.isActive(i), exposedAt[i] != nil else { continue }
             let index = context.sessions.net[i].tableIndex
             if context.sessions.inFlight[i] == 0 { context.page.markInUse(index) }
+            // The session's translation, read once for what this pass takes of it (after
+            // the in-use mark), when it takes anything.
+            var grant: SessionGrant? = nil
             // Frames to send.
             let txRoom = min(batch.count, device.transmitRoom, txFreeCount, context.sessions.net[i].transmitAllowance())
             if txRoom > 0 {
                 let got = context.sessions.net[i].txActive.dequeue(into: UnsafeMutableBufferPointer(rebasing: batch[0..<txRoom]))
                 if got > 0 && context.table.abortGeneration == generation { abort() }
-                for k in 0..<got { if transmit(i, batch[k], context: &context) { sent += 1 } }
+                if got > 0 && grant == nil { grant = context.sessions.grant(i, table: context.table) }
+                for k in 0..<got { if transmit(i, batch[k], grant: grant!, context: &context) { sent += 1 } }
             } else if context.sessions.net[i].transmitAllowance() == 0 {
                 checkOverrun(i, transmit: true, context: &context)
             }
@@ -358,7 +364,8 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             let rxRoom = min(batch.count, device.receiveRoom, rxFreeCount, context.sessions.net[i].receiveAllowance())
             if rxRoom > 0 {
                 let got = context.sessions.net[i].rxFree.dequeue(into: UnsafeMutableBufferPointer(rebasing: batch[0..<rxRoom]))
-                for k in 0..<got { if receiveInto(i, batch[k], context: &context) { posted += 1 } }
+                if got > 0 && grant == nil { grant = context.sessions.grant(i, table: context.table) }
+                for k in 0..<got { if receiveInto(i, batch[k], grant: grant!, context: &context) { posted += 1 } }
             } else if context.sessions.net[i].receiveAllowance() == 0 {
                 checkOverrun(i, transmit: false, context: &context)
             }
@@ -367,7 +374,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             }
             if context.sessions.inFlight[i] == 0 { context.page.clearInUse(index) }
         }
-        context.sessions.next = (context.sessions.next + 1) % n
+        context.sessions.next = (context.sessions.next % n + 1) % n
         if sent > 0, device.publish(.transmit) { context.page.add(.kicks) }
         if posted > 0, device.publish(.receive) { context.page.add(.kicks) }
         return sent + posted
@@ -386,14 +393,13 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         }
     }
 
-    /// One frame of session `i` to the device, its buffer translated right before. A frame
-    /// that cannot go (longer than the device's MTU allows, outside the grant) comes back
-    /// at once, unsent, as a NIC drops a frame it cannot send.
-    mutating func transmit(_ i: Int, _ d: BufferDescriptor, context: inout HostContext) -> Bool {
+    /// One frame of session `i` to the device, its buffer translated right before (by the
+    /// session's `grant` for this batch). A frame that cannot go (longer than the device's
+    /// MTU allows, outside the grant) comes back at once, unsent, as a NIC drops a frame it
+    /// cannot send.
+    mutating func transmit(_ i: Int, _ d: BufferDescriptor, grant: SessionGrant, context: inout HostContext) -> Bool {
         var io: IOAddress? = nil
-        if d.length <= maxFrame,
-           case .granted(let a, _) = context.sessions.translate(i, offset: d.offset, length: d.length, deviceWrites: false,
-                                                                 table: context.table) {
+        if d.length <= maxFrame, case .granted(let a, _) = grant.translate(offset: d.offset, length: d.length, deviceWrites: false) {
             io = a
         }
         txFreeCount -= 1
@@ -409,33 +415,35 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         return true
     }
 
-    /// One empty buffer of session `i` to the device.
-    mutating func receiveInto(_ i: Int, _ d: BufferDescriptor, context: inout HostContext) -> Bool {
+    /// One empty buffer of session `i` to the device (translated by the session's `grant`
+    /// for this batch).
+    mutating func receiveInto(_ i: Int, _ d: BufferDescriptor, grant: SessionGrant, context: inout HostContext) -> Bool {
         rxFreeCount -= 1
         let k = Int(rxFreeSlots[rxFreeCount])
         rxRecords[k] = Record(active: true, session: i, buffer: d)
         context.sessions.inFlight[i] += 1
         context.sessions.net[i].rxHeld += 1
-        guard post(k, context: &context) else {
+        guard post(k, grant: grant, context: &context) else {
             returnUnused(k, context: &context)
             return false
         }
         return true
     }
 
-    /// Receive slot `k`'s buffer to the device, translated right before (device writes).
-    mutating func post(_ k: Int, context: inout HostContext) -> Bool {
+    /// Receive slot `k`'s buffer to the device, translated right before (device writes),
+    /// by `grant` when a batch has one for the session, else on its own.
+    mutating func post(_ k: Int, grant: SessionGrant? = nil, context: inout HostContext) -> Bool {
         let i = rxRecords[k].session
         let d = rxRecords[k].buffer
-        guard exposedAt[i] != nil,
-              case .granted(let io, _) = context.sessions.translate(i, offset: d.offset, length: d.length, deviceWrites: true,
-                                                                     table: context.table) else { return false }
+        guard exposedAt[i] != nil else { return false }
+        let g = grant ?? context.sessions.grant(i, table: context.table)
+        guard case .granted(let io, _) = g.translate(offset: d.offset, length: d.length, deviceWrites: true) else { return false }
         return device.postReceive(slot: k, buffer: io, length: d.length)
     }
 
     /// Publishes what is staged for every session, one batch and at most one doorbell each.
     mutating func flush(context: inout HostContext) {
-        for i in 0..<SessionTable.capacity where context.sessions.occupied[i] {
+        for i in 0..<context.sessions.span where context.sessions.occupied[i] {
             guard context.sessions.net[i].stagedRxCount + context.sessions.net[i].stagedTxCount > 0 else { continue }
             guard context.sessions.isActive(i) else {
                 context.sessions.net[i].stagedRxCount = 0
@@ -455,6 +463,13 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
 
     // MARK: sleep rule
 
+    /// Spinning, the driver yields the CPU once 16 polls in a row (a few microseconds) found
+    /// nothing after it gave its clients something, not at every idle poll: while the
+    /// device keeps finishing frames the driver goes on collecting them, and a client
+    /// polling on the same CPU then finds a batch each time it runs, instead of the two
+    /// trading the CPU for nothing while the device works.
+    static var idlePollsBeforeYield: Int? { 16 }
+
     func shouldSpin(lastWork: UInt64) -> Bool {
         guard connected else { return false }
         switch mode {
@@ -473,7 +488,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
         guard connected else { return true }
         let txRoom = device.transmitRoom > 0 && txFreeCount > 0
         let rxRoom = device.receiveRoom > 0 && rxFreeCount > 0
-        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
+        for i in 0..<context.sessions.span where context.sessions.isActive(i) {
             if txRoom && !context.sessions.net[i].txActive.prepareToSleep() && !context.sessions.net[i].txActive.hasFailed { sleep = false }
             if rxRoom && !context.sessions.net[i].rxFree.prepareToSleep() && !context.sessions.net[i].rxFree.hasFailed { sleep = false }
         }
@@ -484,7 +499,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     }
 
     mutating func woke(context: inout HostContext) {
-        for i in 0..<SessionTable.capacity where context.sessions.isActive(i) {
+        for i in 0..<context.sessions.span where context.sessions.isActive(i) {
             context.sessions.net[i].txActive.cancelSignal()
             context.sessions.net[i].rxFree.cancelSignal()
         }
