@@ -22,6 +22,8 @@ import Testing
     /// maximum at this depth (the fraction is small because C's maximum can be many times
     /// Outboard's at a low depth).
     @Test func fixedRateRowsHoldBothSides() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let (status, lines) = try run(["bench", "blk", "--json", "--qd", "4", "--rate", "2000", "--rate-fraction", "0.02",
                                        "--seconds", "0.25", "--warmup", "0.05", "--repeats", "1", "--no-kernel",
                                        "--image-mib", "16", "--mode", "event-idx"])

@@ -1,3 +1,4 @@
+import OutboardTestSupport
 import Drivers
 import Glibc
 import OutboardBench
@@ -85,6 +86,8 @@ import Virtio
     }
 
     @Test func framesGoRoundTripThroughTestpmdMacswap() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetTestDirectory()
         let socket = dir.path + "/vhu.sock"
         var testpmd = try Testpmd(sockets: [socket], forwardMode: "macswap", filePrefix: "vnet-\(getpid())")

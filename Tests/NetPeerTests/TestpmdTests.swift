@@ -1,3 +1,4 @@
+import OutboardTestSupport
 import OutboardBench
 import OutboardSystem
 import Synchronization
@@ -44,6 +45,8 @@ func uniquePrefix(_ what: String) -> String {
 
 @Suite(.serialized) struct TestpmdTests {
     @Test func deviceListensOnItsSocketAndStops() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         let socket = dir.path + "/vhu.sock"
         var device = try Testpmd(sockets: [socket], forwardMode: "macswap", filePrefix: uniquePrefix("dev"))
@@ -57,6 +60,8 @@ func uniquePrefix(_ what: String) -> String {
     }
 
     @Test func twoPortsListenOnTwoSockets() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         let sockets = [dir.path + "/a.sock", dir.path + "/b.sock"]
         var device = try Testpmd(sockets: sockets, forwardMode: "io", filePrefix: uniquePrefix("wire"))
@@ -66,6 +71,8 @@ func uniquePrefix(_ what: String) -> String {
     }
 
     @Test func referenceTransmitsAndTheDeviceCountsIt() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         var device = try Testpmd(sockets: [dir.path + "/vhu.sock"], forwardMode: "rxonly", filePrefix: uniquePrefix("rx"),
                                  statsPeriod: 1)
@@ -82,6 +89,8 @@ func uniquePrefix(_ what: String) -> String {
     }
 
     @Test func referenceReceivesWhatTheDeviceSends() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         var device = try Testpmd(sockets: [dir.path + "/vhu.sock"], forwardMode: "txonly", filePrefix: uniquePrefix("tx"),
                                  statsPeriod: 1, txFrameBytes: 1518)
@@ -96,6 +105,8 @@ func uniquePrefix(_ what: String) -> String {
     }
 
     @Test func aMismatchedDeviceModeIsRefused() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         var device = try Testpmd(sockets: [dir.path + "/vhu.sock"], forwardMode: "macswap", filePrefix: uniquePrefix("ms"),
                                  statsPeriod: 1)
@@ -106,6 +117,8 @@ func uniquePrefix(_ what: String) -> String {
     }
 
     @Test func missingHugepagesAreReportedWithTheFix() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         let socket = dir.path + "/vhu.sock"
         var device = try Testpmd(sockets: [socket], forwardMode: "rxonly", filePrefix: uniquePrefix("hp"))
@@ -125,6 +138,8 @@ func uniquePrefix(_ what: String) -> String {
     /// macswap returns every frame: the reference forwards in io mode and sends a first burst
     /// (--tx-first), so the same frames go round between the two.
     @Test func macswapReturnsFrames() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         let socket = dir.path + "/vhu.sock"
         var device = try Testpmd(sockets: [socket], forwardMode: "macswap", filePrefix: uniquePrefix("ms"), statsPeriod: 1)
@@ -143,6 +158,8 @@ func uniquePrefix(_ what: String) -> String {
 
     /// Two ports in io mode are a wire: what one frontend sends on port 0 reaches the other on port 1.
     @Test func twoPortsInIOModeAreAWire() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let dir = try NetPeerDirectory()
         let sockets = [dir.path + "/a.sock", dir.path + "/b.sock"]
         var device = try Testpmd(sockets: sockets, forwardMode: "io", filePrefix: uniquePrefix("wire"), statsPeriod: 1)

@@ -11,6 +11,8 @@ import Glibc
 @Suite(.serialized, .enabled(if: canUseNetworkNamespaces && getuid() == 0))
 struct DemoNetTests {
     @Test func theStreamSurvivesTheDriverKill() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let r = try runOutboard(["demo", "net", "--seconds", "5", "--json"], seconds: 120)
         let line = r.lines.last ?? ""
         let summary = (try? JSONSerialization.jsonObject(with: Data(line.utf8))) as? [String: Any] ?? [:]

@@ -9,6 +9,8 @@ import Testing
     func number(_ o: [String: Any], _ key: String) -> Double? { (o[key] as? NSNumber)?.doubleValue }
 
     @Test func rowsHoldFramesCountedOnBothSides() throws {
+        let turn = try BusyTurn()
+        defer { turn.hold() }
         let (status, lines) = try runOutboard(["bench", "net", "--json", "--seconds", "1", "--repeats", "1"], seconds: 400)
         #expect(status == 0, "\(lines)")
         let rows = try lines.map { line in

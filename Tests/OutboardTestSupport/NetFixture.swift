@@ -18,6 +18,8 @@ public final class NetFixture {
     public var socket: String { sockets[0] }
     public var device: Testpmd?
     public var manager: ManagerFixture!
+    /// Held for the fixture's life: testpmd busy-polls a CPU (`BusyTurn`).
+    let turn: BusyTurn
     public static let mac = MACAddress("02:00:00:00:00:01")!
     /// Where test frames are addressed (macswap returns them from there).
     public static let peer = MACAddress("02:00:00:00:00:fe")!
@@ -28,6 +30,7 @@ public final class NetFixture {
 
     public init(ports: Int = 1, forwardMode: String = "macswap", notify: String = "event-idx", heartbeatDeadlineMs: Int = 1000,
                 managerExtra: String = "") throws {
+        turn = try BusyTurn()
         directory = NSTemporaryDirectory() + "outboard-vnet-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         let dir = directory
