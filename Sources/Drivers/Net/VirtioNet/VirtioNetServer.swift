@@ -350,6 +350,16 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             // The session's translation, read once for what this pass takes of it (after
             // the in-use mark), when it takes anything.
             var grant: SessionGrant? = nil
+            // Empty buffers for the device to fill, before frames go out: an answer (a peer
+            // that returns frames at once, as testpmd's macswap does) finds them posted.
+            let rxRoom = min(batch.count, device.receiveRoom, rxFreeCount, context.sessions.net[i].receiveAllowance())
+            if rxRoom > 0 {
+                let got = context.sessions.net[i].rxFree.dequeue(into: UnsafeMutableBufferPointer(rebasing: batch[0..<rxRoom]))
+                if got > 0 && grant == nil { grant = context.sessions.grant(i, table: context.table) }
+                for k in 0..<got { if receiveInto(i, batch[k], grant: grant!, context: &context) { posted += 1 } }
+            } else if context.sessions.net[i].receiveAllowance() == 0 {
+                checkOverrun(i, transmit: false, context: &context)
+            }
             // Frames to send.
             let txRoom = min(batch.count, device.transmitRoom, txFreeCount, context.sessions.net[i].transmitAllowance())
             if txRoom > 0 {
@@ -360,23 +370,14 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             } else if context.sessions.net[i].transmitAllowance() == 0 {
                 checkOverrun(i, transmit: true, context: &context)
             }
-            // Empty buffers for the device to fill.
-            let rxRoom = min(batch.count, device.receiveRoom, rxFreeCount, context.sessions.net[i].receiveAllowance())
-            if rxRoom > 0 {
-                let got = context.sessions.net[i].rxFree.dequeue(into: UnsafeMutableBufferPointer(rebasing: batch[0..<rxRoom]))
-                if got > 0 && grant == nil { grant = context.sessions.grant(i, table: context.table) }
-                for k in 0..<got { if receiveInto(i, batch[k], grant: grant!, context: &context) { posted += 1 } }
-            } else if context.sessions.net[i].receiveAllowance() == 0 {
-                checkOverrun(i, transmit: false, context: &context)
-            }
             if context.sessions.net[i].hasFailed, let e = context.sessions.net[i].failure {
                 context.sessions.drops.append((i, e.description))
             }
             if context.sessions.inFlight[i] == 0 { context.page.clearInUse(index) }
         }
         context.sessions.next = (context.sessions.next % n + 1) % n
-        if sent > 0, device.publish(.transmit) { context.page.add(.kicks) }
         if posted > 0, device.publish(.receive) { context.page.add(.kicks) }
+        if sent > 0, device.publish(.transmit) { context.page.add(.kicks) }
         return sent + posted
     }
 
