@@ -55,6 +55,9 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     let parameters: NetParameters
     var connected = false
     var socketFD: CInt = -1
+    /// When the last pass received a frame from the device (adaptive mode's window for
+    /// reception).
+    var lastReceived: UInt64 = 0
     /// The largest frame the device takes (its MTU's), valid while connected.
     var maxFrame: UInt32 = 0
 
@@ -282,10 +285,12 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             n += 1
         }
         var reposted = false
+        var received = 0
         while let r = device.nextReceived() {
             let k = r.slot
             guard rxRecords[k].active else { continue }
             n += 1
+            received += 1
             let i = rxRecords[k].session
             if r.status == .ok {
                 var d = rxRecords[k].buffer
@@ -300,6 +305,7 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
             }
         }
         if reposted, device.publish(.receive) { context.page.add(.kicks) }
+        if received > 0 && mode == .adaptive { lastReceived = Clock.monotonicNanoseconds }
         if let e = device.error { lose("device broke a virtqueue: \(e)", context: &context) }
         return n
     }
@@ -471,11 +477,19 @@ struct VirtioNetServer<Link: HandedOverTransport & ~Copyable>: ~Copyable, Device
     /// trading the CPU for nothing while the device works.
     static var idlePollsBeforeYield: Int? { 16 }
 
+    /// Adaptive: within the window after the last work, the driver polls while the device
+    /// holds frames to send (their completions are due, the device works on its own CPU)
+    /// and while frames are arriving; a transmit load with nothing left at the device goes
+    /// to sleep at once, for the client's doorbell, instead of spinning through the gap
+    /// before its next burst (a paced client's bursts come about as far apart as the
+    /// window, and a spin that long costs more than a wake-up).
     func shouldSpin(lastWork: UInt64) -> Bool {
         guard connected else { return false }
         switch mode {
         case .poll: return device.receivePosted > 0 || device.transmitInFlight > 0
-        case .adaptive: return Clock.monotonicNanoseconds &- lastWork < pollWindow
+        case .adaptive:
+            let now = Clock.monotonicNanoseconds
+            return (device.transmitInFlight > 0 && now &- lastWork < pollWindow) || now &- lastReceived < pollWindow
         case .interrupt, .eventIndex: return false
         }
     }
