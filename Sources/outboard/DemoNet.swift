@@ -74,8 +74,8 @@ struct DemoNet: ParsableCommand {
         defer { bridge0.stop() }
         var bridge1 = try BridgeProcess(lab: lab, device: "vnet1", ifname: links[1], depth: depth)
         defer { bridge1.stop() }
-        let ns0 = try DemoNamespace(ip: ip, name: "obdemo-\(getpid())-0")
-        let ns1 = try DemoNamespace(ip: ip, name: "obdemo-\(getpid())-1")
+        let ns0 = try LabNamespace(ip: ip, name: "obdemo-\(getpid())-0")
+        let ns1 = try LabNamespace(ip: ip, name: "obdemo-\(getpid())-1")
         try ns0.take(links[0], address: Self.addresses[0])
         try ns1.take(links[1], address: Self.addresses[1])
         var status = try StatusReport.decode(admin.status())
@@ -339,8 +339,9 @@ struct BridgeProcess: ~Copyable {
     }
 }
 
-/// A network namespace of the demo's own (`ip netns add`), deleted when it goes away.
-struct DemoNamespace: ~Copyable {
+/// A network namespace of a run's own (`ip netns add`, its loopback up), deleted when it
+/// goes away: the net demo's two ends, `bench net`'s kernel path.
+struct LabNamespace: ~Copyable {
     let ip: String
     let name: String
 

@@ -203,35 +203,24 @@ struct KernelNetRun {
 }
 
 enum KernelNetPath {
-    static func ip(_ args: [String]) throws {
-        var c = try ChildProcess(executable: "/usr/sbin/ip", arguments: args)
-        let s = try c.wait(timeoutMilliseconds: 10_000)
-        guard s == .exited(0) else { throw CommandFailure("ip \(args.joined(separator: " ")): \(s.map { "\($0)" } ?? "timed out")") }
-    }
-
     /// Sender pinned to `senderCPU`, receiver to `receiverCPU`; `seconds` measured after 0.5 s.
     static func run(frameBytes: Int, seconds: Double, executable: String, workDirectory: String,
                     senderCPU: Int, receiverCPU: Int) throws -> KernelNetRun {
-        let a = "obnb-\(getpid())-a", b = "obnb-\(getpid())-b"
-        try ip(["netns", "add", a])
-        defer { try? ip(["netns", "del", a]) }
-        try ip(["netns", "add", b])
-        defer { try? ip(["netns", "del", b]) }
-        try ip(["link", "add", "nbva", "netns", a, "type", "veth", "peer", "name", "nbvb", "netns", b])
+        let ip = try findTool("ip", package: "iproute2")
+        let a = try LabNamespace(ip: ip, name: "obnb-\(getpid())-a")
+        let b = try LabNamespace(ip: ip, name: "obnb-\(getpid())-b")
+        defer { _ = (a.name, b.name) }  // both live until the run is over
+        try LabNamespace.run(ip, ["link", "add", "nbva", "netns", a.name, "type", "veth", "peer", "name", "nbvb", "netns", b.name])
         // Room for the longest frame (1518 bytes: 1500 and a VLAN tag's worth) on both ends.
-        try ip(["-n", a, "link", "set", "nbva", "mtu", "1600", "up"])
-        try ip(["-n", b, "link", "set", "nbvb", "mtu", "1600", "up"])
+        try LabNamespace.run(ip, ["-n", a.name, "link", "set", "nbva", "mtu", "1600", "up"])
+        try LabNamespace.run(ip, ["-n", b.name, "link", "set", "nbvb", "mtu", "1600", "up"])
         let start = Clock.monotonicNanoseconds + 500_000_000
         let end = start + UInt64(seconds * 1e9)
         func output(_ dir: String) -> String { workDirectory + "/kernel-\(dir).out" }
-        func spawn(_ ns: String, _ ifname: String, _ dir: String, cpu: Int) throws -> ChildProcess {
-            let out = output(dir)
-            let fd = try OwnedFD.open(out, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+        func spawn(_ ns: borrowing LabNamespace, _ ifname: String, _ dir: String, cpu: Int) throws -> ChildProcess {
             try CPU.pin(to: cpu)
-            let c = try ChildProcess(executable: "/usr/sbin/ip", arguments: [
-                "netns", "exec", ns, executable, "_net-kernel", "--ifname", ifname, "--direction", dir, "--size", "\(frameBytes)",
-                "--window-start", "\(start)", "--window-end", "\(end)"], descriptors: [(fd.raw, 1), (fd.raw, 2)])
-            return c
+            return try ns.start([executable, "_net-kernel", "--ifname", ifname, "--direction", dir, "--size", "\(frameBytes)",
+                                 "--window-start", "\(start)", "--window-end", "\(end)"], output: output(dir))
         }
         defer { try? CPU.pin(to: NetBench.frontendCPU) }
         var receiver = try spawn(b, "nbvb", "rx", cpu: receiverCPU)
