@@ -133,7 +133,7 @@ public struct NetMultiplexer: ~Copyable {
     var nextTx = 0
     /// Slots to drop after the pass that found them, with why, and whether the client broke
     /// its queues (counted in `strayEntries`).
-    var drops: [(slot: Int, why: String, broke: Bool)] = []
+    var drops: [(slot: Int, why: String, cause: DropCause)] = []
     let scratch: UnsafeMutableBufferPointer<BufferDescriptor>
     /// MAC of each slot as a raw value, for the receive path; `emptySlot` when the slot
     /// holds no client.
@@ -242,9 +242,9 @@ public struct NetMultiplexer: ~Copyable {
         work += try transmitPass()
         for k in 0..<occupied.count where occupied[k] {
             if slots[k].endpoint.flush() == nil {
-                drops.append((k, "its rxActive or txFree had no room: it has more buffers out than its depth", true))
+                drops.append((k, "its rxActive or txFree had no room: it has more buffers out than its depth", .brokeItsQueues))
             } else if slots[k].endpoint.hasFailed, let e = slots[k].endpoint.failure {
-                drops.append((k, "\(e)", true))
+                drops.append((k, "\(e)", .brokeItsQueues))
             }
         }
         applyDrops()
@@ -285,7 +285,7 @@ public struct NetMultiplexer: ~Copyable {
         if allowance == 0 {
             // Nothing may be held, yet a buffer waits: more buffers out than the depth.
             if !slots[k].endpoint.rxFree.isEmpty() && slots[k].endpoint.receiveAllowance() == 0 {
-                drops.append((k, "more receive buffers than the queue depth of \(slots[k].endpoint.queueDepth)", true))
+                drops.append((k, "more receive buffers than the queue depth of \(slots[k].endpoint.queueDepth)", .brokeItsQueues))
             }
             return
         }
@@ -308,7 +308,7 @@ public struct NetMultiplexer: ~Copyable {
             if room == 0 {
                 if slots[k].endpoint.transmitAllowance() == 0 && !slots[k].endpoint.txActive.isEmpty()
                     && slots[k].endpoint.transmitAllowance() == 0 {
-                    drops.append((k, "more frames than the queue depth of \(slots[k].endpoint.queueDepth)", true))
+                    drops.append((k, "more frames than the queue depth of \(slots[k].endpoint.queueDepth)", .brokeItsQueues))
                 }
                 continue
             }
@@ -396,7 +396,7 @@ public struct NetMultiplexer: ~Copyable {
             } else {
                 // Clients send nothing after open: a message or a close ends the session.
                 _ = try? slots[k].socket.receiveControl(nonBlocking: true)
-                drops.append((k, "the client closed its session", false))
+                drops.append((k, "the client closed its session", .closed))
             }
         }
     }
@@ -504,13 +504,17 @@ public struct NetMultiplexer: ~Copyable {
 
     mutating func applyDrops() {
         guard !drops.isEmpty else { return }
-        for d in drops where occupied[d.slot] { fail(d.slot, d.why, brokeItsQueues: d.broke) }
+        for d in drops where occupied[d.slot] { fail(d.slot, d.why, cause: d.cause) }
         drops.removeAll(keepingCapacity: true)
     }
 
+    /// Why a client's session ends: it closed it, it broke its queues (counted in
+    /// `strayEntries`), or anything else (the reason is its `lastDrop`).
+    enum DropCause { case closed, brokeItsQueues, other }
+
     /// Ends client `k`'s session: its header says failed, its connection carries the
     /// reason and closes, and its slot is free again.
-    mutating func fail(_ k: Int, _ reason: String, brokeItsQueues: Bool = false) {
+    mutating func fail(_ k: Int, _ reason: String, cause: DropCause = .other) {
         guard occupied[k] else { return }
         let c = (slots + k).move()
         occupied[k] = false
@@ -519,8 +523,8 @@ public struct NetMultiplexer: ~Copyable {
         counters[k].rxNotReading &+= c.rxNotReading
         counters[k].txSent &+= c.txSent
         counters[k].txSpoofed &+= c.txSpoofed
-        if brokeItsQueues { counters[k].strayEntries &+= 1 }
-        if reason != "the client closed its session" { counters[k].lastDrop = reason }
+        if cause == .brokeItsQueues { counters[k].strayEntries &+= 1 }
+        if cause != .closed { counters[k].lastDrop = reason }
         try? epoll.remove(c.socket.fd.raw)
         try? epoll.remove(c.endpoint.requestBell.fd.raw)
         Self.end(c, reason)
