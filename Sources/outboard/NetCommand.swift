@@ -30,8 +30,7 @@ struct NetMuxCommand: ParsableCommand {
             """
     )
 
-    @Option(help: "The manager's control socket.")
-    var socket: String
+    @OptionGroup var address: ManagerAddress
 
     @Option(help: "The net device (on the manager); clients open it by the same name here.")
     var device: String
@@ -68,7 +67,7 @@ struct NetMuxCommand: ParsableCommand {
             }
         }
         installInterruptFlag()
-        let upstream = try NetSession.open(socketPath: socket, device: device, queueDepth: depth, waitMilliseconds: waitMs)
+        let upstream = try NetSession.open(socketPath: address.socketPath(), device: device, queueDepth: depth, waitMilliseconds: waitMs)
         let info = upstream.info
         var mux = try NetMultiplexer(upstream: upstream, socketPath: listen,
                                      configuration: .init(deviceName: device, clients: clients, macs: macs))

@@ -46,7 +46,8 @@ struct NetTapCommand: ParsableCommand {
         guard ifname.utf8.count <= TapDevice.maxNameLength, !ifname.isEmpty else {
             throw ValidationError("--ifname: 1 to \(TapDevice.maxNameLength) bytes")
         }
-        guard interval >= 0 else { throw ValidationError("--interval must not be negative") }
+        // The interval becomes milliseconds in an Int, then nanoseconds in a UInt64.
+        guard interval >= 0, interval <= 86_400 else { throw ValidationError("--interval \(interval): 0...86400 seconds") }
     }
 
     func run() throws {
