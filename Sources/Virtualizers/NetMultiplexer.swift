@@ -96,6 +96,9 @@ public struct NetMultiplexer: ~Copyable {
         public var rxFrames: UInt64
         /// Unicast frames for no client's MAC, dropped.
         public var rxNoClient: UInt64
+        /// Frames longer than the port's largest frame (`NetInfo.maxFrame`), dropped: no
+        /// client takes them.
+        public var rxOversize: UInt64
         /// Frames sent to the port.
         public var txFrames: UInt64
         /// Connections refused (no slot free, not allowed, a bad open).
@@ -143,6 +146,7 @@ public struct NetMultiplexer: ~Copyable {
     static let emptySlot = UInt64.max
     var rxFrames: UInt64 = 0
     var rxNoClient: UInt64 = 0
+    var rxOversize: UInt64 = 0
     var txFrames: UInt64 = 0
     var refused: UInt64 = 0
     var upstreamArmed = false
@@ -209,7 +213,7 @@ public struct NetMultiplexer: ~Copyable {
     public var upstreamInfo: NetInfo { upstream.info }
 
     public func stats() -> Stats {
-        Stats(clients: clientStats(), rxFrames: rxFrames, rxNoClient: rxNoClient, txFrames: txFrames, refused: refused,
+        Stats(clients: clientStats(), rxFrames: rxFrames, rxNoClient: rxNoClient, rxOversize: rxOversize, txFrames: txFrames, refused: refused,
                      upstreamRecoveries: upstream.recoveries, upstreamTxDropped: upstream.txDroppedInRecovery,
                      upstreamStrayEntries: upstream.strayEntries)
     }
@@ -260,9 +264,16 @@ public struct NetMultiplexer: ~Copyable {
         // Locals for the closure: it runs while `upstream` is being mutated.
         let slots = self.slots
         let macs = slotMACs
-        var noClient: UInt64 = 0
+        var noClient: UInt64 = 0, oversize: UInt64 = 0
+        // What the upstream buffers hold may be longer than a frame the port allows; a
+        // client's buffers are sized for the port's frames only.
+        let maxFrame = Int(upstream.info.maxFrame)
         let got = try upstream.receive(max: 64) { frame in
             guard frame.count >= NetInfo.headerBytes else { return }
+            guard frame.count <= maxFrame else {
+                oversize &+= 1
+                return
+            }
             let destination = MACAddress(bytes: frame.baseAddress!)
             if destination.isMulticast {
                 for k in 0..<n where macs[k] != Self.emptySlot { slots[k].deliver(frame) }
@@ -276,6 +287,7 @@ public struct NetMultiplexer: ~Copyable {
         }
         rxFrames &+= UInt64(got)
         rxNoClient &+= noClient
+        rxOversize &+= oversize
         return got
     }
 
@@ -601,12 +613,11 @@ struct MuxClient: ~Copyable {
         heldCount -= 1
         var d = held[heldCount]
         endpoint.rxHeld -= 1
-        // Buffers are at least maxFrame (the queue's bounds), frames at most the
-        // upstream buffer: a longer one is dropped, the buffer given back unused.
-        let fits = frame.count <= Int(d.length)
-        if fits { (endpoint.data.base + Int(d.offset.rawValue)).copyMemory(from: frame.baseAddress!, byteCount: frame.count) }
-        d.length = fits ? UInt32(frame.count) : 0
+        // Buffers are at least maxFrame (the queue's bounds), and `receivePass` passes no
+        // frame longer: it fits.
+        (endpoint.data.base + Int(d.offset.rawValue)).copyMemory(from: frame.baseAddress!, byteCount: frame.count)
+        d.length = UInt32(frame.count)
         endpoint.stageReceived(d)
-        if fits { rxDelivered &+= 1 } else { rxNotReading &+= 1 }
+        rxDelivered &+= 1
     }
 }

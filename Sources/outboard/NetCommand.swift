@@ -95,7 +95,7 @@ struct NetMuxCommand: ParsableCommand {
 
     /// One line of counters: the port's, then each client slot that has served a session.
     static func line(_ s: NetMultiplexer.Stats, seconds: Double) -> String {
-        var out = "\(Int(seconds)) s  rx \(s.rxFrames) (no client \(s.rxNoClient))  tx \(s.txFrames)  refused \(s.refused)"
+        var out = "\(Int(seconds)) s  rx \(s.rxFrames) (no client \(s.rxNoClient), oversize \(s.rxOversize))  tx \(s.txFrames)  refused \(s.refused)"
             + "  upstream recoveries \(s.upstreamRecoveries) (tx lost \(s.upstreamTxDropped))"
         for c in s.clients where c.sessions > 0 {
             out += "\n  client \(c.slot) \(c.mac)\(c.connected ? "" : " (closed)"): rx \(c.rxDelivered) not reading \(c.rxNotReading)"
